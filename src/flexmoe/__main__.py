@@ -1,0 +1,3 @@
+from flexmoe.cli import main
+
+main()
