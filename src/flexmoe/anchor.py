@@ -1,0 +1,299 @@
+"""The public anchor model: pretrain a small one, or load and check an existing HF dense decoder;
+fingerprint its tensors so that experts trained against it can be recognised later.
+
+Supported families: OLMo 2 (first-class: composes into stock HF ``flex_olmo``), and the Llama family
+(Llama, Mistral, Qwen2), whose decoder layers have the same ``mlp.{gate,up,down}_proj`` SwiGLU FFN but
+a pre-norm block.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from flexmoe.errors import FlexmoeError
+from flexmoe.fileio import atomic_dir, read_json, write_json
+
+FAMILIES = {"olmo2": "olmo2", "llama": "llama", "mistral": "llama", "qwen2": "llama"}
+ANCHOR_META = "flexmoe_anchor.json"
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Model and training size of a pretraining preset."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    vocab_size: int
+    seq_len: int
+    steps: int
+    batch_size: int
+    lr: float
+    warmup_steps: int
+
+
+# tiny: finishes in under 3 minutes on 2 CPU cores. small/base: sized for one GPU.
+PRESETS: dict[str, Preset] = {
+    "tiny": Preset(128, 384, 4, 4, 4096, 256, 600, 8, 3e-3, 30),
+    "small": Preset(512, 1536, 8, 8, 8192, 512, 3000, 64, 1e-3, 200),
+    "base": Preset(1024, 2816, 16, 16, 16384, 1024, 6000, 64, 6e-4, 300),
+}
+
+
+def preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise FlexmoeError(f"Unknown preset {name!r}.", f"use one of {', '.join(PRESETS)}.")
+    return PRESETS[name]
+
+
+def olmo2_config(p: Preset, tokenizer):
+    """An OLMo 2 config for a preset, with the tokenizer's special-token ids."""
+    from transformers import Olmo2Config
+
+    return Olmo2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=p.hidden_size,
+        intermediate_size=p.intermediate_size,
+        num_hidden_layers=p.num_layers,
+        num_attention_heads=p.num_heads,
+        num_key_value_heads=p.num_heads,
+        max_position_embeddings=max(2048, p.seq_len),
+        rope_theta=10000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading and checking
+
+
+def resolve(name_or_path: str | Path) -> Path:
+    """A local directory for an anchor given as a path or a hub id (downloaded once, then cached)."""
+    p = Path(name_or_path)
+    if p.is_dir():
+        return p
+    if p.exists() or str(name_or_path).startswith((".", "/")) or str(name_or_path).count("/") != 1:
+        raise FlexmoeError(f"Anchor {name_or_path} is not a directory.", "pass an anchor directory or hub id.")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(str(name_or_path), allow_patterns=["*.json", "*.safetensors", "*.txt"]))
+    except Exception as e:  # network errors, missing repo, offline mode
+        raise FlexmoeError(
+            f"Could not fetch anchor {name_or_path!r} from the hub ({type(e).__name__}).",
+            "check the id and your network, or pass a local directory.",
+        ) from e
+
+
+def load_config(path: Path):
+    from transformers import AutoConfig
+
+    if not (path / "config.json").is_file():
+        raise FlexmoeError(f"{path} has no config.json.", "pass a Hugging Face model directory.")
+    return AutoConfig.from_pretrained(str(path))
+
+
+def family(config) -> str:
+    """'olmo2' or 'llama'; refuses architectures whose FFN flexmoe cannot wrap."""
+    mt = getattr(config, "model_type", None)
+    if mt not in FAMILIES:
+        raise FlexmoeError(
+            f"Unsupported anchor architecture {mt!r}.",
+            f"use a dense decoder of type {', '.join(FAMILIES)}.",
+        )
+    return FAMILIES[mt]
+
+
+def load_anchor(name_or_path: str | Path, dtype: torch.dtype = torch.float32):
+    """Load a dense anchor as an HF causal LM, checked to be a supported dense decoder."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve(name_or_path)
+    family(load_config(path))
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    return model
+
+
+def safetensors_files(path: Path) -> list[Path]:
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FlexmoeError(f"{path} has no .safetensors weights.", "save the model with safe_serialization.")
+    return files
+
+
+def iter_tensors(path: Path) -> Iterable[tuple[str, torch.Tensor]]:
+    """Every tensor of a checkpoint directory, one at a time, in sorted name order (bounded memory)."""
+    where: dict[str, Path] = {}
+    for f in safetensors_files(path):
+        with safe_open(str(f), "pt") as sf:
+            for k in sf.keys():
+                where[k] = f
+    for name in sorted(where):
+        with safe_open(str(where[name]), "pt") as sf:
+            yield name, sf.get_tensor(name)
+
+
+def fingerprint_tensors(tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]) -> str:
+    """SHA-256 over names, shapes, dtypes and bytes in sorted name order (a mapping is sorted here;
+    an iterable of pairs must already be sorted, as ``iter_tensors`` yields them)."""
+    items = sorted(tensors.items()) if isinstance(tensors, Mapping) else tensors
+    h = hashlib.sha256()
+    for name, t in items:
+        t = t.detach().contiguous().cpu()
+        h.update(f"{name}|{tuple(t.shape)}|{str(t.dtype).removeprefix('torch.')}\n".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return "sha256:" + h.hexdigest()
+
+
+def fingerprint(path: str | Path) -> str:
+    """The anchor fingerprint of a checkpoint directory (its on-disk tensors)."""
+    return fingerprint_tensors(iter_tensors(resolve(path)))
+
+
+def parameter_counts(config) -> dict[str, int]:
+    """Total, FFN (the part each expert copies) and shared parameter counts, from the config alone."""
+    h, i, n = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    heads, kv = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    hd = getattr(config, "head_dim", None) or h // heads
+    attn = h * heads * hd * 2 + h * kv * hd * 2
+    if FAMILIES[config.model_type] == "olmo2":
+        norms = heads * hd + kv * hd + 2 * h  # q_norm, k_norm, post-attn and post-ffn norms
+    else:
+        norms = 2 * h
+    if getattr(config, "attention_bias", False) or config.model_type == "qwen2":
+        attn += heads * hd + 2 * kv * hd + (h if getattr(config, "attention_bias", False) else 0)
+    ffn = 3 * h * i
+    embed = config.vocab_size * h * (1 if config.tie_word_embeddings else 2)
+    shared = n * (attn + norms) + embed + h
+    return {"total": shared + n * ffn, "ffn": n * ffn, "ffn_per_layer": ffn, "shared": shared}
+
+
+def inspect(name_or_path: str | Path) -> dict:
+    """Architecture, parameter counts (shared vs FFN) and fingerprint of an anchor."""
+    path = resolve(name_or_path)
+    config = load_config(path)
+    fam = family(config)
+    info = {
+        "path": str(path),
+        "model_type": config.model_type,
+        "family": fam,
+        "architecture": (config.architectures or ["?"])[0],
+        "layers": config.num_hidden_layers,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "attention_heads": config.num_attention_heads,
+        "vocab_size": config.vocab_size,
+        "parameters": parameter_counts(config),
+        "fingerprint": fingerprint(path),
+    }
+    if (path / ANCHOR_META).is_file():
+        info["training"] = read_json(path / ANCHOR_META)
+    return info
+
+
+# --------------------------------------------------------------------------------------------------
+# Pretraining
+
+
+def unigram_loss(train_blocks: torch.Tensor, valid_blocks: torch.Tensor, vocab_size: int) -> float:
+    """Cross-entropy (nats/token) of an add-one unigram model fitted on train, on valid targets."""
+    counts = torch.bincount(train_blocks.flatten(), minlength=vocab_size).double() + 1
+    logp = (counts / counts.sum()).log()
+    return float(-logp[valid_blocks[:, 1:].flatten()].mean())
+
+
+def pretrain(
+    data: Path,
+    out: Path,
+    preset_name: str = "tiny",
+    *,
+    seed: int = 0,
+    steps: int | None = None,
+    vocab_size: int | None = None,
+    resume: bool = False,
+    force: bool = False,
+    quiet: bool = False,
+) -> dict:
+    """Train a tokenizer and a dense OLMo 2 model from scratch on public data; write an HF checkpoint.
+
+    Returns a summary with the validation loss and the unigram baseline's loss on the same data.
+    """
+    from transformers import Olmo2ForCausalLM
+
+    from flexmoe.data import blocks_for, load_splits
+    from flexmoe.fileio import check_output_dir
+    from flexmoe.tokenizer import load_tokenizer, train_tokenizer
+    from flexmoe.training import TrainConfig, clear_checkpoint, init_distributed, is_main, train
+
+    out = Path(out)
+    # Work files of an unfinished run live beside the output: the tokenizer (trained once, so that a
+    # resumed run tokenises identically) and the latest checkpoint.
+    work = out.parent / f".{out.name}.work"
+    ckpt = work / "checkpoint"
+    if not resume:
+        check_output_dir(out, force)
+        if force:
+            clear_checkpoint(work)
+    p = preset(preset_name)
+    splits = load_splits([data])
+    device = init_distributed()
+    torch.manual_seed(seed)
+    if resume and (work / "tokenizer").is_dir():
+        tok = load_tokenizer(work / "tokenizer")
+    else:
+        tok = train_tokenizer(splits.train, vocab_size or p.vocab_size)
+        if is_main():
+            with atomic_dir(work / "tokenizer", force=True) as tmp:
+                tok.save_pretrained(str(tmp))
+    train_blocks = blocks_for(splits.train, tok, p.seq_len)
+    valid_blocks = blocks_for(splits.valid, tok, p.seq_len)
+    model = Olmo2ForCausalLM(olmo2_config(p, tok)).to(device)
+    n_steps = steps or p.steps
+    cfg = TrainConfig(
+        steps=n_steps, batch_size=p.batch_size, seq_len=p.seq_len, lr=p.lr,
+        warmup_steps=min(p.warmup_steps, max(1, n_steps // 10)), weight_decay=0.1,
+        eval_every=max(1, n_steps // 4), checkpoint_every=max(1, n_steps // 10), seed=seed,
+        log_every=max(1, n_steps // 20),
+    )
+    decay = [p_ for n, p_ in model.named_parameters() if p_.ndim >= 2 and "embed" not in n]
+    no_decay = [p_ for n, p_ in model.named_parameters() if p_.ndim < 2 or "embed" in n]
+    groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+    result = train(
+        model, train_blocks, valid_blocks, cfg, param_groups=groups, checkpoint_dir=ckpt,
+        resume=resume, desc="anchor", quiet=quiet, device=device,
+    )
+    if result.final_valid_loss is None:  # interrupted on purpose (tests) or stopped early
+        return {"finished": False, "step": result.history[-1]["step"] if result.history else 0}
+    unigram = unigram_loss(train_blocks, valid_blocks, len(tok))
+    summary = {
+        "finished": True,
+        "preset": preset_name,
+        "seed": seed,
+        "train_config": asdict(cfg),
+        "valid_loss": result.final_valid_loss,
+        "valid_perplexity": math.exp(result.final_valid_loss),
+        "unigram_valid_loss": unigram,
+        "tokens_seen": result.tokens_seen,
+        "seconds": result.seconds,
+        "history": result.history,
+    }
+    if is_main():
+        with atomic_dir(out, force=True) as tmp:
+            model.save_pretrained(str(tmp), safe_serialization=True)
+            tok.save_pretrained(str(tmp))
+            write_json(tmp / ANCHOR_META, summary)
+        clear_checkpoint(work)
+        summary["fingerprint"] = fingerprint(out)
+    return summary

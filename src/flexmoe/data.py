@@ -1,0 +1,159 @@
+"""Read owners' corpora (.txt, .jsonl, .parquet), tokenise, and pack them into training blocks.
+
+A data path is a file or a directory. A directory that holds ``train.*`` and ``valid.*`` files (what
+``flexmoe data demo`` writes) gives its own splits; any other directory or file list is training data
+from which a deterministic held-out fraction is split off for validation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from flexmoe.errors import FlexmoeError
+
+SUFFIXES = (".txt", ".jsonl", ".parquet")
+
+
+@dataclass
+class Splits:
+    """Documents of one corpus, split into training and held-out text."""
+
+    train: list[str]
+    valid: list[str]
+
+
+def _files_in(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        return sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in SUFFIXES)
+    raise FlexmoeError(f"Data path {path} does not exist.", "pass an existing file or directory with --data.")
+
+
+def read_file(path: Path) -> list[str]:
+    """Documents in one file: a whole .txt file is one document; .jsonl/.parquet rows need ``text``."""
+    if path.suffix == ".txt":
+        text = path.read_text(encoding="utf-8", errors="replace")
+        return [text] if text.strip() else []
+    if path.suffix == ".jsonl":
+        return _read_jsonl(path)
+    if path.suffix == ".parquet":
+        return _read_parquet(path)
+    raise FlexmoeError(
+        f"{path} has unsupported type {path.suffix!r}.", f"use one of {', '.join(SUFFIXES)}."
+    )
+
+
+def _read_jsonl(path: Path) -> list[str]:
+    docs = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise FlexmoeError(
+                    f"{path}:{lineno} is not valid JSON ({e.msg}).", "write one JSON object per line."
+                ) from e
+            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                raise FlexmoeError(
+                    f"{path}:{lineno} has no string field 'text'.",
+                    'give every line a "text" field, e.g. {"text": "..."}.',
+                )
+            if row["text"].strip():
+                docs.append(row["text"])
+    return docs
+
+
+def _read_parquet(path: Path) -> list[str]:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    if "text" not in table.column_names:
+        raise FlexmoeError(
+            f"{path} has no column 'text' (columns: {', '.join(table.column_names)}).",
+            "rename the column that holds the documents to 'text'.",
+        )
+    return [t for t in table.column("text").to_pylist() if isinstance(t, str) and t.strip()]
+
+
+def read_documents(paths: Sequence[Path | str]) -> list[str]:
+    """All non-empty documents of the given files and directories, in a stable order."""
+    docs: list[str] = []
+    for p in paths:
+        for f in _files_in(Path(p)):
+            docs.extend(read_file(f))
+    return docs
+
+
+def _split_files(path: Path, split: str) -> list[Path]:
+    return [path / f"{split}{s}" for s in SUFFIXES if (path / f"{split}{s}").is_file()]
+
+
+def load_splits(paths: Sequence[Path | str], valid_fraction: float = 0.05) -> Splits:
+    """Training and validation documents of a corpus.
+
+    A single directory with ``train.*`` and ``valid.*`` files keeps its own split. Otherwise every
+    document is assigned by a hash of its text, so the split does not depend on file order.
+    """
+    paths = [Path(p) for p in paths]
+    if not paths:
+        raise FlexmoeError("No data given.", "pass at least one --data PATH.")
+    if len(paths) == 1 and paths[0].is_dir() and _split_files(paths[0], "train"):
+        train = read_documents(_split_files(paths[0], "train"))
+        valid = read_documents(_split_files(paths[0], "valid"))
+    else:
+        train, valid = [], []
+        for doc in read_documents(paths):
+            h = int.from_bytes(hashlib.sha256(doc.encode()).digest()[:8], "big") / 2**64
+            (valid if h < valid_fraction else train).append(doc)
+    if not train:
+        raise FlexmoeError(
+            f"No usable text found in {', '.join(map(str, paths))}.",
+            "point --data at .txt/.jsonl/.parquet files with non-empty 'text'.",
+        )
+    if not valid:
+        valid = train[-max(1, len(train) // 20) :]
+        train = train[: len(train) - len(valid)] or valid
+    return Splits(train=train, valid=valid)
+
+
+def data_fingerprint(docs: Iterable[str]) -> str:
+    """SHA-256 over the documents (a hash, never content): lets a manifest name its data privately."""
+    h = hashlib.sha256()
+    for d in docs:
+        b = d.encode()
+        h.update(len(b).to_bytes(8, "big"))
+        h.update(b)
+    return h.hexdigest()
+
+
+def tokenize(docs: Sequence[str], tokenizer) -> list[list[int]]:
+    """Token ids of each document with BOS (from the tokenizer's template) and an explicit EOS."""
+    eos = tokenizer.eos_token_id
+    ids = tokenizer(list(docs), add_special_tokens=True)["input_ids"]
+    return [x + [eos] if eos is not None else x for x in ids]
+
+
+def pack(token_lists: Iterable[list[int]], seq_len: int) -> torch.Tensor:
+    """Concatenate documents and cut them into ``[n_blocks, seq_len]`` blocks; the tail is dropped."""
+    flat = [t for ids in token_lists for t in ids]
+    n = len(flat) // seq_len
+    if n == 0:
+        raise FlexmoeError(
+            f"The data has {len(flat)} tokens, fewer than one sequence of {seq_len}.",
+            "add more text or lower --seq-len.",
+        )
+    return torch.tensor(flat[: n * seq_len], dtype=torch.long).view(n, seq_len)
+
+
+def blocks_for(docs: Sequence[str], tokenizer, seq_len: int) -> torch.Tensor:
+    """Tokenise and pack in one step."""
+    return pack(tokenize(docs, tokenizer), seq_len)

@@ -1,0 +1,169 @@
+"""The FlexOlmo FFN block: the anchor's dense FFN as expert 0 plus owner experts, one router row and
+one non-positive bias per expert, and masks for inference-time inclusion/exclusion.
+
+Routing semantics equal Hugging Face ``flex_olmo`` when every bias is zero: softmax over all experts in
+fp32, top-k, weights not renormalised. The block replaces ``layer.mlp`` of an OLMo 2 or Llama-family
+decoder layer, so it sees exactly what the dense FFN saw (OLMo 2: the raw residual stream; Llama: the
+post-attention-normed stream).
+
+Trainable pieces are plain modules that see ``[batch, seq, hidden]`` inputs: owner experts are copies
+of the anchor FFN (``nn.Linear`` SwiGLU) and each router row is a ``RouterRow``. That keeps per-sample
+gradients (differential privacy) per sequence, never per token.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def nonpositive(raw: torch.Tensor) -> torch.Tensor:
+    """``min(raw, 0)`` in value, identity in gradient (straight-through).
+
+    Ai2's ``min(b, 0)`` has zero gradient once ``b > 0``, so a bias that crosses zero is dead forever.
+    Here the gradient always flows; ``RouterRow.project_`` keeps ``raw`` itself <= 0 after each step.
+    """
+    return raw - (raw - raw.clamp(max=0.0)).detach()
+
+
+class RouterRow(nn.Module):
+    """One expert's router row ``w`` (``[1, hidden]``) and its bias ``b <= 0``: logit = ``w.x + b``."""
+
+    def __init__(self, row: torch.Tensor, bias: float = 0.0):
+        super().__init__()
+        self.weight = nn.Parameter(row.detach().clone().float().view(1, -1))
+        self.bias_raw = nn.Parameter(torch.tensor([min(float(bias), 0.0)]))
+
+    @property
+    def bias(self) -> torch.Tensor:
+        return nonpositive(self.bias_raw)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.float(), self.weight) + self.bias
+
+    @torch.no_grad()
+    def project_(self) -> None:
+        """Project the raw bias back onto ``b <= 0`` (called after every optimiser step)."""
+        self.bias_raw.clamp_(max=0.0)
+
+
+class FlexMoEBlock(nn.Module):
+    """Mixture of full-size FFN experts with FlexOlmo routing.
+
+    ``experts[0]`` is the anchor's FFN. ``mask`` (bool, one per expert) excludes experts at inference:
+    their logits become -inf before the softmax, which equals physically removing them.
+    """
+
+    def __init__(self, experts: list[nn.Module], rows: list[RouterRow], top_k: int):
+        super().__init__()
+        if len(experts) != len(rows):
+            raise ValueError("one router row per expert")
+        self.experts = nn.ModuleList(experts)
+        self.router = nn.ModuleList(rows)
+        self.top_k = top_k
+        self.register_buffer("mask", torch.ones(len(experts), dtype=torch.bool), persistent=False)
+        self.z_loss: torch.Tensor | None = None  # set on each forward in training mode
+        self.last_weights: torch.Tensor | None = None  # routing weights of the last forward, if recording
+        self.record = False
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.experts)
+
+    def router_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """fp32 router logits ``[..., E]`` including biases and masks."""
+        logits = torch.cat([row(x) for row in self.router], dim=-1)
+        if not bool(self.mask.all()):
+            logits = logits.masked_fill(~self.mask, float("-inf"))
+        return logits
+
+    def routing_weights(self, logits: torch.Tensor) -> torch.Tensor:
+        """Dense ``[..., E]`` weights: softmax over all experts, zero outside the top-k, not renormalised."""
+        probs = logits.softmax(dim=-1, dtype=torch.float32)
+        k = min(self.top_k, self.num_experts)
+        if k >= self.num_experts:
+            return probs
+        top_v, top_i = probs.topk(k, dim=-1)
+        return torch.zeros_like(probs).scatter(-1, top_i, top_v)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.router_logits(x)
+        if self.training:
+            self.z_loss = torch.logsumexp(logits, dim=-1).square().mean()
+        weights = self.routing_weights(logits)
+        if self.record:
+            self.last_weights = weights.detach()
+        if self.top_k >= self.num_experts or self.training:
+            return self._dense(x, weights)
+        return self._sparse(x, weights)
+
+    def _dense(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Every token through every (unmasked) expert: no dispatch, best when k equals E (training)."""
+        out = None
+        for e, expert in enumerate(self.experts):
+            if not bool(self.mask[e]):
+                continue
+            y = weights[..., e : e + 1].to(x.dtype) * expert(x)
+            out = y if out is None else out + y
+        return out if out is not None else torch.zeros_like(x)
+
+    def _sparse(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Each expert only on the tokens routed to it (inference with k < E)."""
+        flat_x = x.reshape(-1, x.shape[-1])
+        flat_w = weights.reshape(-1, weights.shape[-1])
+        out = torch.zeros_like(flat_x)
+        for e, expert in enumerate(self.experts):
+            idx = flat_w[:, e].nonzero(as_tuple=True)[0]
+            if idx.numel() == 0:
+                continue
+            out.index_add_(0, idx, flat_w[idx, e : e + 1].to(x.dtype) * expert(flat_x[idx]))
+        return out.view_as(x)
+
+
+# --------------------------------------------------------------------------------------------------
+# Putting blocks into an HF dense decoder
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers of an HF causal LM (OLMo 2 and the Llama family share ``model.model.layers``)."""
+    return model.model.layers
+
+
+def moe_blocks(model: nn.Module) -> list[FlexMoEBlock]:
+    return [m for m in model.modules() if isinstance(m, FlexMoEBlock)]
+
+
+def anchored_expert_model(
+    anchor: nn.Module, public_rows: torch.Tensor, owner_rows: torch.Tensor, bias_init: float = 0.0
+) -> nn.Module:
+    """Turn a dense anchor (in place) into the 2-expert training model of one data owner.
+
+    Expert 0 = the anchor FFN (frozen), expert 1 = a trainable copy; router rows ``[layers, hidden]``
+    for the public row (frozen) and the owner's row (trainable); routing is top-2 of 2. Everything the
+    anchor had stays frozen.
+    """
+    for p in anchor.parameters():
+        p.requires_grad_(False)
+    for i, layer in enumerate(decoder_layers(anchor)):
+        owner = copy.deepcopy(layer.mlp)
+        for p in owner.parameters():
+            p.requires_grad_(True)
+        pub_row = RouterRow(public_rows[i])
+        pub_row.requires_grad_(False)
+        layer.mlp = FlexMoEBlock([layer.mlp, owner], [pub_row, RouterRow(owner_rows[i], bias_init)], top_k=2)
+    return anchor
+
+
+def router_z_loss(model: nn.Module) -> torch.Tensor:
+    """Mean router z-loss over the MoE blocks of the last forward pass (0 if none recorded)."""
+    zs = [b.z_loss for b in moe_blocks(model) if b.z_loss is not None]
+    return torch.stack(zs).mean() if zs else torch.zeros(())
+
+
+def project_biases_(model: nn.Module) -> None:
+    for b in moe_blocks(model):
+        for row in b.router:
+            row.project_()
