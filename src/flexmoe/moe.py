@@ -91,8 +91,8 @@ class FlexMoEBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.router_logits(x)
-        if self.training:
-            self.z_loss = torch.logsumexp(logits, dim=-1).square().mean()
+        # Only training adds the z-loss; clearing it in eval keeps a stale value out of eval losses.
+        self.z_loss = torch.logsumexp(logits, dim=-1).square().mean() if self.training else None
         weights = self.routing_weights(logits)
         if self.record:
             self.last_weights = weights.detach()
@@ -148,7 +148,7 @@ def anchored_expert_model(
     for p in anchor.parameters():
         p.requires_grad_(False)
     for i, layer in enumerate(decoder_layers(anchor)):
-        owner = copy.deepcopy(layer.mlp)
+        owner = copy.deepcopy(layer.mlp).float()  # trainable master weights stay fp32
         for p in owner.parameters():
             p.requires_grad_(True)
         pub_row = RouterRow(public_rows[i])
@@ -167,3 +167,18 @@ def project_biases_(model: nn.Module) -> None:
     for b in moe_blocks(model):
         for row in b.router:
             row.project_()
+
+
+def anchor_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The anchor's own tensors inside an expert model, under the anchor's original names.
+
+    Expert 0 of each block is the anchor FFN (``mlp.experts.0.x`` -> ``mlp.x``); owner experts and
+    router rows are not anchor tensors.
+    """
+    out = {}
+    for name, t in model.state_dict().items():
+        if ".mlp.experts.0." in name:
+            out[name.replace(".mlp.experts.0.", ".mlp.")] = t
+        elif ".mlp.experts." not in name and ".mlp.router." not in name:
+            out[name] = t
+    return out

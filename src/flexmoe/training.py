@@ -180,7 +180,9 @@ def load_checkpoint(
     for name, t in load_file(str(ckpt / "trainable.safetensors")).items():
         with torch.no_grad():
             params[name].copy_(t)
-    opt.load_state_dict(_optimizer_from_files(load_file(str(ckpt / "optimizer.safetensors")), state["optimizer"]))
+    opt.load_state_dict(
+        _optimizer_from_files(load_file(str(ckpt / "optimizer.safetensors")), state["optimizer"])
+    )
     return state["step"], TrainResult(**state["result"])
 
 
@@ -238,7 +240,10 @@ def autocast(device: torch.device):
 
 @torch.no_grad()
 def evaluate(
-    model: torch.nn.Module, blocks: torch.Tensor, batch_size: int, max_batches: int | None = None,
+    model: torch.nn.Module,
+    blocks: torch.Tensor,
+    batch_size: int,
+    max_batches: int | None = None,
     loss_fn: LossFn = lm_loss,
 ) -> float:
     """Mean next-token loss over (a prefix of) ``blocks``; every block has the same token count."""
@@ -280,6 +285,7 @@ def train(
     checkpoint_dir: Path | None = None,
     resume: bool = False,
     stop_after: int | None = None,
+    after_step: Callable[[], None] | None = None,
     desc: str = "train",
     quiet: bool = False,
     device: torch.device | None = None,
@@ -289,6 +295,7 @@ def train(
     ``param_groups`` selects what trains (default: every parameter with ``requires_grad``).
     ``checkpoint_dir`` enables checkpoints; with ``resume`` the run continues from the last one.
     ``stop_after`` ends the run after that many steps of this call (used to test interruption).
+    ``after_step`` runs after every optimiser step (e.g. projecting router biases onto b <= 0).
     """
     device = device or next(model.parameters()).device
     rank, world = dist_info()
@@ -322,7 +329,7 @@ def train(
 
     progress = Progress(desc, cfg.steps, quiet)
     if step == 0:
-        result.initial_valid_loss = evaluate(model, valid_blocks, cfg.batch_size, cfg.eval_batches, loss_fn)
+        result.initial_valid_loss = evaluate(model, valid_blocks, cfg.batch_size, None, loss_fn)
         progress.note(f"{desc}: initial validation loss {result.initial_valid_loss:.4f}")
     else:
         progress.note(f"{desc}: resuming at step {step}/{cfg.steps}")
@@ -350,6 +357,8 @@ def train(
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if after_step is not None:
+            after_step()
         if world > 1:
             dist.all_reduce(step_loss, op=dist.ReduceOp.AVG)
         n_tok = cfg.batch_size * train_blocks.shape[1]

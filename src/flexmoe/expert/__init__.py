@@ -1,0 +1,1 @@
+"""Owner side: anchored expert training, the expert package, and (later) differential privacy."""

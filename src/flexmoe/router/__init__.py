@@ -1,0 +1,1 @@
+"""Router rows: initialisation from domain embeddings (and, later, router training and calibration)."""
