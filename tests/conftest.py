@@ -39,10 +39,28 @@ def make_hf_checkpoint(path: Path, model_type: str, seed: int = 0, vocab: int = 
 
     torch.manual_seed(seed)
     config = AutoConfig.for_model(
-        model_type, vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        model_type,
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
         tie_word_embeddings=False,
     )
     model = AutoModelForCausalLM.from_config(config)
     model.save_pretrained(str(path), safe_serialization=True)
+    return path
+
+
+def make_anchor_dir(path: Path, model_type: str, docs: list[str], seed: int = 0) -> Path:
+    """A random tiny anchor of any supported family, with tokenizer and published router init."""
+    from flexmoe.anchor import load_anchor, publish_router_init
+    from flexmoe.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(docs, vocab_size=320)
+    make_hf_checkpoint(path, model_type, seed=seed, vocab=len(tok))
+    tok.save_pretrained(str(path))
+    publish_router_init(path, load_anchor(path), tok, docs, embedder=None, seq_len=64, n_docs=50)
     return path

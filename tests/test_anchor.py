@@ -89,7 +89,9 @@ def test_llama_family_loads_inspects_fingerprints(tmp_path, model_type):
 def test_unsupported_architecture(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64)).save_pretrained(str(tmp_path / "g"))
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64)).save_pretrained(
+        str(tmp_path / "g")
+    )
     with pytest.raises(FlexmoeError, match="Unsupported anchor architecture 'gpt2'"):
         inspect(tmp_path / "g")
 

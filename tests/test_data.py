@@ -11,7 +11,9 @@ from flexmoe.errors import FlexmoeError
 
 def test_reads_txt_jsonl_and_parquet(tmp_path):
     (tmp_path / "a.txt").write_text("plain text document")
-    (tmp_path / "b.jsonl").write_text(json.dumps({"text": "json one"}) + "\n\n" + json.dumps({"text": "json two"}) + "\n")
+    (tmp_path / "b.jsonl").write_text(
+        json.dumps({"text": "json one"}) + "\n\n" + json.dumps({"text": "json two"}) + "\n"
+    )
     pq.write_table(pa.table({"text": ["parquet doc", ""]}), tmp_path / "c.parquet")
     (tmp_path / "ignored.csv").write_text("x,y")
     assert read_documents([tmp_path]) == ["plain text document", "json one", "json two", "parquet doc"]
@@ -19,7 +21,9 @@ def test_reads_txt_jsonl_and_parquet(tmp_path):
 
 def test_demo_layout_keeps_its_splits(demo_data):
     s = load_splits([demo_data / "math"])
-    valid_file = [json.loads(x)["text"] for x in (demo_data / "math" / "valid.jsonl").read_text().splitlines()]
+    valid_file = [
+        json.loads(x)["text"] for x in (demo_data / "math" / "valid.jsonl").read_text().splitlines()
+    ]
     assert s.valid == valid_file and len(s.train) > len(s.valid)
 
 

@@ -45,9 +45,7 @@ def read_file(path: Path) -> list[str]:
         return _read_jsonl(path)
     if path.suffix == ".parquet":
         return _read_parquet(path)
-    raise FlexmoeError(
-        f"{path} has unsupported type {path.suffix!r}.", f"use one of {', '.join(SUFFIXES)}."
-    )
+    raise FlexmoeError(f"{path} has unsupported type {path.suffix!r}.", f"use one of {', '.join(SUFFIXES)}.")
 
 
 def _read_jsonl(path: Path) -> list[str]:

@@ -41,7 +41,8 @@ def load_tokenizer(path: str | Path):
     """Load the tokenizer saved with an anchor (or any HF tokenizer), making sure it can pad."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(path))
+    # Composed Llama-family models carry an auto_map for their modelling file; the tokenizer needs none.
+    tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok

@@ -8,7 +8,7 @@ Tensor names inside ``expert.safetensors``::
 
     layers.{L}.gate_proj.weight  [I, H]     layers.{L}.router.weight  [H]
     layers.{L}.up_proj.weight    [I, H]     layers.{L}.router.bias    []   (<= 0)
-    layers.{L}.down_proj.weight  [H, I]
+    layers.{L}.down_proj.weight  [H, I]     layers.{L}.public_router.weight [H] (the frozen r_pub it trained with)
 """
 
 from __future__ import annotations
@@ -36,11 +36,12 @@ def expert_tensors(model) -> dict[str, torch.Tensor]:
 
     out: dict[str, torch.Tensor] = {}
     for i, block in enumerate(moe_blocks(model)):
-        expert, row = block.experts[1], block.router[1]
+        expert, row, public = block.experts[1], block.router[1], block.router[0]
         for proj in FFN:
             out[f"layers.{i}.{proj}.weight"] = getattr(expert, proj).weight.detach().cpu().contiguous()
         out[f"layers.{i}.router.weight"] = row.weight.detach().cpu().view(-1).contiguous()
         out[f"layers.{i}.router.bias"] = row.bias.detach().cpu().view(()).contiguous()
+        out[f"layers.{i}.public_router.weight"] = public.weight.detach().cpu().view(-1).contiguous()
     return out
 
 

@@ -1,0 +1,424 @@
+"""Compose independently trained experts into one mixture-of-experts model, with no joint training;
+add, update and remove experts later without retraining anyone.
+
+Output for OLMo 2 anchors: a stock Hugging Face ``flex_olmo`` checkpoint in the per-expert layout
+(expert 0 = the anchor FFN, router rows stacked in expert order, ``norm_topk_prob=false``), which
+``AutoModelForCausalLM.from_pretrained`` and vLLM load. Llama-family anchors have no stock format with
+FlexOlmo routing (Mixtral and Qwen-MoE renormalise the top-k weights, which changes the semantics), so
+they get the same tensor layout with a small modelling file loaded through ``trust_remote_code``.
+
+Beside the weights: ``flexmoe.json`` (anchor fingerprint, each expert's manifest and position, hashes
+of the weight files, the history of operations) and ``flexmoe_bias.safetensors`` (the learned
+non-positive router biases, which the HF format has no slot for; only flexmoe's runtime reads them,
+and only when asked to).
+
+Every operation streams tensors one at a time through the same canonical order and shard writer, so
+``remove`` gives exactly the bytes ``compose`` would give without that expert.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import shutil
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from flexmoe import __version__
+from flexmoe.anchor import FAMILIES, fingerprint
+from flexmoe.checkpoint import DEFAULT_SHARD_BYTES, ShardWriter, TensorReader, weight_hashes
+from flexmoe.errors import FlexmoeError
+from flexmoe.expert import package as pkg
+from flexmoe.fileio import atomic_dir, read_json, write_json
+
+FLEXMOE_JSON = "flexmoe.json"
+BIAS_FILE = "flexmoe_bias.safetensors"
+PUBLIC = "public"
+FFN = ("gate_proj", "up_proj", "down_proj")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+)
+REMOTE_CODE = Path(__file__).parent / "hf_remote" / "modeling_flexmoe.py"
+
+
+def default_top_k(num_experts: int) -> int:
+    """Half the experts, rounded up, but at least 2 (the paper: 4 of 8; owners trained with 2 of 2)."""
+    return min(num_experts, max(2, math.ceil(num_experts / 2)))
+
+
+def resolve_top_k(top_k: int | None, num_experts: int) -> int:
+    if top_k is None:
+        return default_top_k(num_experts)
+    if top_k < 1:
+        raise FlexmoeError(f"--top-k {top_k} is below 1.", f"use 1 to {num_experts}.")
+    if top_k > num_experts:
+        warnings.warn(f"top-k {top_k} exceeds the {num_experts} experts; using {num_experts}.", stacklevel=2)
+        return num_experts
+    return top_k
+
+
+# --------------------------------------------------------------------------------------------------
+# Where an expert's tensors come from: the anchor (position 0), a package, or an existing composed model.
+
+
+@dataclass
+class Expert:
+    """One expert of a composed model: its name, manifest, and per-layer tensor getters."""
+
+    name: str
+    manifest: dict
+    ffn: Callable[[int, str], torch.Tensor]  # (layer, proj) -> weight
+    row: Callable[[int], torch.Tensor]  # layer -> router row [H]
+    bias: Callable[[int], float]  # layer -> bias (<= 0)
+
+
+def anchor_expert(reader: TensorReader, public_row: Callable[[int], torch.Tensor], manifest: dict) -> Expert:
+    return Expert(
+        PUBLIC,
+        manifest,
+        lambda i, p: reader.get(f"model.layers.{i}.mlp.{p}.weight"),
+        public_row,
+        lambda i: 0.0,
+    )
+
+
+def package_expert(path: Path) -> Expert:
+    manifest = pkg.verify(path)
+    t = load_file(str(Path(path) / pkg.TENSOR_FILE))
+    return Expert(
+        manifest["name"],
+        manifest,
+        lambda i, p: t[f"layers.{i}.{p}.weight"],
+        lambda i: t[f"layers.{i}.router.weight"],
+        lambda i: float(t[f"layers.{i}.router.bias"]),
+    )
+
+
+def composed_expert(reader: TensorReader, meta: dict, biases: dict[str, torch.Tensor], e: int) -> Expert:
+    info = meta["experts"][e]
+    return Expert(
+        info["name"],
+        info["manifest"],
+        lambda i, p: reader.get(f"model.layers.{i}.mlp.experts.{e}.{p}.weight"),
+        lambda i: reader.get(f"model.layers.{i}.mlp.gate.weight")[e],
+        lambda i: float(biases[f"model.layers.{i}.mlp.bias"][e]),
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Checks before anything is written
+
+
+def check_packages(anchor_fp: str, config: dict, packages: Sequence[Path]) -> list[dict]:
+    """Verify hashes, anchor fingerprint, shapes and names of every package; return their manifests."""
+    manifests = [pkg.verify(p) for p in packages]
+    H, I, L = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+    expect = {"gate_proj": [I, H], "up_proj": [I, H], "down_proj": [H, I]}
+    for path, m in zip(packages, manifests, strict=True):
+        if m["anchor"]["fingerprint"] != anchor_fp:
+            raise FlexmoeError(
+                f"Expert {m['name']!r} ({path}) was trained against a different anchor "
+                f"({m['anchor']['fingerprint'][:23]}..., this anchor is {anchor_fp[:23]}...).",
+                "compose it with the anchor it was trained against, or have the owner retrain it.",
+            )
+        for i in range(L):
+            for proj, shape in expect.items():
+                got = m["tensors"].get(f"layers.{i}.{proj}.weight", {}).get("shape")
+                if got != shape:
+                    raise FlexmoeError(
+                        f"Expert {m['name']!r}: layer {i} {proj} has shape {got}, expected {shape}.",
+                        "the package does not fit this anchor.",
+                    )
+    names = [m["name"] for m in manifests]
+    dupes = sorted({n for n in names if names.count(n) > 1} | ({PUBLIC} & set(names)))
+    if dupes:
+        raise FlexmoeError(
+            f"Duplicate or reserved expert name(s): {', '.join(dupes)}.",
+            "give every expert a unique name (not 'public').",
+        )
+    return manifests
+
+
+def public_rows(packages: Sequence[Path], layers: int) -> Callable[[int], torch.Tensor]:
+    """The public router row every owner trained against; refuses packages that disagree on it."""
+    rows = [load_file(str(Path(p) / pkg.TENSOR_FILE)) for p in packages]
+    first = rows[0]
+    for p, r in zip(packages[1:], rows[1:], strict=True):
+        if any(
+            not torch.equal(first[f"layers.{i}.public_router.weight"], r[f"layers.{i}.public_router.weight"])
+            for i in range(layers)
+        ):
+            raise FlexmoeError(
+                f"{p} was trained with a different public router row than {packages[0]} "
+                "(different --router-init methods or router-init files).",
+                "compose experts trained with the same router-init method and anchor files.",
+            )
+    return lambda i: first[f"layers.{i}.public_router.weight"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing
+
+
+def moe_config(anchor_config: dict, num_experts: int, top_k: int) -> dict:
+    """The composed model's config.json: every value copied from the anchor's config, never defaults."""
+    cfg = dict(anchor_config)
+    family = FAMILIES[anchor_config["model_type"]]
+    cfg.update(
+        num_experts=num_experts,
+        num_experts_per_tok=top_k,
+        norm_topk_prob=False,
+        output_router_logits=False,
+        router_aux_loss_coef=0.0,
+    )
+    rope = cfg.get("rope_parameters") or {
+        "rope_type": "default",
+        "rope_theta": cfg.get("rope_theta", 10000.0),
+    }
+    cfg["rope_parameters"], cfg["rope_theta"] = rope, rope.get("rope_theta", cfg.get("rope_theta"))
+    if family == "olmo2":
+        cfg.update(model_type="flex_olmo", architectures=["FlexOlmoForCausalLM"])
+    else:
+        base = anchor_config["model_type"]
+        cfg.update(
+            model_type=f"flexmoe_{base}",
+            base_model_type=base,
+            architectures=["FlexMoEForCausalLM"],
+            auto_map={
+                "AutoConfig": f"modeling_flexmoe.FlexMoE{base.capitalize()}Config",
+                "AutoModelForCausalLM": f"modeling_flexmoe.FlexMoE{base.capitalize()}ForCausalLM",
+            },
+        )
+    return cfg
+
+
+def write_model(
+    out: Path,
+    shared: TensorReader,
+    experts: list[Expert],
+    anchor_config: dict,
+    top_k: int,
+    meta: dict,
+    source_dir: Path,
+    max_shard_bytes: int,
+) -> dict:
+    """Stream the composed checkpoint into ``out`` (a fresh directory) in canonical (sorted) order."""
+    L = anchor_config["num_hidden_layers"]
+    dtype = shared.get("model.embed_tokens.weight").dtype
+    getters: dict[str, Callable[[], torch.Tensor]] = {}
+    for name in shared.names():
+        if ".mlp." not in name:
+            getters[name] = lambda n=name: shared.get(n)
+    for i in range(L):
+        getters[f"model.layers.{i}.mlp.gate.weight"] = lambda i=i: torch.stack(
+            [e.row(i) for e in experts]
+        ).to(dtype)
+        for e, ex in enumerate(experts):
+            for p in FFN:
+                getters[f"model.layers.{i}.mlp.experts.{e}.{p}.weight"] = lambda i=i, p=p, ex=ex: ex.ffn(
+                    i, p
+                ).to(dtype)
+    writer = ShardWriter(out, max_shard_bytes)
+    for name in sorted(getters):
+        writer.add(name, getters[name]())
+    writer.close()
+    bias = {
+        f"model.layers.{i}.mlp.bias": torch.tensor([e.bias(i) for e in experts], dtype=torch.float32)
+        for i in range(L)
+    }
+    save_file(bias, str(out / BIAS_FILE), metadata={"format": "pt"})
+    write_json(out / "config.json", moe_config(anchor_config, len(experts), top_k))
+    for f in TOKENIZER_FILES:
+        if (source_dir / f).is_file():
+            shutil.copy2(source_dir / f, out / f)
+    if FAMILIES[anchor_config["model_type"]] != "olmo2":
+        shutil.copy2(REMOTE_CODE, out / REMOTE_CODE.name)
+    meta = {
+        **meta,
+        "format": "flexmoe-model/1",
+        "flexmoe_version": __version__,
+        "top_k": top_k,
+        "experts": [
+            {"position": e, "name": ex.name, "manifest": ex.manifest} for e, ex in enumerate(experts)
+        ],
+        "weights_sha256": weight_hashes(out),
+        "bias_file": BIAS_FILE,
+    }
+    write_json(out / FLEXMOE_JSON, meta)
+    return meta
+
+
+def _event(op: str, **kw) -> dict:
+    return {"op": op, "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), **kw}
+
+
+def compose(
+    anchor: Path,
+    packages: Sequence[Path],
+    out: Path,
+    *,
+    top_k: int | None = None,
+    force: bool = False,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> dict:
+    """Compose the anchor and expert packages into one model at ``out``. Returns ``flexmoe.json``."""
+    from flexmoe.anchor import resolve
+
+    anchor = resolve(anchor)
+    if not packages:
+        raise FlexmoeError("No experts given.", "pass at least one --expert PACKAGE.")
+    config = read_json(anchor / "config.json")
+    if config.get("model_type") not in FAMILIES:
+        raise FlexmoeError(
+            f"Unsupported anchor architecture {config.get('model_type')!r}.",
+            f"use a dense decoder of type {', '.join(FAMILIES)}.",
+        )
+    anchor_fp = fingerprint(anchor)
+    manifests = check_packages(anchor_fp, config, packages)
+    k = resolve_top_k(top_k, len(packages) + 1)
+    reader = TensorReader(anchor)
+    pub = anchor_expert(
+        reader,
+        public_rows(packages, config["num_hidden_layers"]),
+        {"name": PUBLIC, "description": "the public anchor FFN", "anchor": {"fingerprint": anchor_fp}},
+    )
+    experts = [pub] + [package_expert(p) for p in packages]
+    meta = {
+        "anchor": {"fingerprint": anchor_fp, "path": str(anchor), "config": config},
+        "history": [_event("compose", experts=[m["name"] for m in manifests])],
+    }
+    with atomic_dir(out, force=force) as tmp:
+        return write_model(tmp, reader, experts, config, k, meta, anchor, max_shard_bytes)
+
+
+# --------------------------------------------------------------------------------------------------
+# Changing the expert set of a composed model
+
+
+def load_meta(model: Path) -> dict:
+    if not (Path(model) / FLEXMOE_JSON).is_file():
+        raise FlexmoeError(
+            f"{model} is not a flexmoe model (no {FLEXMOE_JSON}).", "pass a directory made by compose."
+        )
+    return read_json(Path(model) / FLEXMOE_JSON)
+
+
+def _current(model: Path) -> tuple[TensorReader, dict, list[Expert]]:
+    model = Path(model)
+    meta = load_meta(model)
+    reader = TensorReader(model)
+    biases = load_file(str(model / BIAS_FILE))
+    return reader, meta, [composed_expert(reader, meta, biases, e) for e in range(len(meta["experts"]))]
+
+
+def _rewrite(
+    model: Path,
+    out: Path,
+    experts: list[Expert],
+    meta: dict,
+    event: dict,
+    top_k: int | None,
+    force: bool,
+    max_shard_bytes: int,
+) -> dict:
+    if Path(out).resolve() == Path(model).resolve():
+        raise FlexmoeError(
+            "--out is the input model.", "write to a new directory; the input stays untouched."
+        )
+    reader = TensorReader(model)
+    k = resolve_top_k(top_k if top_k is not None else meta["top_k"], len(experts))
+    new_meta = {"anchor": meta["anchor"], "history": meta["history"] + [event]}
+    for key in ("router_training",):
+        if key in meta:
+            new_meta[key] = meta[key]
+    with atomic_dir(out, force=force) as tmp:
+        return write_model(
+            tmp, reader, experts, meta["anchor"]["config"], k, new_meta, Path(model), max_shard_bytes
+        )
+
+
+def remove(
+    model: Path,
+    name: str,
+    out: Path,
+    *,
+    top_k: int | None = None,
+    force: bool = False,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> dict:
+    """Opt-out: a new model without expert ``name`` (no parameter trained on its data remains)."""
+    _, meta, experts = _current(model)
+    names = [e.name for e in experts]
+    if name == PUBLIC:
+        raise FlexmoeError(
+            "The public (anchor) expert cannot be removed.", "remove an owner's expert instead."
+        )
+    if name not in names:
+        raise FlexmoeError(f"No expert named {name!r} in {model}.", f"choose one of {', '.join(names[1:])}.")
+    if len(experts) == 2:
+        raise FlexmoeError(f"{name!r} is the only owner expert.", "use the anchor itself as the model.")
+    kept = [e for e in experts if e.name != name]
+    k = top_k if top_k is not None else min(meta["top_k"], len(kept))
+    return _rewrite(model, out, kept, meta, _event("remove", expert=name), k, force, max_shard_bytes)
+
+
+def add(
+    model: Path,
+    package: Path,
+    out: Path,
+    *,
+    top_k: int | None = None,
+    force: bool = False,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> dict:
+    """A new model with one more expert (an owner joining late); existing experts are untouched."""
+    reader, meta, experts = _current(model)
+    _check_joining(meta, reader, package, {e.name for e in experts})
+    new = package_expert(package)
+    return _rewrite(
+        model, out, experts + [new], meta, _event("add", expert=new.name), top_k, force, max_shard_bytes
+    )
+
+
+def update(
+    model: Path, package: Path, out: Path, *, force: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES
+) -> dict:
+    """A new model where the expert of the same name is replaced by a newer package, in place."""
+    reader, meta, experts = _current(model)
+    name = pkg.verify(package)["name"]
+    names = [e.name for e in experts]
+    if name not in names[1:]:
+        raise FlexmoeError(
+            f"No expert named {name!r} to update in {model}.", "use 'flexmoe add' for a new expert."
+        )
+    _check_joining(meta, reader, package, set(names) - {name})
+    pos = names.index(name)
+    experts[pos] = package_expert(package)
+    return _rewrite(model, out, experts, meta, _event("update", expert=name), None, force, max_shard_bytes)
+
+
+def _check_joining(meta: dict, reader: TensorReader, package: Path, taken: set[str]) -> None:
+    """A joining package must fit the anchor, have a free name, and share the model's public row."""
+    config = meta["anchor"]["config"]
+    (m,) = check_packages(meta["anchor"]["fingerprint"], config, [package])
+    if m["name"] in taken:
+        raise FlexmoeError(
+            f"An expert named {m['name']!r} is already in the model.",
+            "use 'flexmoe update' to replace it, or rename the new expert.",
+        )
+    t = load_file(str(Path(package) / pkg.TENSOR_FILE))
+    for i in range(config["num_hidden_layers"]):
+        row0 = reader.get(f"model.layers.{i}.mlp.gate.weight")[0]
+        if not torch.equal(t[f"layers.{i}.public_router.weight"].to(row0.dtype), row0):
+            raise FlexmoeError(
+                f"{package} was trained with a different public router row than this model.",
+                "train it with the same router-init method as the other experts.",
+            )
