@@ -8,7 +8,7 @@ Tensor names inside ``expert.safetensors``::
 
     layers.{L}.gate_proj.weight  [I, H]     layers.{L}.router.weight  [H]
     layers.{L}.up_proj.weight    [I, H]     layers.{L}.router.bias    []   (<= 0)
-    layers.{L}.down_proj.weight  [H, I]     layers.{L}.public_router.weight [H] (the frozen r_pub it trained with)
+    layers.{L}.down_proj.weight  [H, I]     layers.{L}.public_router.weight  [H]  (the frozen r_pub)
 """
 
 from __future__ import annotations
