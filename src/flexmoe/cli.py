@@ -218,6 +218,116 @@ def expert_inspect(
     console.print("hashes verified: OK")
 
 
+def _names(values: list[str] | None) -> list[str] | None:
+    """Accept both repeated options and comma-separated lists."""
+    if not values:
+        return None
+    return [n.strip() for v in values for n in v.split(",") if n.strip()]
+
+
+def _summary(meta: dict, out: Path) -> None:
+    names = ", ".join(e["name"] for e in meta["experts"])
+    console.print(f"wrote {out}: {len(meta['experts'])} experts ({names}), top-k {meta['top_k']}")
+
+
+@app.command("compose")
+def compose_cmd(
+    anchor: str = typer.Option(..., "--anchor", help="The anchor every expert was trained against."),
+    expert: list[Path] = typer.Option(..., "--expert", help="Expert package (repeat for several)."),
+    out: Path = typer.Option(..., "--out", help="Composed model directory to create."),
+    top_k: int = typer.Option(None, help="Experts per token (default: half the experts, at least 2)."),
+    max_shard_mb: int = typer.Option(2048, help="Largest weight shard in MB."),
+    force: bool = typer.Option(False, help="Replace --out if it exists."),
+) -> None:
+    """Maintainer: compose expert packages into one MoE (HF flex_olmo for OLMo 2 anchors)."""
+    from flexmoe.compose import compose
+
+    _summary(compose(anchor, expert, out, top_k=top_k, force=force, max_shard_bytes=max_shard_mb << 20), out)
+
+
+@app.command("add")
+def add_cmd(
+    model: Path = typer.Argument(..., help="Composed model directory."),
+    expert: Path = typer.Option(..., "--expert", help="Package of the joining expert."),
+    out: Path = typer.Option(..., "--out", help="New model directory (the input stays untouched)."),
+    top_k: int = typer.Option(None, help="Experts per token in the new model (default: keep)."),
+    force: bool = typer.Option(False, help="Replace --out if it exists."),
+) -> None:
+    """Maintainer: add a late-joining owner's expert without retraining anyone."""
+    from flexmoe.compose import add
+
+    _summary(add(model, expert, out, top_k=top_k, force=force), out)
+
+
+@app.command("update")
+def update_cmd(
+    model: Path = typer.Argument(..., help="Composed model directory."),
+    expert: Path = typer.Option(..., "--expert", help="Newer package of an expert already in the model."),
+    out: Path = typer.Option(..., "--out", help="New model directory (the input stays untouched)."),
+    force: bool = typer.Option(False, help="Replace --out if it exists."),
+) -> None:
+    """Maintainer: replace a named expert by a newer package; other experts stay bit-identical."""
+    from flexmoe.compose import update
+
+    _summary(update(model, expert, out, force=force), out)
+
+
+@app.command("remove")
+def remove_cmd(
+    model: Path = typer.Argument(..., help="Composed model directory."),
+    expert: str = typer.Option(..., "--expert", help="Name of the expert to remove (opt-out)."),
+    out: Path = typer.Option(..., "--out", help="New model directory (the input stays untouched)."),
+    top_k: int = typer.Option(None, help="Experts per token in the new model (default: keep, clamped)."),
+    force: bool = typer.Option(False, help="Replace --out if it exists."),
+) -> None:
+    """Maintainer: physical opt-out; no parameter trained on that owner's data remains."""
+    from flexmoe.compose import remove
+
+    _summary(remove(model, expert, out, top_k=top_k, force=force), out)
+
+
+@app.command("generate")
+def generate_cmd(
+    model: Path = typer.Argument(..., help="Composed model directory."),
+    prompt: str = typer.Option(..., "--prompt", help="Text to continue."),
+    include: list[str] = typer.Option(
+        None, "--include", help="Only these experts (plus public); comma-separated."
+    ),
+    exclude: list[str] = typer.Option(None, "--exclude", help="Leave out these experts; comma-separated."),
+    max_new_tokens: int = typer.Option(64, help="Tokens to generate."),
+    temperature: float = typer.Option(0.0, help="0 = greedy; > 0 samples."),
+    use_bias: bool = typer.Option(False, help="Apply the learned router biases (not in the HF format)."),
+    seed: int = typer.Option(0, help="Sampling seed."),
+) -> None:
+    """Model user: stream a continuation using any subset of experts."""
+    from flexmoe.runtime import from_pretrained, generate
+
+    c = from_pretrained(model, include=_names(include), exclude=_names(exclude), use_bias=use_bias)
+    console.print(prompt, end="")
+    generate(c, prompt, max_new_tokens, stream=True, temperature=temperature, seed=seed)
+
+
+@app.command("route")
+def route_cmd(
+    model: Path = typer.Argument(..., help="Composed model directory."),
+    text: str = typer.Option(..., "--text", help="Text to attribute."),
+    include: list[str] = typer.Option(None, "--include", help="Only these experts (plus public)."),
+    exclude: list[str] = typer.Option(None, "--exclude", help="Leave out these experts."),
+    use_bias: bool = typer.Option(False, help="Apply the learned router biases."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Model user: the share of routing weight each expert received (over tokens and layers)."""
+    from flexmoe.runtime import from_pretrained, routing_shares
+
+    c = from_pretrained(model, include=_names(include), exclude=_names(exclude), use_bias=use_bias)
+    shares = routing_shares(c, text)
+    if as_json:
+        _print_json(shares)
+        return
+    for name, share in sorted(shares.items(), key=lambda kv: -kv[1]):
+        console.print(f"{name:>16s} {share:6.1%} " + "#" * round(40 * share))
+
+
 def main() -> None:
     """Console-script entry point: run the app, turning user errors into one clean line."""
     try:

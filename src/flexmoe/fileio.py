@@ -19,6 +19,17 @@ from typing import Any
 from flexmoe.errors import FlexmoeError
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _publish_mode(path: Path, is_dir: bool) -> None:
+    """mkdtemp/mkstemp create private (0700/0600) entries; outputs get normal permissions."""
+    os.chmod(path, (0o777 if is_dir else 0o666) & ~_umask())
+
+
 def check_output_dir(out: Path, force: bool) -> None:
     """Refuse to overwrite an existing output unless ``force`` is set."""
     if out.exists() and not force:
@@ -44,6 +55,7 @@ def atomic_dir(out: Path, force: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _publish_mode(tmp, is_dir=True)
     old = None
     if out.exists():
         old = out.parent / f".{out.name}.old-{os.getpid()}"
@@ -63,6 +75,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        _publish_mode(Path(tmp), is_dir=False)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -112,7 +112,7 @@ def set_experts(
     model, names: list[str], include: Sequence[str] | None, exclude: Sequence[str] | None
 ) -> None:
     """Mask experts out of routing. ``include`` keeps the public expert plus the named ones."""
-    unknown = sorted(set(include or []) | set(exclude or []) - set(names))
+    unknown = sorted((set(include or []) | set(exclude or [])) - set(names))
     if unknown:
         raise FlexmoeError(f"Unknown expert(s): {', '.join(unknown)}.", f"choose from {', '.join(names)}.")
     keep = set(names)
