@@ -38,13 +38,14 @@ class Preset:
     batch_size: int
     lr: float
     warmup_steps: int
+    router_docs: int  # public documents behind the published router init (the paper: about 1,000)
 
 
 # tiny: finishes in under 3 minutes on 2 CPU cores. small/base: sized for one GPU.
 PRESETS: dict[str, Preset] = {
-    "tiny": Preset(128, 384, 4, 4, 4096, 256, 600, 8, 3e-3, 30),
-    "small": Preset(512, 1536, 8, 8, 8192, 512, 3000, 64, 1e-3, 200),
-    "base": Preset(1024, 2816, 16, 16, 16384, 1024, 6000, 64, 6e-4, 300),
+    "tiny": Preset(128, 384, 4, 4, 4096, 256, 500, 8, 3e-3, 30, 200),
+    "small": Preset(512, 1536, 8, 8, 8192, 512, 3000, 64, 1e-3, 200, 1000),
+    "base": Preset(1024, 2816, 16, 16, 16384, 1024, 6000, 64, 6e-4, 300, 1000),
 }
 
 
@@ -323,7 +324,7 @@ def pretrain(
             model.save_pretrained(str(tmp), safe_serialization=True)
             tok.save_pretrained(str(tmp))
             write_json(tmp / ANCHOR_META, summary)
-            publish_router_init(tmp, model, tok, splits.train, seq_len=p.seq_len)
+            publish_router_init(tmp, model, tok, splits.train, seq_len=p.seq_len, n_docs=p.router_docs)
         clear_checkpoint(work)
         summary["fingerprint"] = fingerprint(out)
     return summary

@@ -103,6 +103,22 @@ class TensorReader:
             yield name, self.get(name)
 
 
+class StateReader:
+    """The ``TensorReader`` interface over an in-memory state dict (for exporting trained models)."""
+
+    def __init__(self, state: dict[str, torch.Tensor]):
+        self.state = state
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.state
+
+    def names(self) -> list[str]:
+        return sorted(self.state)
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.state[name]
+
+
 def weight_hashes(path: Path) -> dict[str, str]:
     """SHA-256 of every weight file of a checkpoint (recorded in flexmoe.json)."""
     files = sorted({p.name for p in TensorReader(path).where.values()})

@@ -328,6 +328,54 @@ def route_cmd(
         console.print(f"{name:>16s} {share:6.1%} " + "#" * round(40 * share))
 
 
+@app.command("eval")
+def eval_cmd(
+    model: Path = typer.Argument(..., help="A composed flexmoe model or any HF causal LM directory."),
+    data: Path = typer.Option(
+        ..., "--data", help="Data directory from 'flexmoe data demo' (test splits + tasks)."
+    ),
+    out: Path = typer.Option(None, "--out", help="Write the full results as JSON here."),
+    include: list[str] = typer.Option(None, "--include", help="Only these experts (plus public)."),
+    exclude: list[str] = typer.Option(None, "--exclude", help="Leave out these experts."),
+    use_bias: bool = typer.Option(False, help="Apply the learned router biases (flexmoe runtime only)."),
+    seq_len: int = typer.Option(None, help="Perplexity block length (default: the model's training length)."),
+    max_blocks: int = typer.Option(64, help="Test blocks per domain for perplexity."),
+) -> None:
+    """Per-domain perplexity and downstream tasks, with item counts and 95% intervals."""
+    from flexmoe.evaluate.run import evaluate_lm, load_lm, seq_len_of
+    from flexmoe.fileio import write_json
+
+    lm = load_lm(model, _names(include), _names(exclude), use_bias)
+    r = evaluate_lm(
+        lm,
+        data,
+        seq_len=seq_len or seq_len_of(model),
+        max_blocks=max_blocks,
+        progress=lambda m: console.print(f"  {m}"),
+    )
+    console.print("perplexity: " + "  ".join(f"{d} {v:.2f}" for d, v in r["perplexity"].items()))
+    console.print("tasks (%):  " + "  ".join(f"{t} {v:.1f}" for t, v in r["tasks"].items()))
+    console.print(f"average {r['average']:.1f}")
+    if out:
+        write_json(out, r)
+
+
+@app.command("demo")
+def demo_cmd(
+    workdir: Path = typer.Option(
+        Path("demo-run"), "--workdir", help="Where everything is written (resumable)."
+    ),
+    preset: str = typer.Option("tiny", help="tiny (2 CPU cores, ~15 min) or small (GPU)."),
+) -> None:
+    """The whole federation end to end, offline, with baselines, opt-out and a report."""
+    from flexmoe.demo import run_demo
+    from flexmoe.evaluate.report import markdown
+
+    report = run_demo(workdir, preset)
+    console.print(markdown(report))
+    console.print(f"wrote {workdir}/report.json, report.md, report.png")
+
+
 def main() -> None:
     """Console-script entry point: run the app, turning user errors into one clean line."""
     try:

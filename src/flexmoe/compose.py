@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from flexmoe import __version__
 from flexmoe.anchor import FAMILIES, fingerprint
-from flexmoe.checkpoint import DEFAULT_SHARD_BYTES, ShardWriter, TensorReader, weight_hashes
+from flexmoe.checkpoint import DEFAULT_SHARD_BYTES, ShardWriter, StateReader, TensorReader, weight_hashes
 from flexmoe.errors import FlexmoeError
 from flexmoe.expert import package as pkg
 from flexmoe.fileio import atomic_dir, read_json, write_json
@@ -422,3 +422,44 @@ def _check_joining(meta: dict, reader: TensorReader, package: Path, taken: set[s
                 f"{package} was trained with a different public router row than this model.",
                 "train it with the same router-init method as the other experts.",
             )
+
+
+def runtime_expert(block_of: Callable[[int], object], e: int, name: str, manifest: dict) -> Expert:
+    """Expert ``e`` of an in-memory runtime model (its blocks are looked up per layer)."""
+    return Expert(
+        name,
+        manifest,
+        lambda i, p: getattr(block_of(i).experts[e], p).weight.detach(),
+        lambda i: block_of(i).router[e].weight.detach().view(-1),
+        lambda i: float(block_of(i).router[e].bias),
+    )
+
+
+def export(
+    model,
+    names: list[str],
+    manifests: list[dict],
+    anchor_config: dict,
+    source_dir: Path,
+    out: Path,
+    meta: dict,
+    *,
+    top_k: int | None = None,
+    force: bool = False,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> dict:
+    """Write an in-memory flexmoe runtime model (e.g. after router training) as a composed checkpoint.
+
+    ``source_dir`` provides the tokenizer files; ``meta`` must hold ``anchor`` and ``history``.
+    """
+    from flexmoe.moe import decoder_layers
+
+    layers = decoder_layers(model)
+    shared = StateReader({k: v.detach() for k, v in model.state_dict().items() if ".mlp." not in k})
+    experts = [
+        runtime_expert(lambda i: layers[i].mlp, e, n, m)
+        for e, (n, m) in enumerate(zip(names, manifests, strict=True))
+    ]
+    k = resolve_top_k(top_k if top_k is not None else layers[0].mlp.top_k, len(experts))
+    with atomic_dir(out, force=force) as tmp:
+        return write_model(tmp, shared, experts, anchor_config, k, meta, Path(source_dir), max_shard_bytes)

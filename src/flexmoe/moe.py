@@ -66,6 +66,7 @@ class FlexMoEBlock(nn.Module):
         self.top_k = top_k
         self.register_buffer("mask", torch.ones(len(experts), dtype=torch.bool), persistent=False)
         self.z_loss: torch.Tensor | None = None  # set on each forward in training mode
+        self.balance_loss: torch.Tensor | None = None
         self.last_weights: torch.Tensor | None = None  # routing weights of the last forward, if recording
         self.record = False
 
@@ -94,14 +95,23 @@ class FlexMoEBlock(nn.Module):
         # Only training adds the z-loss; clearing it in eval keeps a stale value out of eval losses.
         self.z_loss = torch.logsumexp(logits, dim=-1).square().mean() if self.training else None
         weights = self.routing_weights(logits)
+        self.balance_loss = self._balance(logits, weights) if self.training else None
         if self.record:
             self.last_weights = weights.detach()
-        if self.top_k >= self.num_experts or self.training:
+        if self.top_k >= self.num_experts:
             return self._dense(x, weights)
         return self._sparse(x, weights)
 
+    def _balance(self, logits: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Switch-style load-balancing loss E * sum_e f_e * P_e (only jointly trained MoEs use it;
+        FlexOlmo's anchored training does not: an owner's expert should claim only its own inputs)."""
+        probs = logits.softmax(-1, dtype=torch.float32).reshape(-1, self.num_experts)
+        chosen = (weights.reshape(-1, self.num_experts) > 0).float()
+        return self.num_experts * (chosen.mean(0) / self.top_k * probs.mean(0)).sum()
+
     def _dense(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Every token through every (unmasked) expert: no dispatch, best when k equals E (training)."""
+        """Every token through every (unmasked) expert: no dispatch, best when k equals E (FlexOlmo
+        expert training is top-2 of 2)."""
         out = None
         for e, expert in enumerate(self.experts):
             if not bool(self.mask[e]):
@@ -161,6 +171,12 @@ def router_z_loss(model: nn.Module) -> torch.Tensor:
     """Mean router z-loss over the MoE blocks of the last forward pass (0 if none recorded)."""
     zs = [b.z_loss for b in moe_blocks(model) if b.z_loss is not None]
     return torch.stack(zs).mean() if zs else torch.zeros(())
+
+
+def balance_loss(model: nn.Module) -> torch.Tensor:
+    """Mean load-balancing loss over the MoE blocks of the last training forward pass."""
+    ls = [b.balance_loss for b in moe_blocks(model) if b.balance_loss is not None]
+    return torch.stack(ls).mean() if ls else torch.zeros(())
 
 
 def project_biases_(model: nn.Module) -> None:

@@ -5,7 +5,8 @@
     out/<domain>/train.jsonl   90% of the documents
     out/<domain>/valid.jsonl    5%
     out/<domain>/test.jsonl     5%
-    out/manifest.json          domains, documents and bytes per split, flexmoe version, size_mb, seed
+    out/tasks/<task>.jsonl     evaluation tasks built from the test split only (flexmoe.evaluate.tasks)
+    out/manifest.json          domains, documents and bytes per split, tasks, flexmoe version, size_mb, seed
 
 Each line is ``{"id": "<domain>-000123", "text": "..."}``. The domains are ``public`` (generated
 English stories and expository prose), ``code`` (CPython standard-library source, shipped as a
@@ -31,6 +32,7 @@ from flexmoe import __version__
 from flexmoe.corpora import code, legal, public
 from flexmoe.corpora import math as math_problems
 from flexmoe.errors import FlexmoeError
+from flexmoe.evaluate.tasks import build_tasks
 from flexmoe.fileio import atomic_dir, write_json
 
 DOMAINS = ("public", "code", "math", "legal")
@@ -120,7 +122,8 @@ def build_demo_corpora(
         for domain in DOMAINS:
             docs = GENERATORS[domain](_domain_seed(seed, domain), budget)
             stats[domain] = _write_domain(tmp / domain, domain, docs)
-        write_json(tmp / "manifest.json", _manifest(stats, size_mb, seed))
+        tasks = build_tasks(tmp)
+        write_json(tmp / "manifest.json", {**_manifest(stats, size_mb, seed), "tasks": tasks})
     return stats
 
 

@@ -184,14 +184,19 @@ def init_rows(
     method: str,
     *,
     name: str = "expert",
-    n_docs: int = 1000,
+    n_docs: int | None = None,
     seq_len: int = 256,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(r_pub, r_owner)``, each ``[layers, hidden]``, for one owner with the chosen method."""
+    """``(r_pub, r_owner)``, each ``[layers, hidden]``, for one owner with the chosen method.
+
+    ``n_docs`` defaults to the number of public documents behind the published ``r_pub``, so the
+    owner's mean is estimated as precisely as the public one.
+    """
     if method not in METHODS:
         raise FlexmoeError(f"Unknown router init {method!r}.", f"use one of {', '.join(METHODS)}.")
     pub, meta = load_published(anchor_dir)
     norms = pub["layer_norms"]
+    n_docs = n_docs or meta["n_docs"]
     if method == "embed":
         if "embed.projection" not in pub:
             raise FlexmoeError(

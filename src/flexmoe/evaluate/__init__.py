@@ -1,0 +1,1 @@
+"""Evaluation: perplexity, downstream tasks, baselines and reports."""

@@ -1,0 +1,229 @@
+"""The paper's baselines, all built from the same anchor and the same per-domain token budget.
+
+- ``dense_expert``: the anchor fully fine-tuned on one domain (the paper's "individual experts").
+- ``soup``: the uniform weight average of dense models (the public anchor and the dense experts).
+- ``BTMLM``: per-input ensemble of dense models' next-token distributions, weights
+  softmax(-mean NLL / tau) over the prompt (or, for perplexity, over the tokens seen so far), top-2.
+- ``btx``: dense models upcycled into an MoE (shared weights averaged, one FFN each), router trained
+  on public data only.
+- ``unrestricted_moe``: an MoE started from the anchor and trained on all domains pooled, everything
+  trainable, with the same total training FLOPs as the FlexOlmo experts (the upper bound that needs
+  data sharing).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from flexmoe.data import blocks_for, load_splits
+from flexmoe.moe import FlexMoEBlock, RouterRow, balance_loss, decoder_layers, router_z_loss
+from flexmoe.training import TrainConfig, lm_loss, train
+
+
+def train_flops_per_token(config, kind: str, seq_len: int, experts: int = 2, top_k: int = 2) -> float:
+    """Training FLOPs per token from shapes (matmuls only, plus causal attention scores).
+
+    dense: 3x forward. anchored (FlexOlmo owner): forward through both FFNs, input gradients through
+    everything (one more forward), weight gradients for the owner FFN only. moe: 3x forward of a
+    top-k MoE with everything trainable.
+    """
+    H, L, V = config.hidden_size, config.num_hidden_layers, config.vocab_size
+    attn, ffn, head = 4 * H * H, 3 * H * config.intermediate_size, V * H
+    scores = 2 * seq_len * H  # QK^T and AV, averaged over causal positions
+    fwd_one = 2 * (L * (attn + ffn) + head) + L * scores
+    if kind == "dense":
+        return 3 * fwd_one
+    if kind == "anchored":
+        fwd = fwd_one + 2 * L * ffn
+        return 2 * fwd + 2 * L * ffn
+    if kind == "moe":
+        return 3 * (fwd_one + 2 * L * ffn * (top_k - 1))
+    raise ValueError(kind)
+
+
+def _cfg(
+    steps: int, batch_size: int, seq_len: int, lr: float, seed: int, weight_decay: float = 0.0
+) -> TrainConfig:
+    return TrainConfig(
+        steps=steps,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        lr=lr,
+        warmup_steps=max(1, steps // 10),
+        weight_decay=weight_decay,
+        eval_every=max(1, steps // 2),
+        checkpoint_every=10**9,
+        log_every=max(1, steps // 5),
+        seed=seed,
+    )
+
+
+def dense_expert(
+    anchor,
+    tokenizer,
+    data: Path,
+    *,
+    steps: int,
+    batch_size: int,
+    seq_len: int,
+    lr: float = 1e-3,
+    seed: int = 0,
+    quiet: bool = True,
+):
+    """The anchor fully fine-tuned on one domain; returns the model (a copy) and its training result."""
+    model = copy.deepcopy(anchor).train()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    splits = load_splits([data])
+    result = train(
+        model,
+        blocks_for(splits.train, tokenizer, seq_len),
+        blocks_for(splits.valid, tokenizer, seq_len),
+        _cfg(steps, batch_size, seq_len, lr, seed),
+        desc=f"dense {Path(data).name}",
+        quiet=quiet,
+    )
+    return model.eval(), result
+
+
+@torch.no_grad()
+def soup(models: Sequence[torch.nn.Module]):
+    """Uniform weight average of models of one architecture."""
+    out = copy.deepcopy(models[0])
+    states = [m.state_dict() for m in models]
+    out.load_state_dict({k: sum(s[k].float() for s in states) / len(states) for k in states[0]})
+    return out.eval()
+
+
+class BTMLM:
+    """Branch-Train-Merge ensemble behind the ``log_probs`` interface of ``metrics``."""
+
+    def __init__(self, lms: Sequence, tau: float = 0.1, top: int = 2):
+        self.lms, self.tau, self.top = list(lms), tau, top
+        self.tokenizer = self.lms[0].tokenizer
+
+    @torch.no_grad()
+    def log_probs(self, ids: torch.Tensor, mask: torch.Tensor, prefix_len: torch.Tensor | None = None):
+        lps = torch.stack([lm.log_probs(ids, mask) for lm in self.lms])  # [M, B, T, V]
+        tok_nll = (
+            -lps[:, :, :-1].gather(-1, ids[None, :, 1:, None].expand(len(self.lms), -1, -1, 1)).squeeze(-1)
+        )
+        valid = mask[:, 1:].float()
+        if prefix_len is not None:  # weights from the prompt only, the same at every position
+            use = valid * (torch.arange(ids.shape[1] - 1)[None] < (prefix_len[:, None] - 1)).float()
+            mean = (tok_nll * use).sum(-1) / use.sum(-1).clamp_min(1)  # [M, B]
+            mean = mean[:, :, None].expand(-1, -1, ids.shape[1])
+        else:  # weights from the tokens seen so far (uniform at the first position)
+            cum = (tok_nll * valid).cumsum(-1) / valid.cumsum(-1).clamp_min(1)
+            mean = torch.cat([torch.zeros_like(cum[:, :, :1]), cum], dim=-1)
+        w = torch.softmax(-mean / self.tau, dim=0)  # [M, B, T]
+        if self.top < len(self.lms):
+            kth = w.topk(self.top, dim=0).values[-1:]
+            w = torch.where(w >= kth, w, torch.zeros_like(w))
+            w = w / w.sum(0, keepdim=True)
+        return torch.logsumexp(lps + w.clamp_min(1e-30).log()[..., None], dim=0)
+
+
+def _moe_from(models: Sequence[torch.nn.Module], top_k: int, rows: torch.Tensor | None = None, seed: int = 0):
+    """An MoE whose shared weights are the average of ``models`` and whose experts are their FFNs."""
+    base = soup(models)
+    g = torch.Generator().manual_seed(seed)
+    H = base.config.hidden_size
+    for i, layer in enumerate(decoder_layers(base)):
+        experts = [copy.deepcopy(decoder_layers(m)[i].mlp) for m in models]
+        init = rows[i] if rows is not None else torch.randn(len(models), H, generator=g) * 0.02
+        layer.mlp = FlexMoEBlock(experts, [RouterRow(init[e]) for e in range(len(models))], top_k=top_k)
+    return base
+
+
+def _train_router_only(model, tokenizer, public: Path, *, steps, batch_size, seq_len, lr, seed, quiet):
+    for n, p in model.named_parameters():
+        p.requires_grad_(".mlp.router." in n and n.endswith("weight"))
+    splits = load_splits([public])
+
+    def loss_fn(m, b):
+        return lm_loss(m, b) + 1e-3 * router_z_loss(model).to(b.device)
+
+    return train(
+        model,
+        blocks_for(splits.train, tokenizer, seq_len),
+        blocks_for(splits.valid, tokenizer, seq_len),
+        _cfg(steps, batch_size, seq_len, lr, seed),
+        loss_fn=loss_fn,
+        desc="btx router",
+        quiet=quiet,
+    )
+
+
+def btx(
+    models: Sequence[torch.nn.Module],
+    tokenizer,
+    public: Path,
+    *,
+    top_k: int,
+    steps: int,
+    batch_size: int,
+    seq_len: int,
+    lr: float = 1e-2,
+    seed: int = 0,
+    quiet: bool = True,
+):
+    """Upcycle dense models into an MoE and train only its router on public data."""
+    model = _moe_from(models, top_k, seed=seed).train()
+    result = _train_router_only(
+        model,
+        tokenizer,
+        public,
+        steps=steps,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        lr=lr,
+        seed=seed,
+        quiet=quiet,
+    )
+    return model.eval(), result
+
+
+def unrestricted_moe(
+    anchor,
+    tokenizer,
+    data: Sequence[Path],
+    *,
+    experts: int,
+    top_k: int,
+    steps: int,
+    batch_size: int,
+    seq_len: int,
+    lr: float = 1e-3,
+    seed: int = 0,
+    quiet: bool = True,
+):
+    """An MoE from the anchor trained on all data pooled, everything trainable (needs data sharing)."""
+    model = _moe_from([anchor] * experts, top_k, seed=seed).train()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    docs_train, docs_valid = [], []
+    for d in data:
+        s = load_splits([d])
+        docs_train += s.train
+        docs_valid += s.valid
+
+    def loss_fn(m, b):
+        return (
+            lm_loss(m, b) + 1e-3 * router_z_loss(model).to(b.device) + 1e-2 * balance_loss(model).to(b.device)
+        )
+
+    result = train(
+        model,
+        blocks_for(docs_train, tokenizer, seq_len),
+        blocks_for(docs_valid, tokenizer, seq_len),
+        _cfg(steps, batch_size, seq_len, lr, seed),
+        loss_fn=loss_fn,
+        desc="unrestricted moe",
+        quiet=quiet,
+    )
+    return model.eval(), result

@@ -1,0 +1,164 @@
+"""Metrics over any language model: perplexity, multiple-choice log-likelihood, exact-match generation.
+
+A model is anything with ``log_probs(input_ids, attention_mask, prefix_len) -> [B, T, V]`` next-token
+log-probabilities (``HFLM`` wraps an HF causal LM or a flexmoe runtime model; the BTM baseline is
+another implementation). Everything runs in batches and reports the number of items and a 95%
+confidence interval, so a reader can tell a real gap from noise.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from flexmoe.data import blocks_for
+
+
+class HFLM:
+    """An HF causal LM (or flexmoe runtime model) behind the ``log_probs`` interface."""
+
+    def __init__(self, model, tokenizer):
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.device = next(model.parameters()).device
+
+    @torch.no_grad()
+    def log_probs(self, ids: torch.Tensor, mask: torch.Tensor, prefix_len: torch.Tensor | None = None):
+        logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
+        return logits.float().log_softmax(-1).cpu()
+
+
+def wilson(k: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion k/n."""
+    if n == 0:
+        return (0.0, 0.0)
+    p = k / n
+    d = 1 + z * z / n
+    c = (p + z * z / (2 * n)) / d
+    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return (max(0.0, c - h), min(1.0, c + h))
+
+
+@dataclass
+class Score:
+    """A task score with its item count and 95% interval."""
+
+    value: float
+    n: int
+    low: float
+    high: float
+
+    def as_dict(self) -> dict:
+        return {"value": self.value, "n": self.n, "ci95": [self.low, self.high]}
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def _pad(seqs: Sequence[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids and mask."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def perplexity(
+    lm, docs: Sequence[str], seq_len: int, batch_size: int = 16, max_blocks: int | None = 64
+) -> dict:
+    """Token-level perplexity of packed held-out documents (mean NLL over every predicted token)."""
+    blocks = blocks_for(docs, lm.tokenizer, seq_len)[:max_blocks]
+    nll, n = 0.0, 0
+    per_block = []
+    for start in range(0, len(blocks), batch_size):
+        b = blocks[start : start + batch_size]
+        lp = lm.log_probs(b, torch.ones_like(b))
+        tok_nll = -lp[:, :-1].gather(-1, b[:, 1:, None]).squeeze(-1)
+        per_block += tok_nll.mean(1).tolist()
+        nll += float(tok_nll.sum())
+        n += tok_nll.numel()
+    mean = nll / n
+    sd = float(torch.tensor(per_block).std()) if len(per_block) > 1 else 0.0
+    half = 1.96 * sd / math.sqrt(len(per_block))  # interval over blocks, in loss, mapped to perplexity
+    return {
+        "perplexity": math.exp(mean),
+        "loss": mean,
+        "tokens": n,
+        "blocks": len(per_block),
+        "ci95": [math.exp(mean - half), math.exp(mean + half)],
+    }
+
+
+@torch.no_grad()
+def multiple_choice(lm, items: Sequence[dict], batch_size: int = 32) -> dict[str, Score]:
+    """Accuracy by summed log-likelihood of each choice (``acc``) and per byte (``acc_norm``)."""
+    tok = lm.tokenizer
+    rows = []  # (item index, choice index, context ids, continuation ids)
+    for i, it in enumerate(items):
+        ctx = tok(it["context"])["input_ids"]
+        for j, choice in enumerate(it["choices"]):
+            cont = (
+                tok(it["context"] + choice)["input_ids"][len(ctx) :]
+                or tok(choice, add_special_tokens=False)["input_ids"]
+            )
+            rows.append((i, j, ctx, cont))
+    scores = torch.full((len(items), len(items[0]["choices"]) if items else 0), float("-inf"))
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        ids, mask = _pad([c + d for _, _, c, d in chunk], tok.pad_token_id)
+        prefix = torch.tensor([len(c) for _, _, c, _ in chunk])
+        lp = lm.log_probs(ids, mask, prefix)
+        for r, (i, j, c, d) in enumerate(chunk):
+            pos = torch.arange(len(c) - 1, len(c) + len(d) - 1)
+            scores[i, j] = lp[r, pos, torch.tensor(d)].sum()
+    answers = torch.tensor([it["answer"] for it in items])
+    nbytes = torch.tensor(
+        [[max(1, len(c.encode())) for c in it["choices"]] for it in items], dtype=torch.float
+    )
+    out = {}
+    for name, s in (("acc", scores), ("acc_norm", scores / nbytes)):
+        k = int((s.argmax(1) == answers).sum())
+        out[name] = Score(k / len(items), len(items), *wilson(k, len(items)))
+    return out
+
+
+NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?")
+
+
+def first_number(text: str) -> str | None:
+    m = NUMBER.search(text)
+    return m.group(0).replace(",", "") if m else None
+
+
+@torch.no_grad()
+def greedy(lm, prompts: Sequence[str], max_new_tokens: int = 10, batch_size: int = 32) -> list[str]:
+    """Greedy continuations for a batch of prompts (full recompute per step: works for any ``lm``)."""
+    tok = lm.tokenizer
+    outs = []
+    for start in range(0, len(prompts), batch_size):
+        seqs = [tok(p)["input_ids"] for p in prompts[start : start + batch_size]]
+        new = [[] for _ in seqs]
+        for _ in range(max_new_tokens):
+            cur = [s + n for s, n in zip(seqs, new, strict=True)]
+            ids, mask = _pad(cur, tok.pad_token_id)
+            lp = lm.log_probs(ids, mask)
+            last = torch.tensor([len(c) - 1 for c in cur])
+            nxt = lp[torch.arange(len(cur)), last].argmax(-1)
+            for n, t in zip(new, nxt.tolist(), strict=True):
+                n.append(t)
+        outs += [tok.decode(n, skip_special_tokens=True) for n in new]
+    return outs
+
+
+def exact_match(lm, items: Sequence[dict], max_new_tokens: int = 10) -> Score:
+    """Share of items whose first generated number equals the answer exactly."""
+    gens = greedy(lm, [it["prompt"] for it in items], max_new_tokens)
+    k = sum(first_number(g) == it["answer"] for g, it in zip(gens, items, strict=True))
+    return Score(k / len(items), len(items), *wilson(k, len(items)))
