@@ -96,7 +96,7 @@ class TensorReader:
 
     def get(self, name: str) -> torch.Tensor:
         with safe_open(str(self.where[name]), "pt") as f:
-            return f.get_tensor(name)
+            return f.get_tensor(name).clone()  # a copy, so no page of the mapping stays resident
 
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name in self.names():

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from flexmoe import __version__
@@ -90,15 +91,25 @@ def anchor_expert(reader: TensorReader, public_row: Callable[[int], torch.Tensor
     )
 
 
-def package_expert(path: Path) -> Expert:
-    manifest = pkg.verify(path)
-    t = load_file(str(Path(path) / pkg.TENSOR_FILE))
+def read_tensor(path: Path, name: str) -> torch.Tensor:
+    """One tensor of a safetensors file, copied out of the file mapping so no page stays resident."""
+    with safe_open(str(path), "pt") as f:
+        return f.get_tensor(name).clone()
+
+
+def package_expert(path: Path, manifest: dict | None = None) -> Expert:
+    """An expert read lazily from its package, one tensor at a time (bounded memory).
+
+    ``manifest`` is the already verified manifest (verification hashes the whole file: do it once).
+    """
+    manifest = manifest or pkg.verify(path)
+    f = Path(path) / pkg.TENSOR_FILE
     return Expert(
         manifest["name"],
         manifest,
-        lambda i, p: t[f"layers.{i}.{p}.weight"],
-        lambda i: t[f"layers.{i}.router.weight"],
-        lambda i: float(t[f"layers.{i}.router.bias"]),
+        lambda i, p: read_tensor(f, f"layers.{i}.{p}.weight"),
+        lambda i: read_tensor(f, f"layers.{i}.router.weight"),
+        lambda i: float(read_tensor(f, f"layers.{i}.router.bias")),
     )
 
 
@@ -149,19 +160,21 @@ def check_packages(anchor_fp: str, config: dict, packages: Sequence[Path]) -> li
 
 def public_rows(packages: Sequence[Path], layers: int) -> Callable[[int], torch.Tensor]:
     """The public router row every owner trained against; refuses packages that disagree on it."""
-    rows = [load_file(str(Path(p) / pkg.TENSOR_FILE)) for p in packages]
-    first = rows[0]
-    for p, r in zip(packages[1:], rows[1:], strict=True):
-        if any(
-            not torch.equal(first[f"layers.{i}.public_router.weight"], r[f"layers.{i}.public_router.weight"])
-            for i in range(layers)
-        ):
+
+    def rows(p: Path) -> list[torch.Tensor]:
+        return [
+            read_tensor(Path(p) / pkg.TENSOR_FILE, f"layers.{i}.public_router.weight") for i in range(layers)
+        ]
+
+    first = rows(packages[0])
+    for p in packages[1:]:
+        if any(not torch.equal(a, b) for a, b in zip(first, rows(p), strict=True)):
             raise FlexmoeError(
                 f"{p} was trained with a different public router row than {packages[0]} "
                 "(different --router-init methods or router-init files).",
                 "compose experts trained with the same router-init method and anchor files.",
             )
-    return lambda i: first[f"layers.{i}.public_router.weight"]
+    return lambda i: first[i]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -290,7 +303,7 @@ def compose(
         public_rows(packages, config["num_hidden_layers"]),
         {"name": PUBLIC, "description": "the public anchor FFN", "anchor": {"fingerprint": anchor_fp}},
     )
-    experts = [pub] + [package_expert(p) for p in packages]
+    experts = [pub] + [package_expert(p, m) for p, m in zip(packages, manifests, strict=True)]
     meta = {
         "anchor": {"fingerprint": anchor_fp, "path": str(anchor), "config": config},
         "history": [_event("compose", experts=[m["name"] for m in manifests])],
@@ -381,8 +394,7 @@ def add(
 ) -> dict:
     """A new model with one more expert (an owner joining late); existing experts are untouched."""
     reader, meta, experts = _current(model)
-    _check_joining(meta, reader, package, {e.name for e in experts})
-    new = package_expert(package)
+    new = package_expert(package, _check_joining(meta, reader, package, {e.name for e in experts}))
     return _rewrite(
         model, out, experts + [new], meta, _event("add", expert=new.name), top_k, force, max_shard_bytes
     )
@@ -399,14 +411,14 @@ def update(
         raise FlexmoeError(
             f"No expert named {name!r} to update in {model}.", "use 'flexmoe add' for a new expert."
         )
-    _check_joining(meta, reader, package, set(names) - {name})
-    pos = names.index(name)
-    experts[pos] = package_expert(package)
+    joining = _check_joining(meta, reader, package, set(names) - {name})
+    experts[names.index(name)] = package_expert(package, joining)
     return _rewrite(model, out, experts, meta, _event("update", expert=name), None, force, max_shard_bytes)
 
 
-def _check_joining(meta: dict, reader: TensorReader, package: Path, taken: set[str]) -> None:
-    """A joining package must fit the anchor, have a free name, and share the model's public row."""
+def _check_joining(meta: dict, reader: TensorReader, package: Path, taken: set[str]) -> dict:
+    """A joining package must fit the anchor, have a free name, and share the model's public row.
+    Returns its verified manifest."""
     config = meta["anchor"]["config"]
     (m,) = check_packages(meta["anchor"]["fingerprint"], config, [package])
     if m["name"] in taken:
@@ -414,14 +426,15 @@ def _check_joining(meta: dict, reader: TensorReader, package: Path, taken: set[s
             f"An expert named {m['name']!r} is already in the model.",
             "use 'flexmoe update' to replace it, or rename the new expert.",
         )
-    t = load_file(str(Path(package) / pkg.TENSOR_FILE))
     for i in range(config["num_hidden_layers"]):
         row0 = reader.get(f"model.layers.{i}.mlp.gate.weight")[0]
-        if not torch.equal(t[f"layers.{i}.public_router.weight"].to(row0.dtype), row0):
+        row = read_tensor(Path(package) / pkg.TENSOR_FILE, f"layers.{i}.public_router.weight")
+        if not torch.equal(row.to(row0.dtype), row0):
             raise FlexmoeError(
                 f"{package} was trained with a different public router row than this model.",
                 "train it with the same router-init method as the other experts.",
             )
+    return m
 
 
 def runtime_expert(block_of: Callable[[int], object], e: int, name: str, manifest: dict) -> Expert:

@@ -1,0 +1,175 @@
+"""Evaluation: metrics on hand-computed cases, task construction, baselines, the demo at reduced size."""
+
+import json
+import math
+
+import pytest
+import torch
+from transformers import Olmo2Config, Olmo2ForCausalLM
+
+from flexmoe.evaluate import baselines as B
+from flexmoe.evaluate.metrics import HFLM, exact_match, first_number, multiple_choice, perplexity, wilson
+from flexmoe.evaluate.tasks import load_tasks
+from flexmoe.tokenizer import train_tokenizer
+
+DOCS = ["Answer: 42\n", "the cat sat on the mat.", "a dog ran far away", "zz yy xx"] * 20
+
+
+class UnigramLM:
+    """log_probs are the same fixed distribution at every position."""
+
+    def __init__(self, tokenizer, logp: torch.Tensor):
+        self.tokenizer, self.logp = tokenizer, logp
+
+    def log_probs(self, ids, mask, prefix_len=None):
+        return self.logp.expand(ids.shape[0], ids.shape[1], -1).clone()
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_tokenizer(DOCS, vocab_size=300)
+
+
+def test_wilson_interval():
+    low, high = wilson(50, 100)
+    assert low == pytest.approx(0.4038, abs=1e-3) and high == pytest.approx(0.5962, abs=1e-3)
+    assert wilson(0, 10)[0] == 0.0 and wilson(10, 10)[1] == 1.0
+
+
+def test_perplexity_of_uniform_model_is_vocab_size(tok):
+    V = len(tok)
+    lm = UnigramLM(tok, torch.full((V,), -math.log(V)))
+    r = perplexity(lm, DOCS, seq_len=8)
+    assert r["perplexity"] == pytest.approx(V, rel=1e-5) and r["tokens"] == r["blocks"] * 7
+
+
+def test_multiple_choice_sum_vs_length_normalised(tok):
+    V = len(tok)
+    logp = torch.full((V,), -20.0)
+    dog = tok(" dog", add_special_tokens=False)["input_ids"]
+    cat = tok(" cat", add_special_tokens=False)["input_ids"]
+    logp[dog] = -1.0 / len(dog)  # " dog": -1.0 in total, 4 bytes
+    logp[cat] = -0.6 / len(cat)  # " cat cat": -1.2 in total, 8 bytes
+    lm = UnigramLM(tok, logp)
+    item = {"context": "the", "choices": [" dog", " cat cat"], "answer": 1}
+    n_ctx = len(tok("the")["input_ids"])
+    by_hand = [float(logp[tok("the" + c)["input_ids"][n_ctx:]].sum()) for c in item["choices"]]
+    assert by_hand[0] > by_hand[1]  # the sum prefers the short choice ...
+    assert by_hand[1] / 8 > by_hand[0] / 4  # ... per byte, the long one
+    s = multiple_choice(lm, [item])
+    assert s["acc"].value == 0.0 and s["acc_norm"].value == 1.0 and s["acc"].n == 1
+
+
+def test_exact_match_through_greedy_generation(tok):
+    V = len(tok)
+    target = tok(" 42", add_special_tokens=False)["input_ids"][0]
+    logp = torch.full((V,), -30.0)
+    logp[target] = 0.0
+    lm = UnigramLM(tok, logp.log_softmax(-1))
+    items = [
+        {"prompt": "Answer:", "answer": tok.decode([target]).strip().split()[0]},
+        {"prompt": "Answer:", "answer": "41"},
+    ]
+    s = exact_match(lm, items, max_new_tokens=3)
+    assert s.value == 0.5 and s.n == 2
+    assert first_number("x = 1,250.5 then 3") == "1250.5" and first_number("-3/4") == "-3/4"
+    assert first_number("none") is None
+
+
+def _tiny_model(seed=0):
+    torch.manual_seed(seed)
+    return Olmo2ForCausalLM(
+        Olmo2Config(
+            vocab_size=300,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
+    ).eval()
+
+
+def test_soup_of_identical_models_is_the_model():
+    m = _tiny_model()
+    s = B.soup([m, m, m])
+    x = torch.randint(0, 300, (2, 10))
+    torch.testing.assert_close(s(x).logits, m(x).logits)
+    a, b = _tiny_model(0), _tiny_model(1)
+    avg = B.soup([a, b])
+    k = "model.layers.0.mlp.up_proj.weight"
+    torch.testing.assert_close(avg.state_dict()[k], (a.state_dict()[k] + b.state_dict()[k]) / 2)
+
+
+def test_btm_with_one_expert_is_that_expert(tok):
+    lm = HFLM(_tiny_model(), tok)
+    ids = torch.randint(0, 300, (2, 9))
+    mask = torch.ones_like(ids)
+    torch.testing.assert_close(B.BTMLM([lm]).log_probs(ids, mask), lm.log_probs(ids, mask))
+
+
+def test_btm_weights_follow_the_prompt(tok):
+    V = len(tok)
+    good_tok = 5
+    sharp = torch.full((V,), -30.0)
+    sharp[good_tok] = 0.0
+    a = UnigramLM(tok, sharp.log_softmax(-1))  # predicts token 5 perfectly
+    b = UnigramLM(tok, torch.full((V,), -math.log(V)))  # uniform
+    ids = torch.full((1, 6), good_tok)
+    out = B.BTMLM([a, b], tau=0.1, top=2).log_probs(ids, torch.ones_like(ids), torch.tensor([4]))
+    torch.testing.assert_close(out[0, -1], a.logp, atol=1e-4, rtol=0)  # all weight on the model that fits
+
+
+def test_upcycled_moe_of_identical_models_is_the_model():
+    m = _tiny_model()
+    moe = B._moe_from([m, m, m], top_k=3).eval()
+    x = torch.randint(0, 300, (2, 10))
+    torch.testing.assert_close(moe(x).logits, m(x).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_flops_model():
+    cfg = Olmo2Config(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, vocab_size=100352)
+    dense = B.train_flops_per_token(cfg, "dense", 4096)
+    anchored = B.train_flops_per_token(cfg, "anchored", 4096)
+    assert 1.1 < anchored / dense < 1.5  # the paper's "about 1.3x dense fine-tuning"
+
+
+def test_tasks_come_from_test_split_only(demo_data):
+    tasks = load_tasks(demo_data)
+    assert {"public_cloze", "code_cloze", "math_cloze", "legal_cloze", "math_answer"} <= set(tasks)
+    for name, items in tasks.items():
+        domain = items[0]["domain"]
+        test_docs = [json.loads(x)["text"] for x in (demo_data / domain / "test.jsonl").read_text().splitlines()]
+        for it in items:
+            if "choices" in it:
+                assert len(it["choices"]) == 4 and 0 <= it["answer"] < 4
+                true = it["context"][-60:] + it["choices"][it["answer"]]
+                assert any(true in t for t in test_docs)  # the true continuation follows in a test doc
+            else:
+                assert it["prompt"].endswith("Answer:")
+                assert any(it["prompt"][-80:] + " " + it["answer"] in t for t in test_docs)
+
+
+def test_demo_end_to_end_at_reduced_size(tmp_path):
+    from flexmoe.demo import run_demo
+
+    r = run_demo(tmp_path, "test", quiet=True)
+    for f in ("report.json", "report.md", "report.png"):
+        assert (tmp_path / f).stat().st_size > 0
+    rep = json.loads((tmp_path / "report.json").read_text())
+    expected = {"public", "flexolmo", "model_soup", "btm", "btx", "unrestricted_moe"}
+    expected |= {f"dense_{d}" for d in ("code", "math", "legal")}
+    expected |= {f"flexolmo_without_{d}" for d in ("code", "math", "legal")}
+    assert expected <= set(rep["models"])
+    for m in rep["models"].values():
+        assert set(m["perplexity"]) == {"public", "code", "math", "legal"}
+        assert all(math.isfinite(v) for v in m["perplexity"].values()) and "average" in m
+    assert rep["preset"] == "test" and rep["domains"] == ["public", "code", "math", "legal"]
+    assert set(rep["seconds"]) >= {"corpora", "anchor", "compose"} and r["findings"]
+    # Running again skips every finished step (resumable) and gives the same report.
+    again = run_demo(tmp_path, "test", quiet=True)
+    assert "anchor" not in again["seconds"]
+    assert again["models"]["flexolmo"]["perplexity"] == rep["models"]["flexolmo"]["perplexity"]
