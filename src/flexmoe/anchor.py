@@ -241,10 +241,13 @@ def pretrain(
     resume: bool = False,
     force: bool = False,
     quiet: bool = False,
+    embedder: str | None = "default",
 ) -> dict:
     """Train a tokenizer and a dense OLMo 2 model from scratch on public data; write an HF checkpoint.
 
     Returns a summary with the validation loss and the unigram baseline's loss on the same data.
+    ``embedder`` is the sentence embedder behind the published router init ("default": the shipped
+    all-MiniLM-L6-v2 when installed; None: hidden-state and random router init only).
     """
     from transformers import Olmo2ForCausalLM
 
@@ -324,7 +327,9 @@ def pretrain(
             model.save_pretrained(str(tmp), safe_serialization=True)
             tok.save_pretrained(str(tmp))
             write_json(tmp / ANCHOR_META, summary)
-            publish_router_init(tmp, model, tok, splits.train, seq_len=p.seq_len, n_docs=p.router_docs)
+            publish_router_init(
+                tmp, model, tok, splits.train, embedder=embedder, seq_len=p.seq_len, n_docs=p.router_docs
+            )
         clear_checkpoint(work)
         summary["fingerprint"] = fingerprint(out)
     return summary

@@ -18,6 +18,12 @@ from rich.console import Console
 OWNERS = ("code", "math", "legal")
 
 
+def device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 @dataclass(frozen=True)
 class DemoPreset:
     anchor: str
@@ -28,13 +34,15 @@ class DemoPreset:
     btx_steps: int
     eval_blocks: int
     eval_items: int | None
+    router_init: str = "embed"
 
 
 DEMO_PRESETS = {
     "tiny": DemoPreset("tiny", "tiny", 2.0, None, 200, 60, 48, None),
-    "small": DemoPreset("small", "small", 2.0, None, 2000, 300, 64, None),
+    # The demo corpora are small (a few MB per domain): step counts keep epochs in single digits.
+    "small": DemoPreset("small", "small", 5.0, 400, 150, 60, 64, None),
     # For tests: minutes become seconds; numbers mean nothing.
-    "test": DemoPreset("tiny", "tiny", 0.3, 20, 6, 4, 4, 8),
+    "test": DemoPreset("tiny", "tiny", 0.3, 20, 6, 4, 4, 8, router_init="hidden"),
 }
 
 
@@ -70,6 +78,10 @@ def run_demo(
     if preset not in DEMO_PRESETS:
         raise FlexmoeError(f"Unknown demo preset {preset!r}.", f"use one of {', '.join(DEMO_PRESETS)}.")
     p = replace(DEMO_PRESETS[preset], **(overrides or {}))
+    from flexmoe.anchor import default_embedder
+
+    if p.router_init == "embed" and default_embedder() is None:  # e.g. a GPU box without flexmoe[embed]
+        p = replace(p, router_init="hidden")
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     steps = Steps(quiet)
@@ -82,7 +94,17 @@ def run_demo(
     if not anchor.exists():
         from flexmoe.anchor import pretrain
 
-        steps.run("anchor", pretrain, data / "public", anchor, p.anchor, steps=p.anchor_steps, quiet=quiet)
+        embedder = "default" if p.router_init == "embed" else None
+        steps.run(
+            "anchor",
+            pretrain,
+            data / "public",
+            anchor,
+            p.anchor,
+            steps=p.anchor_steps,
+            quiet=quiet,
+            embedder=embedder,
+        )
     packages = [train_owner(workdir, data, anchor, d, p, steps, quiet) for d in OWNERS]
     compose_and_opt_out(models, anchor, packages, steps)
     lms = build_baselines(models, anchor, data, p, steps, quiet)
@@ -145,7 +167,7 @@ def build_baselines(models: Path, anchor: Path, data: Path, p: DemoPreset, steps
 
     ep = EXPERT_PRESETS[p.expert]
     tok = load_tokenizer(anchor)
-    base = load_anchor(anchor).eval()
+    base = load_anchor(anchor).to(device()).eval()
     dense = {}
     for d in OWNERS:
         out = models / f"dense_{d}"
@@ -162,7 +184,7 @@ def build_baselines(models: Path, anchor: Path, data: Path, p: DemoPreset, steps
                 quiet=quiet,
             )
             _save_hf(m, tok, out)
-        dense[d] = load_anchor(out).eval()
+        dense[d] = load_anchor(out).to(device()).eval()
     if not (models / "model_soup").exists():
         _save_hf(steps.run("model soup", B.soup, [base, *dense.values()]), tok, models / "model_soup")
     lms = {"btm": B.BTMLM([HFLM(base, tok)] + [HFLM(m, tok) for m in dense.values()])}

@@ -59,6 +59,7 @@ def load_lm(
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
     use_bias: bool = False,
+    device: str = "cpu",
 ):
     """An ``HFLM`` for a flexmoe composed model (with expert choice) or any HF causal LM directory."""
     from flexmoe.compose import FLEXMOE_JSON
@@ -67,7 +68,7 @@ def load_lm(
     if (model / FLEXMOE_JSON).is_file():
         from flexmoe.runtime import from_pretrained
 
-        c = from_pretrained(model, include=include, exclude=exclude, use_bias=use_bias)
+        c = from_pretrained(model, include=include, exclude=exclude, use_bias=use_bias, device=device)
         return HFLM(c.model, c.tokenizer)
     if include or exclude:
         from flexmoe.errors import FlexmoeError
@@ -79,7 +80,7 @@ def load_lm(
 
     from flexmoe.tokenizer import load_tokenizer
 
-    return HFLM(AutoModelForCausalLM.from_pretrained(str(model)), load_tokenizer(model))
+    return HFLM(AutoModelForCausalLM.from_pretrained(str(model)).to(device), load_tokenizer(model))
 
 
 def seq_len_of(model: Path, default: int = 256) -> int:
