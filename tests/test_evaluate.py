@@ -21,8 +21,11 @@ class UnigramLM:
     def __init__(self, tokenizer, logp: torch.Tensor):
         self.tokenizer, self.logp = tokenizer, logp
 
-    def log_probs(self, ids, mask, prefix_len=None):
-        return self.logp.expand(ids.shape[0], ids.shape[1], -1).clone()
+    def token_logprobs(self, ids, mask, prefix_len=None):
+        return self.logp[ids[:, 1:]]
+
+    def next_logprobs(self, ids, mask, last):
+        return self.logp.expand(len(ids), -1).clone()
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +111,10 @@ def test_btm_with_one_expert_is_that_expert(tok):
     lm = HFLM(_tiny_model(), tok)
     ids = torch.randint(0, 300, (2, 9))
     mask = torch.ones_like(ids)
-    torch.testing.assert_close(B.BTMLM([lm]).log_probs(ids, mask), lm.log_probs(ids, mask))
+    btm = B.BTMLM([lm])
+    torch.testing.assert_close(btm.token_logprobs(ids, mask), lm.token_logprobs(ids, mask))
+    last = torch.tensor([8, 5])
+    torch.testing.assert_close(btm.next_logprobs(ids, mask, last), lm.next_logprobs(ids, mask, last))
 
 
 def test_btm_weights_follow_the_prompt(tok):
@@ -119,8 +125,14 @@ def test_btm_weights_follow_the_prompt(tok):
     a = UnigramLM(tok, sharp.log_softmax(-1))  # predicts token 5 perfectly
     b = UnigramLM(tok, torch.full((V,), -math.log(V)))  # uniform
     ids = torch.full((1, 6), good_tok)
-    out = B.BTMLM([a, b], tau=0.1, top=2).log_probs(ids, torch.ones_like(ids), torch.tensor([4]))
-    torch.testing.assert_close(out[0, -1], a.logp, atol=1e-4, rtol=0)  # all weight on the model that fits
+    mask = torch.ones_like(ids)
+    btm = B.BTMLM([a, b], tau=0.1, top=2)
+    out = btm.token_logprobs(ids, mask, torch.tensor([4]))
+    torch.testing.assert_close(
+        out[0, -1], a.logp[good_tok], atol=1e-4, rtol=0
+    )  # weight on the model that fits
+    nxt = btm.next_logprobs(ids, mask, torch.tensor([5]))
+    torch.testing.assert_close(nxt[0], a.logp, atol=1e-4, rtol=0)
 
 
 def test_upcycled_moe_of_identical_models_is_the_model():
@@ -140,9 +152,11 @@ def test_flops_model():
 def test_tasks_come_from_test_split_only(demo_data):
     tasks = load_tasks(demo_data)
     assert {"public_cloze", "code_cloze", "math_cloze", "legal_cloze", "math_answer"} <= set(tasks)
-    for name, items in tasks.items():
+    for items in tasks.values():
         domain = items[0]["domain"]
-        test_docs = [json.loads(x)["text"] for x in (demo_data / domain / "test.jsonl").read_text().splitlines()]
+        test_docs = [
+            json.loads(x)["text"] for x in (demo_data / domain / "test.jsonl").read_text().splitlines()
+        ]
         for it in items:
             if "choices" in it:
                 assert len(it["choices"]) == 4 and 0 <= it["answer"] < 4

@@ -88,12 +88,24 @@ def test_tampered_or_truncated_package_is_refused(code_expert, tmp_path):
     assert r.exit_code != 0
 
 
+def test_public_mix_fraction():
+    from flexmoe.expert.train import mixed_public_blocks
+
+    pub = torch.arange(12).view(6, 2)
+    mixed = mixed_public_blocks(pub, n_own=14, fraction=0.3)  # 6 public of 20 in all
+    assert mixed.shape == (6, 2) and torch.equal(mixed, pub)
+    assert len(mixed_public_blocks(pub, n_own=10, fraction=0.5)) == 10  # repeated when short
+
+
 def test_resume_gives_the_same_expert(tiny_anchor, demo_data, tmp_path):
-    kw = dict(steps=8, quiet=True, spec=ExpertSpec(name="m", router_init="hidden"))
+    kw = dict(
+        steps=8, quiet=True, spec=ExpertSpec(name="m", router_init="hidden"), public=[demo_data / "public"]
+    )
     train_expert(tiny_anchor, [demo_data / "math"], "m", tmp_path / "full", **kw)
     first = train_expert(tiny_anchor, [demo_data / "math"], "m", tmp_path / "res", stop_after=3, **kw)
     assert first == {"finished": False} and not (tmp_path / "res").exists()
-    train_expert(tiny_anchor, [demo_data / "math"], "m", tmp_path / "res", resume=True, **kw)
+    m = train_expert(tiny_anchor, [demo_data / "math"], "m", tmp_path / "res", resume=True, **kw)
+    assert m["data"]["public_mix"]["fraction"] == 0.3 and m["data"]["public_mix"]["blocks"] > 0
     a = load_file(str(tmp_path / "full" / TENSOR_FILE))
     b = load_file(str(tmp_path / "res" / TENSOR_FILE))
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -27,12 +27,22 @@ def _hf_from_olmo2(dense: Olmo2ForCausalLM, blocks: list[FlexMoEBlock], k: int) 
     """A stock HF FlexOlmo model with the same shared weights, experts and router rows."""
     c = dense.config
     cfg = FlexOlmoConfig(
-        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-        num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
-        num_key_value_heads=c.num_key_value_heads, num_experts=len(blocks[0].experts), num_experts_per_tok=k,
-        norm_topk_prob=False, rms_norm_eps=c.rms_norm_eps, rope_theta=c.rope_parameters["rope_theta"],
-        max_position_embeddings=c.max_position_embeddings, tie_word_embeddings=False,
-        pad_token_id=None, bos_token_id=None, eos_token_id=None,
+        vocab_size=c.vocab_size,
+        hidden_size=c.hidden_size,
+        intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_hidden_layers,
+        num_attention_heads=c.num_attention_heads,
+        num_key_value_heads=c.num_key_value_heads,
+        num_experts=len(blocks[0].experts),
+        num_experts_per_tok=k,
+        norm_topk_prob=False,
+        rms_norm_eps=c.rms_norm_eps,
+        rope_theta=c.rope_parameters["rope_theta"],
+        max_position_embeddings=c.max_position_embeddings,
+        tie_word_embeddings=False,
+        pad_token_id=None,
+        bos_token_id=None,
+        eos_token_id=None,
     )
     hf = FlexOlmoForCausalLM(cfg).eval()
     sd = {k_: v for k_, v in dense.state_dict().items() if ".mlp." not in k_}
@@ -51,8 +61,15 @@ def _hf_from_olmo2(dense: Olmo2ForCausalLM, blocks: list[FlexMoEBlock], k: int) 
 def test_equals_hf_flex_olmo_at_zero_bias(k):
     torch.manual_seed(0)
     dense = Olmo2ForCausalLM(
-        Olmo2Config(vocab_size=64, hidden_size=H, intermediate_size=I, num_hidden_layers=2,
-                    num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
+        Olmo2Config(
+            vocab_size=64,
+            hidden_size=H,
+            intermediate_size=I,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+        )
     ).eval()
     blocks = [_block(E, k, seed=10 * i) for i in range(2)]
     hf = _hf_from_olmo2(dense, blocks, k)
@@ -112,8 +129,14 @@ def test_sparse_and_dense_paths_agree():
 
 def test_anchored_model_starts_as_the_anchor_and_freezes_it():
     torch.manual_seed(0)
-    cfg = Olmo2Config(vocab_size=64, hidden_size=H, intermediate_size=I, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=2)
+    cfg = Olmo2Config(
+        vocab_size=64,
+        hidden_size=H,
+        intermediate_size=I,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+    )
     anchor = Olmo2ForCausalLM(cfg).eval()
     before = copy.deepcopy(anchor.state_dict())
     x = torch.randint(0, 64, (2, 10))
@@ -129,8 +152,14 @@ def test_anchored_model_starts_as_the_anchor_and_freezes_it():
 
 def test_trainable_layers_see_batch_seq_hidden():
     torch.manual_seed(0)
-    cfg = Olmo2Config(vocab_size=64, hidden_size=H, intermediate_size=I, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=2)
+    cfg = Olmo2Config(
+        vocab_size=64,
+        hidden_size=H,
+        intermediate_size=I,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+    )
     model = anchored_expert_model(Olmo2ForCausalLM(cfg), torch.randn(1, H), torch.randn(1, H))
     shapes = []
     for m in model.modules():

@@ -151,6 +151,10 @@ def expert_train(
     seq_len: int = typer.Option(None, help="Override the preset's sequence length."),
     lr: float = typer.Option(None, help="Override the preset's peak learning rate."),
     seed: int = typer.Option(0, help="Random seed (data order)."),
+    public: list[Path] = typer.Option(
+        None, "--public", help="Public documents to mix in (recommended: the router learns mine vs public)."
+    ),
+    public_mix: float = typer.Option(0.3, help="Share of training sequences taken from --public."),
     resume: bool = typer.Option(False, help="Continue an interrupted run from its last checkpoint."),
     force: bool = typer.Option(False, help="Replace --out (and any interrupted run) if it exists."),
 ) -> None:
@@ -179,6 +183,8 @@ def expert_train(
         seed=seed,
         resume=resume,
         force=force,
+        public=public or None,
+        public_mix=public_mix,
     )
     if m.get("finished") and "valid_loss" in m:
         v = m["valid_loss"]

@@ -35,12 +35,13 @@ class DemoPreset:
     eval_blocks: int
     eval_items: int | None
     router_init: str = "embed"
+    public_mix: float = 0.3  # share of public sequences in each owner's training (router negatives)
 
 
 DEMO_PRESETS = {
-    "tiny": DemoPreset("tiny", "tiny", 2.0, None, 200, 60, 48, None),
+    "tiny": DemoPreset("tiny", "tiny", 2.0, 400, 200, 60, 48, None),
     # The demo corpora are small (a few MB per domain): step counts keep epochs in single digits.
-    "small": DemoPreset("small", "small", 5.0, 400, 150, 60, 64, None),
+    "small": DemoPreset("small", "small", 5.0, 200, 60, 40, 64, None),
     # For tests: minutes become seconds; numbers mean nothing.
     "test": DemoPreset("tiny", "tiny", 0.3, 20, 6, 4, 4, 8, router_init="hidden"),
 }
@@ -129,8 +130,14 @@ def train_owner(
         (home / "data").mkdir(parents=True, exist_ok=True)
         for split in ("train", "valid"):  # the test split stays with the evaluator
             shutil.copy2(data / domain / f"{split}.jsonl", home / "data" / f"{split}.jsonl")
+        # Public data is public: every owner has its own copy (no other owner's data is there).
+        (home / "public").mkdir(exist_ok=True)
+        shutil.copy2(data / "public" / "train.jsonl", home / "public" / "train.jsonl")
         spec = ExpertSpec(
-            name=domain, description=f"demo {domain} data", contact=f"{domain}-owner@example.org"
+            name=domain,
+            description=f"demo {domain} data",
+            contact=f"{domain}-owner@example.org",
+            router_init=p.router_init,
         )
         steps.run(
             f"expert {domain}",
@@ -143,6 +150,8 @@ def train_owner(
             spec=spec,
             steps=p.expert_steps,
             quiet=quiet,
+            public=[home / "public"],
+            public_mix=p.public_mix,
         )
     return package
 

@@ -35,7 +35,7 @@ class RouterRow(nn.Module):
     def __init__(self, row: torch.Tensor, bias: float = 0.0):
         super().__init__()
         self.weight = nn.Parameter(row.detach().clone().float().view(1, -1))
-        self.bias_raw = nn.Parameter(torch.tensor([min(float(bias), 0.0)]))
+        self.bias_raw = nn.Parameter(torch.tensor([min(float(bias), 0.0)], device=row.device))
 
     @property
     def bias(self) -> torch.Tensor:

@@ -107,25 +107,37 @@ class BTMLM:
         self.tokenizer = self.lms[0].tokenizer
 
     @torch.no_grad()
-    def log_probs(self, ids: torch.Tensor, mask: torch.Tensor, prefix_len: torch.Tensor | None = None):
-        lps = torch.stack([lm.log_probs(ids, mask) for lm in self.lms])  # [M, B, T, V]
-        tok_nll = (
-            -lps[:, :, :-1].gather(-1, ids[None, :, 1:, None].expand(len(self.lms), -1, -1, 1)).squeeze(-1)
-        )
-        valid = mask[:, 1:].float()
+    def _weights(
+        self, tok_lp: torch.Tensor, mask: torch.Tensor, prefix_len: torch.Tensor | None
+    ) -> torch.Tensor:
+        """``[M, B, T-1]`` mixture weights for predicting token t+1 from the prompt or the tokens so far."""
+        nll, valid = -tok_lp, mask[:, 1:].float()
         if prefix_len is not None:  # weights from the prompt only, the same at every position
-            use = valid * (torch.arange(ids.shape[1] - 1)[None] < (prefix_len[:, None] - 1)).float()
-            mean = (tok_nll * use).sum(-1) / use.sum(-1).clamp_min(1)  # [M, B]
-            mean = mean[:, :, None].expand(-1, -1, ids.shape[1])
-        else:  # weights from the tokens seen so far (uniform at the first position)
-            cum = (tok_nll * valid).cumsum(-1) / valid.cumsum(-1).clamp_min(1)
-            mean = torch.cat([torch.zeros_like(cum[:, :, :1]), cum], dim=-1)
-        w = torch.softmax(-mean / self.tau, dim=0)  # [M, B, T]
+            use = valid * (torch.arange(nll.shape[-1])[None] < (prefix_len[:, None] - 1)).float()
+            mean = ((nll * use).sum(-1) / use.sum(-1).clamp_min(1))[..., None].expand_as(nll)
+        else:  # weights from the tokens seen before each prediction (uniform at the first one)
+            cum = (nll * valid).cumsum(-1) / valid.cumsum(-1).clamp_min(1)
+            mean = torch.cat([torch.zeros_like(cum[..., :1]), cum[..., :-1]], dim=-1)
+        w = torch.softmax(-mean / self.tau, dim=0)
         if self.top < len(self.lms):
             kth = w.topk(self.top, dim=0).values[-1:]
             w = torch.where(w >= kth, w, torch.zeros_like(w))
             w = w / w.sum(0, keepdim=True)
-        return torch.logsumexp(lps + w.clamp_min(1e-30).log()[..., None], dim=0)
+        return w
+
+    @torch.no_grad()
+    def token_logprobs(self, ids: torch.Tensor, mask: torch.Tensor, prefix_len: torch.Tensor | None = None):
+        lps = torch.stack([lm.token_logprobs(ids, mask) for lm in self.lms])  # [M, B, T-1]
+        w = self._weights(lps, mask, prefix_len)
+        return torch.logsumexp(lps + w.clamp_min(1e-30).log(), dim=0)
+
+    @torch.no_grad()
+    def next_logprobs(self, ids: torch.Tensor, mask: torch.Tensor, last: torch.Tensor):
+        """Generation: weights from the whole prompt so far (every real token), then mix distributions."""
+        lps = torch.stack([lm.token_logprobs(ids, mask) for lm in self.lms])
+        w = self._weights(lps, mask, last + 1)[:, :, 0]  # [M, B]
+        nxt = torch.stack([lm.next_logprobs(ids, mask, last) for lm in self.lms])  # [M, B, V]
+        return torch.logsumexp(nxt + w.clamp_min(1e-30).log()[..., None], dim=0)
 
 
 def _moe_from(models: Sequence[torch.nn.Module], top_k: int, rows: torch.Tensor | None = None, seed: int = 0):
@@ -136,6 +148,7 @@ def _moe_from(models: Sequence[torch.nn.Module], top_k: int, rows: torch.Tensor 
     for i, layer in enumerate(decoder_layers(base)):
         experts = [copy.deepcopy(decoder_layers(m)[i].mlp) for m in models]
         init = rows[i] if rows is not None else torch.randn(len(models), H, generator=g) * 0.02
+        init = init.to(next(layer.parameters()).device)
         layer.mlp = FlexMoEBlock(experts, [RouterRow(init[e]) for e in range(len(models))], top_k=top_k)
     return base
 

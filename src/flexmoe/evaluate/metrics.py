@@ -1,9 +1,10 @@
 """Metrics over any language model: perplexity, multiple-choice log-likelihood, exact-match generation.
 
-A model is anything with ``log_probs(input_ids, attention_mask, prefix_len) -> [B, T, V]`` next-token
-log-probabilities (``HFLM`` wraps an HF causal LM or a flexmoe runtime model; the BTM baseline is
-another implementation). Everything runs in batches and reports the number of items and a 95%
-confidence interval, so a reader can tell a real gap from noise.
+A model is anything with ``token_logprobs(ids, mask, prefix_len) -> [B, T-1]`` (log-probability of
+each actual next token) and ``next_logprobs(ids, mask, last) -> [B, V]``. ``HFLM`` wraps an HF causal
+LM or a flexmoe runtime model; the BTM baseline is another implementation. Everything runs in batches
+and reports the number of items and a 95% confidence interval, so a reader can tell a real gap from
+noise.
 """
 
 from __future__ import annotations
@@ -19,16 +20,30 @@ from flexmoe.data import blocks_for
 
 
 class HFLM:
-    """An HF causal LM (or flexmoe runtime model) behind the ``log_probs`` interface."""
+    """An HF causal LM (or flexmoe runtime model) behind the scoring interface.
+
+    ``token_logprobs`` returns only the log-probability of each actual next token (``[B, T-1]``), and
+    ``next_logprobs`` only the last position's distribution: the full ``[B, T, V]`` tensor never
+    leaves the device.
+    """
 
     def __init__(self, model, tokenizer):
         self.model, self.tokenizer = model.eval(), tokenizer
         self.device = next(model.parameters()).device
 
     @torch.no_grad()
-    def log_probs(self, ids: torch.Tensor, mask: torch.Tensor, prefix_len: torch.Tensor | None = None):
-        logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
-        return logits.float().log_softmax(-1).cpu()
+    def _logits(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
+
+    @torch.no_grad()
+    def token_logprobs(self, ids: torch.Tensor, mask: torch.Tensor, prefix_len: torch.Tensor | None = None):
+        lp = self._logits(ids, mask)[:, :-1].float().log_softmax(-1)
+        return lp.gather(-1, ids[:, 1:, None].to(lp.device)).squeeze(-1).cpu()
+
+    @torch.no_grad()
+    def next_logprobs(self, ids: torch.Tensor, mask: torch.Tensor, last: torch.Tensor):
+        logits = self._logits(ids, mask)
+        return logits[torch.arange(len(ids)), last.to(logits.device)].float().log_softmax(-1).cpu()
 
 
 def wilson(k: float, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -79,8 +94,7 @@ def perplexity(
     per_block = []
     for start in range(0, len(blocks), batch_size):
         b = blocks[start : start + batch_size]
-        lp = lm.log_probs(b, torch.ones_like(b))
-        tok_nll = -lp[:, :-1].gather(-1, b[:, 1:, None]).squeeze(-1)
+        tok_nll = -lm.token_logprobs(b, torch.ones_like(b))
         per_block += tok_nll.mean(1).tolist()
         nll += float(tok_nll.sum())
         n += tok_nll.numel()
@@ -114,10 +128,9 @@ def multiple_choice(lm, items: Sequence[dict], batch_size: int = 32) -> dict[str
         chunk = rows[start : start + batch_size]
         ids, mask = _pad([c + d for _, _, c, d in chunk], tok.pad_token_id)
         prefix = torch.tensor([len(c) for _, _, c, _ in chunk])
-        lp = lm.log_probs(ids, mask, prefix)
+        lp = lm.token_logprobs(ids, mask, prefix)
         for r, (i, j, c, d) in enumerate(chunk):
-            pos = torch.arange(len(c) - 1, len(c) + len(d) - 1)
-            scores[i, j] = lp[r, pos, torch.tensor(d)].sum()
+            scores[i, j] = lp[r, len(c) - 1 : len(c) + len(d) - 1].sum()
     answers = torch.tensor([it["answer"] for it in items])
     nbytes = torch.tensor(
         [[max(1, len(c.encode())) for c in it["choices"]] for it in items], dtype=torch.float
@@ -148,9 +161,7 @@ def greedy(lm, prompts: Sequence[str], max_new_tokens: int = 10, batch_size: int
         for _ in range(max_new_tokens):
             cur = [s + n for s, n in zip(seqs, new, strict=True)]
             ids, mask = _pad(cur, tok.pad_token_id)
-            lp = lm.log_probs(ids, mask)
-            last = torch.tensor([len(c) - 1 for c in cur])
-            nxt = lp[torch.arange(len(cur)), last].argmax(-1)
+            nxt = lm.next_logprobs(ids, mask, torch.tensor([len(c) - 1 for c in cur])).argmax(-1)
             for n, t in zip(new, nxt.tolist(), strict=True):
                 n.append(t)
         outs += [tok.decode(n, skip_special_tokens=True) for n in new]

@@ -79,8 +79,15 @@ def train_expert(
     force: bool = False,
     quiet: bool = False,
     stop_after: int | None = None,
+    public: list[Path] | None = None,
+    public_mix: float = 0.3,
 ) -> dict:
-    """Train one owner's expert and write its package to ``out``. Returns the manifest."""
+    """Train one owner's expert and write its package to ``out``. Returns the manifest.
+
+    ``public`` (public documents, which every owner may read) mixed in at ``public_mix`` of the
+    training sequences gives the router negatives: it learns "mine vs public" instead of "always
+    mine", which is what keeps composed models calibrated (measured in BENCHMARKS.md).
+    """
     from flexmoe.anchor import fingerprint, load_anchor, load_config, resolve
     from flexmoe.data import blocks_for, data_fingerprint, load_splits
     from flexmoe.expert.package import expert_tensors, write_package
@@ -114,6 +121,18 @@ def train_expert(
     tok = load_tokenizer(anchor_dir)
     train_blocks = blocks_for(splits.train, tok, seq_len)
     valid_blocks = blocks_for(splits.valid, tok, seq_len)
+    public_info = None
+    if public:
+        if not 0.0 < public_mix < 1.0:
+            raise FlexmoeError(f"--public-mix {public_mix} is not between 0 and 1.", "use e.g. 0.5.")
+        pub = load_splits(public)
+        pub_blocks = mixed_public_blocks(blocks_for(pub.train, tok, seq_len), len(train_blocks), public_mix)
+        train_blocks = torch.cat([train_blocks, pub_blocks])
+        public_info = {
+            "fraction": public_mix,
+            "blocks": len(pub_blocks),
+            "fingerprint": data_fingerprint(pub.train),
+        }
 
     device = init_distributed()
     torch.manual_seed(seed)
@@ -182,6 +201,7 @@ def train_expert(
             "fingerprint": data_fingerprint(splits.train),
             "train_documents": len(splits.train),
             "valid_documents": len(splits.valid),
+            "public_mix": public_info,
         },
         "valid_loss": {"anchor": anchor_loss, "expert": expert_loss},
         "history": result.history,
@@ -209,3 +229,10 @@ def check_anchor_unchanged(model, anchor_dir: Path) -> None:
             "Frozen anchor tensors changed during expert training.",
             "this is a bug in flexmoe; please report it with the command you ran.",
         )
+
+
+def mixed_public_blocks(public_blocks: torch.Tensor, n_own: int, fraction: float) -> torch.Tensor:
+    """Public blocks making up ``fraction`` of the training set (repeated if the public data is short)."""
+    want = max(1, round(n_own * fraction / (1 - fraction)))
+    reps = -(-want // len(public_blocks))
+    return public_blocks.repeat(reps, 1)[:want]
