@@ -111,6 +111,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=None, help="write all results here")
     ap.add_argument("--skip-memory", action="store_true", help="no peak-memory subprocesses")
+    ap.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="afterwards, profile N steps of each method: phase times, FFN-block times, top ops",
+    )
     ap.add_argument("--method", choices=METHODS, default=None, help=argparse.SUPPRESS)  # memory probe
     return ap.parse_args(argv)
 
@@ -119,29 +126,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 # Models
 
 
-def olmo2_config(p):
-    """``flexmoe.anchor.olmo2_config`` without a tokenizer: vocabulary = the preset's."""
-    from transformers import Olmo2Config
-
-    return Olmo2Config(
-        vocab_size=p.vocab_size,
-        hidden_size=p.hidden_size,
-        intermediate_size=p.intermediate_size,
-        num_hidden_layers=p.num_layers,
-        num_attention_heads=p.num_heads,
-        num_key_value_heads=p.num_heads,
-        max_position_embeddings=max(2048, p.seq_len),
-        rope_theta=10000.0,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
-
-
 def build_anchor(p, seed: int):
     from transformers import Olmo2ForCausalLM
+
+    from flexmoe.anchor import olmo2_config
 
     torch.manual_seed(seed)
     return Olmo2ForCausalLM(olmo2_config(p)).float()
@@ -312,6 +300,92 @@ def initial_lm_loss(m: Method, batch, args, device) -> float:
 
     with amp(args, device):
         return float(lm_loss(m.model, batch))
+
+
+# --------------------------------------------------------------------------------------------------
+# Profiling (--profile): where a step's time goes
+
+
+def profile_methods(methods: dict[str, Method], batch, args, device) -> dict:
+    """Phase times (forward / backward / optimiser, medians over N steps, methods interleaved), the
+    forward and forward+backward time of one FFN block (layer 1, input requiring grad, as in every layer
+    but the first), and torch.profiler's top operators per method."""
+    from torch.profiler import ProfilerActivity, profile
+
+    n = args.profile
+    phases = {k: {"forward": [], "backward": [], "optimizer": []} for k in methods}
+    for _ in range(n):
+        for name, m in methods.items():
+            sync(device)
+            t0 = time.perf_counter()
+            with amp(args, device):
+                loss = m.loss_fn(m.model, batch)
+            sync(device)
+            t1 = time.perf_counter()
+            loss.backward()
+            sync(device)
+            t2 = time.perf_counter()
+            if m.post_backward is not None:
+                m.post_backward()
+            torch.nn.utils.clip_grad_norm_(m.params, 1.0)
+            m.opt.step()
+            m.opt.zero_grad(set_to_none=True)
+            if m.after_step is not None:
+                m.after_step()
+            sync(device)
+            t3 = time.perf_counter()
+            for k, v in zip(("forward", "backward", "optimizer"), (t1 - t0, t2 - t1, t3 - t2), strict=True):
+                phases[name][k].append(v)
+
+    p0 = next(iter(methods.values())).model
+    x0 = torch.randn(batch.shape[0], batch.shape[1], p0.config.hidden_size, device=device)
+
+    def block_step(m: Method, backward: bool):
+        block = m.model.model.layers[1].mlp
+        x = x0.clone().requires_grad_(backward)
+        with torch.set_grad_enabled(backward), amp(args, device):
+            y = block(x)
+            loss = y.float().square().mean() + (getattr(block, "z_loss", None) or 0.0)
+        if backward:
+            loss.backward()
+            for q in block.parameters():
+                q.grad = None
+
+    blocks = {k: {"forward": [], "forward_backward": []} for k in methods}
+    for _ in range(max(n, 3)):
+        for name, m in methods.items():
+            for key, bwd in (("forward", False), ("forward_backward", True)):
+                sync(device)
+                t0 = time.perf_counter()
+                block_step(m, bwd)
+                sync(device)
+                blocks[name][key].append(time.perf_counter() - t0)
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    out = {}
+    for name, m in methods.items():
+        with profile(activities=acts, record_shapes=True) as prof:
+            for _ in range(n):
+                train_step(m, batch, args, device)
+            sync(device)
+        table = prof.key_averages(group_by_input_shape=True).table(
+            sort_by=sort, row_limit=25, max_name_column_width=40, max_shapes_column_width=60
+        )
+        med = {k: statistics.median(v) for k, v in phases[name].items()}
+        blk = {k: statistics.median(v) for k, v in blocks[name].items()}
+        out[name] = {"phases_s": med, "ffn_block_s": blk, "top_ops": table}
+        print(f"\n===== profile {LABELS[name]} ({n} steps)", file=sys.stderr)
+        print(
+            "phases (median s/step): " + ", ".join(f"{k} {v:.4f}" for k, v in med.items()),
+            file=sys.stderr,
+        )
+        print(
+            "one FFN block (layer 1, median s): " + ", ".join(f"{k} {v:.4f}" for k, v in blk.items()),
+            file=sys.stderr,
+        )
+        print(table, file=sys.stderr, flush=True)
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -587,6 +661,8 @@ def main(argv=None) -> dict | None:
             f"All three start from the same function: their step-0 LM losses agree (spread {spread:.2e}).",
         ],
     }
+    if args.profile:
+        res["profile"] = profile_methods(methods, batch, args, device)
     print(fmt_table(res))
     for n in res["notes"]:
         print("- " + n)

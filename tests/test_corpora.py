@@ -56,7 +56,9 @@ def test_two_builds_are_byte_identical(small, tmp_path: Path) -> None:
     build_demo_corpora(second, size_mb=SMALL_MB)
     a, b = _files(first), _files(second)
     assert sorted(a) == sorted(b)
-    assert len(a) == 3 * len(DOMAINS) + 1
+    tasks = json.loads(a["manifest.json"])["tasks"]
+    assert tasks, "the build writes evaluation tasks"
+    assert len(a) == 3 * len(DOMAINS) + 1 + len(tasks)
     for name in a:
         assert a[name] == b[name], name
 

@@ -55,12 +55,14 @@ def preset(name: str) -> Preset:
     return PRESETS[name]
 
 
-def olmo2_config(p: Preset, tokenizer):
-    """An OLMo 2 config for a preset, with the tokenizer's special-token ids."""
+def olmo2_config(p: Preset, tokenizer=None):
+    """An OLMo 2 config for a preset, with the tokenizer's vocabulary and special-token ids (without a
+    tokenizer: the preset's vocabulary size and ids 0/1/2, as benchmarks on random tokens need)."""
     from transformers import Olmo2Config
 
+    ids = (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) if tokenizer else (0, 1, 2)
     return Olmo2Config(
-        vocab_size=len(tokenizer),
+        vocab_size=len(tokenizer) if tokenizer else p.vocab_size,
         hidden_size=p.hidden_size,
         intermediate_size=p.intermediate_size,
         num_hidden_layers=p.num_layers,
@@ -70,9 +72,9 @@ def olmo2_config(p: Preset, tokenizer):
         rope_theta=10000.0,
         rms_norm_eps=1e-6,
         tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=ids[0],
+        eos_token_id=ids[1],
+        pad_token_id=ids[2],
     )
 
 
