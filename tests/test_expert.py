@@ -97,6 +97,30 @@ def test_public_mix_fraction():
     assert len(mixed_public_blocks(pub, n_own=10, fraction=0.5)) == 10  # repeated when short
 
 
+def test_fsdp_on_one_process_resumes_to_the_plain_result(tiny_anchor, demo_data, tmp_path):
+    """FSDP2 with one rank (the single-GPU path) checkpoints sharded state and resumes exactly."""
+    import torch.distributed as dist
+
+    kw = dict(steps=6, quiet=True, spec=ExpertSpec(name="m", router_init="hidden"), seq_len=64)
+    try:
+        train_expert(tiny_anchor, [demo_data / "math"], "m", tmp_path / "plain", **kw)
+        part = train_expert(
+            tiny_anchor, [demo_data / "math"], "m", tmp_path / "fsdp", stop_after=3, fsdp=True, **kw
+        )
+        assert part == {"finished": False}
+        m = train_expert(
+            tiny_anchor, [demo_data / "math"], "m", tmp_path / "fsdp", resume=True, fsdp=True, **kw
+        )
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    assert m["training"]["fsdp"] is True
+    a = load_file(str(tmp_path / "plain" / TENSOR_FILE))
+    b = load_file(str(tmp_path / "fsdp" / TENSOR_FILE))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+
+
 def test_resume_gives_the_same_expert(tiny_anchor, demo_data, tmp_path):
     kw = dict(
         steps=8, quiet=True, spec=ExpertSpec(name="m", router_init="hidden"), public=[demo_data / "public"]
@@ -111,7 +135,11 @@ def test_resume_gives_the_same_expert(tiny_anchor, demo_data, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_two_gloo_processes_match_one(tiny_anchor, demo_data, tmp_path):
+@pytest.mark.parametrize(
+    "extra,port", [([], 29517), (["--fsdp", "--activation-checkpointing"], 29518)], ids=["ddp", "fsdp2"]
+)
+def test_two_gloo_processes_match_one(tiny_anchor, demo_data, tmp_path, extra, port):
+    """Data parallelism (DDP, or FSDP2 shards with activation checkpointing) changes nothing but speed."""
     args = [
         "expert",
         "train",
@@ -142,10 +170,11 @@ def test_two_gloo_processes_match_one(tiny_anchor, demo_data, tmp_path):
             "--nproc-per-node",
             "2",
             "--master-port",
-            "29517",
+            str(port),
             "-m",
             "flexmoe",
             *args,
+            *extra,
             "--out",
             str(tmp_path / "two"),
         ],

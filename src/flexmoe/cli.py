@@ -155,6 +155,10 @@ def expert_train(
         None, "--public", help="Public documents to mix in (recommended: the router learns mine vs public)."
     ),
     public_mix: float = typer.Option(0.3, help="Share of training sequences taken from --public."),
+    fsdp: bool = typer.Option(False, help="Shard anchor and expert with FSDP2 (large anchors; torchrun)."),
+    activation_checkpointing: bool = typer.Option(
+        False, help="Recompute activations in the backward pass (less memory, ~1/3 more compute)."
+    ),
     resume: bool = typer.Option(False, help="Continue an interrupted run from its last checkpoint."),
     force: bool = typer.Option(False, help="Replace --out (and any interrupted run) if it exists."),
 ) -> None:
@@ -185,8 +189,12 @@ def expert_train(
         force=force,
         public=public or None,
         public_mix=public_mix,
+        fsdp=fsdp,
+        activation_checkpointing=activation_checkpointing,
     )
-    if m.get("finished") and "valid_loss" in m:
+    from flexmoe.training import is_main
+
+    if m.get("finished") and "valid_loss" in m and is_main():
         v = m["valid_loss"]
         console.print(f"held-out loss on {name}'s data: anchor {v['anchor']:.4f} -> expert {v['expert']:.4f}")
         console.print(f"wrote {out}  ({m['tokens_seen']:,} tokens in {m['seconds']:.0f}s)")

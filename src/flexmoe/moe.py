@@ -66,6 +66,7 @@ class FlexMoEBlock(nn.Module):
         self.top_k = top_k
         self.register_buffer("mask", torch.ones(len(experts), dtype=torch.bool), persistent=False)
         self.z_loss: torch.Tensor | None = None  # set on each forward in training mode
+        self.z_tokens: torch.Tensor | None = None  # z-loss per token (x.shape[:-1]), same forwards
         self.balance_loss: torch.Tensor | None = None
         self.last_weights: torch.Tensor | None = None  # routing weights of the last forward, if recording
         self.record = False
@@ -93,7 +94,9 @@ class FlexMoEBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.router_logits(x)
         # Only training adds the z-loss; clearing it in eval keeps a stale value out of eval losses.
-        self.z_loss = torch.logsumexp(logits, dim=-1).square().mean() if self.training else None
+        # Per-token values stay available for per-sample losses (DP ghost clipping needs one per sequence).
+        self.z_tokens = torch.logsumexp(logits, dim=-1).square() if self.training else None
+        self.z_loss = self.z_tokens.mean() if self.z_tokens is not None else None
         weights = self.routing_weights(logits)
         self.balance_loss = self._balance(logits, weights) if self.training else None
         if self.record:
@@ -191,8 +194,11 @@ def anchor_state(model: nn.Module) -> dict[str, torch.Tensor]:
     Expert 0 of each block is the anchor FFN (``mlp.experts.0.x`` -> ``mlp.x``); owner experts and
     router rows are not anchor tensors.
     """
+    from flexmoe.parallel import full
+
     out = {}
     for name, t in model.state_dict().items():
+        t = full(t)  # whole tensors under FSDP (a collective: every rank calls this)
         if ".mlp.experts.0." in name:
             out[name.replace(".mlp.experts.0.", ".mlp.")] = t
         elif ".mlp.experts." not in name and ".mlp.router." not in name:

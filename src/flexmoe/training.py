@@ -4,7 +4,8 @@ they add.
 
 What it provides: AdamW with warmup + cosine, gradient clipping and accumulation, periodic evaluation,
 a progress display (loss, tokens/s, ETA), checkpoints that resume bit-identically, bf16 autocast on
-GPUs, and data parallelism through ``torchrun`` (DDP; gloo on CPU, NCCL on GPU). Checkpoints hold only
+GPUs, and data parallelism through ``torchrun`` (DDP, or FSDP2 sharding with ``fsdp``; gloo on CPU, NCCL
+on GPU), optionally with activation checkpointing. Checkpoints hold only
 trainable tensors and optimiser state, in safetensors + JSON: nothing is ever unpickled.
 """
 
@@ -24,8 +25,10 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
+from flexmoe import parallel
 from flexmoe.errors import FlexmoeError
 from flexmoe.fileio import atomic_dir, read_json, write_json
+from flexmoe.parallel import as_like, full, load_full_
 
 
 @dataclass
@@ -47,6 +50,8 @@ class TrainConfig:
     checkpoint_every: int = 50
     log_every: int = 10
     seed: int = 0
+    fsdp: bool = False  # shard with FSDP2 (flexmoe.parallel) instead of replicating with DDP
+    activation_checkpointing: bool = False
 
     def lr_at(self, step: int) -> float:
         """Linear warmup to ``lr``, then cosine decay to ``lr * min_lr_ratio`` at the last step."""
@@ -129,7 +134,7 @@ def _optimizer_to_files(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Ten
     for idx, st in sd["state"].items():
         for k, v in st.items():
             if torch.is_tensor(v):
-                tensors[f"{idx}.{k}"] = v.detach().cpu().contiguous()
+                tensors[f"{idx}.{k}"] = full(v.detach()).cpu().contiguous()
             else:
                 scalars[f"{idx}.{k}"] = v
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
@@ -144,22 +149,35 @@ def _optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    """Whole trainable tensors (gathered from every rank when sharded: all ranks must call this)."""
+    return {n: full(p.detach()).cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def save_checkpoint(
-    ckpt: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig, step: int, result
+    ckpt: Path,
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    cfg: TrainConfig,
+    step: int,
+    result,
+    extra: dict | None = None,
 ) -> None:
-    """Write a resumable checkpoint atomically (rank 0 only; the state is replicated)."""
+    """Write a resumable checkpoint atomically (gathered on every rank, written by rank 0).
+
+    ``extra`` (JSON) is stored in ``state.json`` under ``"extra"``, in the same atomic write as the
+    weights: trainer-specific state such as the DP trainer's accountant inputs.
+    """
+    opt_tensors, opt_meta = _optimizer_to_files(opt)
+    trainable = trainable_state(model)
     if not is_main():
         return
-    opt_tensors, opt_meta = _optimizer_to_files(opt)
     with atomic_dir(ckpt, force=True) as tmp:
-        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        save_file(trainable, str(tmp / "trainable.safetensors"))
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         write_json(
             tmp / "state.json",
-            {"step": step, "config": asdict(cfg), "optimizer": opt_meta, "result": asdict(result)},
+            {"step": step, "config": asdict(cfg), "optimizer": opt_meta, "result": asdict(result)}
+            | ({"extra": extra} if extra is not None else {}),
         )
 
 
@@ -178,11 +196,12 @@ def load_checkpoint(
         )
     params = dict(model.named_parameters())
     for name, t in load_file(str(ckpt / "trainable.safetensors")).items():
-        with torch.no_grad():
-            params[name].copy_(t)
-    opt.load_state_dict(
-        _optimizer_from_files(load_file(str(ckpt / "optimizer.safetensors")), state["optimizer"])
-    )
+        load_full_(params[name], t)
+    saved_opt = _optimizer_from_files(load_file(str(ckpt / "optimizer.safetensors")), state["optimizer"])
+    ordered = [p for g in opt.param_groups for p in g["params"]]
+    for idx, st in saved_opt["state"].items():  # sharded parameters need sharded moments
+        st.update({k: as_like(ordered[idx], v) for k, v in st.items() if torch.is_tensor(v)})
+    opt.load_state_dict(saved_opt)
     return state["step"], TrainResult(**state["result"])
 
 
@@ -306,6 +325,10 @@ def train(
             "choose --batch-size as a multiple of both.",
         )
     groups = param_groups or [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    if cfg.activation_checkpointing:
+        parallel.activation_checkpointing_(model)
+    if cfg.fsdp:  # shard before the optimiser exists: it must hold the sharded parameters
+        groups = parallel.shard(model, groups, bf16=device.type == "cuda")
     opt = make_optimizer(groups, cfg)
     params = [p for g in opt.param_groups for p in g["params"]]
     for g in opt.param_groups:
@@ -322,7 +345,7 @@ def train(
         step, result = load_checkpoint(ckpt, model, opt, cfg)
 
     ddp_model = model
-    if world > 1:
+    if world > 1 and not cfg.fsdp:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -347,7 +370,8 @@ def train(
         for i, mb in enumerate(mbs):
             mb = mb.to(device, non_blocking=True)
             sync = i == len(mbs) - 1
-            ctx = ddp_model.no_sync() if (world > 1 and not sync) else contextlib.nullcontext()
+            parallel.set_gradient_sync(model, sync)
+            ctx = ddp_model.no_sync() if (ddp_model is not model and not sync) else contextlib.nullcontext()
             with ctx, autocast(device):
                 loss = loss_fn(ddp_model, mb) / len(mbs)
             with ctx:

@@ -33,15 +33,16 @@ FFN = ("gate_proj", "up_proj", "down_proj")
 def expert_tensors(model) -> dict[str, torch.Tensor]:
     """Collect the owner expert (index 1 of every 2-expert block) from a trained expert model."""
     from flexmoe.moe import moe_blocks
+    from flexmoe.parallel import full
 
     out: dict[str, torch.Tensor] = {}
     for i, block in enumerate(moe_blocks(model)):
         expert, row, public = block.experts[1], block.router[1], block.router[0]
         for proj in FFN:
-            out[f"layers.{i}.{proj}.weight"] = getattr(expert, proj).weight.detach().cpu().contiguous()
-        out[f"layers.{i}.router.weight"] = row.weight.detach().cpu().view(-1).contiguous()
-        out[f"layers.{i}.router.bias"] = row.bias.detach().cpu().view(()).contiguous()
-        out[f"layers.{i}.public_router.weight"] = public.weight.detach().cpu().view(-1).contiguous()
+            out[f"layers.{i}.{proj}.weight"] = full(getattr(expert, proj).weight.detach()).cpu().contiguous()
+        out[f"layers.{i}.router.weight"] = full(row.weight.detach()).cpu().view(-1).contiguous()
+        out[f"layers.{i}.router.bias"] = full(row.bias.detach()).cpu().view(()).contiguous()
+        out[f"layers.{i}.public_router.weight"] = full(public.weight.detach()).cpu().view(-1).contiguous()
     return out
 
 

@@ -81,12 +81,16 @@ def train_expert(
     stop_after: int | None = None,
     public: list[Path] | None = None,
     public_mix: float = 0.3,
+    fsdp: bool = False,
+    activation_checkpointing: bool = False,
 ) -> dict:
     """Train one owner's expert and write its package to ``out``. Returns the manifest.
 
     ``public`` (public documents, which every owner may read) mixed in at ``public_mix`` of the
     training sequences gives the router negatives: it learns "mine vs public" instead of "always
     mine", which is what keeps composed models calibrated (measured in BENCHMARKS.md).
+    ``fsdp`` shards the anchor and the expert with FSDP2 (bf16 compute on GPUs) instead of replicating
+    them with DDP; ``activation_checkpointing`` trades recomputation for activation memory.
     """
     from flexmoe.anchor import fingerprint, load_anchor, load_config, resolve
     from flexmoe.data import blocks_for, data_fingerprint, load_splits
@@ -155,6 +159,8 @@ def train_expert(
         checkpoint_every=max(1, n_steps // 10),
         log_every=max(1, n_steps // 20),
         seed=seed,
+        fsdp=fsdp,
+        activation_checkpointing=activation_checkpointing,
     )
 
     def loss_fn(m, batch):
@@ -207,8 +213,9 @@ def train_expert(
         "history": result.history,
         "dp": None,
     }
+    tensors = expert_tensors(model)  # every rank: gathering shards is a collective
     if is_main():
-        manifest = write_package(out, expert_tensors(model), manifest, force=True)
+        manifest = write_package(out, tensors, manifest, force=True)
         clear_checkpoint(work)
     return {"finished": True, **manifest}
 
