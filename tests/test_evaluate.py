@@ -135,9 +135,11 @@ def test_btm_weights_follow_the_prompt(tok):
     torch.testing.assert_close(nxt[0], a.logp, atol=1e-4, rtol=0)
 
 
-def test_upcycled_moe_of_identical_models_is_the_model():
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+def test_upcycled_moe_of_identical_models_is_the_model(top_k):
+    """Upcycled MoEs renormalise top-k, so they start exactly at their dense parent for any k."""
     m = _tiny_model()
-    moe = B._moe_from([m, m, m], top_k=3).eval()
+    moe = B._moe_from([m, m, m], top_k=top_k).eval()
     x = torch.randint(0, 300, (2, 10))
     torch.testing.assert_close(moe(x).logits, m(x).logits, atol=1e-5, rtol=1e-5)
 

@@ -57,13 +57,18 @@ class FlexMoEBlock(nn.Module):
     their logits become -inf before the softmax, which equals physically removing them.
     """
 
-    def __init__(self, experts: list[nn.Module], rows: list[RouterRow], top_k: int):
+    def __init__(
+        self, experts: list[nn.Module], rows: list[RouterRow], top_k: int, normalize_topk: bool = False
+    ):
         super().__init__()
         if len(experts) != len(rows):
             raise ValueError("one router row per expert")
         self.experts = nn.ModuleList(experts)
         self.router = nn.ModuleList(rows)
         self.top_k = top_k
+        # FlexOlmo never renormalises (a lone owner expert must not get weight 1 by default); upcycled,
+        # jointly trained MoEs (BTX, unrestricted) do, so that they start exactly at their dense parents.
+        self.normalize_topk = normalize_topk
         self.register_buffer("mask", torch.ones(len(experts), dtype=torch.bool), persistent=False)
         self.z_loss: torch.Tensor | None = None  # set on each forward in training mode
         self.z_tokens: torch.Tensor | None = None  # z-loss per token (x.shape[:-1]), same forwards
@@ -89,6 +94,8 @@ class FlexMoEBlock(nn.Module):
         if k >= self.num_experts:
             return probs
         top_v, top_i = probs.topk(k, dim=-1)
+        if self.normalize_topk:
+            top_v = top_v / top_v.sum(-1, keepdim=True)
         return torch.zeros_like(probs).scatter(-1, top_i, top_v)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

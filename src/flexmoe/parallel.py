@@ -28,9 +28,20 @@ def ensure_process_group() -> None:
 
 
 def activation_checkpointing_(model: nn.Module) -> None:
-    """Recompute each decoder layer's activations in the backward pass (HF's non-reentrant checkpointing,
-    which composes with FSDP2 and needs no gradient on the frozen embeddings)."""
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    """Recompute each decoder layer's activations in the backward pass.
+
+    Each layer is wrapped (non-reentrant ``checkpoint_wrapper``, as torchtitan does) before FSDP2 is
+    applied, so that FSDP's all-gather hooks sit outside the recomputed region. HF's own
+    ``gradient_checkpointing_enable`` puts them inside, which breaks recomputation under bf16 FSDP2.
+    Parameter names gain ``_checkpoint_wrapped_module.``; state dicts strip it again.
+    """
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
+
+    from flexmoe.moe import decoder_layers
+
+    layers = decoder_layers(model)
+    for i, layer in enumerate(layers):
+        layers[i] = checkpoint_wrapper(layer, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
 
 
 def shard(model: nn.Module, groups: list[dict], bf16: bool) -> list[dict]:

@@ -149,7 +149,8 @@ def _moe_from(models: Sequence[torch.nn.Module], top_k: int, rows: torch.Tensor 
         experts = [copy.deepcopy(decoder_layers(m)[i].mlp) for m in models]
         init = rows[i] if rows is not None else torch.randn(len(models), H, generator=g) * 0.02
         init = init.to(next(layer.parameters()).device)
-        layer.mlp = FlexMoEBlock(experts, [RouterRow(init[e]) for e in range(len(models))], top_k=top_k)
+        rows_e = [RouterRow(init[e]) for e in range(len(models))]
+        layer.mlp = FlexMoEBlock(experts, rows_e, top_k=top_k, normalize_topk=True)
     return base
 
 
