@@ -39,7 +39,8 @@ class DemoPreset:
 
 
 DEMO_PRESETS = {
-    "tiny": DemoPreset("tiny", "tiny", 2.0, 400, 200, 60, 48, None),
+    # Sized for 15 minutes on 2 CPU cores, measured step by step in BENCHMARKS.md.
+    "tiny": DemoPreset("tiny", "tiny", 2.0, 300, 150, 40, 32, None),
     # The demo corpora are small (a few MB per domain): step counts keep epochs in single digits.
     "small": DemoPreset("small", "small", 5.0, 200, 60, 40, 64, None),
     # For tests: minutes become seconds; numbers mean nothing.
@@ -239,13 +240,20 @@ def evaluate_all(models: Path, lms: dict, data: Path, anchor: Path, p: DemoPrese
     from flexmoe.expert.train import EXPERT_PRESETS
 
     seq_len = EXPERT_PRESETS[p.expert].seq_len
-    todo = {"public": lambda: load_lm(anchor)}
-    todo.update({f"dense_{d}": (lambda d=d: load_lm(models / f"dense_{d}")) for d in OWNERS})
-    todo["model_soup"] = lambda: load_lm(models / "model_soup")
+    dev = device()  # in-memory baselines are already there; saved models load onto it too
+    todo = {"public": lambda: load_lm(anchor, device=dev)}
+    todo.update({f"dense_{d}": (lambda d=d: load_lm(models / f"dense_{d}", device=dev)) for d in OWNERS})
+    todo["model_soup"] = lambda: load_lm(models / "model_soup", device=dev)
     todo.update({k: (lambda v=v: v) for k, v in lms.items()})
-    todo["flexolmo"] = lambda: load_lm(models / "flexolmo")
+    todo["flexolmo"] = lambda: load_lm(models / "flexolmo", device=dev)
+    # The same model with the owners' learned negative biases, which the HF flex_olmo format cannot
+    # hold: flexmoe's runtime applies them (flexmoe_bias.safetensors). Measures what dropping them costs.
+    todo["flexolmo_bias"] = lambda: load_lm(models / "flexolmo", use_bias=True, device=dev)
     todo.update(
-        {f"flexolmo_without_{d}": (lambda d=d: load_lm(models / f"flexolmo_without_{d}")) for d in OWNERS}
+        {
+            f"flexolmo_without_{d}": (lambda d=d: load_lm(models / f"flexolmo_without_{d}", device=dev))
+            for d in OWNERS
+        }
     )
     results = {}
     for name, make in todo.items():
@@ -289,6 +297,13 @@ def findings(r: dict) -> dict:
         out.append(
             f"Unrestricted MoE (pooled data, equal FLOPs) {r['unrestricted_moe']['average']:.1f}; "
             f"FlexOlmo {gap:+.1f} points (paper: 46.7 vs 46.3)."
+        )
+    if "flexolmo_bias" in r:
+        b = r["flexolmo_bias"]
+        out.append(
+            f"Router biases (kept by flexmoe's runtime, dropped by the HF export that 'flexolmo' is): "
+            f"average {b['average']:.1f} with vs {flex['average']:.1f} without; perplexity with/without: "
+            + ", ".join(f"{d} {b['perplexity'][d] / flex['perplexity'][d]:.3f}x" for d in ("public", *OWNERS))
         )
     opt = []
     for d in OWNERS:
