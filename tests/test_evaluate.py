@@ -185,7 +185,15 @@ def test_demo_end_to_end_at_reduced_size(tmp_path):
         assert all(math.isfinite(v) for v in m["perplexity"].values()) and "average" in m
     assert rep["preset"] == "test" and rep["domains"] == ["public", "code", "math", "legal"]
     assert set(rep["seconds"]) >= {"corpora", "anchor", "compose"} and r["findings"]
+    priv = rep["privacy"]  # DP experts for one owner, their utility, and the audit of each model
+    assert (
+        priv["canaries_planted"]
+        and set(priv["utility"]) == {"inf", "8"}
+        and priv["dp"]["eps8"]["epsilon"] <= 8
+    )
+    assert {"public", "dense_legal", "flexolmo", "expert_legal", "expert_legal_dp_eps8"} <= set(priv["audit"])
+    assert "## Privacy" in (tmp_path / "report.md").read_text()
     # Running again skips every finished step (resumable) and gives the same report.
     again = run_demo(tmp_path, "test", quiet=True)
-    assert "anchor" not in again["seconds"]
+    assert "anchor" not in again["seconds"] and "dp expert legal eps8" not in again["seconds"]
     assert again["models"]["flexolmo"]["perplexity"] == rep["models"]["flexolmo"]["perplexity"]

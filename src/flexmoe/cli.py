@@ -31,6 +31,16 @@ expert_app = typer.Typer(
 )
 app.add_typer(anchor_app, name="anchor")
 app.add_typer(expert_app, name="expert")
+audit_app = typer.Typer(
+    help="Privacy audit: extraction, canary exposure and membership inference against a model.",
+    no_args_is_help=True,
+)
+app.add_typer(audit_app, name="audit")
+router_app = typer.Typer(
+    help="Maintainer: train the router of a composed model on the owners' public proxy sets.",
+    no_args_is_help=True,
+)
+app.add_typer(router_app, name="router")
 
 
 def _print_json(obj) -> None:
@@ -141,7 +151,9 @@ def expert_train(
     name: str = typer.Option(..., "--name", help="Expert name (letters, digits, - _ .)."),
     out: Path = typer.Option(..., "--out", help="Expert package directory to create."),
     preset: str = typer.Option("tiny", help="Training length and batch: tiny (CPU), small, base (GPU)."),
-    router_init: str = typer.Option("embed", help="Router-row init: embed, hidden or random."),
+    router_init: str = typer.Option(
+        None, help="Router-row init: embed, hidden or random (default: embed; random with --dp-epsilon)."
+    ),
     bias_init: float = typer.Option(0.0, help="Initial router bias (<= 0)."),
     description: str = typer.Option("", help="What the data is (goes into the manifest)."),
     contact: str = typer.Option("", help="Owner contact (goes into the manifest)."),
@@ -159,19 +171,53 @@ def expert_train(
     activation_checkpointing: bool = typer.Option(
         False, help="Recompute activations in the backward pass (less memory, ~1/3 more compute)."
     ),
+    dp_epsilon: float = typer.Option(
+        None, "--dp-epsilon", help="Train with differential privacy (DP-SGD) at this epsilon."
+    ),
+    dp_delta: float = typer.Option(
+        None, "--dp-delta", help="DP delta (default 1/(10 N), N = privacy units)."
+    ),
+    dp_max_grad_norm: float = typer.Option(
+        1.0, "--dp-max-grad-norm", help="Per-unit gradient clipping norm."
+    ),
+    dp_unit: str = typer.Option("sequence", "--dp-unit", help="Privacy unit: sequence or document."),
+    dp_accountant: str = typer.Option("rdp", "--dp-accountant", help="Opacus accountant: rdp or prv."),
+    public_row: str = typer.Option(
+        None,
+        "--public-row",
+        help="DP: public router row of the federation, embed or hidden (default: embed).",
+    ),
+    dp_clipping: str = typer.Option(
+        "auto",
+        "--dp-clipping",
+        help="Per-sample gradients: auto (hooks; ghost clipping on a GPU short of memory), hooks, ghost.",
+    ),
     resume: bool = typer.Option(False, help="Continue an interrupted run from its last checkpoint."),
     force: bool = typer.Option(False, help="Replace --out (and any interrupted run) if it exists."),
 ) -> None:
     """Train one expert against the frozen anchor (works under torchrun for several processes/GPUs)."""
+    from flexmoe.expert.privacy import DPConfig
     from flexmoe.expert.train import ExpertSpec, train_expert
+
+    dp = None
+    if dp_epsilon is not None:
+        dp = DPConfig(
+            epsilon=dp_epsilon,
+            delta=dp_delta,
+            max_grad_norm=dp_max_grad_norm,
+            unit=dp_unit,
+            accountant=dp_accountant,
+            clipping=dp_clipping,
+        )
 
     spec = ExpertSpec(
         name=name,
         description=description,
         contact=contact,
         license=license,
-        router_init=router_init,
+        router_init=router_init or ("random" if dp else "embed"),
         bias_init=bias_init,
+        public_row=public_row,
     )
     m = train_expert(
         anchor,
@@ -191,6 +237,7 @@ def expert_train(
         public_mix=public_mix,
         fsdp=fsdp,
         activation_checkpointing=activation_checkpointing,
+        dp=dp,
     )
     from flexmoe.training import is_main
 
@@ -198,6 +245,19 @@ def expert_train(
         v = m["valid_loss"]
         console.print(f"held-out loss on {name}'s data: anchor {v['anchor']:.4f} -> expert {v['expert']:.4f}")
         console.print(f"wrote {out}  ({m['tokens_seen']:,} tokens in {m['seconds']:.0f}s)")
+        if m.get("dp"):
+            console.print(_dp_line(m["dp"]))
+
+
+def _dp_line(dp: dict | None) -> str:
+    if not dp:
+        return "differential privacy: none"
+    return (
+        f"differential privacy: ({dp['epsilon']:.3g}, {dp['delta']:.2g})-DP per {dp['unit']} "
+        f"(target epsilon {dp['target_epsilon']:g}; {dp['accountant']} accountant); noise multiplier "
+        f"{dp['noise_multiplier']:.3f}, sampling rate {dp['sample_rate']:.4g}, {dp['steps']} steps, "
+        f"clipping norm {dp['max_grad_norm']:g} ({dp['clipping']})"
+    )
 
 
 @expert_app.command("inspect")
@@ -225,11 +285,50 @@ def expert_inspect(
     v = m.get("valid_loss") or {}
     if v:
         console.print(f"held-out loss: anchor {v['anchor']:.4f} -> expert {v['expert']:.4f}")
-    console.print(f"differential privacy: {m['dp'] or 'none'}")
+    console.print(_dp_line(m.get("dp")))
     console.print(
         f"created {m['created']} by flexmoe {m['flexmoe_version']}; {package_bytes(package):,} bytes"
     )
     console.print("hashes verified: OK")
+    if m.get("proxy"):
+        p = m["proxy"]
+        console.print(
+            f"proxy set: {p['count']} public documents ({p['method']['features']} features); "
+            f"classifier held-out accuracy {p['classifier']['heldout_accuracy']:.3f}"
+        )
+
+
+@expert_app.command("proxy")
+def expert_proxy(
+    private: list[Path] = typer.Option(..., "--private", help="The owner's private documents (stay here)."),
+    public: list[Path] = typer.Option(..., "--public", help="The public corpus to choose from."),
+    out: Path = typer.Option(..., "--out", help="Proxy directory to create (public documents only)."),
+    fraction: float = typer.Option(0.05, help="Share of the public documents to select."),
+    features: str = typer.Option("auto", help="auto (embedder if installed), embed or ngram."),
+    package: Path = typer.Option(None, "--package", help="Record the proxy set in this package's manifest."),
+    name: str = typer.Option(None, help="Owner / expert name (default: the package's)."),
+    max_private: int = typer.Option(1000, help="Private documents sampled to train the classifier."),
+    force: bool = typer.Option(False, help="Replace --out if it exists."),
+) -> None:
+    """Data owner: select public documents resembling the private data (for router training)."""
+    from flexmoe.router.proxy import select_proxy
+
+    r = select_proxy(
+        private,
+        public,
+        out,
+        fraction=fraction,
+        features=features,
+        package=package,
+        name=name,
+        max_private=max_private,
+        force=force,
+    )
+    console.print(
+        f"wrote {out}: {r['count']} of {r['public_documents']} public documents; classifier "
+        f"({r['method']['features']}) held-out accuracy {r['classifier']['heldout_accuracy']:.3f}"
+        + (f"; recorded in {package}" if package else "")
+    )
 
 
 def _names(values: list[str] | None) -> list[str] | None:
@@ -251,12 +350,31 @@ def compose_cmd(
     out: Path = typer.Option(..., "--out", help="Composed model directory to create."),
     top_k: int = typer.Option(None, help="Experts per token (default: half the experts, at least 2)."),
     max_shard_mb: int = typer.Option(2048, help="Largest weight shard in MB."),
+    calibrate: bool = typer.Option(
+        False, help="Recalibrate the router for this set of experts on public text (needs --public)."
+    ),
+    public: list[Path] = typer.Option(None, "--public", help="Public documents for --calibrate."),
     force: bool = typer.Option(False, help="Replace --out if it exists."),
 ) -> None:
     """Maintainer: compose expert packages into one MoE (HF flex_olmo for OLMo 2 anchors)."""
     from flexmoe.compose import compose
 
-    _summary(compose(anchor, expert, out, top_k=top_k, force=force, max_shard_bytes=max_shard_mb << 20), out)
+    cal = _calibration(calibrate, public)
+    _summary(
+        compose(
+            anchor, expert, out, top_k=top_k, force=force, max_shard_bytes=max_shard_mb << 20, calibrate=cal
+        ),
+        out,
+    )
+
+
+def _calibration(calibrate: bool, public: list[Path] | None) -> list[Path] | None:
+    """The public documents to calibrate on, or None; --public alone is a mistake worth naming."""
+    if calibrate and not public:
+        raise FlexmoeError("--calibrate needs public text.", "add --public PATH (the public corpus).")
+    if public and not calibrate:
+        raise FlexmoeError("--public is only used with --calibrate.", "add --calibrate, or drop --public.")
+    return list(public) if calibrate else None
 
 
 @app.command("add")
@@ -265,12 +383,18 @@ def add_cmd(
     expert: Path = typer.Option(..., "--expert", help="Package of the joining expert."),
     out: Path = typer.Option(..., "--out", help="New model directory (the input stays untouched)."),
     top_k: int = typer.Option(None, help="Experts per token in the new model (default: keep)."),
+    calibrate: bool = typer.Option(
+        False, help="Recalibrate the router for this set of experts on public text (needs --public)."
+    ),
+    public: list[Path] = typer.Option(None, "--public", help="Public documents for --calibrate."),
     force: bool = typer.Option(False, help="Replace --out if it exists."),
 ) -> None:
     """Maintainer: add a late-joining owner's expert without retraining anyone."""
     from flexmoe.compose import add
 
-    _summary(add(model, expert, out, top_k=top_k, force=force), out)
+    _summary(
+        add(model, expert, out, top_k=top_k, force=force, calibrate=_calibration(calibrate, public)), out
+    )
 
 
 @app.command("update")
@@ -278,12 +402,16 @@ def update_cmd(
     model: Path = typer.Argument(..., help="Composed model directory."),
     expert: Path = typer.Option(..., "--expert", help="Newer package of an expert already in the model."),
     out: Path = typer.Option(..., "--out", help="New model directory (the input stays untouched)."),
+    calibrate: bool = typer.Option(
+        False, help="Recalibrate the router for this set of experts on public text (needs --public)."
+    ),
+    public: list[Path] = typer.Option(None, "--public", help="Public documents for --calibrate."),
     force: bool = typer.Option(False, help="Replace --out if it exists."),
 ) -> None:
     """Maintainer: replace a named expert by a newer package; other experts stay bit-identical."""
     from flexmoe.compose import update
 
-    _summary(update(model, expert, out, force=force), out)
+    _summary(update(model, expert, out, force=force, calibrate=_calibration(calibrate, public)), out)
 
 
 @app.command("remove")
@@ -292,12 +420,57 @@ def remove_cmd(
     expert: str = typer.Option(..., "--expert", help="Name of the expert to remove (opt-out)."),
     out: Path = typer.Option(..., "--out", help="New model directory (the input stays untouched)."),
     top_k: int = typer.Option(None, help="Experts per token in the new model (default: keep, clamped)."),
+    calibrate: bool = typer.Option(
+        False, help="Recalibrate the router for this set of experts on public text (needs --public)."
+    ),
+    public: list[Path] = typer.Option(None, "--public", help="Public documents for --calibrate."),
     force: bool = typer.Option(False, help="Replace --out if it exists."),
 ) -> None:
     """Maintainer: physical opt-out; no parameter trained on that owner's data remains."""
     from flexmoe.compose import remove
 
-    _summary(remove(model, expert, out, top_k=top_k, force=force), out)
+    cal = _calibration(calibrate, public)
+    _summary(remove(model, expert, out, top_k=top_k, force=force, calibrate=cal), out)
+
+
+@router_app.command("train")
+def router_train_cmd(
+    model: Path = typer.Argument(..., help="Composed model directory."),
+    proxy: list[Path] = typer.Option(None, "--proxy", help="Proxy set from 'flexmoe expert proxy' (repeat)."),
+    public: list[Path] = typer.Option(..., "--public", help="The public corpus (mixed in; validation)."),
+    out: Path = typer.Option(..., "--out", help="New model directory (the input stays untouched)."),
+    steps: int = typer.Option(40, help="Optimiser steps."),
+    batch_size: int = typer.Option(8, help="Sequences per step."),
+    seq_len: int = typer.Option(None, help="Tokens per sequence (default: the owners' training length)."),
+    lr: float = typer.Option(2e-3, help="Peak learning rate (the paper: 2e-3)."),
+    weight_decay: float = typer.Option(0.1, help="AdamW weight decay on the router rows (the paper: 0.1)."),
+    proxy_share: float = typer.Option(0.5, help="Share of training sequences from the proxy sets."),
+    seed: int = typer.Option(0, help="Random seed (data order)."),
+    resume: bool = typer.Option(False, help="Continue an interrupted run from its last checkpoint."),
+    force: bool = typer.Option(False, help="Replace --out if it exists."),
+) -> None:
+    """Maintainer: train only the router rows on proxy sets + public text (experts stay frozen)."""
+    from flexmoe.router.train import train_router
+
+    meta = train_router(
+        model,
+        proxy or [],
+        public,
+        out,
+        steps=steps,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        lr=lr,
+        weight_decay=weight_decay,
+        proxy_share=proxy_share,
+        seed=seed,
+        resume=resume,
+        force=force,
+    )
+    if meta:
+        v = meta["router_training"]["valid_loss"]
+        console.print(f"public validation loss {v['before']:.4f} -> {v['after']:.4f}")
+        _summary(meta, out)
 
 
 @app.command("generate")
@@ -388,6 +561,161 @@ def demo_cmd(
     report = run_demo(workdir, preset)
     console.print(markdown(report))
     console.print(f"wrote {workdir}/report.json, report.md, report.png")
+
+
+@audit_app.command("extraction")
+def audit_extraction(
+    model: Path = typer.Argument(..., help="A composed flexmoe model or any HF causal LM directory."),
+    data: list[Path] = typer.Option(..., "--data", help="Training documents to attack (files or dirs)."),
+    include: list[str] = typer.Option(None, "--include", help="Only these experts (plus public)."),
+    exclude: list[str] = typer.Option(None, "--exclude", help="Leave out these experts."),
+    documents: int = typer.Option(100, help="Documents to attack (the paper used 10,000)."),
+    prefix_tokens: int = typer.Option(32, help="Prefix given to the model."),
+    suffix_tokens: int = typer.Option(256, help="Continuation sampled and compared."),
+    samples: int = typer.Option(10, help="Samples per document (top-k 50, top-p 0.95, T=1)."),
+    threshold: float = typer.Option(0.9, help="Normalised Levenshtein similarity counted as extracted."),
+    seed: int = typer.Option(0, help="Sampling seed."),
+    out: Path = typer.Option(None, "--out", help="Write the result as JSON here."),
+) -> None:
+    """The FlexOlmo paper's extraction attack: share of documents whose continuation is regenerated."""
+    from flexmoe.audit.extraction import ExtractionConfig, extraction_attack
+    from flexmoe.data import load_splits
+    from flexmoe.evaluate.run import load_lm
+    from flexmoe.fileio import write_json
+
+    lm = load_lm(model, _names(include), _names(exclude))
+    cfg = ExtractionConfig(
+        prefix_tokens=prefix_tokens,
+        suffix_tokens=suffix_tokens,
+        samples=samples,
+        documents=documents,
+        threshold=threshold,
+        seed=seed,
+    )
+    r = extraction_attack(lm, load_splits(data).train, cfg, progress=lambda m: console.print(f"  {m}"))
+    lo, hi = r["ci95"]
+    console.print(
+        f"extracted {r['extracted']} of {r['documents']} documents: rate {100 * r['rate']:.1f}% "
+        f"(95% CI {100 * lo:.1f}-{100 * hi:.1f}%); mean best similarity {r['mean_best_similarity']:.3f}"
+    )
+    if out:
+        write_json(out, r)
+
+
+@audit_app.command("canaries")
+def audit_canaries(
+    anchor: Path = typer.Option(..., "--anchor", help="The anchor to train against."),
+    data: list[Path] = typer.Option(..., "--data", help="The owner's data (canaries are planted in a copy)."),
+    workdir: Path = typer.Option(..., "--workdir", help="Where everything is written (resumable)."),
+    name: str = typer.Option("owner", help="Expert name."),
+    public: list[Path] = typer.Option(None, "--public", help="Public documents to mix into training."),
+    steps: int = typer.Option(None, help="Training steps (default: the preset's)."),
+    batch_size: int = typer.Option(None, help="Sequences per step (default: the preset's)."),
+    seq_len: int = typer.Option(None, help="Sequence length (default: the preset's)."),
+    dp_epsilon: list[float] = typer.Option([8.0], "--dp-epsilon", help="Epsilon of a DP expert (repeat)."),
+    dp_steps: int = typer.Option(None, help="Steps of the DP experts (default: --steps)."),
+    dp_batch_size: int = typer.Option(None, help="Expected batch of the DP experts (default: --batch-size)."),
+    dp_lr: float = typer.Option(None, help="Peak learning rate of the DP experts (default: the preset's)."),
+    dense: bool = typer.Option(True, help="Also train and audit the dense (fully fine-tuned) expert."),
+    other_expert: list[Path] = typer.Option(
+        None, "--other-expert", help="Other owners' packages: also audit the composed model."
+    ),
+    repeats: str = typer.Option("1,10,100", help="How often each canary is repeated (comma-separated)."),
+    per_repeat: int = typer.Option(3, help="Canaries per repeat count (and as many controls)."),
+    candidates: int = typer.Option(1000, help="Random secrets scored per exposure estimate."),
+    extraction_documents: int = typer.Option(32, help="Documents for the extraction attack (0: skip)."),
+    seed: int = typer.Option(0, help="Seed of canaries and attacks."),
+) -> None:
+    """Plant secret canaries into an owner's data, train, and measure exposure, membership AUC and
+    extraction for the dense expert, the FlexOlmo expert, DP experts and the composed model."""
+    from flexmoe.audit.extraction import ExtractionConfig
+    from flexmoe.audit.pipeline import AuditSizes, canary_audit
+
+    sizes = AuditSizes(
+        candidates=candidates,
+        extraction=ExtractionConfig(documents=extraction_documents, suffix_tokens=64, samples=4, seed=seed)
+        if extraction_documents > 0
+        else None,
+    )
+    r = canary_audit(
+        anchor,
+        data,
+        workdir,
+        name=name,
+        public=public or None,
+        steps=steps,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        dp_epsilons=dp_epsilon,
+        dp_steps=dp_steps,
+        dp_batch_size=dp_batch_size,
+        dp_lr=dp_lr,
+        dense=dense,
+        other_experts=other_expert or (),
+        repeats=[int(x) for x in repeats.split(",") if x.strip()],
+        per_repeat=per_repeat,
+        sizes=sizes,
+        seed=seed,
+    )
+    cols = sorted({k for row in r["summary"].values() for k in row})
+    console.print(f"{'model':>14s}  " + "  ".join(f"{c:>16s}" for c in cols))
+    for m, row in r["summary"].items():
+        console.print(f"{m:>14s}  " + "  ".join(f"{row.get(c, float('nan')):16.3f}" for c in cols))
+    console.print(
+        "exposure in bits (chance about 1.44; x0 = control canaries never planted); AUC 0.5 = chance. "
+        f"wrote {workdir}/audit.json"
+    )
+
+
+@audit_app.command("exposure")
+def audit_exposure(
+    model: Path = typer.Argument(..., help="A composed flexmoe model or any HF causal LM directory."),
+    canaries: Path = typer.Option(..., "--canaries", help="canaries.json written by 'audit canaries'."),
+    include: list[str] = typer.Option(None, "--include", help="Only these experts (plus public)."),
+    exclude: list[str] = typer.Option(None, "--exclude", help="Leave out these experts."),
+    candidates: int = typer.Option(1000, help="Random secrets scored for the rank estimate."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Exposure (bits) of planted canaries under a model; controls show chance level."""
+    from flexmoe.audit.canaries import exposure, load_canaries
+    from flexmoe.evaluate.run import load_lm
+
+    cs, length = load_canaries(canaries)
+    r = exposure(load_lm(model, _names(include), _names(exclude)), cs, length, candidates)
+    if as_json:
+        _print_json(r)
+        return
+    for reps, v in r["mean_by_repeats"].items():
+        label = "controls (never planted)" if reps == "0" else f"repeated {reps}x"
+        console.print(f"{label:>26s}: mean exposure {v:5.2f} bits")
+    console.print(
+        f"cap {r['cap_bits']:.2f} bits ({candidates} candidates); chance about {r['chance_bits']:.2f}"
+    )
+
+
+@audit_app.command("membership")
+def audit_membership(
+    model: Path = typer.Argument(..., help="A composed flexmoe model or any HF causal LM directory."),
+    members: list[Path] = typer.Option(..., "--members", help="Training documents."),
+    non_members: list[Path] = typer.Option(..., "--non-members", help="Held-out documents."),
+    include: list[str] = typer.Option(None, "--include", help="Only these experts (plus public)."),
+    exclude: list[str] = typer.Option(None, "--exclude", help="Leave out these experts."),
+    max_tokens: int = typer.Option(256, help="Tokens per document scored."),
+    max_documents: int = typer.Option(500, help="Documents per side."),
+) -> None:
+    """Loss-based membership inference: AUC of training vs held-out documents (0.5 = chance)."""
+    from flexmoe.audit.membership import membership_auc
+    from flexmoe.data import read_documents
+    from flexmoe.evaluate.run import load_lm
+
+    lm = load_lm(model, _names(include), _names(exclude))
+    ins, outs = read_documents(members)[:max_documents], read_documents(non_members)[:max_documents]
+    r = membership_auc(lm, ins, outs, max_tokens)
+    lo, hi = r["ci95"]
+    console.print(
+        f"membership AUC {r['auc']:.3f} (95% CI {lo:.3f}-{hi:.3f}; {r['members']} members, "
+        f"{r['non_members']} non-members); mean loss {r['member_loss']:.3f} vs {r['non_member_loss']:.3f}"
+    )
 
 
 def main() -> None:

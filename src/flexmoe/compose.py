@@ -23,7 +23,7 @@ import math
 import shutil
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -281,8 +281,12 @@ def compose(
     top_k: int | None = None,
     force: bool = False,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    calibrate: Sequence[Path] | None = None,
 ) -> dict:
-    """Compose the anchor and expert packages into one model at ``out``. Returns ``flexmoe.json``."""
+    """Compose the anchor and expert packages into one model at ``out``. Returns ``flexmoe.json``.
+
+    ``calibrate`` (public documents) recalibrates the router for this set of experts
+    (``flexmoe.router.calibrate``)."""
     from flexmoe.anchor import resolve
 
     anchor = resolve(anchor)
@@ -306,10 +310,33 @@ def compose(
     experts = [pub] + [package_expert(p, m) for p, m in zip(packages, manifests, strict=True)]
     meta = {
         "anchor": {"fingerprint": anchor_fp, "path": str(anchor), "config": config},
-        "history": [_event("compose", experts=[m["name"] for m in manifests])],
+        "history": [
+            _event("compose", experts=[m["name"] for m in manifests], calibrated=calibrate is not None)
+        ],
     }
     with atomic_dir(out, force=force) as tmp:
-        return write_model(tmp, reader, experts, config, k, meta, anchor, max_shard_bytes)
+        return _write(tmp, reader, experts, config, k, meta, anchor, max_shard_bytes, calibrate)
+
+
+def _write(
+    tmp: Path,
+    shared: TensorReader,
+    experts: list[Expert],
+    config: dict,
+    top_k: int,
+    meta: dict,
+    source_dir: Path,
+    max_shard_bytes: int,
+    calibrate: Sequence[Path] | None,
+) -> dict:
+    """``write_model``, or with ``calibrate`` (public documents) its calibrated variant."""
+    if calibrate is None:
+        return write_model(tmp, shared, experts, config, top_k, meta, source_dir, max_shard_bytes)
+    from flexmoe.router.calibrate import write_calibrated
+
+    return write_calibrated(
+        tmp, write_model, shared, experts, config, top_k, meta, source_dir, max_shard_bytes, calibrate
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -329,7 +356,14 @@ def _current(model: Path) -> tuple[TensorReader, dict, list[Expert]]:
     meta = load_meta(model)
     reader = TensorReader(model)
     biases = load_file(str(model / BIAS_FILE))
-    return reader, meta, [composed_expert(reader, meta, biases, e) for e in range(len(meta["experts"]))]
+    experts = [composed_expert(reader, meta, biases, e) for e in range(len(meta["experts"]))]
+    from flexmoe.router.calibrate import trained_public_row
+
+    # A calibration holds only for the experts it was solved for: start again from the trained row.
+    trained = trained_public_row(model)
+    if trained is not None:
+        experts[0] = replace(experts[0], row=trained)
+    return reader, meta, experts
 
 
 def _rewrite(
@@ -341,6 +375,7 @@ def _rewrite(
     top_k: int | None,
     force: bool,
     max_shard_bytes: int,
+    calibrate: Sequence[Path] | None = None,
 ) -> dict:
     if Path(out).resolve() == Path(model).resolve():
         raise FlexmoeError(
@@ -348,13 +383,24 @@ def _rewrite(
         )
     reader = TensorReader(model)
     k = resolve_top_k(top_k if top_k is not None else meta["top_k"], len(experts))
-    new_meta = {"anchor": meta["anchor"], "history": meta["history"] + [event]}
+    new_meta = {
+        "anchor": meta["anchor"],
+        "history": meta["history"] + [{**event, "calibrated": calibrate is not None}],
+    }
     for key in ("router_training",):
         if key in meta:
             new_meta[key] = meta[key]
     with atomic_dir(out, force=force) as tmp:
-        return write_model(
-            tmp, reader, experts, meta["anchor"]["config"], k, new_meta, Path(model), max_shard_bytes
+        return _write(
+            tmp,
+            reader,
+            experts,
+            meta["anchor"]["config"],
+            k,
+            new_meta,
+            Path(model),
+            max_shard_bytes,
+            calibrate,
         )
 
 
@@ -366,8 +412,12 @@ def remove(
     top_k: int | None = None,
     force: bool = False,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    calibrate: Sequence[Path] | None = None,
 ) -> dict:
-    """Opt-out: a new model without expert ``name`` (no parameter trained on its data remains)."""
+    """Opt-out: a new model without expert ``name`` (no parameter trained on its data remains).
+
+    With ``calibrate`` the router is recalibrated for the remaining experts; without it a calibrated
+    model returns to its trained router rows."""
     _, meta, experts = _current(model)
     names = [e.name for e in experts]
     if name == PUBLIC:
@@ -380,7 +430,8 @@ def remove(
         raise FlexmoeError(f"{name!r} is the only owner expert.", "use the anchor itself as the model.")
     kept = [e for e in experts if e.name != name]
     k = top_k if top_k is not None else min(meta["top_k"], len(kept))
-    return _rewrite(model, out, kept, meta, _event("remove", expert=name), k, force, max_shard_bytes)
+    event = _event("remove", expert=name)
+    return _rewrite(model, out, kept, meta, event, k, force, max_shard_bytes, calibrate)
 
 
 def add(
@@ -391,17 +442,25 @@ def add(
     top_k: int | None = None,
     force: bool = False,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    calibrate: Sequence[Path] | None = None,
 ) -> dict:
-    """A new model with one more expert (an owner joining late); existing experts are untouched."""
+    """A new model with one more expert (an owner joining late); existing experts are untouched.
+
+    ``calibrate``: as for ``remove``."""
     reader, meta, experts = _current(model)
-    new = package_expert(package, _check_joining(meta, reader, package, {e.name for e in experts}))
-    return _rewrite(
-        model, out, experts + [new], meta, _event("add", expert=new.name), top_k, force, max_shard_bytes
-    )
+    new = package_expert(package, _check_joining(meta, experts[0], package, {e.name for e in experts}))
+    event = _event("add", expert=new.name)
+    return _rewrite(model, out, experts + [new], meta, event, top_k, force, max_shard_bytes, calibrate)
 
 
 def update(
-    model: Path, package: Path, out: Path, *, force: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES
+    model: Path,
+    package: Path,
+    out: Path,
+    *,
+    force: bool = False,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    calibrate: Sequence[Path] | None = None,
 ) -> dict:
     """A new model where the expert of the same name is replaced by a newer package, in place."""
     reader, meta, experts = _current(model)
@@ -411,14 +470,15 @@ def update(
         raise FlexmoeError(
             f"No expert named {name!r} to update in {model}.", "use 'flexmoe add' for a new expert."
         )
-    joining = _check_joining(meta, reader, package, set(names) - {name})
+    joining = _check_joining(meta, experts[0], package, set(names) - {name})
     experts[names.index(name)] = package_expert(package, joining)
-    return _rewrite(model, out, experts, meta, _event("update", expert=name), None, force, max_shard_bytes)
+    event = _event("update", expert=name)
+    return _rewrite(model, out, experts, meta, event, None, force, max_shard_bytes, calibrate)
 
 
-def _check_joining(meta: dict, reader: TensorReader, package: Path, taken: set[str]) -> dict:
-    """A joining package must fit the anchor, have a free name, and share the model's public row.
-    Returns its verified manifest."""
+def _check_joining(meta: dict, public: Expert, package: Path, taken: set[str]) -> dict:
+    """A joining package must fit the anchor, have a free name, and share the model's public row (as
+    trained: before any calibration). Returns its verified manifest."""
     config = meta["anchor"]["config"]
     (m,) = check_packages(meta["anchor"]["fingerprint"], config, [package])
     if m["name"] in taken:
@@ -427,7 +487,7 @@ def _check_joining(meta: dict, reader: TensorReader, package: Path, taken: set[s
             "use 'flexmoe update' to replace it, or rename the new expert.",
         )
     for i in range(config["num_hidden_layers"]):
-        row0 = reader.get(f"model.layers.{i}.mlp.gate.weight")[0]
+        row0 = public.row(i)
         row = read_tensor(Path(package) / pkg.TENSOR_FILE, f"layers.{i}.public_router.weight")
         if not torch.equal(row.to(row0.dtype), row0):
             raise FlexmoeError(

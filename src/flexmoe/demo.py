@@ -36,6 +36,11 @@ class DemoPreset:
     eval_items: int | None
     router_init: str = "embed"
     public_mix: float = 0.3  # share of public sequences in each owner's training (router negatives)
+    rt_steps: int = 30  # router training on the proxy sets (flexolmo_rt)
+    # Hashed n-grams: the MiniLM embedder needs about 45 s per owner for this pool on 2 CPU cores, and
+    # the demo's domains are separable either way (held-out accuracy in the proxy manifests).
+    proxy_features: str = "ngram"
+    proxy_fraction: float = 0.05
 
 
 DEMO_PRESETS = {
@@ -44,7 +49,7 @@ DEMO_PRESETS = {
     # The demo corpora are small (a few MB per domain): step counts keep epochs in single digits.
     "small": DemoPreset("small", "small", 5.0, 200, 60, 40, 64, None),
     # For tests: minutes become seconds; numbers mean nothing.
-    "test": DemoPreset("tiny", "tiny", 0.3, 20, 6, 4, 4, 8, router_init="hidden"),
+    "test": DemoPreset("tiny", "tiny", 0.3, 20, 6, 4, 4, 8, router_init="hidden", rt_steps=2),
 }
 
 
@@ -93,6 +98,11 @@ def run_demo(
         from flexmoe.corpora import build_demo_corpora
 
         steps.run("corpora", build_demo_corpora, data, size_mb=p.size_mb)
+    from flexmoe.audit.demo import PRIVACY_PRESETS, plant_demo_canaries, privacy_section
+
+    privacy = PRIVACY_PRESETS.get(preset)
+    if privacy is not None:  # before any owner trains: the audit needs secrets in the training data
+        plant_demo_canaries(workdir, data, privacy)
     if not anchor.exists():
         from flexmoe.anchor import pretrain
 
@@ -108,9 +118,29 @@ def run_demo(
             embedder=embedder,
         )
     packages = [train_owner(workdir, data, anchor, d, p, steps, quiet) for d in OWNERS]
+    proxies = [select_owner_proxy(workdir, d, p, steps, quiet) for d in OWNERS]
     compose_and_opt_out(models, anchor, packages, steps)
+    router_variants(models, anchor, data, packages, proxies, p, steps, quiet)
     lms = build_baselines(models, anchor, data, p, steps, quiet)
     report = evaluate_all(models, lms, data, anchor, p, steps)
+    if privacy is not None:
+        report["privacy"] = privacy_section(
+            workdir,
+            data,
+            anchor,
+            report,
+            privacy,
+            expert_preset=p.expert,
+            router_init=p.router_init,
+            public_mix=p.public_mix,
+            eval_blocks=p.eval_blocks,
+            eval_items=p.eval_items,
+            steps=steps,
+            quiet=quiet,
+        )
+        report["privacy"]["seconds"] = sum(
+            v for k, v in steps.seconds.items() if k.startswith(("dp expert", "privacy:"))
+        )
     report["preset"] = preset
     report["seconds"] = steps.seconds
     from flexmoe.evaluate.report import write_report
@@ -165,6 +195,80 @@ def compose_and_opt_out(models: Path, anchor: Path, packages: list[Path], steps:
     for d in OWNERS:
         if not (models / f"flexolmo_without_{d}").exists():
             steps.run("opt-out", remove, models / "flexolmo", d, models / f"flexolmo_without_{d}")
+
+
+def select_owner_proxy(workdir: Path, domain: str, p: DemoPreset, steps: Steps, quiet: bool) -> Path:
+    """The owner, on its own machine, picks public documents like its data; only those leave."""
+    from flexmoe.router.proxy import select_proxy
+
+    home = workdir / "owners" / domain
+    out = home / "proxy"
+    if not out.exists():
+        steps.run(
+            f"proxy {domain}",
+            select_proxy,
+            [home / "data"],
+            [home / "public"],
+            out,
+            fraction=p.proxy_fraction,
+            features=p.proxy_features,
+            max_private=500,
+            package=home / "expert",
+            quiet=quiet,
+        )
+    return out
+
+
+# Router training on the proxy sets vs data-free calibration, each also after one owner opts out.
+REMOVED = "legal"
+ROUTER_ROWS = (
+    "flexolmo_rt",
+    "flexolmo_calibrated",
+    f"flexolmo_rt_without_{REMOVED}",
+    f"flexolmo_calibrated_without_{REMOVED}",
+)
+
+
+def router_variants(
+    models: Path,
+    anchor: Path,
+    data: Path,
+    packages: list[Path],
+    proxies: list[Path],
+    p: DemoPreset,
+    steps: Steps,
+    quiet: bool,
+) -> None:
+    from flexmoe.compose import compose, remove
+    from flexmoe.router.train import train_router
+
+    public = [data / "public"]
+    rt, cal = models / "flexolmo_rt", models / "flexolmo_calibrated"
+    if not rt.exists():
+        steps.run(
+            "router training",
+            train_router,
+            models / "flexolmo",
+            proxies,
+            public,
+            rt,
+            steps=p.rt_steps,
+            quiet=quiet,
+        )
+    if not (models / f"flexolmo_rt_without_{REMOVED}").exists():
+        # Opt-out after router training: the owner's FFN and row go, the other trained rows stay.
+        steps.run("opt-out", remove, rt, REMOVED, models / f"flexolmo_rt_without_{REMOVED}")
+    if not cal.exists():
+        steps.run("calibrate", compose, anchor, packages, cal, calibrate=public)
+    if not (models / f"flexolmo_calibrated_without_{REMOVED}").exists():
+        steps.run(
+            "calibrate",
+            remove,
+            cal,
+            REMOVED,
+            models / f"flexolmo_calibrated_without_{REMOVED}",
+            calibrate=public,
+        )
 
 
 def build_baselines(models: Path, anchor: Path, data: Path, p: DemoPreset, steps: Steps, quiet: bool) -> dict:
@@ -255,6 +359,9 @@ def evaluate_all(models: Path, lms: dict, data: Path, anchor: Path, p: DemoPrese
             for d in OWNERS
         }
     )
+    todo.update(
+        {m: (lambda m=m: load_lm(models / m, device=dev)) for m in ROUTER_ROWS if (models / m).exists()}
+    )
     results = {}
     for name, make in todo.items():
         results[name] = steps.run(
@@ -270,7 +377,33 @@ def evaluate_all(models: Path, lms: dict, data: Path, anchor: Path, p: DemoPrese
     from flexmoe.evaluate.tasks import load_tasks
 
     items = {t: len(v[: p.eval_items] if p.eval_items else v) for t, v in load_tasks(data).items()}
-    return {"domains": ["public", *OWNERS], "models": results, "items": items, **findings(results)}
+    return {
+        "domains": ["public", *OWNERS],
+        "models": results,
+        "items": items,
+        **findings(results),
+        "router": router_findings(results),
+    }
+
+
+def router_findings(r: dict) -> list[str]:
+    """Router training and calibration against plain FlexOlmo: average and per-domain perplexity."""
+    out = []
+    pairs = [("flexolmo", m) for m in ROUTER_ROWS[:2]] + [
+        (f"flexolmo_without_{REMOVED}", m) for m in ROUTER_ROWS[2:]
+    ]
+    for base, m in pairs:
+        if base not in r or m not in r:
+            continue
+        ppl = ", ".join(
+            f"{d} {100 * (r[m]['perplexity'][d] / r[base]['perplexity'][d] - 1):+.1f}%"
+            for d in ("public", *OWNERS)
+        )
+        out.append(
+            f"{m} vs {base}: average {r[m]['average']:.1f} vs {r[base]['average']:.1f} "
+            f"({r[m]['average'] - r[base]['average']:+.1f} points); perplexity change per domain: {ppl}."
+        )
+    return out
 
 
 def findings(r: dict) -> dict:

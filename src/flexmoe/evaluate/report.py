@@ -29,6 +29,11 @@ ORDER = [
     "flexolmo",
     "flexolmo_rt",
     "flexolmo_calibrated",
+    "flexolmo_without_code",
+    "flexolmo_without_math",
+    "flexolmo_without_legal",
+    "flexolmo_rt_without_legal",
+    "flexolmo_calibrated_without_legal",
 ]
 
 
@@ -72,9 +77,13 @@ def markdown(report: dict) -> str:
             "for every interval.",
             "",
         ]
-    for key in ("findings", "opt_out"):
+    for key in ("findings", "opt_out", "router"):
         if report.get(key):
             lines += [f"## {key.replace('_', '-').capitalize()}", ""] + [f"- {x}" for x in report[key]] + [""]
+    if report.get("privacy"):
+        from flexmoe.audit.demo import privacy_markdown
+
+        lines += privacy_markdown(report["privacy"])
     if report.get("seconds"):
         lines += ["## Time per step (seconds)", "", "| step | seconds |", "|---|---|"]
         lines += [f"| {k} | {v:.0f} |" for k, v in report["seconds"].items()] + [""]

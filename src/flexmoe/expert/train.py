@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from flexmoe.errors import FlexmoeError
+from flexmoe.expert.privacy import DPConfig
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,7 @@ class ExpertSpec:
     router_init: str = "embed"
     bias_init: float = 0.0
     z_loss: float = 1e-3
+    public_row: str | None = None  # DP only: which published public row to train against (embed/hidden)
 
 
 def check_name(name: str) -> None:
@@ -83,6 +85,7 @@ def train_expert(
     public_mix: float = 0.3,
     fsdp: bool = False,
     activation_checkpointing: bool = False,
+    dp: DPConfig | None = None,
 ) -> dict:
     """Train one owner's expert and write its package to ``out``. Returns the manifest.
 
@@ -91,6 +94,8 @@ def train_expert(
     mine", which is what keeps composed models calibrated (measured in BENCHMARKS.md).
     ``fsdp`` shards the anchor and the expert with FSDP2 (bf16 compute on GPUs) instead of replicating
     them with DDP; ``activation_checkpointing`` trades recomputation for activation memory.
+    ``dp`` (a ``flexmoe.expert.privacy.DPConfig``) trains with DP-SGD instead; its settings are
+    checked, and the noise derived, before the model is loaded.
     """
     from flexmoe.anchor import fingerprint, load_anchor, load_config, resolve
     from flexmoe.data import blocks_for, data_fingerprint, load_splits
@@ -109,6 +114,10 @@ def train_expert(
         check_output_dir(out, force)
         if force:
             clear_checkpoint(work)
+    elif dp is None:
+        from flexmoe.expert.privacy import refuse_dp_checkpoint
+
+        refuse_dp_checkpoint(work / "checkpoint")
     anchor_dir = resolve(anchor)
     config = load_config(anchor_dir)
     check_dense_anchor(config)
@@ -124,12 +133,14 @@ def train_expert(
     splits = load_splits(data)
     tok = load_tokenizer(anchor_dir)
     train_blocks = blocks_for(splits.train, tok, seq_len)
+    own_blocks = len(train_blocks)
     valid_blocks = blocks_for(splits.valid, tok, seq_len)
-    public_info = None
+    public_info, public_docs = None, None
     if public:
         if not 0.0 < public_mix < 1.0:
             raise FlexmoeError(f"--public-mix {public_mix} is not between 0 and 1.", "use e.g. 0.5.")
         pub = load_splits(public)
+        public_docs = pub.train
         pub_blocks = mixed_public_blocks(blocks_for(pub.train, tok, seq_len), len(train_blocks), public_mix)
         train_blocks = torch.cat([train_blocks, pub_blocks])
         public_info = {
@@ -137,6 +148,21 @@ def train_expert(
             "blocks": len(pub_blocks),
             "fingerprint": data_fingerprint(pub.train),
         }
+    dp_units = dp_plan = dp_record = None
+    if dp is not None:
+        from flexmoe.expert import privacy
+
+        privacy.check_router_init(spec.router_init)
+        dp_units = privacy.units_for(
+            dp, train_blocks, own_blocks, splits.train, public_docs, public_mix, tok, seq_len
+        )
+        dp_plan = privacy.make_plan(
+            dp,
+            private_units=dp_units.private,
+            sampled_units=len(dp_units),
+            batch_size=batch_size or p.batch_size,
+            steps=steps or p.steps,
+        )
 
     device = init_distributed()
     torch.manual_seed(seed)
@@ -145,6 +171,8 @@ def train_expert(
     r_pub, r_own = init_rows(
         anchor_dir, model, tok, splits.train, spec.router_init, name=name, seq_len=seq_len
     )
+    if dp is not None:  # the owner row is random (data-free); the public row matches the federation's
+        r_pub = privacy.public_row(anchor_dir, spec.public_row)
     anchored_expert_model(model, r_pub.to(device), r_own.to(device), spec.bias_init)
 
     n_steps = steps or p.steps
@@ -166,20 +194,39 @@ def train_expert(
     def loss_fn(m, batch):
         return lm_loss(m, batch) + spec.z_loss * router_z_loss(model).to(batch.device)
 
-    result = train(
-        model,
-        train_blocks,
-        valid_blocks,
-        cfg,
-        loss_fn=loss_fn,
-        checkpoint_dir=work / "checkpoint",
-        resume=resume,
-        stop_after=stop_after,
-        after_step=lambda: project_biases_(model),
-        desc=f"expert {name}",
-        quiet=quiet,
-        device=device,
-    )
+    if dp is None:
+        result = train(
+            model,
+            train_blocks,
+            valid_blocks,
+            cfg,
+            loss_fn=loss_fn,
+            checkpoint_dir=work / "checkpoint",
+            resume=resume,
+            stop_after=stop_after,
+            after_step=lambda: project_biases_(model),
+            desc=f"expert {name}",
+            quiet=quiet,
+            device=device,
+        )
+    else:
+        result, dp_record = privacy.train_dp(
+            model,
+            dp_units,
+            valid_blocks,
+            cfg,
+            dp,
+            dp_plan,
+            z_loss=spec.z_loss,
+            eval_loss=loss_fn,
+            checkpoint_dir=work / "checkpoint",
+            resume=resume,
+            stop_after=stop_after,
+            after_step=lambda: project_biases_(model),
+            desc=f"expert {name} (DP)",
+            quiet=quiet,
+            device=device,
+        )
     if result.final_valid_loss is None:
         return {"finished": False}
     check_anchor_unchanged(model, anchor_dir)
@@ -211,7 +258,7 @@ def train_expert(
         },
         "valid_loss": {"anchor": anchor_loss, "expert": expert_loss},
         "history": result.history,
-        "dp": None,
+        "dp": dp_record,
     }
     tensors = expert_tensors(model)  # every rank: gathering shards is a collective
     if is_main():

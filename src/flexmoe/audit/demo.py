@@ -1,0 +1,284 @@
+"""The demo's privacy section: DP experts for one owner, their utility, and what leaks from each model.
+
+Canaries are planted into that owner's training data when the demo builds its corpora, so the
+ordinary FlexOlmo expert, the dense fine-tuned baseline and the composed model are audited without
+extra training. The section then trains DP experts for the same owner (same data, same public mix,
+router rows initialised at random: the other inits are statistics of the data outside DP-SGD) and:
+
+- utility: the composed FlexOlmo model with the owner's expert replaced by the DP expert
+  (``flexmoe.compose.update``), scored like the rest of the demo on the owner's test perplexity, the
+  public test perplexity and the owner's cloze task; epsilon = infinity is the ordinary FlexOlmo model;
+- audit: canary exposure, loss membership AUC (training vs held-out blocks) and the extraction rate of
+  the public model, the dense expert, the owner's expert alone (public + owner expert, top-2 of 2; for
+  the ordinary and each DP expert) and the composed model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from flexmoe.audit.extraction import ExtractionConfig
+
+
+@dataclass(frozen=True)
+class PrivacyPreset:
+    owner: str = "legal"
+    epsilons: tuple[float, ...] = (1.0, 8.0)
+    dp_steps: int = 60
+    dp_batch_size: int = 8
+    dp_lr: float | None = None  # None: the expert preset's
+    repeats: tuple[int, ...] = (1, 10, 100)
+    per_repeat: int = 4
+    length: int = 10
+    candidates: int = 1000
+    membership_blocks: int = 64
+    extraction: ExtractionConfig = field(
+        default_factory=lambda: ExtractionConfig(prefix_tokens=32, suffix_tokens=32, samples=2, documents=24)
+    )
+
+
+PRIVACY_PRESETS = {
+    "tiny": PrivacyPreset(),
+    "small": PrivacyPreset(dp_steps=40, dp_batch_size=64),
+    "test": PrivacyPreset(
+        epsilons=(8.0,),
+        dp_steps=2,
+        dp_batch_size=4,
+        repeats=(1, 10),
+        per_repeat=1,
+        candidates=20,
+        membership_blocks=4,
+        extraction=ExtractionConfig(prefix_tokens=8, suffix_tokens=8, samples=1, documents=2),
+    ),
+}
+CANARIES = "canaries.json"
+
+
+def plant_demo_canaries(workdir: Path, data: Path, pp: PrivacyPreset) -> bool:
+    """Plant canaries into the owner's training split before anyone trains on it; returns whether
+    the data holds canaries (a work directory from before this section has none, and keeps none)."""
+    from flexmoe.audit.canaries import make_canaries, plant_jsonl, save_canaries
+
+    if (data / CANARIES).exists():
+        return True
+    trained = (workdir / "owners" / pp.owner / "expert").exists() or (workdir / "models").exists()
+    if trained:
+        return False
+    canaries = make_canaries(pp.repeats, pp.per_repeat, controls=pp.per_repeat, length=pp.length)
+    train = data / pp.owner / "train.jsonl"
+    plant_jsonl(train, train, canaries)
+    save_canaries(data / CANARIES, canaries, pp.length)  # last: its presence means "planted"
+    return True
+
+
+def domain_utility(lm, data: Path, owner: str, seq_len: int, max_blocks: int, max_items: int | None) -> dict:
+    """The owner's and the public test perplexity and the owner's cloze task, computed exactly as
+    ``flexmoe.evaluate.run.evaluate_lm`` does (so the numbers compare with the demo's table)."""
+    from flexmoe.data import read_documents
+    from flexmoe.evaluate.metrics import multiple_choice, perplexity
+    from flexmoe.evaluate.tasks import load_tasks
+
+    out = {"perplexity": {}, "tasks": {}}
+    for d in ("public", owner):
+        out["perplexity"][d] = perplexity(
+            lm, read_documents([data / d / "test.jsonl"]), seq_len, max_blocks=max_blocks
+        )["perplexity"]
+    task = f"{owner}_cloze"
+    items = load_tasks(data)[task]
+    items = items[:max_items] if max_items else items
+    out["tasks"][task] = 100 * multiple_choice(lm, items)["acc_norm"].value
+    return out
+
+
+def privacy_section(
+    workdir: Path,
+    data: Path,
+    anchor: Path,
+    report: dict,
+    pp: PrivacyPreset,
+    *,
+    expert_preset: str,
+    router_init: str,
+    public_mix: float,
+    eval_blocks: int,
+    eval_items: int | None,
+    steps,
+    quiet: bool,
+) -> dict:
+    """Train the DP experts (skipped when they exist), build the models to audit, score and audit."""
+    import math
+
+    from flexmoe.audit.canaries import PREFIX, load_canaries
+    from flexmoe.audit.pipeline import AuditSizes, audit_lm, membership_sets, summary_row
+    from flexmoe.compose import compose, update
+    from flexmoe.data import load_splits, read_documents
+    from flexmoe.evaluate.run import load_lm
+    from flexmoe.expert.privacy import DPConfig
+    from flexmoe.expert.train import EXPERT_PRESETS, ExpertSpec, train_expert
+    from flexmoe.fileio import read_json
+    from flexmoe.tokenizer import load_tokenizer
+
+    owner, models, home = pp.owner, workdir / "models", workdir / "owners" / pp.owner
+    seq_len = EXPERT_PRESETS[expert_preset].seq_len
+    dp_pkgs = {}
+    for eps in pp.epsilons:
+        key = f"eps{eps:g}"
+        dp_pkgs[key] = home / f"expert_dp_{key}"
+        if not dp_pkgs[key].exists():
+            steps.run(
+                f"dp expert {owner} {key}",
+                train_expert,
+                anchor,
+                [home / "data"],
+                owner,
+                dp_pkgs[key],
+                expert_preset,
+                spec=ExpertSpec(
+                    name=owner,
+                    description=f"demo {owner} data, DP",
+                    router_init="random",
+                    public_row=router_init if router_init != "random" else None,
+                ),
+                steps=pp.dp_steps,
+                batch_size=pp.dp_batch_size,
+                lr=pp.dp_lr,
+                public=[home / "public"],
+                public_mix=public_mix,
+                dp=DPConfig(epsilon=eps),
+                quiet=quiet,
+            )
+
+    def built(out: Path, fn, *args) -> Path:
+        if not out.exists():
+            steps.run("privacy: compose", fn, *args, out)
+        return out
+
+    audited = {"public": anchor, f"dense_{owner}": models / f"dense_{owner}", "flexolmo": models / "flexolmo"}
+    audited[f"expert_{owner}"] = built(models / f"expert_{owner}", compose, anchor, [home / "expert"])
+    utility = {"inf": {k: report["models"]["flexolmo"][k] for k in ("perplexity", "tasks")}}
+    for key, pkg in dp_pkgs.items():
+        audited[f"expert_{owner}_dp_{key}"] = built(
+            models / f"expert_{owner}_dp_{key}", compose, anchor, [pkg]
+        )
+        flex = built(models / f"flexolmo_dp_{key}", update, models / "flexolmo", pkg)
+        utility[key.removeprefix("eps")] = steps.run(
+            f"privacy: utility {key}",
+            domain_utility,
+            load_lm(flex),
+            data,
+            owner,
+            seq_len,
+            eval_blocks,
+            eval_items,
+        )
+    pub = report["models"]["public"]
+    for u in utility.values():  # share of the expert's loss reduction on the owner's test data kept
+        gain = math.log(pub["perplexity"][owner] / utility["inf"]["perplexity"][owner])
+        u["owner_loss_gain_kept"] = (
+            math.log(pub["perplexity"][owner] / u["perplexity"][owner]) / gain if gain > 0 else None
+        )
+
+    planted = (data / "canaries.json").exists()
+    canaries, length = load_canaries(data / "canaries.json") if planted else (None, pp.length)
+    trained_on = load_splits([home / "data"]).train  # packed as in training: members are real blocks
+    own_train = [d for d in trained_on if not d.startswith(PREFIX)]
+    held_out = read_documents([data / owner / "valid.jsonl", data / owner / "test.jsonl"])
+    members, non_members = membership_sets(
+        trained_on, held_out, load_tokenizer(anchor), seq_len, pp.membership_blocks
+    )
+    sizes = AuditSizes(
+        candidates=pp.candidates, membership_blocks=pp.membership_blocks, extraction=pp.extraction
+    )
+    audits = {}
+    for name, path in audited.items():
+        if not path.exists():
+            continue
+        audits[name] = steps.run(
+            f"privacy: audit {name}",
+            audit_lm,
+            load_lm(path),
+            canaries=canaries,
+            length=length,
+            members=members,
+            non_members=non_members,
+            extraction_docs=own_train,
+            sizes=sizes,
+        )
+        steps.console.print("   " + "  ".join(f"{k} {v:.3g}" for k, v in summary_row(audits[name]).items()))
+    return {
+        "owner": owner,
+        "canaries_planted": planted,
+        "epsilons": list(pp.epsilons),
+        "dp": {k: read_json(p / "expert.json")["dp"] for k, p in dp_pkgs.items()},
+        "utility": utility,
+        "utility_model": f"flexolmo with the {owner} expert replaced by the DP expert (compose.update)",
+        "audit": {k: {"summary": summary_row(v), **v} for k, v in audits.items()},
+        "audit_sizes": {
+            "candidates": pp.candidates,
+            "membership_blocks": len(members),
+            "extraction": asdict(pp.extraction),
+        },
+        "settings": {"dp_steps": pp.dp_steps, "dp_batch_size": pp.dp_batch_size, "dp_lr": pp.dp_lr},
+    }
+
+
+def privacy_markdown(priv: dict) -> list[str]:
+    """The privacy section of report.md."""
+    owner = priv["owner"]
+    lines = ["## Privacy", ""]
+    lines += [
+        f"Owner **{owner}** trained DP experts (DP-SGD, Opacus; {priv['settings']['dp_steps']} steps of "
+        f"expected batch {priv['settings']['dp_batch_size']}, random router init) besides its ordinary "
+        f"expert. Utility: {priv['utility_model']}; epsilon inf is the ordinary FlexOlmo model.",
+        "",
+        f"| epsilon | spent (delta) | noise multiplier | ppl {owner} | ppl public | {owner}_cloze | "
+        f"{owner} loss gain kept |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for eps, u in priv["utility"].items():
+        dp = priv["dp"].get(f"eps{eps}")
+        spent = f"{dp['epsilon']:.2f} ({dp['delta']:.1g})" if dp else "-"
+        sigma = f"{dp['noise_multiplier']:.3f}" if dp else "0"
+        kept = u.get("owner_loss_gain_kept")
+        lines.append(
+            f"| {eps} | {spent} | {sigma} | {u['perplexity'][owner]:.2f} | {u['perplexity']['public']:.2f} | "
+            f"{u['tasks'][f'{owner}_cloze']:.1f} | {'-' if kept is None else f'{100 * kept:.0f}%'} |"
+        )
+    audit = priv.get("audit", {})
+    if audit:
+        cols = sorted({c for a in audit.values() for c in a["summary"]}, key=_col_order)
+        lines += ["", "| model | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+        for m, a in audit.items():
+            lines.append(f"| {m} | " + " | ".join(_fmt(a["summary"].get(c)) for c in cols) + " |")
+        sizes = priv["audit_sizes"]
+        ex = sizes["extraction"]
+        lines += [
+            "",
+            f"Exposure (bits; Carlini et al.): mean over canaries repeated x0 (controls, never planted: "
+            f"chance, about 1.44), x1, x10, x100 times; rank among {sizes['candidates']} random secrets, "
+            f"so at most {_cap(sizes['candidates']):.2f} bits. Membership: loss-attack AUC on "
+            f"{sizes['membership_blocks']} training vs as many held-out blocks (0.5 = chance). Extraction: "
+            f"share of {ex['documents']} training documents whose {ex['suffix_tokens']}-token continuation "
+            f"one of {ex['samples']} samples from a {ex['prefix_tokens']}-token prefix reproduces "
+            f"(normalised Levenshtein >= {ex['threshold']}). report.json holds every interval.",
+        ]
+    if not priv.get("canaries_planted"):
+        lines += ["", "Canaries were not planted (this work directory predates the privacy section)."]
+    return lines + [""]
+
+
+def _cap(n: int) -> float:
+    import math
+
+    return math.log2(n + 1)
+
+
+def _col_order(c: str) -> tuple:
+    if c.startswith("exposure_x"):
+        return (0, int(c.removeprefix("exposure_x")))
+    return (1, c)
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else f"{v:.2f}"

@@ -1,0 +1,267 @@
+"""Data-free router recalibration when the set of experts changes: public text only, no proxy sets,
+no owner data, deterministic.
+
+The problem: every owner trained a 2-expert model {anchor, own expert} and learned "mine vs public"
+against the anchor's frozen public row. On public text the owner's expert took some share ``s_i`` of
+the routing weight and the anchor the rest. Composed, the experts' claims on public text add up: with
+three owners the anchor keeps far less of public text than any owner trained with, and public text
+is what the anchor's FFN models best (in the tiny demo every 2-expert model has a higher public
+perplexity than the anchor alone). Adding experts makes this worse; removing one changes it again.
+
+The fix: scale the public (anchor) router row of each layer by a factor ``a_l`` so that, on public
+calibration text, the anchor's share of the routing weight in the composed model (with its top-k, not
+renormalised) equals the anchor's share the owners trained with, ``mean_i(1 - s_i)``. Each ``s_i`` is
+measured on the same public text in the 2-expert model rebuilt from the composed checkpoint itself
+(the anchor FFN, expert ``i`` and their rows, every other expert masked), so nothing is needed from
+the owners. The public row is the anchor's mean router input over public text, so its logit is large
+on public-looking tokens and small elsewhere: raising it acts like a bias towards the anchor that is
+strongest exactly where the experts steal public tokens, and leaves the experts' competition on their
+own domains nearly untouched. Only one number per layer is fitted, so a few thousand public tokens
+pin it down; and it lives in the router weights, so stock transformers computes the calibrated model
+exactly (the HF format has no slot for a bias).
+
+The layers are solved in order (a layer's input depends on the layers below it) by bisection on
+``log a_l`` with a fixed number of steps in float64 over a fixed sample of public blocks: the same
+inputs give the same bytes. The row before calibration is kept in ``flexmoe_calibration.safetensors``,
+so the calibration of a model is always recomputed from its trained rows: ``add``/``remove``/``update``
+with ``--calibrate`` give exactly what ``compose --calibrate`` gives for the new set of experts, and
+without ``--calibrate`` they return to the trained rows (a calibration is only valid for the set of
+experts it was solved for).
+
+Tried and rejected (numbers in BENCHMARKS.md): scaling each owner's margin over the anchor so that
+each expert's share on public text matches its 2-expert share made every domain worse; a bias cannot be
+folded into HF weights (no direction of the residual stream is constant enough).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from flexmoe.errors import FlexmoeError
+
+CALIBRATION_FILE = "flexmoe_calibration.safetensors"
+METHOD = "public-row: anchor share on public text matched to the owners' 2-expert training"
+BLOCKS = 8  # 2,048 tokens at the demo's length: one number per layer is pinned down well
+BISECT_STEPS = 40
+LOG_RANGE = 3.0  # a_l within [e^-3, e^3]
+
+
+def calibration_blocks(public: Sequence[Path], tokenizer, seq_len: int, n: int = BLOCKS) -> torch.Tensor:
+    """A fixed sample of public training blocks: documents spread evenly over the corpus."""
+    from flexmoe.data import blocks_for, load_splits
+    from flexmoe.router.embed import sample_docs
+
+    if not public:
+        raise FlexmoeError("--calibrate needs public data.", "pass --public PATH (the public corpus).")
+    docs = load_splits(public).train
+    blocks = blocks_for(sample_docs(docs, max(4 * n, 64)), tokenizer, seq_len)
+    idx = torch.linspace(0, len(blocks) - 1, min(n, len(blocks))).round().long()
+    return blocks[idx]
+
+
+class _Inputs:
+    """Captures what each MoE block's router sees during a forward pass."""
+
+    def __init__(self, blocks):
+        self.seen: dict[int, torch.Tensor] = {}
+        self.hooks = [
+            b.register_forward_pre_hook(lambda m, a, i=i: self.seen.__setitem__(i, a[0].detach()))
+            for i, b in enumerate(blocks)
+        ]
+
+    def close(self) -> None:
+        for h in self.hooks:
+            h.remove()
+
+
+class _Stop(Exception):
+    """Raised by a hook once the wanted layer's input is captured: the layers above are not needed."""
+
+
+@torch.no_grad()
+def router_inputs(model, blocks, x: torch.Tensor, layer: int, batch: int = 8) -> torch.Tensor:
+    """``[tokens, hidden]`` router inputs of one layer (float64) for the blocks ``x``."""
+    seen: list[torch.Tensor] = []
+
+    def hook(module, args):
+        seen.append(args[0].detach().reshape(-1, args[0].shape[-1]).double())
+        raise _Stop
+
+    handle = blocks[layer].register_forward_pre_hook(hook)
+    try:
+        for s in range(0, len(x), batch):
+            try:
+                model(input_ids=x[s : s + batch])
+            except _Stop:
+                pass
+        return torch.cat(seen)
+    finally:
+        handle.remove()
+
+
+def dense_weights(logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """FlexOlmo routing weights from logits: softmax over all experts, top-k kept, not renormalised."""
+    p = logits.softmax(-1)
+    if top_k >= p.shape[-1]:
+        return p
+    v, i = p.topk(top_k, dim=-1)
+    return torch.zeros_like(p).scatter(-1, i, v)
+
+
+def anchor_share(logits: torch.Tensor, top_k: int) -> float:
+    """The anchor's (expert 0's) fraction of the routing weight that was handed out."""
+    w = dense_weights(logits, top_k)
+    return float(w[:, 0].sum() / w.sum())
+
+
+def solve_scale(base: torch.Tensor, target: float, top_k: int) -> float:
+    """``a`` with anchor_share(logits with column 0 scaled by a) == target, by bisection on log a.
+
+    Raising ``a`` raises the anchor's logit wherever the public row points along the input, which on
+    public text is almost every token; if the target is out of reach the nearer end is returned.
+    """
+
+    def share(log_a: float) -> float:
+        lg = base.clone()
+        lg[:, 0] *= torch.tensor(log_a, dtype=torch.float64).exp()
+        return anchor_share(lg, top_k)
+
+    lo, hi = -LOG_RANGE, LOG_RANGE
+    s_lo, s_hi = share(lo), share(hi)
+    if s_lo >= target:
+        return float(torch.tensor(lo).exp())
+    if s_hi <= target:
+        return float(torch.tensor(hi).exp())
+    for _ in range(BISECT_STEPS):
+        mid = (lo + hi) / 2
+        if share(mid) < target:
+            lo = mid
+        else:
+            hi = mid
+    return float(torch.tensor((lo + hi) / 2, dtype=torch.float64).exp())
+
+
+@torch.no_grad()
+def solve(model_dir: Path, public: Sequence[Path], *, n_blocks: int = BLOCKS) -> tuple[list[float], dict]:
+    """Per-layer public-row scales for an (uncalibrated) composed model, and the record to keep."""
+    from flexmoe.compose import load_meta
+    from flexmoe.moe import moe_blocks
+    from flexmoe.router.train import _training_seq_len
+    from flexmoe.runtime import from_pretrained
+
+    torch.manual_seed(0)
+    c = from_pretrained(model_dir, use_bias=False)
+    meta = load_meta(model_dir)
+    x = calibration_blocks(public, c.tokenizer, _training_seq_len(meta), n_blocks)
+    blocks = moe_blocks(c.model)
+    names, top_k = c.names, blocks[0].top_k
+    rows = [torch.cat([r.weight.double() for r in b.router]) for b in blocks]  # [E, H] per layer
+    # 2-expert shares: expert i's weight on public text with only {anchor, i} routable and every token
+    # through both (top-2 of 2, as the owner trained); the runtime's masks give exactly that model.
+    owner_share: dict[str, list[float]] = {}
+    for e, name in enumerate(names[1:], start=1):
+        c.set_experts(include=[name])
+        for b in blocks:
+            b.top_k = len(names)
+        sums = [0.0] * len(blocks)
+        cap = _Inputs(blocks)
+        try:
+            for s in range(0, len(x), 8):
+                c.model(input_ids=x[s : s + 8])
+                for layer in range(len(blocks)):
+                    h = cap.seen[layer].reshape(-1, cap.seen[layer].shape[-1]).double()
+                    sums[layer] += float((h @ rows[layer][[0, e]].T).softmax(-1)[:, 1].sum())
+        finally:
+            cap.close()
+        owner_share[name] = [v / (x.shape[0] * x.shape[1]) for v in sums]
+    for b in blocks:
+        b.top_k = top_k
+    c.set_experts()
+    scales, before, after, targets = [], [], [], []
+    for layer, block in enumerate(blocks):
+        h = router_inputs(c.model, blocks, x, layer)  # depends on the layers already calibrated
+        base = h @ rows[layer].T
+        target = sum(1 - owner_share[n][layer] for n in names[1:]) / max(1, len(names) - 1)
+        a = solve_scale(base, target, top_k)
+        lg = base.clone()
+        lg[:, 0] *= a
+        before.append(anchor_share(base, top_k))
+        after.append(anchor_share(lg, top_k))
+        targets.append(target)
+        scales.append(a)
+        block.router[0].weight.mul_(a)
+    record = {
+        "method": METHOD,
+        "experts": names,
+        "public_row_scale": scales,
+        "anchor_share_on_public": {"before": before, "after": after, "target": targets},
+        "owner_share_on_public_2expert": owner_share,
+        "data": {"blocks": len(x), "seq_len": x.shape[1]},
+        "top_k": top_k,
+    }
+    return scales, record
+
+
+def write_calibrated(
+    tmp: Path,
+    write_model: Callable[..., dict],
+    shared,
+    experts: list,
+    anchor_config: dict,
+    top_k: int,
+    meta: dict,
+    source_dir: Path,
+    max_shard_bytes: int,
+    public: Sequence[Path],
+) -> dict:
+    """Write a calibrated composed model into ``tmp`` with compose's own writer.
+
+    The uncalibrated model is written to a scratch directory first (the calibration runs the model),
+    then the final one with the public row scaled. Both rows pass through the model's dtype first, so
+    the result does not depend on whether the trained row came from a package or from a checkpoint.
+    """
+    from safetensors.torch import save_file
+
+    scratch = Path(tempfile.mkdtemp(prefix=".calibrate-", dir=Path(tmp).parent))
+    try:
+        write_model(scratch, shared, experts, anchor_config, top_k, meta, source_dir, max_shard_bytes)
+        scales, record = solve(scratch, public)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    dtype = shared.get("model.embed_tokens.weight").dtype
+    pub = experts[0]
+    trained = [pub.row(i).to(dtype) for i in range(len(scales))]
+    calibrated = replace(pub, row=lambda i: (trained[i].double() * scales[i]).to(dtype))
+    out = write_model(
+        tmp,
+        shared,
+        [calibrated, *experts[1:]],
+        anchor_config,
+        top_k,
+        {**meta, "router_calibration": record},
+        source_dir,
+        max_shard_bytes,
+    )
+    save_file(
+        {f"model.layers.{i}.mlp.gate.trained_public_row": r.contiguous() for i, r in enumerate(trained)},
+        str(Path(tmp) / CALIBRATION_FILE),
+        metadata={"format": "pt"},
+    )
+    return out
+
+
+def trained_public_row(model: Path) -> Callable[[int], torch.Tensor] | None:
+    """The public row before calibration, if ``model`` is calibrated."""
+    f = Path(model) / CALIBRATION_FILE
+    if not f.is_file():
+        return None
+    from safetensors.torch import load_file
+
+    rows = load_file(str(f))
+    return lambda i: rows[f"model.layers.{i}.mlp.gate.trained_public_row"]
