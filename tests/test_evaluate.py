@@ -8,7 +8,16 @@ import torch
 from transformers import Olmo2Config, Olmo2ForCausalLM
 
 from flexmoe.evaluate import baselines as B
-from flexmoe.evaluate.metrics import HFLM, exact_match, first_number, multiple_choice, perplexity, wilson
+from flexmoe.evaluate.metrics import (
+    HFLM,
+    exact_match,
+    first_number,
+    greedy,
+    multiple_choice,
+    number_finished,
+    perplexity,
+    wilson,
+)
 from flexmoe.evaluate.tasks import load_tasks
 from flexmoe.tokenizer import train_tokenizer
 
@@ -94,6 +103,44 @@ def _tiny_model(seed=0):
             eos_token_id=2,
         )
     ).eval()
+
+
+def test_scoring_only_the_continuation_matches_full_logits():
+    """HFLM projects to the vocabulary only where a score is read; the numbers must not change."""
+    lm = HFLM(_tiny_model(), None)
+    ids = torch.randint(3, 300, (3, 12))
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0  # right padding
+    prefix = torch.tensor([5, 1, 11])
+    full = lm.token_logprobs(ids, mask)
+    part = lm.token_logprobs(ids, mask, prefix)
+    for r, (p, n) in enumerate(zip(prefix.tolist(), mask.sum(1).tolist(), strict=True)):
+        torch.testing.assert_close(part[r, p - 1 : n - 1], full[r, p - 1 : n - 1])
+        assert not part[r, : p - 1].any() and not part[r, n - 1 :].any()
+    last = torch.tensor([11, 8, 4])
+    lm._split = False
+    torch.testing.assert_close(
+        HFLM(lm.model, None).next_logprobs(ids, mask, last), lm.next_logprobs(ids, mask, last)
+    )
+
+
+def test_greedy_stops_only_when_the_number_is_complete(tok):
+    assert number_finished("12 is") and number_finished(" 7\n")
+    assert (
+        not number_finished("12")
+        and not number_finished("12.")
+        and not number_finished("1,")
+        and not number_finished("x")
+    )
+    V = len(tok)
+    logp = torch.full((V,), -30.0)
+    logp[tok(" 42", add_special_tokens=False)["input_ids"][0]] = 0.0
+    lm = UnigramLM(tok, logp.log_softmax(-1))
+    calls = []
+    lm.next_logprobs = lambda ids, mask, last, f=lm.next_logprobs: calls.append(1) or f(ids, mask, last)
+    short = greedy(lm, ["Answer:", "a"], max_new_tokens=8, done=number_finished)
+    assert len(calls) == 2 and all(first_number(g) == "42" for g in short)  # " 42 42": stop after two
+    assert [first_number(g) for g in greedy(lm, ["Answer:", "a"], max_new_tokens=8)] == ["42", "42"]
 
 
 def test_soup_of_identical_models_is_the_model():

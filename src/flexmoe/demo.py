@@ -45,7 +45,7 @@ class DemoPreset:
 
 DEMO_PRESETS = {
     # Sized for 15 minutes on 2 CPU cores, measured step by step in BENCHMARKS.md.
-    "tiny": DemoPreset("tiny", "tiny", 2.0, 300, 150, 40, 32, None),
+    "tiny": DemoPreset("tiny", "tiny", 2.0, 300, 120, 40, 32, 50),
     # The demo corpora are small (a few MB per domain): step counts keep epochs in single digits.
     "small": DemoPreset("small", "small", 5.0, 200, 60, 40, 64, None),
     # For tests: minutes become seconds; numbers mean nothing.

@@ -39,7 +39,7 @@ class PrivacyPreset:
 
 
 PRIVACY_PRESETS = {
-    "tiny": PrivacyPreset(),
+    "tiny": PrivacyPreset(dp_steps=45),
     "small": PrivacyPreset(dp_steps=40, dp_batch_size=64),
     "test": PrivacyPreset(
         epsilons=(8.0,),

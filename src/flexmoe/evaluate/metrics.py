@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -30,18 +30,46 @@ class HFLM:
     def __init__(self, model, tokenizer):
         self.model, self.tokenizer = model.eval(), tokenizer
         self.device = next(model.parameters()).device
+        # Scoring a few positions needs the vocabulary projection only there: for small models the
+        # [B, T, V] logits and their log-softmax cost as much as the whole transformer. Models whose
+        # logits are not a plain projection of the last hidden state (soft-capping) take the full path.
+        cfg = getattr(model, "config", None)
+        self._split = (
+            hasattr(model, "get_decoder")
+            and model.get_output_embeddings() is not None
+            and not getattr(cfg, "final_logit_softcapping", None)
+        )
 
     @torch.no_grad()
     def _logits(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
 
     @torch.no_grad()
+    def _logprobs_at(self, ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor):
+        """Next-token log-probabilities [N, V] at positions (rows[i], cols[i]) only."""
+        h = self.model.get_decoder()(input_ids=ids.to(self.device), attention_mask=mask.to(self.device))
+        h = h.last_hidden_state[rows.to(self.device), cols.to(self.device)]
+        return self.model.get_output_embeddings()(h).float().log_softmax(-1)
+
+    @torch.no_grad()
     def token_logprobs(self, ids: torch.Tensor, mask: torch.Tensor, prefix_len: torch.Tensor | None = None):
-        lp = self._logits(ids, mask)[:, :-1].float().log_softmax(-1)
-        return lp.gather(-1, ids[:, 1:, None].to(lp.device)).squeeze(-1).cpu()
+        """[B, T-1]; with ``prefix_len``, positions before each row's ``prefix_len - 1`` and padding
+        are not scored (left 0): callers read only the continuation."""
+        if prefix_len is None or not self._split:
+            lp = self._logits(ids, mask)[:, :-1].float().log_softmax(-1)
+            return lp.gather(-1, ids[:, 1:, None].to(lp.device)).squeeze(-1).cpu()
+        pos = torch.arange(ids.shape[1] - 1)
+        want = (pos >= (prefix_len[:, None] - 1).clamp_min(0)) & (pos < mask.sum(1, keepdim=True) - 1)
+        rows, cols = want.nonzero(as_tuple=True)
+        lp = self._logprobs_at(ids, mask, rows, cols)
+        out = torch.zeros(ids.shape[0], ids.shape[1] - 1)
+        out[rows, cols] = lp.gather(-1, ids[rows, cols + 1][:, None].to(lp.device)).squeeze(-1).cpu()
+        return out
 
     @torch.no_grad()
     def next_logprobs(self, ids: torch.Tensor, mask: torch.Tensor, last: torch.Tensor):
+        if self._split:
+            return self._logprobs_at(ids, mask, torch.arange(len(ids)), last).cpu()
         logits = self._logits(ids, mask)
         return logits[torch.arange(len(ids)), last.to(logits.device)].float().log_softmax(-1).cpu()
 
@@ -124,6 +152,7 @@ def multiple_choice(lm, items: Sequence[dict], batch_size: int = 32) -> dict[str
             )
             rows.append((i, j, ctx, cont))
     scores = torch.full((len(items), len(items[0]["choices"]) if items else 0), float("-inf"))
+    rows.sort(key=lambda r: len(r[2]) + len(r[3]))  # similar lengths per batch: little padding
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
         ids, mask = _pad([c + d for _, _, c, d in chunk], tok.pad_token_id)
@@ -151,12 +180,22 @@ def first_number(text: str) -> str | None:
 
 
 @torch.no_grad()
-def greedy(lm, prompts: Sequence[str], max_new_tokens: int = 10, batch_size: int = 32) -> list[str]:
-    """Greedy continuations for a batch of prompts (full recompute per step: works for any ``lm``)."""
+def greedy(
+    lm,
+    prompts: Sequence[str],
+    max_new_tokens: int = 10,
+    batch_size: int = 32,
+    done: Callable[[str], bool] | None = None,
+) -> list[str]:
+    """Greedy continuations (full recompute per step: works for any ``lm``). A batch stops early once
+    ``done(text so far)`` holds for each of its rows; prompts are batched by length."""
     tok = lm.tokenizer
-    outs = []
-    for start in range(0, len(prompts), batch_size):
-        seqs = [tok(p)["input_ids"] for p in prompts[start : start + batch_size]]
+    encoded = [tok(p)["input_ids"] for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+    outs: list[str] = [""] * len(prompts)
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        seqs = [encoded[i] for i in idx]
         new = [[] for _ in seqs]
         for _ in range(max_new_tokens):
             cur = [s + n for s, n in zip(seqs, new, strict=True)]
@@ -164,12 +203,22 @@ def greedy(lm, prompts: Sequence[str], max_new_tokens: int = 10, batch_size: int
             nxt = lm.next_logprobs(ids, mask, torch.tensor([len(c) - 1 for c in cur])).argmax(-1)
             for n, t in zip(new, nxt.tolist(), strict=True):
                 n.append(t)
-        outs += [tok.decode(n, skip_special_tokens=True) for n in new]
+            if done and all(done(tok.decode(n, skip_special_tokens=True)) for n in new):
+                break
+        for i, n in zip(idx, new, strict=True):
+            outs[i] = tok.decode(n, skip_special_tokens=True)
     return outs
+
+
+def number_finished(text: str) -> bool:
+    """True once more tokens cannot change ``first_number(text)``: a number followed by a character
+    that cannot continue it."""
+    m = NUMBER.search(text)
+    return m is not None and m.end() < len(text) and text[m.end()] not in ".,/0123456789"
 
 
 def exact_match(lm, items: Sequence[dict], max_new_tokens: int = 10) -> Score:
     """Share of items whose first generated number equals the answer exactly."""
-    gens = greedy(lm, [it["prompt"] for it in items], max_new_tokens)
+    gens = greedy(lm, [it["prompt"] for it in items], max_new_tokens, done=number_finished)
     k = sum(first_number(g) == it["answer"] for g, it in zip(gens, items, strict=True))
     return Score(k / len(items), len(items), *wilson(k, len(items)))
