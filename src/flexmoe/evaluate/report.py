@@ -73,8 +73,8 @@ def markdown(report: dict) -> str:
         lines += [
             "Items per task: "
             + ", ".join(f"{t} {k}" for t, k in n.items())
-            + ". A 95% interval on one task at n=100 and p=0.5 is about +/-10 points; see report.json "
-            "for every interval.",
+            + f". A 95% interval on one task at n={min(n.values())} and p=0.5 is about "
+            f"+/-{98 / min(n.values()) ** 0.5:.0f} points; see report.json for every interval.",
             "",
         ]
     for key in ("findings", "opt_out", "router"):
