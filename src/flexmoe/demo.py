@@ -15,6 +15,8 @@ from pathlib import Path
 
 from rich.console import Console
 
+from flexmoe.fileio import save_pretrained_atomic
+
 OWNERS = ("code", "math", "legal")
 
 
@@ -66,14 +68,6 @@ class Steps:
         out = fn(*args, **kwargs)
         self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t
         return out
-
-
-def _save_hf(model, tokenizer, out: Path) -> None:
-    from flexmoe.fileio import atomic_dir
-
-    with atomic_dir(out, force=True) as tmp:
-        model.save_pretrained(str(tmp), safe_serialization=True)
-        tokenizer.save_pretrained(str(tmp))
 
 
 def run_demo(
@@ -297,10 +291,11 @@ def build_baselines(models: Path, anchor: Path, data: Path, p: DemoPreset, steps
                 seq_len=ep.seq_len,
                 quiet=quiet,
             )
-            _save_hf(m, tok, out)
+            save_pretrained_atomic(m, tok, out)
         dense[d] = load_anchor(out).to(device()).eval()
     if not (models / "model_soup").exists():
-        _save_hf(steps.run("model soup", B.soup, [base, *dense.values()]), tok, models / "model_soup")
+        soup = steps.run("model soup", B.soup, [base, *dense.values()])
+        save_pretrained_atomic(soup, tok, models / "model_soup")
     lms = {"btm": B.BTMLM([HFLM(base, tok)] + [HFLM(m, tok) for m in dense.values()])}
     lms["btx"] = HFLM(
         steps.run(

@@ -83,6 +83,13 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+def save_pretrained_atomic(model, tokenizer, out: Path) -> None:
+    """An HF model directory (safetensors weights + tokenizer) at ``out``, replacing it atomically."""
+    with atomic_dir(out, force=True) as tmp:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+
+
 def write_json(path: Path, obj: Any) -> None:
     """Write JSON atomically, pretty-printed with sorted keys so that diffs and hashes are stable."""
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())

@@ -18,6 +18,7 @@ import torch
 from flexmoe.audit.canaries import PREFIX, Canary, exposure
 from flexmoe.audit.extraction import ExtractionConfig, extraction_attack
 from flexmoe.audit.membership import membership_auc_blocks
+from flexmoe.fileio import save_pretrained_atomic
 
 
 @dataclass
@@ -78,14 +79,6 @@ def summary_row(result: dict) -> dict:
     if "extraction" in result:
         row["extraction_rate"] = result["extraction"]["rate"]
     return row
-
-
-def _save_hf(model, tokenizer, out: Path) -> None:
-    from flexmoe.fileio import atomic_dir
-
-    with atomic_dir(out, force=True) as tmp:
-        model.save_pretrained(str(tmp), safe_serialization=True)
-        tokenizer.save_pretrained(str(tmp))
 
 
 def canary_audit(
@@ -190,7 +183,7 @@ def canary_audit(
                 seq_len=seq_len,
                 quiet=quiet,
             )
-            _save_hf(m, tok, models["dense"])
+            save_pretrained_atomic(m, tok, models["dense"])
     for key, pkg in packages.items():
         models[key] = workdir / "models" / key
         if not models[key].exists():

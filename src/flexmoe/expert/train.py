@@ -194,21 +194,16 @@ def train_expert(
     def loss_fn(m, batch):
         return lm_loss(m, batch) + spec.z_loss * router_z_loss(model).to(batch.device)
 
+    loop = {  # what the plain and the DP training loops share
+        "checkpoint_dir": work / "checkpoint",
+        "resume": resume,
+        "stop_after": stop_after,
+        "after_step": lambda: project_biases_(model),
+        "quiet": quiet,
+        "device": device,
+    }
     if dp is None:
-        result = train(
-            model,
-            train_blocks,
-            valid_blocks,
-            cfg,
-            loss_fn=loss_fn,
-            checkpoint_dir=work / "checkpoint",
-            resume=resume,
-            stop_after=stop_after,
-            after_step=lambda: project_biases_(model),
-            desc=f"expert {name}",
-            quiet=quiet,
-            device=device,
-        )
+        result = train(model, train_blocks, valid_blocks, cfg, loss_fn=loss_fn, desc=f"expert {name}", **loop)
     else:
         result, dp_record = privacy.train_dp(
             model,
@@ -219,13 +214,8 @@ def train_expert(
             dp_plan,
             z_loss=spec.z_loss,
             eval_loss=loss_fn,
-            checkpoint_dir=work / "checkpoint",
-            resume=resume,
-            stop_after=stop_after,
-            after_step=lambda: project_biases_(model),
             desc=f"expert {name} (DP)",
-            quiet=quiet,
-            device=device,
+            **loop,
         )
     if result.final_valid_loss is None:
         return {"finished": False}
