@@ -178,3 +178,17 @@ def test_z_loss_only_in_training():
     b(torch.randn(1, 4, H))
     assert b.z_loss is None
     assert moe_blocks(nn.Sequential(b)) == [b]
+
+
+def test_expert_model_lives_on_the_anchors_device():
+    """Every tensor the wrapper adds (router rows, bias, routing mask) sits where the anchor is: a
+    buffer left on the CPU under a GPU anchor breaks DDP's broadcast (checked on the meta device)."""
+    cfg = Olmo2Config(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2
+    )
+    with torch.device("meta"):
+        model = Olmo2ForCausalLM(cfg)
+        rows = torch.zeros(2, 16)
+    anchored_expert_model(model, rows, rows.clone())
+    where = {t.device.type for t in [*model.parameters(), *model.buffers()]}
+    assert where == {"meta"}

@@ -69,7 +69,11 @@ class FlexMoEBlock(nn.Module):
         # FlexOlmo never renormalises (a lone owner expert must not get weight 1 by default); upcycled,
         # jointly trained MoEs (BTX, unrestricted) do, so that they start exactly at their dense parents.
         self.normalize_topk = normalize_topk
-        self.register_buffer("mask", torch.ones(len(experts), dtype=torch.bool), persistent=False)
+        # On the rows' device: a CPU buffer in a GPU model breaks DDP's parameter/buffer broadcast.
+        device = rows[0].weight.device if rows else None
+        self.register_buffer(
+            "mask", torch.ones(len(experts), dtype=torch.bool, device=device), persistent=False
+        )
         self.z_loss: torch.Tensor | None = None  # set on each forward in training mode
         self.z_tokens: torch.Tensor | None = None  # z-loss per token (x.shape[:-1]), same forwards
         self.balance_loss: torch.Tensor | None = None
