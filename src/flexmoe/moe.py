@@ -50,6 +50,18 @@ class RouterRow(nn.Module):
         self.bias_raw.clamp_(max=0.0)
 
 
+def routing_weights(logits: torch.Tensor, top_k: int, normalize_topk: bool = False) -> torch.Tensor:
+    """Dense ``[..., E]`` weights: softmax over all experts, zero outside the top-k, not renormalised
+    (FlexOlmo; ``normalize_topk`` for upcycled MoEs). At least fp32; float64 logits stay float64."""
+    probs = logits.softmax(dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
+    if top_k >= probs.shape[-1]:
+        return probs
+    top_v, top_i = probs.topk(top_k, dim=-1)
+    if normalize_topk:
+        top_v = top_v / top_v.sum(-1, keepdim=True)
+    return torch.zeros_like(probs).scatter(-1, top_i, top_v)
+
+
 class FlexMoEBlock(nn.Module):
     """Mixture of full-size FFN experts with FlexOlmo routing.
 
@@ -92,15 +104,7 @@ class FlexMoEBlock(nn.Module):
         return logits
 
     def routing_weights(self, logits: torch.Tensor) -> torch.Tensor:
-        """Dense ``[..., E]`` weights: softmax over all experts, zero outside the top-k, not renormalised."""
-        probs = logits.softmax(dim=-1, dtype=torch.float32)
-        k = min(self.top_k, self.num_experts)
-        if k >= self.num_experts:
-            return probs
-        top_v, top_i = probs.topk(k, dim=-1)
-        if self.normalize_topk:
-            top_v = top_v / top_v.sum(-1, keepdim=True)
-        return torch.zeros_like(probs).scatter(-1, top_i, top_v)
+        return routing_weights(logits, self.top_k, self.normalize_topk)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.router_logits(x)

@@ -290,7 +290,16 @@ def make_optimizer(groups: list[dict], cfg: TrainConfig) -> torch.optim.AdamW:
     groups = [g for g in groups if g["params"]]
     if not groups:
         raise FlexmoeError("Nothing to train: every parameter is frozen.", "this is a bug; please report it.")
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, foreach=False)
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, foreach=False)
+    for g in opt.param_groups:  # each group's own peak, scaled by the schedule in set_lr_
+        g["base_lr"] = g["lr"]
+    return opt
+
+
+def set_lr_(opt: torch.optim.Optimizer, cfg: TrainConfig, step: int) -> None:
+    """The schedule's learning rate for ``step``, relative to each group's peak."""
+    for g in opt.param_groups:
+        g["lr"] = g["base_lr"] / cfg.lr * cfg.lr_at(step)
 
 
 def train(
@@ -331,8 +340,6 @@ def train(
         groups = parallel.shard(model, groups, bf16=device.type == "cuda")
     opt = make_optimizer(groups, cfg)
     params = [p for g in opt.param_groups for p in g["params"]]
-    for g in opt.param_groups:
-        g["base_lr"] = g.get("lr", cfg.lr)
 
     step, result = 0, TrainResult()
     ckpt = Path(checkpoint_dir) if checkpoint_dir else None
@@ -363,8 +370,7 @@ def train(
     while step < cfg.steps:
         if stop_after is not None and steps_done >= stop_after:
             break
-        for g in opt.param_groups:
-            g["lr"] = g["base_lr"] / cfg.lr * cfg.lr_at(step)
+        set_lr_(opt, cfg, step)
         step_loss = torch.zeros((), device=device)
         mbs = list(micro_batches(train_blocks, cfg, step))
         for i, mb in enumerate(mbs):

@@ -24,8 +24,6 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
-
 from flexmoe.errors import FlexmoeError
 
 PREFIX = "my secret code is"
@@ -127,19 +125,11 @@ def plant_jsonl(src: Path, dst: Path, canaries: Sequence[Canary], seed: int = 0)
     return added
 
 
-@torch.no_grad()
-def sequence_nll(lm, texts: Sequence[str], batch_size: int = 256) -> list[float]:
+def text_nll(lm, texts: Sequence[str], batch_size: int = 256) -> list[float]:
     """Total negative log-likelihood (nats) of each text's tokens after the first."""
-    from flexmoe.evaluate.metrics import _pad
+    from flexmoe.evaluate.metrics import sequence_nll
 
-    ids = lm.tokenizer(list(texts))["input_ids"]
-    out = []
-    for start in range(0, len(ids), batch_size):
-        chunk = ids[start : start + batch_size]
-        batch, mask = _pad(chunk, lm.tokenizer.pad_token_id)
-        lp = lm.token_logprobs(batch, mask)
-        out += (-(lp * mask[:, 1:].to(lp.dtype)).sum(1)).tolist()
-    return out
+    return sequence_nll(lm, lm.tokenizer(list(texts))["input_ids"], batch_size)[0].tolist()
 
 
 def exposure_from_scores(canary_nll: float, candidate_nll: Sequence[float], space_bits: float) -> dict:
@@ -164,7 +154,7 @@ def exposure(lm, canaries: Sequence[Canary], length: int, candidates: int = 1000
         s = random_secret(rng, length)
         if s not in taken:
             pool.append(s)
-    scores = sequence_nll(lm, [canary_text(s) for s in pool] + [c.text for c in canaries])
+    scores = text_nll(lm, [canary_text(s) for s in pool] + [c.text for c in canaries])
     cand, own = scores[:candidates], scores[candidates:]
     bits = length * math.log2(10)
     per = {

@@ -73,22 +73,20 @@ def plant_demo_canaries(workdir: Path, data: Path, pp: PrivacyPreset) -> bool:
 
 
 def domain_utility(lm, data: Path, owner: str, seq_len: int, max_blocks: int, max_items: int | None) -> dict:
-    """The owner's and the public test perplexity and the owner's cloze task, computed exactly as
-    ``flexmoe.evaluate.run.evaluate_lm`` does (so the numbers compare with the demo's table)."""
-    from flexmoe.data import read_documents
-    from flexmoe.evaluate.metrics import multiple_choice, perplexity
-    from flexmoe.evaluate.tasks import load_tasks
+    """The owner's and the public test perplexity and the owner's cloze task, scored by the demo's
+    own evaluation (so the numbers compare with the demo's table)."""
+    from flexmoe.evaluate.run import evaluate_lm
 
-    out = {"perplexity": {}, "tasks": {}}
-    for d in ("public", owner):
-        out["perplexity"][d] = perplexity(
-            lm, read_documents([data / d / "test.jsonl"]), seq_len, max_blocks=max_blocks
-        )["perplexity"]
-    task = f"{owner}_cloze"
-    items = load_tasks(data)[task]
-    items = items[:max_items] if max_items else items
-    out["tasks"][task] = 100 * multiple_choice(lm, items)["acc_norm"].value
-    return out
+    r = evaluate_lm(
+        lm,
+        data,
+        seq_len=seq_len,
+        max_blocks=max_blocks,
+        max_items=max_items,
+        domains=("public", owner),
+        only_tasks=(f"{owner}_cloze",),
+    )
+    return {"perplexity": r["perplexity"], "tasks": r["tasks"]}
 
 
 def privacy_section(

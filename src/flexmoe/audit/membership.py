@@ -40,20 +40,12 @@ def document_losses(lm, docs: Sequence[str], max_tokens: int = 256, batch_size: 
     return sequence_losses(lm, [x[:max_tokens] for x in tokenize(list(docs), lm.tokenizer)], batch_size)
 
 
-@torch.no_grad()
 def sequence_losses(lm, ids: Sequence[Sequence[int]], batch_size: int = 16) -> list[float]:
     """Mean next-token loss of each token sequence (e.g. the packed blocks a model trained on)."""
-    from flexmoe.evaluate.metrics import _pad
+    from flexmoe.evaluate.metrics import sequence_nll
 
-    ids = [list(x) for x in ids]
-    out = []
-    for start in range(0, len(ids), batch_size):
-        chunk = ids[start : start + batch_size]
-        batch, mask = _pad(chunk, lm.tokenizer.pad_token_id)
-        lp = lm.token_logprobs(batch, mask)
-        valid = mask[:, 1:].to(lp.dtype)
-        out += (-(lp * valid).sum(1) / valid.sum(1).clamp_min(1)).tolist()
-    return out
+    nll, n = sequence_nll(lm, ids, batch_size)
+    return (nll / n.clamp_min(1)).tolist()
 
 
 def membership_auc(lm, members: Sequence[str], non_members: Sequence[str], max_tokens: int = 256) -> dict:

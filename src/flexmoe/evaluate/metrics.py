@@ -113,6 +113,21 @@ def _pad(seqs: Sequence[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tenso
 
 
 @torch.no_grad()
+def sequence_nll(lm, ids: Sequence[Sequence[int]], batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sequence: total next-token NLL (nats) and the number of predicted tokens (padding aside)."""
+    totals, counts = [], []
+    for start in range(0, len(ids), batch_size):
+        batch, mask = _pad([list(x) for x in ids[start : start + batch_size]], lm.tokenizer.pad_token_id)
+        lp = lm.token_logprobs(batch, mask)
+        valid = mask[:, 1:].to(lp.dtype)
+        totals.append(-(lp * valid).sum(1))
+        counts.append(valid.sum(1))
+    if not totals:
+        return torch.zeros(0), torch.zeros(0)
+    return torch.cat(totals), torch.cat(counts)
+
+
+@torch.no_grad()
 def perplexity(
     lm, docs: Sequence[str], seq_len: int, batch_size: int = 16, max_blocks: int | None = 64
 ) -> dict:

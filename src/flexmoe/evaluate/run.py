@@ -22,11 +22,14 @@ def evaluate_lm(
     max_blocks: int | None = 64,
     max_items: int | None = None,
     progress=None,
+    domains: Sequence[str] = DOMAINS,
+    only_tasks: Sequence[str] | None = None,
 ) -> dict:
     """Scores of one model: ``{"perplexity": {domain: float}, "tasks": {task: float}, "average": float,
-    "details": {...}}``; task scores and the average are percentages."""
+    "details": {...}}``; task scores and the average are percentages. ``domains`` and ``only_tasks``
+    narrow what is scored (default: every demo domain and task present)."""
     data_dir = Path(data_dir)
-    domains = [d for d in DOMAINS if (data_dir / d / "test.jsonl").is_file()]
+    domains = [d for d in domains if (data_dir / d / "test.jsonl").is_file()]
     ppl, tasks, details = {}, {}, {"perplexity": {}, "tasks": {}}
     for d in domains:
         r = perplexity(lm, read_documents([data_dir / d / "test.jsonl"]), seq_len, max_blocks=max_blocks)
@@ -35,6 +38,8 @@ def evaluate_lm(
         if progress:
             progress(f"perplexity {d} {r['perplexity']:.2f}")
     for name, items in load_tasks(data_dir).items():
+        if only_tasks is not None and name not in only_tasks:
+            continue
         items = items[:max_items] if max_items else items
         if name.endswith("_cloze"):
             s = multiple_choice(lm, items)

@@ -474,6 +474,7 @@ def train_dp(
         load_checkpoint,
         make_optimizer,
         save_checkpoint,
+        set_lr_,
     )
 
     device = device or next(model.parameters()).device
@@ -497,8 +498,6 @@ def train_dp(
     mode = resolve_clipping(dp.clipping, device, sum(p.numel() for p in params), physical)
 
     opt = make_optimizer([{"params": params}], cfg)
-    for g in opt.param_groups:
-        g["base_lr"] = g.get("lr", cfg.lr)
     secret = dp.noise_seed if dp.noise_seed is not None else secrets.randbits(62)
 
     step, result = 0, TrainResult()
@@ -563,8 +562,7 @@ def train_dp(
             while step < last:
                 if stop_after is not None and steps_done >= stop_after:
                     break
-                for g in opt.param_groups:
-                    g["lr"] = g["base_lr"] / cfg.lr * cfg.lr_at(step)
+                set_lr_(opt, cfg, step)
                 sampler = torch.Generator().manual_seed(_seed(secret, step, 0))
                 ids, labels = poisson_batch(units, plan.sample_rate, sampler)
                 loss_sum = _dp_backward(

@@ -105,18 +105,11 @@ def router_inputs(model, blocks, x: torch.Tensor, layer: int, batch: int = 8) ->
         handle.remove()
 
 
-def dense_weights(logits: torch.Tensor, top_k: int) -> torch.Tensor:
-    """FlexOlmo routing weights from logits: softmax over all experts, top-k kept, not renormalised."""
-    p = logits.softmax(-1)
-    if top_k >= p.shape[-1]:
-        return p
-    v, i = p.topk(top_k, dim=-1)
-    return torch.zeros_like(p).scatter(-1, i, v)
-
-
 def anchor_share(logits: torch.Tensor, top_k: int) -> float:
     """The anchor's (expert 0's) fraction of the routing weight that was handed out."""
-    w = dense_weights(logits, top_k)
+    from flexmoe.moe import routing_weights
+
+    w = routing_weights(logits, top_k)
     return float(w[:, 0].sum() / w.sum())
 
 

@@ -111,7 +111,7 @@ def train_router(
     """
     from flexmoe.compose import _current, _event, _rewrite, load_meta
     from flexmoe.fileio import check_output_dir
-    from flexmoe.moe import router_z_loss
+    from flexmoe.moe import moe_blocks, router_z_loss
     from flexmoe.router.calibrate import trained_public_row
     from flexmoe.router.proxy import load_proxy
     from flexmoe.runtime import from_pretrained
@@ -151,7 +151,7 @@ def train_router(
     trained_public = trained_public_row(model)
     if trained_public is not None:
         with torch.no_grad():
-            for i, block in enumerate(_blocks(net)):
+            for i, block in enumerate(moe_blocks(net)):
                 block.router[0].weight.copy_(trained_public(i).view(1, -1))
     seq_len = seq_len or _training_seq_len(meta)
     train_blocks, valid_blocks, data_info = training_blocks(
@@ -191,7 +191,7 @@ def train_router(
         device=device,
     )
     check_frozen(net, before)
-    layers = [[row.weight.detach().view(-1).cpu() for row in block.router] for block in _blocks(net)]
+    layers = [[row.weight.detach().view(-1).cpu() for row in block.router] for block in moe_blocks(net)]
     names = composed.names
     _, meta, experts = _current(model)
     if [e.name for e in experts] != names:
@@ -220,12 +220,6 @@ def train_router(
     )
     clear_checkpoint(work)
     return new
-
-
-def _blocks(model):
-    from flexmoe.moe import moe_blocks
-
-    return moe_blocks(model)
 
 
 def _training_seq_len(meta: dict, default: int = 256) -> int:
