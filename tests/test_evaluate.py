@@ -18,6 +18,7 @@ from flexmoe.evaluate.metrics import (
     perplexity,
     wilson,
 )
+from flexmoe.evaluate.run import evaluate_lm
 from flexmoe.evaluate.tasks import load_tasks
 from flexmoe.tokenizer import train_tokenizer
 
@@ -214,6 +215,23 @@ def test_tasks_come_from_test_split_only(demo_data):
             else:
                 assert it["prompt"].endswith("Answer:")
                 assert any(it["prompt"][-80:] + " " + it["answer"] in t for t in test_docs)
+
+
+def test_evaluate_lm_scores_only_what_is_asked(demo_data, tok):
+    V = len(tok)
+    lm = UnigramLM(tok, torch.full((V,), -math.log(V)))
+    r = evaluate_lm(
+        lm,
+        demo_data,
+        seq_len=8,
+        max_blocks=2,
+        max_items=2,
+        domains=("public", "legal"),
+        only_tasks=("legal_cloze",),
+    )
+    assert list(r["perplexity"]) == ["public", "legal"] and list(r["tasks"]) == ["legal_cloze"]
+    assert r["perplexity"]["legal"] == pytest.approx(V, rel=1e-5)  # uniform model: perplexity = V
+    assert r["average"] == r["tasks"]["legal_cloze"]
 
 
 def test_demo_end_to_end_at_reduced_size(tmp_path):
