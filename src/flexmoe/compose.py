@@ -46,6 +46,7 @@ TOKENIZER_FILES = (
     "tokenizer_config.json",
     "special_tokens_map.json",
     "generation_config.json",
+    "chat_template.jinja",  # the chat template of a post-trained anchor (transformers 5 keeps it here)
 )
 REMOTE_CODE = Path(__file__).parent / "hf_remote" / "modeling_flexmoe.py"
 
@@ -79,6 +80,7 @@ class Expert:
     ffn: Callable[[int, str], torch.Tensor]  # (layer, proj) -> weight
     row: Callable[[int], torch.Tensor]  # layer -> router row [H]
     bias: Callable[[int], float]  # layer -> bias (<= 0)
+    delta_file: Path | None = None  # post-trained experts: their shared tensors' deltas (compose_shared)
 
 
 def anchor_expert(reader: TensorReader, public_row: Callable[[int], torch.Tensor], manifest: dict) -> Expert:
@@ -110,17 +112,22 @@ def package_expert(path: Path, manifest: dict | None = None) -> Expert:
         lambda i, p: read_tensor(f, f"layers.{i}.{p}.weight"),
         lambda i: read_tensor(f, f"layers.{i}.router.weight"),
         lambda i: float(read_tensor(f, f"layers.{i}.router.bias")),
+        Path(path) / pkg.SHARED_FILE if manifest.get("shared_deltas") else None,
     )
 
 
 def composed_expert(reader: TensorReader, meta: dict, biases: dict[str, torch.Tensor], e: int) -> Expert:
+    from flexmoe.compose_shared import SHARED_DIR
+
     info = meta["experts"][e]
+    delta = reader.path / SHARED_DIR / f"{info['name']}.safetensors"
     return Expert(
         info["name"],
         info["manifest"],
         lambda i, p: reader.get(f"model.layers.{i}.mlp.experts.{e}.{p}.weight"),
         lambda i: reader.get(f"model.layers.{i}.mlp.gate.weight")[e],
         lambda i: float(biases[f"model.layers.{i}.mlp.bias"][e]),
+        delta if e and delta.is_file() else None,
     )
 
 
@@ -282,11 +289,13 @@ def compose(
     force: bool = False,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     calibrate: Sequence[Path] | None = None,
+    shared_merge: str = "mean",
 ) -> dict:
     """Compose the anchor and expert packages into one model at ``out``. Returns ``flexmoe.json``.
 
     ``calibrate`` (public documents) recalibrates the router for this set of experts
-    (``flexmoe.router.calibrate``)."""
+    (``flexmoe.router.calibrate``). ``shared_merge`` (mean or ties) merges the shared tensors that
+    post-trained experts changed (``flexmoe.compose_shared``)."""
     from flexmoe.anchor import resolve
 
     anchor = resolve(anchor)
@@ -314,8 +323,23 @@ def compose(
             _event("compose", experts=[m["name"] for m in manifests], calibrated=calibrate is not None)
         ],
     }
+    shared, experts = _merged_shared(reader, experts, meta, shared_merge, anchor, fresh=True)
     with atomic_dir(out, force=force) as tmp:
-        return _write(tmp, reader, experts, config, k, meta, anchor, max_shard_bytes, calibrate)
+        return _write(tmp, shared, experts, config, k, meta, anchor, max_shard_bytes, calibrate)
+
+
+def _merged_shared(reader, experts: list[Expert], meta: dict, method: str | None, anchor, fresh: bool):
+    """With post-trained experts (or a model that had them): the anchor's shared tensors and FFN slot
+    merged with the experts' deltas, recorded in ``meta`` (mutated). Otherwise ``reader`` unchanged."""
+    from flexmoe import compose_shared as cs
+
+    if not (meta.get("shared_merge") or any(e.delta_file for e in experts[1:])):
+        return reader, experts
+    method = method or meta.get("shared_merge", {}).get("method", "mean")
+    base = reader if fresh else cs.anchor_reader(meta)
+    merged = cs.MergedReader(base, [e.delta_file for e in experts[1:]], method)
+    meta["shared_merge"] = cs.record(experts[1:], method, anchor if fresh else base.path)
+    return merged, [anchor_expert(merged, experts[0].row, experts[0].manifest)] + experts[1:]
 
 
 def _write(
@@ -329,14 +353,20 @@ def _write(
     max_shard_bytes: int,
     calibrate: Sequence[Path] | None,
 ) -> dict:
-    """``write_model``, or with ``calibrate`` (public documents) its calibrated variant."""
-    if calibrate is None:
-        return write_model(tmp, shared, experts, config, top_k, meta, source_dir, max_shard_bytes)
-    from flexmoe.router.calibrate import write_calibrated
+    """``write_model``, or with ``calibrate`` (public documents) its calibrated variant; then the
+    experts' shared deltas are kept beside the weights (exact opt-out re-merges from them)."""
+    from flexmoe.compose_shared import keep_deltas
 
-    return write_calibrated(
-        tmp, write_model, shared, experts, config, top_k, meta, source_dir, max_shard_bytes, calibrate
-    )
+    if calibrate is None:
+        meta = write_model(tmp, shared, experts, config, top_k, meta, source_dir, max_shard_bytes)
+    else:
+        from flexmoe.router.calibrate import write_calibrated
+
+        meta = write_calibrated(
+            tmp, write_model, shared, experts, config, top_k, meta, source_dir, max_shard_bytes, calibrate
+        )
+    keep_deltas(tmp, experts[1:])
+    return meta
 
 
 # --------------------------------------------------------------------------------------------------
@@ -387,9 +417,10 @@ def _rewrite(
         "anchor": meta["anchor"],
         "history": meta["history"] + [{**event, "calibrated": calibrate is not None}],
     }
-    for key in ("router_training",):
+    for key in ("router_training", "shared_merge"):
         if key in meta:
             new_meta[key] = meta[key]
+    reader, experts = _merged_shared(reader, experts, new_meta, None, None, fresh=False)
     with atomic_dir(out, force=force) as tmp:
         return _write(
             tmp,

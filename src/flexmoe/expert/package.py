@@ -25,6 +25,7 @@ from flexmoe.errors import FlexmoeError
 from flexmoe.fileio import atomic_dir, read_json, sha256_file, write_json
 
 TENSOR_FILE = "expert.safetensors"
+SHARED_FILE = "shared_delta.safetensors"  # post-training: shared tensors' change from the anchor
 MANIFEST = "expert.json"
 FORMAT = "flexmoe-expert/1"
 FFN = ("gate_proj", "up_proj", "down_proj")
@@ -46,16 +47,36 @@ def expert_tensors(model) -> dict[str, torch.Tensor]:
     return out
 
 
-def write_package(out: Path, tensors: dict[str, torch.Tensor], manifest: dict, force: bool = False) -> dict:
-    """Write a package atomically; fills in the format, hashes, version and creation time."""
+def write_package(
+    out: Path,
+    tensors: dict[str, torch.Tensor],
+    manifest: dict,
+    force: bool = False,
+    shared_deltas: dict[str, torch.Tensor] | None = None,
+) -> dict:
+    """Write a package atomically; fills in the format, hashes, version and creation time.
+
+    ``shared_deltas`` (post-training stages that train shared tensors: trained minus anchor, under the
+    anchor's tensor names) go into ``shared_delta.safetensors``, hashed like the expert file."""
     with atomic_dir(out, force=force) as tmp:
         save_file(tensors, str(tmp / TENSOR_FILE), metadata={"format": "pt"})
+        files = [TENSOR_FILE]
+        if shared_deltas:
+            save_file(shared_deltas, str(tmp / SHARED_FILE), metadata={"format": "pt"})
+            files.append(SHARED_FILE)
+            manifest = {
+                **manifest,
+                "shared_deltas": {
+                    "file": SHARED_FILE,
+                    "tensors": {k: list(v.shape) for k, v in sorted(shared_deltas.items())},
+                },
+            }
         manifest = {
             **manifest,
             "format": FORMAT,
             "flexmoe_version": __version__,
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "files": {TENSOR_FILE: sha256_file(tmp / TENSOR_FILE)},
+            "files": {f: sha256_file(tmp / f) for f in files},
             "tensors": {
                 k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
                 for k, v in sorted(tensors.items())
@@ -99,6 +120,15 @@ def verify(path: Path) -> dict:
         raise FlexmoeError(
             f"{path}: tensors differ from the manifest.", "ask the owner to re-send the package."
         )
+    if manifest.get("shared_deltas"):
+        if SHARED_FILE not in manifest["files"]:
+            raise FlexmoeError(f"{path}: {SHARED_FILE} is not hashed in {MANIFEST}.", "do not use this package.")
+        with safe_open(str(path / SHARED_FILE), "pt") as sf:
+            found = {k: list(sf.get_slice(k).get_shape()) for k in sf.keys()}
+        if found != manifest["shared_deltas"]["tensors"]:
+            raise FlexmoeError(
+                f"{path}: shared deltas differ from the manifest.", "ask the owner to re-send the package."
+            )
     return manifest
 
 

@@ -1,0 +1,332 @@
+"""Post-training: chat data and template, assistant-only masking, progressive unfreezing, GRPO,
+shared-tensor merging and exact opt-out, and the stock-transformers chat export."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from flexmoe.errors import FlexmoeError
+
+# --------------------------------------------------------------------------------------------------
+# Chat data
+
+
+def _write(path: Path, rows) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize(
+    "row, words",
+    [
+        ({"messages": [{"role": "bot", "content": "x"}]}, "unknown role 'bot'"),
+        ({"messages": []}, "empty"),
+        ({"messages": [{"role": "user", "content": "hi"}]}, "no assistant turn"),
+        ({"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "x"}]}, "non-string"),
+        ({"text": "hello"}, "no list field 'messages'"),
+        ("{not json", "not valid JSON"),
+    ],
+)
+def test_chat_validation_names_file_and_line(tmp_path, row, words):
+    from flexmoe.chat import read_chat_file
+
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    f = _write(tmp_path / "c.jsonl", [good, row])
+    with pytest.raises(FlexmoeError) as e:
+        read_chat_file(f)
+    assert f"{f}:2" in str(e.value) and words in str(e.value)
+
+
+def test_demo_chat_sets_are_deterministic_and_tasks_held_out(tmp_path):
+    from flexmoe.chat import chat_splits
+    from flexmoe.chat_data import build_chat_sets, correct, read_tasks
+
+    a = build_chat_sets(tmp_path / "a", n_train=120, n_tasks=20)
+    build_chat_sets(tmp_path / "b", n_train=120, n_tasks=20)
+    for d in a:
+        for split in ("train", "valid", "tasks", "rl"):
+            assert (tmp_path / "a" / d / f"{split}.jsonl").read_bytes() == (tmp_path / "b" / d / f"{split}.jsonl").read_bytes()
+        train, _ = chat_splits(tmp_path / "a" / d)
+        trained = {c[-2]["content"] for c in train}
+        for split in ("tasks", "rl"):
+            tasks = read_tasks(tmp_path / "a" / d / f"{split}.jsonl")
+            assert tasks and not trained & {t["messages"][-1]["content"] for t in tasks}
+    # the answer checks accept the reference replies' form and reject wrong answers
+    assert correct("3 + 4 = 7. The answer is 7.", "7", "number") and not correct("The answer is 8.", "7", "number")
+    assert correct("`'stone'.upper()` evaluates to STONE.", "STONE", "exact")
+    assert not correct("`len('stone')` evaluates to 4.", "5", "exact")
+    assert correct("The licensee is Acme.", "Acme", "contains") and not correct("Acmeo", "Acme", "contains")
+
+
+# --------------------------------------------------------------------------------------------------
+# Template and masking
+
+
+@pytest.fixture(scope="module")
+def chat_tok(demo_data):
+    from flexmoe.chat import add_chat_template
+    from flexmoe.data import load_splits
+    from flexmoe.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(load_splits([demo_data / "public"]).train[:200], vocab_size=400)
+    assert add_chat_template(tok) == 2
+    return tok
+
+
+def test_template_renders_olmo3_style_and_masks_assistant_tokens_only(chat_tok):
+    from flexmoe.chat import IM_END, encode_conversation, prompt_ids
+
+    conv = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is 2 + 2?"},
+        {"role": "assistant", "content": "4"},
+        {"role": "user", "content": "And 3 + 3?"},
+        {"role": "assistant", "content": "It is 6."},
+    ]
+    text = chat_tok.apply_chat_template(conv, tokenize=False)
+    assert text == (
+        "<|bos|><|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is 2 + 2?<|im_end|>\n"
+        "<|im_start|>assistant\n4<|im_end|>\n<|im_start|>user\nAnd 3 + 3?<|im_end|>\n"
+        "<|im_start|>assistant\nIt is 6.<|im_end|>\n"
+    )
+    ids, mask = encode_conversation(chat_tok, conv)
+    assert chat_tok.decode(ids) == text  # our encoding renders exactly the template
+    end = chat_tok.convert_tokens_to_ids(IM_END)
+    trained = [t for t, m in zip(ids, mask, strict=True) if m]
+    assert chat_tok.decode(trained) == f"4{IM_END}It is 6.{IM_END}"
+    assert trained.count(end) == 2 and sum(mask) == len(trained)
+    # the generation prompt is the template's, up to the assistant header
+    p = prompt_ids(chat_tok, conv[:2])
+    assert chat_tok.decode(p) == chat_tok.apply_chat_template(conv[:2], tokenize=False, add_generation_prompt=True)
+
+
+def test_chat_blocks_carry_the_mask_and_the_loss_ignores_prompts(chat_tok):
+    from flexmoe.chat import chat_blocks, encode_conversation, split_labels
+
+    conv = [{"role": "user", "content": "hello there"}, {"role": "assistant", "content": "hi"}]
+    ids, mask = encode_conversation(chat_tok, conv)
+    blocks = chat_blocks([conv] * 4, chat_tok, len(ids))
+    inp, labels = split_labels(blocks)
+    assert inp[0].tolist() == ids
+    assert [lab != -100 for lab in labels[0].tolist()] == mask
+
+
+def test_new_chat_rows_start_at_the_mean_embedding(tmp_path, demo_data):
+    from transformers import AutoModelForCausalLM
+
+    from conftest import make_anchor_dir
+    from flexmoe.chat import add_chat_template
+    from flexmoe.data import load_splits
+    from flexmoe.tokenizer import load_tokenizer
+
+    anchor = make_anchor_dir(tmp_path / "a", "olmo2", load_splits([demo_data / "public"]).train[:100])
+    model, tok = AutoModelForCausalLM.from_pretrained(str(anchor)), load_tokenizer(anchor)
+    n = len(tok)
+    old_in = model.get_input_embeddings().weight[:n].mean(0).clone()
+    add_chat_template(tok, model)
+    emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    assert emb.shape[0] == head.shape[0] == n + 2
+    assert torch.allclose(emb[n], old_in) and torch.allclose(emb[n + 1], old_in)
+    assert torch.allclose(head[n], head[:n].mean(0))
+
+
+# --------------------------------------------------------------------------------------------------
+# Progressive unfreezing: exact trainable sets
+
+
+def _groups(model, stage, freeze):
+    from flexmoe.expert.stages import _group, select_parameters
+
+    select_parameters(model, stage, freeze)
+    on = {_group(n) for n, p in model.named_parameters() if p.requires_grad}
+    off = {_group(n) for n, p in model.named_parameters() if not p.requires_grad}
+    return on, off
+
+
+def test_each_stage_trains_exactly_its_parameter_set(tmp_path, demo_data):
+    from conftest import make_anchor_dir
+    from flexmoe.data import load_splits
+    from flexmoe.expert.stages import expert_model
+
+    docs = load_splits([demo_data / "public"]).train[:100]
+    anchor = make_anchor_dir(tmp_path / "a", "olmo2", docs)
+    model, _ = expert_model(anchor, owner_docs=docs[:20])
+    own = {"owner FFN", "owner router row"}
+    everything = {"owner FFN", "owner router row", "public router row", "anchor FFN", "embeddings and LM head", "attention", "norms"}
+    assert _groups(model, "mid", False) == (own, everything - own)
+    assert _groups(model, "sft", False) == (own | {"embeddings and LM head"}, everything - own - {"embeddings and LM head"})
+    assert _groups(model, "rl", False) == (everything - {"public router row"}, {"public router row"})
+    for stage in ("mid", "sft", "rl"):
+        assert _groups(model, stage, True) == (own, everything - own)
+    # names, not only groups: sft trains the embedding and head matrices and nothing else shared
+    from flexmoe.expert.stages import select_parameters
+
+    select_parameters(model, "sft", False)
+    shared_on = {n for n, p in model.named_parameters() if p.requires_grad and ".mlp.experts.1." not in n and ".mlp.router.1." not in n}
+    assert shared_on == {"model.embed_tokens.weight", "lm_head.weight"}
+
+
+# --------------------------------------------------------------------------------------------------
+# GRPO pieces
+
+
+def test_group_advantages_and_clipped_loss():
+    from flexmoe.expert.grpo import clipped_pg_loss, group_advantages
+
+    adv = group_advantages(torch.tensor([[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0]]))
+    assert torch.allclose(adv[0], torch.tensor([1.0, -1.0, -1.0, 1.0]), atol=1e-4)
+    assert torch.equal(adv[1], torch.zeros(4))  # nothing to learn from a group that all agree
+    mask = torch.tensor([[True, True, False]])
+    logp = torch.zeros(1, 3, requires_grad=True)
+    clipped_pg_loss(logp, torch.zeros(1, 3), torch.tensor([2.0]), mask, 0.2).backward()
+    assert torch.allclose(logp.grad, torch.tensor([[-1.0, -1.0, 0.0]]))  # raises the good reply, padding ignored
+    # beyond the clip range a positive advantage gives no more gradient
+    far = torch.full((1, 3), 0.5, requires_grad=True)
+    clipped_pg_loss(far, torch.zeros(1, 3), torch.tensor([1.0]), mask, 0.2).backward()
+    assert torch.equal(far.grad, torch.zeros(1, 3))
+
+
+# --------------------------------------------------------------------------------------------------
+# Merging
+
+
+def test_mean_merge_counts_the_anchor_and_ties_keeps_lone_changes():
+    from flexmoe.compose_shared import merge_mean, merge_ties
+
+    base = torch.zeros(4)
+    d1, d2 = torch.tensor([3.0, 0.0, 1.0, -1.0]), torch.tensor([3.0, 0.0, -2.0, 0.0])
+    assert torch.allclose(merge_mean(base, [d1, d2], 2), torch.tensor([2.0, 0.0, -1 / 3, -1 / 3]))
+    assert torch.allclose(merge_mean(base, [d1], 3), d1 / 4)  # two experts without a change dilute it
+    t = merge_ties(base, [d1, d2], 2, density=1.0)
+    assert torch.allclose(t, torch.tensor([3.0, 0.0, -2.0, -1.0]))  # sign election, disjoint mean
+    assert torch.allclose(merge_ties(base, [d1], 3, density=1.0), d1)  # a lone change is kept whole
+    assert torch.count_nonzero(merge_ties(torch.zeros(10), [torch.arange(10.0)], 1, density=0.2)) == 2
+
+
+# --------------------------------------------------------------------------------------------------
+# End to end on a tiny anchor: anchor SFT, stages, compose, exact opt-out, stock export
+
+
+@pytest.fixture(scope="module")
+def post(tmp_path_factory, tiny_anchor):
+    from flexmoe.anchor_sft import sft_anchor
+    from flexmoe.chat_data import build_chat_sets
+    from flexmoe.expert.stages import settings_for, train_stage
+
+    root = tmp_path_factory.mktemp("post")
+    chat = root / "chat"
+    build_chat_sets(chat, n_train=60, n_tasks=8)
+    anchor = root / "anchor-sft"
+    sft_anchor(tiny_anchor, chat / "public", anchor, steps=3, batch_size=4, seq_len=64, quiet=True)
+    pk = {}
+    small = {"steps": 2, "batch_size": 4, "seq_len": 64}
+    for d in ("code", "math", "legal"):
+        pk[d] = root / d
+        train_stage(anchor, chat / d, d, pk[d], settings_for("sft", **small), public=chat / "public", quiet=True)
+    pk["math-frozen"] = root / "math-frozen"
+    train_stage(anchor, chat / "math", "math", pk["math-frozen"], settings_for("sft", freeze_shared=True, **small), quiet=True)
+    pk["math-rl"] = root / "math-rl"
+    rl = settings_for("rl", steps=1, batch_size=2, grpo={"group_size": 2, "max_new_tokens": 4})
+    train_stage(anchor, chat / "math", "math", pk["math-rl"], rl, from_package=pk["math"], quiet=True)
+    return {"anchor": anchor, "chat": chat, "root": root, **pk}
+
+
+def test_anchor_sft_publishes_a_chat_template(post):
+    from flexmoe.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(post["anchor"])
+    assert "<|im_start|>user" in tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+    cfg = json.loads((post["anchor"] / "config.json").read_text())
+    assert cfg["vocab_size"] == len(tok)
+
+
+def test_packages_carry_exactly_the_shared_deltas_their_stage_trained(post):
+    from flexmoe.expert.package import SHARED_FILE, verify
+
+    m = verify(post["math"])
+    assert set(m["shared_deltas"]["tensors"]) == {"model.embed_tokens.weight", "lm_head.weight"}
+    assert SHARED_FILE in m["files"] and m["stage"]["trainable"] == ["embeddings and LM head", "owner FFN", "owner router row"]
+    frozen = verify(post["math-frozen"])
+    assert "shared_deltas" not in frozen and not (post["math-frozen"] / SHARED_FILE).exists()
+    rl = verify(post["math-rl"])
+    assert rl["stage"]["from"]["stage"] == "sft" and [s["stage"] for s in rl["stages"]] == ["sft", "rl"]
+    assert {"attention", "norms", "anchor FFN"} <= set(rl["stage"]["trainable"])  # rl unfroze everything
+    # a tampered delta file is refused
+    bad = post["root"] / "bad"
+    import shutil
+
+    shutil.copytree(post["math"], bad)
+    with open(bad / SHARED_FILE, "r+b") as f:
+        f.seek(-4, 2)
+        f.write(b"\x00\x01\x02\x03")
+    with pytest.raises(FlexmoeError):
+        verify(bad)
+
+
+def _tensors(model_dir: Path) -> dict[str, bytes]:
+    out = {}
+    for f in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as sf:
+            for k in sf.keys():
+                t = sf.get_tensor(k)
+                out[f"{f.name}:{k}" if f.name.startswith("flexmoe") else k] = (str(t.dtype), tuple(t.shape), t.numpy().tobytes())
+    return out
+
+
+@pytest.mark.parametrize("method", ["mean", "ties"])
+def test_opt_out_after_post_training_is_bit_identical(post, tmp_path, method):
+    from flexmoe.compose import compose, remove
+
+    a, b, c = post["code"], post["math"], post["legal"]
+    full = compose(post["anchor"], [a, b, c], tmp_path / "abc", shared_merge=method)
+    assert full["shared_merge"]["method"] == method and set(full["shared_merge"]["deltas"]) == {"code", "math", "legal"}
+    remove(tmp_path / "abc", "math", tmp_path / "ac-removed")
+    compose(post["anchor"], [a, c], tmp_path / "ac", shared_merge=method)
+    got, want = _tensors(tmp_path / "ac-removed"), _tensors(tmp_path / "ac")
+    assert got.keys() == want.keys() and all(got[k] == want[k] for k in want)
+    # and the merge really changed shared tensors (so the test could fail)
+    anchor = _tensors(post["anchor"])
+    assert got["model.embed_tokens.weight"] != anchor["model.embed_tokens.weight"]
+    assert not (tmp_path / "ac-removed" / "flexmoe_shared" / "math.safetensors").exists()
+
+
+def test_mean_merge_is_the_plain_average_over_anchor_and_experts(post, tmp_path):
+    from safetensors.torch import load_file
+
+    from flexmoe.compose import compose
+
+    compose(post["anchor"], [post["code"], post["math"]], tmp_path / "m")
+    base = load_file(str(post["anchor"] / "model.safetensors"))["lm_head.weight"]
+    deltas = [load_file(str(post[d] / "shared_delta.safetensors"))["lm_head.weight"] for d in ("code", "math")]
+    merged = load_file(str(tmp_path / "m" / "model.safetensors"))["lm_head.weight"]
+    assert torch.allclose(merged, (base + (base + deltas[0]) + (base + deltas[1])) / 3, atol=1e-6)
+
+
+def test_composed_export_has_a_working_chat_template_in_stock_transformers(post, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from flexmoe.compose import compose
+
+    compose(post["anchor"], [post["code"], post["math"]], tmp_path / "m")
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "m"))
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "m"))
+    assert type(model).__name__ == "FlexOlmoForCausalLM"
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": "What is 2 + 2?"}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )["input_ids"]
+    assert tok.decode(ids[0]).endswith("<|im_start|>assistant\n")
+    assert int(ids[0, 1]) == tok.convert_tokens_to_ids("<|im_start|>")
+    out = model.generate(ids, max_new_tokens=3, do_sample=False)
+    assert out.shape[1] > ids.shape[1]
+
+
+def test_stage_refuses_an_anchor_without_chat_template(tiny_anchor, post, tmp_path):
+    from flexmoe.expert.stages import settings_for, train_stage
+
+    with pytest.raises(FlexmoeError, match="no chat template"):
+        train_stage(tiny_anchor, post["chat"] / "math", "m", tmp_path / "x", settings_for("sft", steps=1))
