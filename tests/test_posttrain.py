@@ -213,7 +213,17 @@ def test_mean_merge_counts_the_anchor_and_ties_keeps_lone_changes():
 
 
 @pytest.fixture(scope="module")
-def post(tmp_path_factory, tiny_anchor):
+def base_anchor(tmp_path_factory, demo_data):
+    """A random tiny OLMo 2 anchor (seconds to build; post-training logic does not need a good one)."""
+    from conftest import make_anchor_dir
+    from flexmoe.data import load_splits
+
+    root = tmp_path_factory.mktemp("base")
+    return make_anchor_dir(root / "anchor", "olmo2", load_splits([demo_data / "public"]).train[:100])
+
+
+@pytest.fixture(scope="module")
+def post(tmp_path_factory, base_anchor):
     from flexmoe.anchor_sft import sft_anchor
     from flexmoe.chat_data import build_chat_sets
     from flexmoe.expert.stages import settings_for, train_stage
@@ -222,7 +232,7 @@ def post(tmp_path_factory, tiny_anchor):
     chat = root / "chat"
     build_chat_sets(chat, n_train=60, n_tasks=8)
     anchor = root / "anchor-sft"
-    sft_anchor(tiny_anchor, chat / "public", anchor, steps=3, batch_size=4, seq_len=64, quiet=True)
+    sft_anchor(base_anchor, chat / "public", anchor, steps=3, batch_size=4, seq_len=64, quiet=True)
     pk = {}
     small = {"steps": 2, "batch_size": 4, "seq_len": 64}
     for d in ("code", "math", "legal"):
@@ -325,8 +335,8 @@ def test_composed_export_has_a_working_chat_template_in_stock_transformers(post,
     assert out.shape[1] > ids.shape[1]
 
 
-def test_stage_refuses_an_anchor_without_chat_template(tiny_anchor, post, tmp_path):
+def test_stage_refuses_an_anchor_without_chat_template(base_anchor, post, tmp_path):
     from flexmoe.expert.stages import settings_for, train_stage
 
     with pytest.raises(FlexmoeError, match="no chat template"):
-        train_stage(tiny_anchor, post["chat"] / "math", "m", tmp_path / "x", settings_for("sft", steps=1))
+        train_stage(base_anchor, post["chat"] / "math", "m", tmp_path / "x", settings_for("sft", steps=1))

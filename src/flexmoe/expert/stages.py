@@ -181,7 +181,7 @@ def stage_data(s: StageSettings, data: Path, public: Path | None, tok) -> tuple[
         tasks = read_tasks(data / "rl.jsonl" if Path(data).is_dir() else data)
         idx = torch.arange(len(tasks)).view(-1, 1)
         text = [m["content"] for t in tasks for m in t["messages"]]
-        return idx, idx[: min(len(idx), 16)], text, {"tasks": len(tasks), "fingerprint": data_fingerprint(text)}
+        return idx, idx[: min(len(idx), 8)], text, {"tasks": len(tasks), "fingerprint": data_fingerprint(text)}
     if s.stage == "mid":
         splits = load_splits([data])
         train, valid, own = blocks_for(splits.train, tok, s.seq_len), blocks_for(splits.valid, tok, s.seq_len), splits.train
