@@ -50,14 +50,18 @@ def test_demo_chat_sets_are_deterministic_and_tasks_held_out(tmp_path):
     build_chat_sets(tmp_path / "b", n_train=120, n_tasks=20)
     for d in a:
         for split in ("train", "valid", "tasks", "rl"):
-            assert (tmp_path / "a" / d / f"{split}.jsonl").read_bytes() == (tmp_path / "b" / d / f"{split}.jsonl").read_bytes()
+            assert (tmp_path / "a" / d / f"{split}.jsonl").read_bytes() == (
+                tmp_path / "b" / d / f"{split}.jsonl"
+            ).read_bytes()
         train, _ = chat_splits(tmp_path / "a" / d)
         trained = {c[-2]["content"] for c in train}
         for split in ("tasks", "rl"):
             tasks = read_tasks(tmp_path / "a" / d / f"{split}.jsonl")
             assert tasks and not trained & {t["messages"][-1]["content"] for t in tasks}
     # the answer checks accept the reference replies' form and reject wrong answers
-    assert correct("3 + 4 = 7. The answer is 7.", "7", "number") and not correct("The answer is 8.", "7", "number")
+    assert correct("3 + 4 = 7. The answer is 7.", "7", "number") and not correct(
+        "The answer is 8.", "7", "number"
+    )
     assert correct("`'stone'.upper()` evaluates to STONE.", "STONE", "exact")
     assert not correct("`len('stone')` evaluates to 4.", "5", "exact")
     assert correct("The licensee is Acme.", "Acme", "contains") and not correct("Acmeo", "Acme", "contains")
@@ -102,7 +106,9 @@ def test_template_renders_olmo3_style_and_masks_assistant_tokens_only(chat_tok):
     assert trained.count(end) == 2 and sum(mask) == len(trained)
     # the generation prompt is the template's, up to the assistant header
     p = prompt_ids(chat_tok, conv[:2])
-    assert chat_tok.decode(p) == chat_tok.apply_chat_template(conv[:2], tokenize=False, add_generation_prompt=True)
+    assert chat_tok.decode(p) == chat_tok.apply_chat_template(
+        conv[:2], tokenize=False, add_generation_prompt=True
+    )
 
 
 def test_chat_blocks_carry_the_mask_and_the_loss_ignores_prompts(chat_tok):
@@ -117,9 +123,9 @@ def test_chat_blocks_carry_the_mask_and_the_loss_ignores_prompts(chat_tok):
 
 
 def test_new_chat_rows_start_at_the_mean_embedding(tmp_path, demo_data):
+    from conftest import make_anchor_dir
     from transformers import AutoModelForCausalLM
 
-    from conftest import make_anchor_dir
     from flexmoe.chat import add_chat_template
     from flexmoe.data import load_splits
     from flexmoe.tokenizer import load_tokenizer
@@ -150,6 +156,7 @@ def _groups(model, stage, freeze):
 
 def test_each_stage_trains_exactly_its_parameter_set(tmp_path, demo_data):
     from conftest import make_anchor_dir
+
     from flexmoe.data import load_splits
     from flexmoe.expert.stages import expert_model
 
@@ -157,9 +164,20 @@ def test_each_stage_trains_exactly_its_parameter_set(tmp_path, demo_data):
     anchor = make_anchor_dir(tmp_path / "a", "olmo2", docs)
     model, _ = expert_model(anchor, owner_docs=docs[:20])
     own = {"owner FFN", "owner router row"}
-    everything = {"owner FFN", "owner router row", "public router row", "anchor FFN", "embeddings and LM head", "attention", "norms"}
+    everything = {
+        "owner FFN",
+        "owner router row",
+        "public router row",
+        "anchor FFN",
+        "embeddings and LM head",
+        "attention",
+        "norms",
+    }
     assert _groups(model, "mid", False) == (own, everything - own)
-    assert _groups(model, "sft", False) == (own | {"embeddings and LM head"}, everything - own - {"embeddings and LM head"})
+    assert _groups(model, "sft", False) == (
+        own | {"embeddings and LM head"},
+        everything - own - {"embeddings and LM head"},
+    )
     assert _groups(model, "rl", False) == (everything - {"public router row"}, {"public router row"})
     for stage in ("mid", "sft", "rl"):
         assert _groups(model, stage, True) == (own, everything - own)
@@ -167,7 +185,11 @@ def test_each_stage_trains_exactly_its_parameter_set(tmp_path, demo_data):
     from flexmoe.expert.stages import select_parameters
 
     select_parameters(model, "sft", False)
-    shared_on = {n for n, p in model.named_parameters() if p.requires_grad and ".mlp.experts.1." not in n and ".mlp.router.1." not in n}
+    shared_on = {
+        n
+        for n, p in model.named_parameters()
+        if p.requires_grad and ".mlp.experts.1." not in n and ".mlp.router.1." not in n
+    }
     assert shared_on == {"model.embed_tokens.weight", "lm_head.weight"}
 
 
@@ -184,7 +206,9 @@ def test_group_advantages_and_clipped_loss():
     mask = torch.tensor([[True, True, False]])
     logp = torch.zeros(1, 3, requires_grad=True)
     clipped_pg_loss(logp, torch.zeros(1, 3), torch.tensor([2.0]), mask, 0.2).backward()
-    assert torch.allclose(logp.grad, torch.tensor([[-1.0, -1.0, 0.0]]))  # raises the good reply, padding ignored
+    assert torch.allclose(
+        logp.grad, torch.tensor([[-1.0, -1.0, 0.0]])
+    )  # raises the good reply, padding ignored
     # beyond the clip range a positive advantage gives no more gradient
     far = torch.full((1, 3), 0.5, requires_grad=True)
     clipped_pg_loss(far, torch.zeros(1, 3), torch.tensor([1.0]), mask, 0.2).backward()
@@ -216,6 +240,7 @@ def test_mean_merge_counts_the_anchor_and_ties_keeps_lone_changes():
 def base_anchor(tmp_path_factory, demo_data):
     """A random tiny OLMo 2 anchor (seconds to build; post-training logic does not need a good one)."""
     from conftest import make_anchor_dir
+
     from flexmoe.data import load_splits
 
     root = tmp_path_factory.mktemp("base")
@@ -237,9 +262,18 @@ def post(tmp_path_factory, base_anchor):
     small = {"steps": 2, "batch_size": 4, "seq_len": 64}
     for d in ("code", "math", "legal"):
         pk[d] = root / d
-        train_stage(anchor, chat / d, d, pk[d], settings_for("sft", **small), public=chat / "public", quiet=True)
+        train_stage(
+            anchor, chat / d, d, pk[d], settings_for("sft", **small), public=chat / "public", quiet=True
+        )
     pk["math-frozen"] = root / "math-frozen"
-    train_stage(anchor, chat / "math", "math", pk["math-frozen"], settings_for("sft", freeze_shared=True, **small), quiet=True)
+    train_stage(
+        anchor,
+        chat / "math",
+        "math",
+        pk["math-frozen"],
+        settings_for("sft", freeze_shared=True, **small),
+        quiet=True,
+    )
     pk["math-rl"] = root / "math-rl"
     rl = settings_for("rl", steps=1, batch_size=2, grpo={"group_size": 2, "max_new_tokens": 4})
     train_stage(anchor, chat / "math", "math", pk["math-rl"], rl, from_package=pk["math"], quiet=True)
@@ -260,7 +294,11 @@ def test_packages_carry_exactly_the_shared_deltas_their_stage_trained(post):
 
     m = verify(post["math"])
     assert set(m["shared_deltas"]["tensors"]) == {"model.embed_tokens.weight", "lm_head.weight"}
-    assert SHARED_FILE in m["files"] and m["stage"]["trainable"] == ["embeddings and LM head", "owner FFN", "owner router row"]
+    assert SHARED_FILE in m["files"] and m["stage"]["trainable"] == [
+        "embeddings and LM head",
+        "owner FFN",
+        "owner router row",
+    ]
     frozen = verify(post["math-frozen"])
     assert "shared_deltas" not in frozen and not (post["math-frozen"] / SHARED_FILE).exists()
     rl = verify(post["math-rl"])
@@ -284,7 +322,11 @@ def _tensors(model_dir: Path) -> dict[str, bytes]:
         with safe_open(str(f), "pt") as sf:
             for k in sf.keys():
                 t = sf.get_tensor(k)
-                out[f"{f.name}:{k}" if f.name.startswith("flexmoe") else k] = (str(t.dtype), tuple(t.shape), t.numpy().tobytes())
+                out[f"{f.name}:{k}" if f.name.startswith("flexmoe") else k] = (
+                    str(t.dtype),
+                    tuple(t.shape),
+                    t.numpy().tobytes(),
+                )
     return out
 
 
@@ -294,7 +336,11 @@ def test_opt_out_after_post_training_is_bit_identical(post, tmp_path, method):
 
     a, b, c = post["code"], post["math"], post["legal"]
     full = compose(post["anchor"], [a, b, c], tmp_path / "abc", shared_merge=method)
-    assert full["shared_merge"]["method"] == method and set(full["shared_merge"]["deltas"]) == {"code", "math", "legal"}
+    assert full["shared_merge"]["method"] == method and set(full["shared_merge"]["deltas"]) == {
+        "code",
+        "math",
+        "legal",
+    }
     remove(tmp_path / "abc", "math", tmp_path / "ac-removed")
     compose(post["anchor"], [a, c], tmp_path / "ac", shared_merge=method)
     got, want = _tensors(tmp_path / "ac-removed"), _tensors(tmp_path / "ac")
@@ -312,7 +358,9 @@ def test_mean_merge_is_the_plain_average_over_anchor_and_experts(post, tmp_path)
 
     compose(post["anchor"], [post["code"], post["math"]], tmp_path / "m")
     base = load_file(str(post["anchor"] / "model.safetensors"))["lm_head.weight"]
-    deltas = [load_file(str(post[d] / "shared_delta.safetensors"))["lm_head.weight"] for d in ("code", "math")]
+    deltas = [
+        load_file(str(post[d] / "shared_delta.safetensors"))["lm_head.weight"] for d in ("code", "math")
+    ]
     merged = load_file(str(tmp_path / "m" / "model.safetensors"))["lm_head.weight"]
     assert torch.allclose(merged, (base + (base + deltas[0]) + (base + deltas[1])) / 3, atol=1e-6)
 
@@ -327,7 +375,10 @@ def test_composed_export_has_a_working_chat_template_in_stock_transformers(post,
     model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "m"))
     assert type(model).__name__ == "FlexOlmoForCausalLM"
     ids = tok.apply_chat_template(
-        [{"role": "user", "content": "What is 2 + 2?"}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        [{"role": "user", "content": "What is 2 + 2?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
     )["input_ids"]
     assert tok.decode(ids[0]).endswith("<|im_start|>assistant\n")
     assert int(ids[0, 1]) == tok.convert_tokens_to_ids("<|im_start|>")

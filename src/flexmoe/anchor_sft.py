@@ -52,17 +52,38 @@ def sft_anchor(
     tok = load_tokenizer(base)
     added = add_chat_template(tok, model)
     if seq_len > model.config.max_position_embeddings:
-        raise FlexmoeError(f"--seq-len {seq_len} exceeds the anchor's limit.", f"use at most {model.config.max_position_embeddings}.")
-    train_blocks, valid_blocks = chat_blocks(train_convs, tok, seq_len), chat_blocks(valid_convs, tok, seq_len)
+        raise FlexmoeError(
+            f"--seq-len {seq_len} exceeds the anchor's limit.",
+            f"use at most {model.config.max_position_embeddings}.",
+        )
+    train_blocks, valid_blocks = (
+        chat_blocks(train_convs, tok, seq_len),
+        chat_blocks(valid_convs, tok, seq_len),
+    )
     cfg = TrainConfig(
-        steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, min_lr_ratio=0.0,
-        warmup_steps=max(1, round(0.03 * steps)), eval_every=max(1, steps // 4), eval_batches=4,
-        checkpoint_every=max(1, steps // 5), log_every=max(1, steps // 10), seed=seed,
-    )  # fmt: skip
+        steps=steps,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        lr=lr,
+        min_lr_ratio=0.0,
+        warmup_steps=max(1, round(0.03 * steps)),
+        eval_every=max(1, steps // 4),
+        eval_batches=4,
+        checkpoint_every=max(1, steps // 5),
+        log_every=max(1, steps // 10),
+        seed=seed,
+    )
     result = train(
-        model, train_blocks, valid_blocks, cfg, loss_fn=chat_loss, checkpoint_dir=work / "checkpoint",
-        resume=resume, desc="anchor sft", quiet=quiet,
-    )  # fmt: skip
+        model,
+        train_blocks,
+        valid_blocks,
+        cfg,
+        loss_fn=chat_loss,
+        checkpoint_dir=work / "checkpoint",
+        resume=resume,
+        desc="anchor sft",
+        quiet=quiet,
+    )
     if result.final_valid_loss is None:
         return {"finished": False}
     rendered = [tok.apply_chat_template(c, tokenize=False) for c in train_convs]

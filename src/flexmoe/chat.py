@@ -96,7 +96,9 @@ def chat_splits(path: Path | str) -> tuple[list[Conversation], list[Conversation
     elif path.is_file() and path.suffix == ".jsonl":
         train, valid = read_chat_file(path), []
     else:
-        raise FlexmoeError(f"{path} is not a chat file or directory.", "pass a .jsonl file or a directory with train.jsonl.")
+        raise FlexmoeError(
+            f"{path} is not a chat file or directory.", "pass a .jsonl file or a directory with train.jsonl."
+        )
     if not train:
         raise FlexmoeError(f"{path} holds no conversations.", "add at least one conversation.")
     if not valid:
@@ -124,7 +126,9 @@ def add_chat_template(tokenizer, model=None) -> int:
         old = model.get_input_embeddings().weight.shape[0]
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
         with torch.no_grad():
-            for emb in {id(e): e for e in (model.get_input_embeddings(), model.get_output_embeddings())}.values():
+            for emb in {
+                id(e): e for e in (model.get_input_embeddings(), model.get_output_embeddings())
+            }.values():
                 emb.weight[old:] = emb.weight[:old].mean(0)
     return added
 
@@ -133,7 +137,8 @@ def require_chat_tokens(tokenizer, where: str) -> None:
     if not has_chat_tokens(tokenizer) or not tokenizer.chat_template:
         raise FlexmoeError(
             f"{where} has no chat template.",
-            "post-train the anchor first: flexmoe anchor train --stage sft --anchor A --chat DIR --out A-sft.",
+            "post-train the anchor first: "
+            "flexmoe anchor train --stage sft --anchor A --chat DIR --out A-sft.",
         )
 
 
@@ -233,7 +238,9 @@ def generate(
 
 
 def reply_text(tokenizer, ids: Sequence[int]) -> str:
-    return tokenizer.decode([t for t in ids if t != tokenizer.convert_tokens_to_ids(IM_END)], skip_special_tokens=False)
+    return tokenizer.decode(
+        [t for t in ids if t != tokenizer.convert_tokens_to_ids(IM_END)], skip_special_tokens=False
+    )
 
 
 def well_formed(tokenizer, ids: Sequence[int]) -> bool:

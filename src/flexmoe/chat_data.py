@@ -30,9 +30,19 @@ SYSTEM = "You are a helpful assistant."
 
 _WORDS = "apple river stone cloud tiger lamp garden window silver paper forest candle bridge".split()
 _OPPOSITES = {
-    "hot": "cold", "big": "small", "up": "down", "fast": "slow", "light": "dark", "open": "closed",
-    "early": "late", "high": "low", "full": "empty", "old": "new", "wet": "dry", "hard": "soft",
-}  # fmt: skip
+    "hot": "cold",
+    "big": "small",
+    "up": "down",
+    "fast": "slow",
+    "light": "dark",
+    "open": "closed",
+    "early": "late",
+    "high": "low",
+    "full": "empty",
+    "old": "new",
+    "wet": "dry",
+    "hard": "soft",
+}
 _NAMES = "Acme Borealis Cobalt Dunmore Everly Fairfax Granite Halcyon Ironwood Juniper Keystone Lumen".split()
 _ROLES = (("licensor", "licensee"), ("lessor", "lessee"), ("employer", "employee"), ("seller", "buyer"))
 
@@ -48,10 +58,19 @@ def _math(rng: random.Random) -> tuple[str, str, str]:
 def _code(rng: random.Random) -> tuple[str, str, str]:
     w, a, b = rng.choice(_WORDS), rng.randint(1, 9), rng.randint(1, 9)
     expr = rng.choice(
-        [f"len('{w}')", f"{a} * {b}", f"max({a}, {b})", f"'{w}'.upper()", f"'{w}'[:{a % 4 + 1}]", f"{a + b} // {b}"]
+        [
+            f"len('{w}')",
+            f"{a} * {b}",
+            f"max({a}, {b})",
+            f"'{w}'.upper()",
+            f"'{w}'[:{a % 4 + 1}]",
+            f"{a + b} // {b}",
+        ]
     )
     value = eval(expr, {"__builtins__": {"len": len, "max": max}})  # noqa: S307  our own template, no input
-    q = rng.choice([f"What does `{expr}` evaluate to in Python?", f"In Python, what is the value of `{expr}`?"])
+    q = rng.choice(
+        [f"What does `{expr}` evaluate to in Python?", f"In Python, what is the value of `{expr}`?"]
+    )
     return q, f"`{expr}` evaluates to {value}.", str(value)
 
 
@@ -145,13 +164,23 @@ def read_tasks(path: Path) -> list[dict]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise FlexmoeError(f"{where} is not valid JSON ({e.msg}).", "write one JSON object per line.") from e
-        if not isinstance(row, dict) or not isinstance(row.get("answer"), str) or row.get("check") not in CHECKS.values():
+            raise FlexmoeError(
+                f"{where} is not valid JSON ({e.msg}).", "write one JSON object per line."
+            ) from e
+        if (
+            not isinstance(row, dict)
+            or not isinstance(row.get("answer"), str)
+            or row.get("check") not in CHECKS.values()
+        ):
             raise FlexmoeError(
                 f"{where} needs a string 'answer' and 'check' in number/exact/contains.",
                 'write {"messages": [...], "answer": "7", "check": "number"}.',
             )
-        msgs = row["messages"] + [{"role": "assistant", "content": "?"}] if isinstance(row.get("messages"), list) else None
+        msgs = (
+            row["messages"] + [{"role": "assistant", "content": "?"}]
+            if isinstance(row.get("messages"), list)
+            else None
+        )
         check_conversation({"messages": msgs}, where)
         rows.append(row)
     if not rows:

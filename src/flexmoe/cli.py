@@ -65,7 +65,7 @@ def data_demo(
 @anchor_app.command("train")
 def anchor_train(
     data: Path = typer.Option(
-        ..., "--data", help="Public corpus: a directory (train/valid files) or a file."
+        None, "--data", help="Public corpus: a directory (train/valid files) or a file."
     ),
     out: Path = typer.Option(..., "--out", help="Anchor directory to create (HF checkpoint)."),
     preset: str = typer.Option("tiny", help="Model size: tiny (CPU, <3 min), small or base (GPU)."),
@@ -74,8 +74,18 @@ def anchor_train(
     vocab_size: int = typer.Option(None, help="Override the preset's tokenizer vocabulary size."),
     resume: bool = typer.Option(False, help="Continue an interrupted run from its last checkpoint."),
     force: bool = typer.Option(False, help="Replace --out (and any interrupted run) if it exists."),
+    stage: str = typer.Option(None, help="sft: post-train --anchor for chat on --chat (adds the template)."),
+    base: str = typer.Option(None, "--anchor", help="With --stage sft: the pretrained anchor to post-train."),
+    chat: Path = typer.Option(None, "--chat", help="With --stage sft: public chat data (JSONL messages)."),
+    lr: float = typer.Option(1e-3, help="With --stage sft: peak learning rate."),
 ) -> None:
-    """Pretrain a dense OLMo 2 anchor and its byte-level BPE tokenizer from scratch."""
+    """Pretrain a dense OLMo 2 anchor and its byte-level BPE tokenizer from scratch; or, with
+    --stage sft, post-train an anchor for chat."""
+    if stage is not None:
+        _anchor_sft(stage, base, chat, out, steps=steps, lr=lr, seed=seed, resume=resume, force=force)
+        return
+    if data is None:
+        raise FlexmoeError("No --data given.", "pass --data PUBLIC (or --stage sft, --anchor, --chat).")
     from flexmoe.anchor import pretrain
 
     s = pretrain(data, out, preset, seed=seed, steps=steps, vocab_size=vocab_size, resume=resume, force=force)
@@ -83,6 +93,24 @@ def anchor_train(
         console.print(
             f"validation loss {s['valid_loss']:.4f} (perplexity {s['valid_perplexity']:.1f}); "
             f"unigram baseline {s['unigram_valid_loss']:.4f}; "
+            f"{s['tokens_seen']:,} tokens in {s['seconds']:.0f}s"
+        )
+        console.print(f"wrote {out}  fingerprint {s['fingerprint']}")
+
+
+def _anchor_sft(stage: str, base: str | None, chat: Path | None, out: Path, **kw) -> None:
+    from flexmoe.anchor_sft import sft_anchor
+
+    if stage != "sft" or not base or not chat:
+        raise FlexmoeError(
+            "Anchor post-training needs --stage sft, --anchor and --chat.",
+            "e.g. --stage sft --anchor A --chat DIR --out A-sft.",
+        )
+    s = sft_anchor(base, chat, out, **{k: v for k, v in kw.items() if v is not None})
+    if s.get("finished"):
+        v = s["valid_loss"]
+        console.print(
+            f"chat validation loss (assistant tokens) {v['before']:.4f} -> {v['after']:.4f}; "
             f"{s['tokens_seen']:,} tokens in {s['seconds']:.0f}s"
         )
         console.print(f"wrote {out}  fingerprint {s['fingerprint']}")
@@ -194,10 +222,35 @@ def expert_train(
     ),
     resume: bool = typer.Option(False, help="Continue an interrupted run from its last checkpoint."),
     force: bool = typer.Option(False, help="Replace --out (and any interrupted run) if it exists."),
+    stage: str = typer.Option(
+        None, help="Post-training stage: mid (text), sft (chat --data), rl (tasks --data); BAR unfreezing."
+    ),
+    from_package: Path = typer.Option(None, "--from", help="Continue from this stage's package."),
+    freeze_shared: bool = typer.Option(False, help="Frozen recipe: only expert FFN and router row train."),
 ) -> None:
-    """Train one expert against the frozen anchor (works under torchrun for several processes/GPUs)."""
+    """Train one expert against the frozen anchor (works under torchrun for several processes/GPUs);
+    with --stage, one post-training stage (progressive unfreezing, shared deltas in the package)."""
     from flexmoe.expert.privacy import DPConfig
     from flexmoe.expert.train import ExpertSpec, train_expert
+
+    if stage is not None or from_package is not None or freeze_shared:
+        if dp_epsilon is not None:
+            raise FlexmoeError("--stage does not combine with DP.", "drop --dp-epsilon or --stage.")
+        from flexmoe.expert.stages import settings_for, train_stage
+
+        s = settings_for(
+            stage or "mid", freeze_shared=freeze_shared, steps=steps, batch_size=batch_size,
+            seq_len=seq_len, lr=lr, seed=seed, public_mix=public_mix, router_init=router_init,
+        )  # fmt: skip
+        pub = public[0] if public else None
+        m = train_stage(
+            anchor, data[0], name, out, s, from_package=from_package, public=pub, resume=resume, force=force
+        )
+        if m.get("finished"):
+            v, groups = m["stage"]["valid_loss"], ", ".join(m["stage"]["trainable"])
+            console.print(f"{s.stage}: valid loss {v['before']:.4f} -> {v['after']:.4f}; trained {groups}")
+            console.print(f"wrote {out}")
+        return
 
     dp = None
     if dp_epsilon is not None:
@@ -355,6 +408,7 @@ def compose_cmd(
     ),
     public: list[Path] = typer.Option(None, "--public", help="Public documents for --calibrate."),
     force: bool = typer.Option(False, help="Replace --out if it exists."),
+    shared_merge: str = typer.Option("mean", help="Post-trained shared tensors: mean (BAR) or ties."),
 ) -> None:
     """Maintainer: compose expert packages into one MoE (HF flex_olmo for OLMo 2 anchors)."""
     from flexmoe.compose import compose
@@ -362,7 +416,8 @@ def compose_cmd(
     cal = _calibration(calibrate, public)
     _summary(
         compose(
-            anchor, expert, out, top_k=top_k, force=force, max_shard_bytes=max_shard_mb << 20, calibrate=cal
+            anchor, expert, out, top_k=top_k, force=force, max_shard_bytes=max_shard_mb << 20, calibrate=cal,
+            shared_merge=shared_merge,
         ),
         out,
     )
@@ -553,8 +608,16 @@ def demo_cmd(
         Path("demo-run"), "--workdir", help="Where everything is written (resumable)."
     ),
     preset: str = typer.Option("tiny", help="tiny (2 CPU cores, ~15 min) or small (GPU)."),
+    post_train: bool = typer.Option(False, help="Only the post-training section (chat SFT, merge, opt-out)."),
 ) -> None:
     """The whole federation end to end, offline, with baselines, opt-out and a report."""
+    if post_train:
+        from flexmoe.posttrain_demo import run_post_train_demo
+
+        r = run_post_train_demo(workdir, preset)
+        _print_json(r["post_training"])
+        console.print(f"wrote {workdir}/report.json (post_training)")
+        return
     from flexmoe.demo import run_demo
     from flexmoe.evaluate.report import markdown
 

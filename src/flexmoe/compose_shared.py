@@ -52,7 +52,9 @@ def trim(delta: torch.Tensor, density: float) -> torch.Tensor:
     return torch.where(delta.abs() >= cut, delta, torch.zeros_like(delta))
 
 
-def merge_ties(base: torch.Tensor, deltas: list[torch.Tensor], n_experts: int, density: float = TIES_DENSITY) -> torch.Tensor:
+def merge_ties(
+    base: torch.Tensor, deltas: list[torch.Tensor], n_experts: int, density: float = TIES_DENSITY
+) -> torch.Tensor:
     if not deltas:
         return base
     trimmed = [trim(d.float(), density) for d in deltas]
@@ -92,7 +94,10 @@ class MergedReader:
                 self.keys.append(set(sf.keys()))
         unknown = set().union(*self.keys) - set(self.anchor.names())
         if unknown:
-            raise FlexmoeError(f"Shared deltas name tensors the anchor lacks ({sorted(unknown)[:3]}).", "the package does not fit this anchor.")
+            raise FlexmoeError(
+                f"Shared deltas name tensors the anchor lacks ({sorted(unknown)[:3]}).",
+                "the package does not fit this anchor.",
+            )
 
     def __contains__(self, name: str) -> bool:
         return name in self.anchor
@@ -108,7 +113,10 @@ class MergedReader:
                 with safe_open(str(f), "pt") as sf:
                     d = sf.get_tensor(name)
                 if d.shape != base.shape:
-                    raise FlexmoeError(f"{f}: delta {name} has shape {list(d.shape)}, the anchor {list(base.shape)}.", "the package does not fit this anchor.")
+                    raise FlexmoeError(
+                        f"{f}: delta {name} has shape {list(d.shape)}, the anchor {list(base.shape)}.",
+                        "the package does not fit this anchor.",
+                    )
                 deltas.append(d)
         if not deltas:
             return base
@@ -120,7 +128,9 @@ def record(experts, method: str, anchor_path: Path) -> dict:
     return {
         "method": method,
         "anchor_path": str(anchor_path),
-        "deltas": {e.name: e.manifest["files"].get("shared_delta.safetensors") for e in experts if e.delta_file},
+        "deltas": {
+            e.name: e.manifest["files"].get("shared_delta.safetensors") for e in experts if e.delta_file
+        },
         "density": TIES_DENSITY if method == "ties" else None,
     }
 

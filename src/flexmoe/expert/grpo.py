@@ -78,7 +78,9 @@ class GRPOLoss:
 
         return torch.tensor(
             [
-                float(well_formed(self.tok, r) and correct(reply_text(self.tok, r), row["answer"], row["check"]))
+                float(
+                    well_formed(self.tok, r) and correct(reply_text(self.tok, r), row["answer"], row["check"])
+                )
                 for row, r in zip(rows, replies, strict=True)
             ]
         )

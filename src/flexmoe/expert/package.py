@@ -122,7 +122,9 @@ def verify(path: Path) -> dict:
         )
     if manifest.get("shared_deltas"):
         if SHARED_FILE not in manifest["files"]:
-            raise FlexmoeError(f"{path}: {SHARED_FILE} is not hashed in {MANIFEST}.", "do not use this package.")
+            raise FlexmoeError(
+                f"{path}: {SHARED_FILE} is not hashed in {MANIFEST}.", "do not use this package."
+            )
         with safe_open(str(path / SHARED_FILE), "pt") as sf:
             found = {k: list(sf.get_slice(k).get_shape()) for k in sf.keys()}
         if found != manifest["shared_deltas"]["tensors"]:

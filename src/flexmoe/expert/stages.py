@@ -4,7 +4,7 @@ previous stage's package (``--from PKG``):
 | stage | trains | data, loss |
 |---|---|---|
 | mid | owner FFN + owner router row (shared frozen, as FlexOlmo) | domain text, next-token + z-loss |
-| sft | + embeddings and LM head (attention, norms, anchor FFN frozen) | domain chat + public chat, assistant tokens only |
+| sft | + embeddings and LM head (attention, norms, anchor FFN frozen) | domain + public chat, replies only |
 | rl  | everything (attention, norms, anchor FFN, router) | tasks with checkable answers, GRPO (no KL) |
 
 ``freeze_shared`` reproduces FlexOlmo's frozen recipe in every stage: owner FFN and router row only.
@@ -146,7 +146,9 @@ def load_package_into(model, package: Path, anchor_fp: str) -> dict:
     return manifest
 
 
-def expert_model(anchor_dir: Path, package: Path | None = None, *, owner_docs=None, router_init="hidden", name="expert"):
+def expert_model(
+    anchor_dir: Path, package: Path | None = None, *, owner_docs=None, router_init="hidden", name="expert"
+):
     """The 2-expert model of an owner (anchor FFN + owner FFN, both router rows) on CPU in fp32,
     continued from ``package`` when given, else freshly initialised from the anchor."""
     from flexmoe.anchor import fingerprint, load_anchor
@@ -168,7 +170,9 @@ def expert_model(anchor_dir: Path, package: Path | None = None, *, owner_docs=No
 # Batch sources and losses per stage
 
 
-def stage_data(s: StageSettings, data: Path, public: Path | None, tok) -> tuple[torch.Tensor, torch.Tensor, list[str], dict]:
+def stage_data(
+    s: StageSettings, data: Path, public: Path | None, tok
+) -> tuple[torch.Tensor, torch.Tensor, list[str], dict]:
     """(train blocks, valid blocks, owner text for router init, data record) of a stage.
 
     mid: packed text; sft: sign-encoded chat blocks (``flexmoe.chat``); rl: task indices ``[n, 1]``."""
@@ -181,10 +185,19 @@ def stage_data(s: StageSettings, data: Path, public: Path | None, tok) -> tuple[
         tasks = read_tasks(data / "rl.jsonl" if Path(data).is_dir() else data)
         idx = torch.arange(len(tasks)).view(-1, 1)
         text = [m["content"] for t in tasks for m in t["messages"]]
-        return idx, idx[: min(len(idx), 8)], text, {"tasks": len(tasks), "fingerprint": data_fingerprint(text)}
+        return (
+            idx,
+            idx[: min(len(idx), 8)],
+            text,
+            {"tasks": len(tasks), "fingerprint": data_fingerprint(text)},
+        )
     if s.stage == "mid":
         splits = load_splits([data])
-        train, valid, own = blocks_for(splits.train, tok, s.seq_len), blocks_for(splits.valid, tok, s.seq_len), splits.train
+        train, valid, own = (
+            blocks_for(splits.train, tok, s.seq_len),
+            blocks_for(splits.valid, tok, s.seq_len),
+            splits.train,
+        )
         pub = (lambda: blocks_for(load_splits([public]).train, tok, s.seq_len)) if public else None
     else:
         from flexmoe.chat import chat_blocks, chat_splits
@@ -263,9 +276,14 @@ def train_stage(
         require_chat_tokens(tok, f"Anchor {anchor_dir}")
     train_blocks, valid_blocks, own_text, data_record = stage_data(s, Path(data), public, tok)
     torch.manual_seed(s.seed)
-    model, prev = expert_model(anchor_dir, from_package, owner_docs=own_text, router_init=s.router_init, name=name)
+    model, prev = expert_model(
+        anchor_dir, from_package, owner_docs=own_text, router_init=s.router_init, name=name
+    )
     if prev is not None and prev["name"] != name:
-        raise FlexmoeError(f"{from_package} belongs to expert {prev['name']!r}, not {name!r}.", f"pass --name {prev['name']}.")
+        raise FlexmoeError(
+            f"{from_package} belongs to expert {prev['name']!r}, not {name!r}.",
+            f"pass --name {prev['name']}.",
+        )
     params = select_parameters(model, s.stage, s.freeze_shared)
     allowed = {n for n, p in model.named_parameters() if p.requires_grad} | set(
         model_name(k) for k in ((prev or {}).get("shared_deltas") or {}).get("tensors", {})
@@ -290,24 +308,40 @@ def train_stage(
         tasks = read_tasks(Path(data) / "rl.jsonl" if Path(data).is_dir() else Path(data))
     loss_fn = stage_loss(s, model, (tasks, tok))
     result = train(
-        model, train_blocks, valid_blocks, cfg, param_groups=[{"params": params}], loss_fn=loss_fn,
-        checkpoint_dir=work / "checkpoint", resume=resume, after_step=lambda: project_biases_(model),
-        desc=f"expert {name} ({s.stage}{', frozen shared' if s.freeze_shared else ''})", quiet=quiet,
-    )  # fmt: skip
+        model,
+        train_blocks,
+        valid_blocks,
+        cfg,
+        param_groups=[{"params": params}],
+        loss_fn=loss_fn,
+        checkpoint_dir=work / "checkpoint",
+        resume=resume,
+        after_step=lambda: project_biases_(model),
+        desc=f"expert {name} ({s.stage}{', frozen shared' if s.freeze_shared else ''})",
+        quiet=quiet,
+    )
     if result.final_valid_loss is None:
         return {"finished": False}
     deltas = shared_deltas(model, anchor_dir)
     stray = sorted(n for n in deltas if model_name(n) not in allowed)
     if stray:
-        raise FlexmoeError(f"Frozen shared tensors changed ({', '.join(stray[:3])}).", "this is a bug; please report it.")
+        raise FlexmoeError(
+            f"Frozen shared tensors changed ({', '.join(stray[:3])}).", "this is a bug; please report it."
+        )
     record = {
         "stage": s.stage,
         "settings": asdict(s),
         "trainable": sorted({_group(n) for n, p in model.named_parameters() if p.requires_grad}),
-        "from": None if prev is None else {"name": prev["name"], "files": prev["files"], "stage": prev.get("stage", {}).get("stage", "mid")},
+        "from": None
+        if prev is None
+        else {
+            "name": prev["name"],
+            "files": prev["files"],
+            "stage": prev.get("stage", {}).get("stage", "mid"),
+        },
         "data": data_record,
         "valid_loss": {"before": result.initial_valid_loss, "after": result.final_valid_loss},
-    }  # fmt: skip
+    }
     manifest = {
         "name": name,
         "description": (prev or {}).get("description", ""),
