@@ -391,3 +391,38 @@ def test_stage_refuses_an_anchor_without_chat_template(base_anchor, post, tmp_pa
 
     with pytest.raises(FlexmoeError, match="no chat template"):
         train_stage(base_anchor, post["chat"] / "math", "m", tmp_path / "x", settings_for("sft", steps=1))
+
+
+def test_cli_runs_a_stage_and_refuses_dp_with_stages(post, tmp_path):
+    from typer.testing import CliRunner
+
+    from flexmoe.cli import app
+
+    args = ["expert", "train", "--anchor", str(post["anchor"]), "--data", str(post["chat"] / "legal"),
+            "--name", "legal", "--from", str(post["legal"]), "--stage", "sft", "--steps", "1",
+            "--batch-size", "4", "--seq-len", "64"]  # fmt: skip
+    r = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "legal2")])
+    assert r.exit_code == 0, r.output
+    m = json.loads((tmp_path / "legal2" / "expert.json").read_text())
+    assert [s["stage"] for s in m["stages"]] == ["sft", "sft"] and m["stage"]["from"]["name"] == "legal"
+    r = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "x"), "--dp-epsilon", "8"])
+    assert r.exit_code == 1 and "DP" in r.output
+
+
+def test_post_training_block_has_the_issue_schema():
+    from flexmoe.posttrain_demo import OWNERS, summarise
+
+    def ev(acc, wf=(9, 10)):
+        return {"accuracy": acc, "well_formed_count": list(wf)}
+
+    res = {"anchor_sft": {"public": ev(0.8), **{d: ev(0.2) for d in OWNERS}}}
+    for d in OWNERS:
+        res[f"{d}-frozen"] = {d: ev(0.2, (5, 10)), "public": ev(0.8, (5, 10))}
+        res[f"{d}-progressive"] = {d: ev(0.6), "public": ev(0.8)}
+    res["merged_mean"] = {"public": ev(0.77), "code": ev(0.5), "math": ev(0.2), "legal": ev(0.6)}
+    block = summarise(res, True)["post_training"]
+    assert set(block) == {"frozen", "progressive", "merged", "optout_bit_identical"}
+    assert block["frozen"]["well_formed"] == 0.5 and block["progressive"]["well_formed"] == 0.9
+    assert block["progressive"]["task_gain"]["code"] == pytest.approx(0.4)
+    assert block["merged"]["retention"] == pytest.approx({"code": 0.75, "math": 0.0, "legal": 1.0})
+    assert block["merged"]["chat_regression"] == pytest.approx(3.0)
