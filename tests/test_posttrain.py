@@ -426,3 +426,16 @@ def test_post_training_block_has_the_issue_schema():
     assert block["progressive"]["task_gain"]["code"] == pytest.approx(0.4)
     assert block["merged"]["retention"] == pytest.approx({"code": 0.75, "math": 0.0, "legal": 1.0})
     assert block["merged"]["chat_regression"] == pytest.approx(3.0)
+
+
+def test_remove_refuses_a_tampered_kept_delta(post, tmp_path):
+    from flexmoe.compose import compose, remove
+
+    compose(post["anchor"], [post["code"], post["math"], post["legal"]], tmp_path / "m")
+    kept = tmp_path / "m" / "flexmoe_shared" / "code.safetensors"
+    with open(kept, "r+b") as f:
+        f.seek(-4, 2)
+        f.write(b"\x00\x01\x02\x03")
+    with pytest.raises(FlexmoeError, match="does not match"):
+        remove(tmp_path / "m", "math", tmp_path / "out")
+    assert not (tmp_path / "out").exists()

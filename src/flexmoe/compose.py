@@ -336,6 +336,8 @@ def _merged_shared(reader, experts: list[Expert], meta: dict, method: str | None
     if not (meta.get("shared_merge") or any(e.delta_file for e in experts[1:])):
         return reader, experts
     method = method or meta.get("shared_merge", {}).get("method", "mean")
+    if not fresh:
+        cs.check_kept(meta, experts[1:])
     base = reader if fresh else cs.anchor_reader(meta)
     merged = cs.MergedReader(base, [e.delta_file for e in experts[1:]], method)
     meta["shared_merge"] = cs.record(experts[1:], method, anchor if fresh else base.path)

@@ -127,12 +127,26 @@ def record(experts, method: str, anchor_path: Path) -> dict:
     """The ``shared_merge`` entry of ``flexmoe.json``: method, anchor path, each delta file's hash."""
     return {
         "method": method,
-        "anchor_path": str(anchor_path),
+        "anchor_path": str(Path(anchor_path).resolve()),
         "deltas": {
             e.name: e.manifest["files"].get("shared_delta.safetensors") for e in experts if e.delta_file
         },
         "density": TIES_DENSITY if method == "ties" else None,
     }
+
+
+def check_kept(meta: dict, experts) -> None:
+    """Before re-merging: each kept delta file must still hash as ``flexmoe.json`` recorded it."""
+    from flexmoe.fileio import sha256_file
+
+    recorded = (meta.get("shared_merge") or {}).get("deltas", {})
+    for e in experts:
+        if e.delta_file is not None and e.delta_file.parent.name == SHARED_DIR:
+            if sha256_file(e.delta_file) != recorded.get(e.name):
+                raise FlexmoeError(
+                    f"{e.delta_file} does not match its SHA-256 in flexmoe.json (tampered or truncated).",
+                    "restore the model directory, or compose again from the packages.",
+                )
 
 
 def keep_deltas(out: Path, experts) -> None:
