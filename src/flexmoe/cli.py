@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 
 from flexmoe.errors import FlexmoeError
+from flexmoe.serve.cli import register as register_serve
 
 console = Console(highlight=False, soft_wrap=True)
 app = typer.Typer(
@@ -41,6 +42,7 @@ router_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(router_app, name="router")
+register_serve(app)  # serve, owners, audit-log, ledger
 
 
 def _print_json(obj) -> None:
