@@ -112,7 +112,7 @@ def active_routing() -> Routing | None:
 
 def _mask_for(mask: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """Broadcast a ``[E]``, ``[B, E]`` or ``[B, S, E]`` mask against ``[B, S, E]`` (or ``[T, E]``) logits."""
-    mask = mask.to(logits.device)
+    mask = mask.to(device=logits.device, dtype=torch.bool)
     if mask.dim() == 2 and logits.dim() == 3:
         mask = mask[:, None, :]
     return mask

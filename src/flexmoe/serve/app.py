@@ -66,6 +66,7 @@ class _Common(BaseModel):
     stream: bool = False
     n: int = Field(default=1, ge=1, le=1)
     experts: Experts | None = None
+    ignore_eos: bool = False
 
 
 class CompletionBody(_Common):
@@ -181,7 +182,7 @@ def sampling_of(state: State, body: _Common, n_prompt: int) -> Sampling:
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     if len(stop) > 4:
         raise ApiError(400, "At most 4 stop sequences.", param="stop")
-    return Sampling(min(want, ctx - n_prompt), body.temperature, body.top_p, stop, body.seed)
+    return Sampling(min(want, ctx - n_prompt), body.temperature, body.top_p, stop, body.seed, body.ignore_eos)
 
 
 def bearer(request: Request) -> str | None:

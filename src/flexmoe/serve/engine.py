@@ -29,6 +29,7 @@ class Sampling:
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    ignore_eos: bool = False  # vLLM's extension: always generate max_tokens (load tests)
 
 
 @dataclass
@@ -139,9 +140,9 @@ class Engine:
     def _forward(self, jobs, ids, attn, pos, cache):
         with routing(Routing(mask=self._masks(jobs), record=True)) as r:
             out = self.composed.model(
-                input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True
+                input_ids=ids, attention_mask=attn, position_ids=pos, cache=cache, use_cache=True
             )
-        return out.logits[:, -1], out.past_key_values, r.weights[:, -1]
+        return out.logits[:, -1], cache, r.weights[:, -1]
 
     def _prefill(self, new: list[Job], cache, attn):
         dev = self.composed.device
@@ -186,9 +187,11 @@ class Engine:
         hit = [j.text.find(s) for s in j.sampling.stop if s and s in j.text]
         if hit:
             j.text = j.text[: min(hit)]
-        # Hold back a tail that could still become a stop string.
+        # Hold back a tail that could still become a stop string, and an incomplete UTF-8 character
+        # (decoded as U+FFFD until its last byte arrives).
         hold = max((len(s) - 1 for s in j.sampling.stop), default=0)
-        upto = len(j.text) if hit else max(j.sent, len(j.text) - hold)
+        safe = len(j.text.rstrip("\ufffd"))
+        upto = len(j.text) if hit else max(j.sent, min(safe, len(j.text) - hold))
         if upto > j.sent:
             j.emit("delta", j.text[j.sent : upto])
             j.sent = upto
@@ -200,7 +203,7 @@ class Engine:
         tok_text = self.composed.tokenizer.decode(j.out, skip_special_tokens=True)
         if any(s and s in tok_text for s in j.sampling.stop):
             return "stop"
-        if eos is not None and j.out and j.out[-1] == eos:
+        if eos is not None and j.out and j.out[-1] == eos and not j.sampling.ignore_eos:
             return "stop"
         if len(j.out) >= j.sampling.max_tokens:
             return "length"
