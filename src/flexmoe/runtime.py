@@ -75,6 +75,11 @@ class Composed:
         ]
 
 
+def default_device() -> str:
+    """The GPU when there is one (generate, route, eval, serve), else the CPU."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def base_config(anchor_config: dict):
     """The dense config of the anchor a composed model was built from."""
     from transformers import AutoConfig
@@ -91,18 +96,20 @@ def from_pretrained(
     exclude: Sequence[str] | None = None,
     use_bias: bool = False,
     dtype: torch.dtype = torch.float32,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
 ) -> Composed:
     """Load a composed model directory into flexmoe's runtime.
 
-    ``use_bias`` applies the learned router biases that the HF format cannot hold (off by default, so
-    that results equal what stock transformers and vLLM compute from the same checkpoint).
+    ``device`` defaults to the GPU when there is one. ``use_bias`` applies the learned router biases
+    that the HF format cannot hold (off by default, so that results equal what stock transformers and
+    vLLM compute from the same checkpoint).
     """
     from transformers import AutoModelForCausalLM
 
     from flexmoe.tokenizer import load_tokenizer
 
     path = Path(path)
+    device = default_device() if device is None else device
     meta = load_meta(path)
     config = base_config(meta["anchor"]["config"])
     names = [e["name"] for e in meta["experts"]]

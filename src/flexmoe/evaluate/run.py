@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+
 from flexmoe.data import read_documents
 from flexmoe.evaluate.metrics import HFLM, exact_match, multiple_choice, perplexity
 from flexmoe.evaluate.tasks import load_tasks
@@ -64,12 +66,13 @@ def load_lm(
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
     use_bias: bool = False,
-    device: str = "cpu",
+    device: str | None = None,
 ):
     """An ``HFLM`` for a flexmoe composed model (with expert choice) or any HF causal LM directory."""
     from flexmoe.compose import FLEXMOE_JSON
 
     model = Path(model)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")  # the GPU when there is one
     if (model / FLEXMOE_JSON).is_file():
         from flexmoe.runtime import from_pretrained
 
