@@ -237,3 +237,19 @@ def test_expert_model_lives_on_the_anchors_device():
     anchored_expert_model(model, rows, rows.clone())
     where = {t.device.type for t in [*model.parameters(), *model.buffers()]}
     assert where == {"meta"}
+
+
+def test_forward_has_no_graph_breaks():
+    """No host synchronisation in the forward: dynamo traces training (top-2 of 2) and masked grouped
+    inference (bf16, per-sequence masks, recording) as single graphs."""
+    train = _block(2, 2).train()
+    x = torch.randn(2, 5, H)
+    torch._dynamo.reset()
+    assert torch._dynamo.explain(train)(x).graph_break_count == 0
+    infer = _block(4, 2).eval()
+    infer.experts.to(torch.bfloat16)
+    infer.fuse_experts_()
+    torch._dynamo.reset()
+    with routing(Routing(mask=torch.tensor([[1, 1, 0, 1], [1, 0, 1, 1]], dtype=torch.bool), record=True)):
+        e = torch._dynamo.explain(infer)(x.bfloat16())
+    assert e.graph_break_count == 0 and e.graph_count == 1

@@ -118,6 +118,11 @@ def _mask_for(mask: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     return mask
 
 
+def _grouped_mm_ok(x: torch.Tensor) -> bool:
+    """``torch._grouped_mm`` takes bf16 everywhere; fp32 only on the CPU and outside torch.compile."""
+    return x.dtype == torch.bfloat16 or (x.device.type == "cpu" and not torch.compiler.is_compiling())
+
+
 class FlexMoEBlock(nn.Module):
     """Mixture of full-size FFN experts with FlexOlmo routing.
 
@@ -171,7 +176,7 @@ class FlexMoEBlock(nn.Module):
         self.balance_loss = self._balance(logits, weights) if self.training else None
         if r is not None and r.record:
             r.add(weights)
-        if self.top_k >= self.num_experts or self.fused is None:
+        if self.top_k >= self.num_experts or self.fused is None or not _grouped_mm_ok(x):
             return self._dense(x, weights)
         return self._grouped(x, weights)
 
