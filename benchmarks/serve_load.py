@@ -137,7 +137,7 @@ def start_server(model: Path, port: int, device: str, max_batch: int, tmp: Path)
         "--audit-log",
         str(tmp / "audit.jsonl"),
     ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ))
     for _ in range(1200):
         try:
             httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).raise_for_status()
@@ -159,7 +159,17 @@ def main() -> None:
     ap.add_argument("--baseline-requests", type=int, default=8)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", type=Path, default=Path("serve_load.json"))
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads for baseline and server (OMP_NUM_THREADS)",
+    )
     args = ap.parse_args()
+    if args.threads:
+        # Same thread count on both sides: an oversubscribed OpenMP pool on a busy CPU is 10-40x slower.
+        torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
     tmp = args.out.parent / (args.out.stem + "-run")
     tmp.mkdir(parents=True, exist_ok=True)
     base = baseline(args.model, args.baseline_requests, args.max_tokens, args.device)
@@ -184,6 +194,7 @@ def main() -> None:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": platform.platform(),
         "cpus": os.cpu_count(),
+        "threads": torch.get_num_threads(),
         "device": args.device,
         "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
         "command": " ".join(sys.argv),
