@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -420,13 +421,14 @@ def test_ledger_survives_kill_9(fed, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def postgres_url(tmp_path_factory):
+def postgres_url():
     found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
     initdb = shutil.which("initdb") or (found[-1] if found else None)
     if initdb is None:
         pytest.skip("PostgreSQL NOT TESTED: no initdb (apt-get install postgresql, or `make system-deps`)")
     bindir = Path(initdb).resolve().parent
-    root = tmp_path_factory.mktemp("pg")
+    # Not under pytest's tmp dir: that is private to root, and the server runs as the postgres user.
+    root = Path(tempfile.mkdtemp(prefix="flexmoe-pg-"))
     data, sock = root / "data", root / "sock"
     sock.mkdir()
     pre: list[str] = []
@@ -448,6 +450,7 @@ def postgres_url(tmp_path_factory):
     )
     yield f"postgresql+psycopg://flexmoe@/ledger?host={sock}&port={port}"
     run(str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop")
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def test_ledger_on_postgresql(postgres_url):
