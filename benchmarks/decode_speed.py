@@ -177,8 +177,11 @@ def main() -> None:
                     floor_tokens_per_s=floor,
                     floor_ratio=floor / tps if tps == tps else None,
                 )
-                print(json.dumps(row))
+                print(json.dumps(row), flush=True)
                 results.append(row)
+                if args.json:  # after every row: a run cut short still leaves what it measured
+                    with open(args.json + "l", "a") as fh:
+                        fh.write(json.dumps(row) + "\n")
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
