@@ -15,11 +15,13 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModelForCausalLM, TextStreamer
 
 from flexmoe.checkpoint import TensorReader
 from flexmoe.compose import BIAS_FILE, PUBLIC, load_meta
 from flexmoe.errors import FlexmoeError
 from flexmoe.moe import FlexMoEBlock, RouterRow, decoder_layers, moe_blocks
+from flexmoe.tokenizer import load_tokenizer
 
 
 @dataclass
@@ -38,8 +40,6 @@ class Composed:
 
 def base_config(anchor_config: dict):
     """The dense config of the anchor a composed model was built from."""
-    from transformers import AutoConfig
-
     cfg = dict(anchor_config)
     model_type = cfg.pop("model_type")
     return AutoConfig.for_model(model_type, **{k: v for k, v in cfg.items() if k not in ("architectures",)})
@@ -59,10 +59,6 @@ def from_pretrained(
     ``use_bias`` applies the learned router biases that the HF format cannot hold (off by default, so
     that results equal what stock transformers and vLLM compute from the same checkpoint).
     """
-    from transformers import AutoModelForCausalLM
-
-    from flexmoe.tokenizer import load_tokenizer
-
     path = Path(path)
     meta = load_meta(path)
     config = base_config(meta["anchor"]["config"])
@@ -156,8 +152,6 @@ def generate(
     seed: int = 0,
 ) -> str:
     """Generate a continuation (greedy by default); with ``stream`` print tokens as they come."""
-    from transformers import TextStreamer
-
     tok = composed.tokenizer
     enc = tok(prompt, return_tensors="pt").to(next(composed.model.parameters()).device)
     torch.manual_seed(seed)

@@ -15,10 +15,20 @@ router rows initialised at random: the other inits are statistics of the data ou
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from flexmoe.audit.canaries import PREFIX, load_canaries, make_canaries, plant_jsonl, save_canaries
 from flexmoe.audit.extraction import ExtractionConfig
+from flexmoe.audit.pipeline import AuditSizes, audit_lm, membership_sets, summary_row
+from flexmoe.compose import compose, update
+from flexmoe.data import load_splits, read_documents
+from flexmoe.evaluate.run import evaluate_lm, load_lm
+from flexmoe.expert.privacy import DPConfig
+from flexmoe.expert.train import EXPERT_PRESETS, ExpertSpec, train_expert
+from flexmoe.fileio import read_json
+from flexmoe.tokenizer import load_tokenizer
 
 
 @dataclass(frozen=True)
@@ -58,8 +68,6 @@ CANARIES = "canaries.json"
 def plant_demo_canaries(workdir: Path, data: Path, pp: PrivacyPreset) -> bool:
     """Plant canaries into the owner's training split before anyone trains on it; returns whether
     the data holds canaries (a work directory from before this section has none, and keeps none)."""
-    from flexmoe.audit.canaries import make_canaries, plant_jsonl, save_canaries
-
     if (data / CANARIES).exists():
         return True
     trained = (workdir / "owners" / pp.owner / "expert").exists() or (workdir / "models").exists()
@@ -75,8 +83,6 @@ def plant_demo_canaries(workdir: Path, data: Path, pp: PrivacyPreset) -> bool:
 def domain_utility(lm, data: Path, owner: str, seq_len: int, max_blocks: int, max_items: int | None) -> dict:
     """The owner's and the public test perplexity and the owner's cloze task, scored by the demo's
     own evaluation (so the numbers compare with the demo's table)."""
-    from flexmoe.evaluate.run import evaluate_lm
-
     r = evaluate_lm(
         lm,
         data,
@@ -105,18 +111,6 @@ def privacy_section(
     quiet: bool,
 ) -> dict:
     """Train the DP experts (skipped when they exist), build the models to audit, score and audit."""
-    import math
-
-    from flexmoe.audit.canaries import PREFIX, load_canaries
-    from flexmoe.audit.pipeline import AuditSizes, audit_lm, membership_sets, summary_row
-    from flexmoe.compose import compose, update
-    from flexmoe.data import load_splits, read_documents
-    from flexmoe.evaluate.run import load_lm
-    from flexmoe.expert.privacy import DPConfig
-    from flexmoe.expert.train import EXPERT_PRESETS, ExpertSpec, train_expert
-    from flexmoe.fileio import read_json
-    from flexmoe.tokenizer import load_tokenizer
-
     owner, models, home = pp.owner, workdir / "models", workdir / "owners" / pp.owner
     seq_len = EXPERT_PRESETS[expert_preset].seq_len
     dp_pkgs = {}
@@ -219,64 +213,3 @@ def privacy_section(
         },
         "settings": {"dp_steps": pp.dp_steps, "dp_batch_size": pp.dp_batch_size, "dp_lr": pp.dp_lr},
     }
-
-
-def privacy_markdown(priv: dict) -> list[str]:
-    """The privacy section of report.md."""
-    owner = priv["owner"]
-    lines = ["## Privacy", ""]
-    lines += [
-        f"Owner **{owner}** trained DP experts (DP-SGD, Opacus; {priv['settings']['dp_steps']} steps of "
-        f"expected batch {priv['settings']['dp_batch_size']}, random router init) besides its ordinary "
-        f"expert. Utility: {priv['utility_model']}; epsilon inf is the ordinary FlexOlmo model.",
-        "",
-        f"| epsilon | spent (delta) | noise multiplier | ppl {owner} | ppl public | {owner}_cloze | "
-        f"{owner} loss gain kept |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for eps, u in priv["utility"].items():
-        dp = priv["dp"].get(f"eps{eps}")
-        spent = f"{dp['epsilon']:.2f} ({dp['delta']:.1g})" if dp else "-"
-        sigma = f"{dp['noise_multiplier']:.3f}" if dp else "0"
-        kept = u.get("owner_loss_gain_kept")
-        lines.append(
-            f"| {eps} | {spent} | {sigma} | {u['perplexity'][owner]:.2f} | {u['perplexity']['public']:.2f} | "
-            f"{u['tasks'][f'{owner}_cloze']:.1f} | {'-' if kept is None else f'{100 * kept:.0f}%'} |"
-        )
-    audit = priv.get("audit", {})
-    if audit:
-        cols = sorted({c for a in audit.values() for c in a["summary"]}, key=_col_order)
-        lines += ["", "| model | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
-        for m, a in audit.items():
-            lines.append(f"| {m} | " + " | ".join(_fmt(a["summary"].get(c)) for c in cols) + " |")
-        sizes = priv["audit_sizes"]
-        ex = sizes["extraction"]
-        lines += [
-            "",
-            f"Exposure (bits; Carlini et al.): mean over canaries repeated x0 (controls, never planted: "
-            f"chance, about 1.44), x1, x10, x100 times; rank among {sizes['candidates']} random secrets, "
-            f"so at most {_cap(sizes['candidates']):.2f} bits. Membership: loss-attack AUC on "
-            f"{sizes['membership_blocks']} training vs as many held-out blocks (0.5 = chance). Extraction: "
-            f"share of {ex['documents']} training documents whose {ex['suffix_tokens']}-token continuation "
-            f"one of {ex['samples']} samples from a {ex['prefix_tokens']}-token prefix reproduces "
-            f"(normalised Levenshtein >= {ex['threshold']}). report.json holds every interval.",
-        ]
-    if not priv.get("canaries_planted"):
-        lines += ["", "Canaries were not planted (this work directory predates the privacy section)."]
-    return lines + [""]
-
-
-def _cap(n: int) -> float:
-    import math
-
-    return math.log2(n + 1)
-
-
-def _col_order(c: str) -> tuple:
-    if c.startswith("exposure_x"):
-        return (0, int(c.removeprefix("exposure_x")))
-    return (1, c)
-
-
-def _fmt(v) -> str:
-    return "-" if v is None else f"{v:.2f}"

@@ -8,17 +8,35 @@ continues where it stopped; the secrets stay in ``workdir/canaries.json``.
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
+from rich.console import Console
 
-from flexmoe.audit.canaries import PREFIX, Canary, exposure
+from flexmoe.anchor import load_anchor, resolve
+from flexmoe.audit.canaries import (
+    PREFIX,
+    Canary,
+    exposure,
+    load_canaries,
+    make_canaries,
+    plant,
+    save_canaries,
+)
 from flexmoe.audit.extraction import ExtractionConfig, extraction_attack
 from flexmoe.audit.membership import membership_auc_blocks
-from flexmoe.fileio import save_pretrained_atomic
+from flexmoe.compose import compose
+from flexmoe.data import blocks_for, load_splits
+from flexmoe.evaluate.baselines import dense_expert
+from flexmoe.evaluate.run import load_lm
+from flexmoe.expert.privacy import DPConfig
+from flexmoe.expert.train import EXPERT_PRESETS, ExpertSpec, train_expert
+from flexmoe.fileio import atomic_dir, atomic_write_bytes, save_pretrained_atomic, write_json
+from flexmoe.tokenizer import load_tokenizer
 
 
 @dataclass
@@ -34,8 +52,6 @@ def membership_sets(
     train_docs: Sequence[str], held_out_docs: Sequence[str], tokenizer, seq_len: int, n: int, seed: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``n`` blocks the owner trained on (packed exactly as in training) and ``n`` held-out blocks."""
-    from flexmoe.data import blocks_for
-
     def pick(blocks: torch.Tensor, salt: str) -> torch.Tensor:
         idx = random.Random(f"{seed}-{salt}").sample(range(len(blocks)), min(n, len(blocks)))
         return blocks[sorted(idx)]
@@ -108,18 +124,6 @@ def canary_audit(
     quiet: bool = False,
 ) -> dict:
     """Run (or continue) the audit in ``workdir``; returns the report, also written to ``audit.json``."""
-    from rich.console import Console
-
-    from flexmoe.anchor import load_anchor, resolve
-    from flexmoe.audit.canaries import load_canaries, make_canaries, plant, save_canaries
-    from flexmoe.compose import compose
-    from flexmoe.data import load_splits
-    from flexmoe.evaluate.run import load_lm
-    from flexmoe.expert.privacy import DPConfig
-    from flexmoe.expert.train import EXPERT_PRESETS, ExpertSpec, train_expert
-    from flexmoe.fileio import atomic_dir, write_json
-    from flexmoe.tokenizer import load_tokenizer
-
     console = Console(stderr=True, highlight=False, quiet=quiet)
     sizes = sizes or AuditSizes()
     workdir, anchor = Path(workdir), resolve(anchor)
@@ -170,8 +174,6 @@ def canary_audit(
     if dense:
         models["dense"] = workdir / "models" / "dense"
         if not models["dense"].exists():
-            from flexmoe.evaluate.baselines import dense_expert
-
             console.print("[bold cyan]== training the dense expert (full fine-tuning)[/]")
             ep = EXPERT_PRESETS[preset]
             m, _ = dense_expert(
@@ -231,8 +233,4 @@ def canary_audit(
 
 
 def _write_jsonl(path: Path, docs: Sequence[str]) -> None:
-    import json
-
-    from flexmoe.fileio import atomic_write_bytes
-
     atomic_write_bytes(path, "".join(json.dumps({"text": d}) + "\n" for d in docs).encode())

@@ -21,7 +21,7 @@ import torch
 
 from flexmoe.data import blocks_for, load_splits
 from flexmoe.moe import FlexMoEBlock, RouterRow, balance_loss, decoder_layers, router_z_loss
-from flexmoe.training import TrainConfig, lm_loss, train
+from flexmoe.training import LMStep, PackedBlocks, RunOptions, Stage, TrainConfig, lm_loss, train
 
 
 def train_flops_per_token(config, kind: str, seq_len: int, experts: int = 2, top_k: int = 2) -> float:
@@ -79,14 +79,12 @@ def dense_expert(
     for p in model.parameters():
         p.requires_grad_(True)
     splits = load_splits([data])
-    result = train(
-        model,
-        blocks_for(splits.train, tokenizer, seq_len),
+    stage = Stage(
+        PackedBlocks(blocks_for(splits.train, tokenizer, seq_len)),
         blocks_for(splits.valid, tokenizer, seq_len),
-        _cfg(steps, batch_size, seq_len, lr, seed),
         desc=f"dense {Path(data).name}",
-        quiet=quiet,
     )
+    result = train(model, _cfg(steps, batch_size, seq_len, lr, seed), stage, RunOptions(quiet=quiet))
     return model.eval(), result
 
 
@@ -160,17 +158,16 @@ def _train_router_only(model, tokenizer, public: Path, *, steps, batch_size, seq
     splits = load_splits([public])
 
     def loss_fn(m, b):
-        return lm_loss(m, b) + 1e-3 * router_z_loss(model).to(b.device)
+        loss = lm_loss(m, b)
+        return loss + 1e-3 * router_z_loss(model).to(loss.device)
 
-    return train(
-        model,
-        blocks_for(splits.train, tokenizer, seq_len),
+    stage = Stage(
+        PackedBlocks(blocks_for(splits.train, tokenizer, seq_len)),
         blocks_for(splits.valid, tokenizer, seq_len),
-        _cfg(steps, batch_size, seq_len, lr, seed),
-        loss_fn=loss_fn,
+        LMStep(loss_fn),
         desc="btx router",
-        quiet=quiet,
     )
+    return train(model, _cfg(steps, batch_size, seq_len, lr, seed), stage, RunOptions(quiet=quiet))
 
 
 def btx(
@@ -227,17 +224,14 @@ def unrestricted_moe(
         docs_valid += s.valid
 
     def loss_fn(m, b):
-        return (
-            lm_loss(m, b) + 1e-3 * router_z_loss(model).to(b.device) + 1e-2 * balance_loss(model).to(b.device)
-        )
+        loss = lm_loss(m, b)
+        return loss + 1e-3 * router_z_loss(model).to(loss.device) + 1e-2 * balance_loss(model).to(loss.device)
 
-    result = train(
-        model,
-        blocks_for(docs_train, tokenizer, seq_len),
+    stage = Stage(
+        PackedBlocks(blocks_for(docs_train, tokenizer, seq_len)),
         blocks_for(docs_valid, tokenizer, seq_len),
-        _cfg(steps, batch_size, seq_len, lr, seed),
-        loss_fn=loss_fn,
+        LMStep(loss_fn),
         desc="unrestricted moe",
-        quiet=quiet,
     )
+    result = train(model, _cfg(steps, batch_size, seq_len, lr, seed), stage, RunOptions(quiet=quiet))
     return model.eval(), result
