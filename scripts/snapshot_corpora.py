@@ -357,6 +357,20 @@ def config_rows() -> list[dict[str, str]]:
     return _file_chunks(files, SITE, "site-packages")
 
 
+def dpkg_status_rows(path: Path = Path("/var/lib/dpkg/status")) -> list[dict[str, str]]:
+    """Debian's database of installed packages: one record per package, a few records per document."""
+    records = sorted((r.strip("\n") for r in path.read_text(encoding="utf-8").split("\n\n") if r.strip()))
+    rows, cur = [], ""
+    for rec in records:
+        cur = f"{cur}\n\n{rec}" if cur else rec
+        if len(cur) >= TARGET_DOC:
+            rows.append({"source": "Debian /var/lib/dpkg/status", "text": cur + "\n"})
+            cur = ""
+    if cur:
+        rows.append({"source": "Debian /var/lib/dpkg/status", "text": cur + "\n"})
+    return rows
+
+
 def write_extra_assets() -> None:
     """Every further source of the federations (see ``flexmoe.corpora.sources``)."""
     import pip
@@ -369,6 +383,7 @@ def write_extra_assets() -> None:
         "debian_copyright": debian_copyright_rows(1_600_000),
         "readmes": readmes,
         "metadata": records,
+        "dpkg_status": dpkg_status_rows(),
         "package_licences": package_licence_rows(),
         "capi": capi_rows(),
         "cmake": cmake_rows(1_000_000),
