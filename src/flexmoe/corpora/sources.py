@@ -56,8 +56,12 @@ def rows(asset: str) -> tuple[tuple[str, str], ...]:
 
 
 def _unit(key: str) -> float:
-    """A fixed pseudo-random number in [0, 1) for a string (no ``hash()``: it differs per process)."""
-    return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") / 2**64
+    """A fixed pseudo-random number in [0, 1) for a string (no ``hash()``: it differs per process).
+
+    Salted: the snapshot script chose files by the plain SHA-256 of their names, so unsalted numbers
+    of the chosen files would all be small."""
+    digest = hashlib.sha256(b"flexmoe-part|" + key.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
 
 
 def file_group(source: str, depth: int = 1) -> str:
