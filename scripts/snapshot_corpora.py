@@ -386,7 +386,7 @@ def write_extra_assets() -> None:
         "pip": _python_rows(Path(pip.__file__).parent / "_internal", f"pip {pip.__version__} pip/_internal", 1_200_000),
         "pydoc_topics": pydoc_topic_rows(),
         "mpmath_docs": mpmath_rows(),
-        "debian_copyright": debian_copyright_rows(1_600_000),
+        "debian_copyright": debian_copyright_rows(3_500_000),
         "readmes": readmes,
         "metadata": records,
         "dpkg_status": dpkg_status_rows(),

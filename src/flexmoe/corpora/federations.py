@@ -35,8 +35,8 @@ GENERATORS: dict[str, Callable[[int, int], Iterator[str]]] = {
 }
 
 
-def _gen(name: str, share: float) -> Source:
-    return Source(f"gen:{name}", share, real=False)
+def _gen(name: str, share: float, label: str) -> Source:
+    return Source(f"gen:{name}", share, label, real=False)
 
 
 @dataclass(frozen=True)
@@ -69,22 +69,22 @@ DEMO = Federation(
             "public",
             "public",
             (
-                _gen("public", 0.47),
-                Source("pydoc_topics", 0.12),
-                Source("pip", 0.13),
-                Source("mpmath_docs", 0.08),
-                _gen("mathprose", 0.08),
-                Source("package_licences", 0.12),
+                _gen("public", 0.47, "prose"),
+                Source("pydoc_topics", 0.12, "python"),
+                Source("pip", 0.13, "python"),
+                Source("mpmath_docs", 0.08, "math"),
+                _gen("mathprose", 0.08, "math"),
+                Source("package_licences", 0.12, "legal"),
             ),
             about="stories and expository prose; the Python language reference; pip's source code; worded "
             "maths (mpmath's function documentation, textbook explanations); licence files of Python packages",
         ),
-        Domain("code", "code", (Source("code", 1.0),), about="CPython standard-library source"),
-        Domain("math", "math", (_gen("math", 1.0),), about="worked problems ending in 'Answer: <number>'"),
+        Domain("code", "code", (Source("code", 1.0, "python"),), about="CPython standard-library source"),
+        Domain("math", "math", (_gen("math", 1.0, "math"),), about="worked problems ending in 'Answer: <number>'"),
         Domain(
             "legal",
             "legal",
-            (_gen("legal", 1.0),),
+            (_gen("legal", 1.0, "legal"),),
             about="contracts and statutes; GNU, Apache, MPL, BSD, Artistic and CC0 licence texts",
         ),
     ),
@@ -94,6 +94,7 @@ DEMO = Federation(
 
 # Which files of a shared asset go to the public pool: (0, PUBLIC_CUT); owners take the rest.
 _PUB = {"capi": 0.2, "cmake": 0.2, "configs": 0.3, "sci_docs": 0.15}
+LABEL = {"capi": "c", "cmake": "cmake", "configs": "config", "sci_docs": "sci"}
 
 MEASURE = Federation(
     "measure",
@@ -102,14 +103,14 @@ MEASURE = Federation(
             "public",
             "public",
             (
-                _gen("public", 0.30),
-                Source("readmes", 0.25),
-                Source("pip", 0.08),
-                _gen("mathprose", 0.05),
-                Source("mpmath_docs", 0.05),
-                Source("package_licences", 0.07),
-                Source("metadata", 0.04),
-                *(Source(a, 0.04 if a != "configs" else 0.02, part=(0.0, cut)) for a, cut in _PUB.items()),
+                _gen("public", 0.30, "prose"),
+                Source("readmes", 0.25, "prose"),
+                Source("pip", 0.08, "python"),
+                _gen("mathprose", 0.05, "math"),
+                Source("mpmath_docs", 0.05, "math"),
+                Source("package_licences", 0.07, "legal"),
+                Source("metadata", 0.04, "records"),
+                *(Source(a, 0.04 if a != "configs" else 0.02, LABEL[a], part=(0.0, cut)) for a, cut in _PUB.items()),
             ),
             scale=2.0,
             about="stories and expository prose; package READMEs; pip's source; worded maths; package "
@@ -118,29 +119,29 @@ MEASURE = Federation(
         Domain(
             "py_a",
             "code",
-            (Source("code", 1.0, part=(0.0, 0.35), shared=(0.7, 1.0, 0)),),
+            (Source("code", 1.0, "python", part=(0.0, 0.35), shared=(0.7, 1.0, 0)),),
             about="standard-library packages of group A plus half of the shared group's documents",
         ),
         Domain(
             "py_b",
             "code",
-            (Source("code", 1.0, part=(0.35, 0.7), shared=(0.7, 1.0, 1)),),
+            (Source("code", 1.0, "python", part=(0.35, 0.7), shared=(0.7, 1.0, 1)),),
             about="standard-library packages of group B plus the other half of the shared group's documents",
         ),
-        Domain("c_api", "code", (Source("capi", 1.0, part=(_PUB["capi"], 1.0)),), about="CPython C API headers"),
-        Domain("cmake", "code", (Source("cmake", 1.0, part=(_PUB["cmake"], 1.0)),), about="CMake modules"),
+        Domain("c_api", "code", (Source("capi", 1.0, "c", part=(_PUB["capi"], 1.0)),), about="CPython C API headers"),
+        Domain("cmake", "code", (Source("cmake", 1.0, "cmake", part=(_PUB["cmake"], 1.0)),), about="CMake modules"),
         Domain(
-            "config", "code", (Source("configs", 1.0, part=(_PUB["configs"], 1.0)),), about="package configs"
+            "config", "code", (Source("configs", 1.0, "config", part=(_PUB["configs"], 1.0)),), about="package configs"
         ),
         Domain(
             "sci",
             "public",
-            (Source("sci_docs", 1.0, part=(_PUB["sci_docs"], 1.0)),),
+            (Source("sci_docs", 1.0, "sci", part=(_PUB["sci_docs"], 1.0)),),
             about="SymPy, NetworkX and SciPy docstrings",
         ),
-        Domain("legal", "legal", (Source("debian_copyright", 1.0),), about="Debian copyright files"),
-        Domain("records", "code", (Source("dpkg_status", 1.0),), about="Debian package records"),
-        Domain("math", "math", (_gen("math", 1.0),), about="worked problems ending in 'Answer: <number>'"),
+        Domain("legal", "legal", (Source("debian_copyright", 1.0, "legal"),), about="Debian copyright files"),
+        Domain("records", "code", (Source("dpkg_status", 1.0, "records"),), about="Debian package records"),
+        Domain("math", "math", (_gen("math", 1.0, "math"),), about="worked problems ending in 'Answer: <number>'"),
     ),
     size_mb=1.0,
     seed_offset=50,
@@ -164,8 +165,8 @@ def domain_documents(
     order = list(range(1, len(domain.sources))) + [0]
     for i in order:
         src = domain.sources[i]
-        goal = src.share * budget if i else budget - sum(s["bytes"] for s in stats.values())
-        got, misses = {"docs": 0, "bytes": 0}, 0
+        goal = src.share * budget if i else budget - sum(int(s["bytes"]) for s in stats.values())
+        got, misses = {"docs": 0, "bytes": 0, "label": src.label}, 0
         for text in src.stream(seed * 10 + i, GENERATORS):
             if got["bytes"] >= goal or misses >= MAX_MISSES:
                 break
@@ -176,6 +177,6 @@ def domain_documents(
                 misses = 0
             else:
                 misses += 1
-        stats[src.name + ("" if src.part == (0.0, 1.0) and src.shared is None else f"{list(src.part)}")] = got
+        stats[src.key] = got
     Rand(seed).shuffle(docs)
     return docs, stats

@@ -95,9 +95,16 @@ class Source:
 
     name: str  # an asset name, or "gen:<module>" for a generator
     share: float  # of the domain's budget; the domain's first source fills whatever others cannot
+    label: str = ""  # what kind of text it is ("python", "math", "legal", ...): overlap is measured by it
     part: tuple[float, float] = (0.0, 1.0)
     shared: tuple[float, float, int] | None = None
     real: bool = True  # real text is also checked for near-duplicates within its own domain
+
+    @property
+    def key(self) -> str:
+        """The name the manifest gives this source (with its part of the asset, if not all of it)."""
+        whole = self.part == (0.0, 1.0) and self.shared is None
+        return self.name if whole else f"{self.name}{list(self.part)}"
 
     def available(self) -> list[str]:
         """Documents of this source's part of the asset, in stored order."""
