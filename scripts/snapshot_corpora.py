@@ -187,7 +187,7 @@ def _rank(key: str) -> bytes:
 
 
 def _take(rows: list[dict[str, str]], budget: int, key: str = "source") -> list[dict[str, str]]:
-    """Whole files (all rows of one ``key``) in hash order until ``budget`` characters, then in stored order."""
+    """Whole files (all rows of one ``key``) in hash order until ``budget`` characters; stored order."""
     by_file: dict[str, list[dict[str, str]]] = {}
     for r in rows:
         by_file.setdefault(r[key], []).append(r)
@@ -203,7 +203,9 @@ def _take(rows: list[dict[str, str]], budget: int, key: str = "source") -> list[
 
 def _python_rows(root: Path, prefix: str, budget: int) -> list[dict[str, str]]:
     """Module documents (as for the stdlib snapshot) of the ``.py`` files under ``root``."""
-    files = sorted((p for p in root.rglob("*.py") if "__pycache__" not in p.parts), key=lambda p: p.as_posix())
+    files = sorted(
+        (p for p in root.rglob("*.py") if "__pycache__" not in p.parts), key=lambda p: p.as_posix()
+    )
     rows = []
     for p in choose_files(root, files, budget):
         for doc in split_module(p.read_text(encoding="utf-8")):
@@ -240,7 +242,9 @@ def mpmath_rows() -> list[dict[str, str]]:
     for name, text in _string_assignments(path):
         for chunk in license_chunks(text.strip("\n")):
             if len(chunk) >= 200:
-                rows.append({"source": f"mpmath {mpmath.__version__} function_docs.py [{name}]", "text": chunk})
+                rows.append(
+                    {"source": f"mpmath {mpmath.__version__} function_docs.py [{name}]", "text": chunk}
+                )
     return rows
 
 
@@ -308,7 +312,9 @@ def package_licence_rows() -> list[dict[str, str]]:
     """Licence files of installed packages (``*.dist-info/licenses/`` or ``LICENSE*``)."""
     rows = []
     for d in _dist_infos():
-        files = sorted(p for p in d.rglob("*") if p.is_file() and re.match(r"(LICEN[CS]E|COPYING|NOTICE)", p.name, re.I))
+        files = sorted(
+            p for p in d.rglob("*") if p.is_file() and re.match(r"(LICEN[CS]E|COPYING|NOTICE)", p.name, re.I)
+        )
         for p in files:
             try:
                 text = p.read_text(encoding="utf-8")
@@ -328,7 +334,9 @@ def _file_chunks(files: list[Path], root: Path, prefix: str, limit: int = 2500) 
             continue
         for piece in _cut_lines(text, limit) if len(text) > limit else [text]:
             if len(piece.strip()) >= 150:
-                rows.append({"source": f"{prefix}/{p.relative_to(root).as_posix()}", "text": piece.strip("\n") + "\n"})
+                rows.append(
+                    {"source": f"{prefix}/{p.relative_to(root).as_posix()}", "text": piece.strip("\n") + "\n"}
+                )
     return rows
 
 
@@ -358,14 +366,17 @@ def config_rows() -> list[dict[str, str]]:
     # Debian's ALSA use-case and topology configurations (BSD-3-Clause) and fontconfig's (MIT-style)
     system = []
     for root in (Path("/usr/share/alsa"), Path("/usr/share/fontconfig"), Path("/etc/fonts")):
-        found = sorted((p for p in root.rglob("*") if p.is_file() and p.stat().st_size < 40_000), key=lambda q: q.as_posix())
+        found = sorted(
+            (p for p in root.rglob("*") if p.is_file() and p.stat().st_size < 40_000),
+            key=lambda q: q.as_posix(),
+        )
         system += _file_chunks(found, root.parent, f"Debian {root.parent.as_posix()}")
     return rows + _take(system, 900_000)
 
 
 def dpkg_status_rows(path: Path = Path("/var/lib/dpkg/status")) -> list[dict[str, str]]:
     """Debian's database of installed packages: one record per package, a few records per document."""
-    records = sorted((r.strip("\n") for r in path.read_text(encoding="utf-8").split("\n\n") if r.strip()))
+    records = sorted(r.strip("\n") for r in path.read_text(encoding="utf-8").split("\n\n") if r.strip())
     rows, cur = [], ""
     for rec in records:
         cur = f"{cur}\n\n{rec}" if cur else rec
@@ -383,7 +394,9 @@ def write_extra_assets() -> None:
 
     records, readmes = metadata_rows()
     extra = {
-        "pip": _python_rows(Path(pip.__file__).parent / "_internal", f"pip {pip.__version__} pip/_internal", 1_200_000),
+        "pip": _python_rows(
+            Path(pip.__file__).parent / "_internal", f"pip {pip.__version__} pip/_internal", 1_200_000
+        ),
         "pydoc_topics": pydoc_topic_rows(),
         "mpmath_docs": mpmath_rows(),
         "debian_copyright": debian_copyright_rows(3_500_000),
@@ -394,7 +407,9 @@ def write_extra_assets() -> None:
         "capi": capi_rows(),
         "cmake": cmake_rows(1_000_000),
         "configs": config_rows(),
-        "sci_docs": docstring_rows("sympy", 700_000) + docstring_rows("networkx", 500_000) + docstring_rows("scipy", 400_000),
+        "sci_docs": docstring_rows("sympy", 700_000)
+        + docstring_rows("networkx", 500_000)
+        + docstring_rows("scipy", 400_000),
     }
     for name, rows in extra.items():
         write_xz_jsonl(ASSETS / f"{name}.jsonl.xz", rows)

@@ -139,7 +139,10 @@ def _manifest(
                 "kind": d.kind,
                 "about": d.about,
                 "sources": sources[d.name],
-                **{s: {"docs": stats[d.name][f"{s}_docs"], "bytes": stats[d.name][f"{s}_bytes"]} for s in SPLITS},
+                **{
+                    s: {"docs": stats[d.name][f"{s}_docs"], "bytes": stats[d.name][f"{s}_bytes"]}
+                    for s in SPLITS
+                },
             }
             for d in fed.domains
         },

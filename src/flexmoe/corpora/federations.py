@@ -22,8 +22,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from flexmoe.corpora import legal, mathprose, public
-from flexmoe.corpora._rand import Rand
 from flexmoe.corpora import math as math_problems
+from flexmoe.corpora._rand import Rand
 from flexmoe.corpora.dedup import Deduper
 from flexmoe.corpora.sources import Source
 
@@ -76,11 +76,14 @@ DEMO = Federation(
                 _gen("mathprose", 0.08, "math"),
                 Source("package_licences", 0.12, "legal"),
             ),
-            about="stories and expository prose; the Python language reference; pip's source code; worded "
-            "maths (mpmath's function documentation, textbook explanations); licence files of Python packages",
+            about="stories and expository prose; the Python language reference; pip's source code; "
+            "worded maths (mpmath's function documentation, textbook explanations); licence files of "
+            "Python packages",
         ),
         Domain("code", "code", (Source("code", 1.0, "python"),), about="CPython standard-library source"),
-        Domain("math", "math", (_gen("math", 1.0, "math"),), about="worked problems ending in 'Answer: <number>'"),
+        Domain(
+            "math", "math", (_gen("math", 1.0, "math"),), about="worked problems ending in 'Answer: <number>'"
+        ),
         Domain(
             "legal",
             "legal",
@@ -110,7 +113,10 @@ MEASURE = Federation(
                 Source("mpmath_docs", 0.05, "math"),
                 Source("package_licences", 0.07, "legal"),
                 Source("metadata", 0.04, "records"),
-                *(Source(a, 0.04 if a != "configs" else 0.02, LABEL[a], part=(0.0, cut)) for a, cut in _PUB.items()),
+                *(
+                    Source(a, 0.04 if a != "configs" else 0.02, LABEL[a], part=(0.0, cut))
+                    for a, cut in _PUB.items()
+                ),
             ),
             scale=2.0,
             about="stories and expository prose; package READMEs; pip's source; worded maths; package "
@@ -128,10 +134,23 @@ MEASURE = Federation(
             (Source("code", 1.0, "python", part=(0.35, 0.7), shared=(0.7, 1.0, 1)),),
             about="standard-library packages of group B plus the other half of the shared group's documents",
         ),
-        Domain("c_api", "code", (Source("capi", 1.0, "c", part=(_PUB["capi"], 1.0)),), about="CPython C API headers"),
-        Domain("cmake", "code", (Source("cmake", 1.0, "cmake", part=(_PUB["cmake"], 1.0)),), about="CMake modules"),
         Domain(
-            "config", "code", (Source("configs", 1.0, "config", part=(_PUB["configs"], 1.0)),), about="package configs"
+            "c_api",
+            "code",
+            (Source("capi", 1.0, "c", part=(_PUB["capi"], 1.0)),),
+            about="CPython C API headers",
+        ),
+        Domain(
+            "cmake",
+            "code",
+            (Source("cmake", 1.0, "cmake", part=(_PUB["cmake"], 1.0)),),
+            about="CMake modules",
+        ),
+        Domain(
+            "config",
+            "code",
+            (Source("configs", 1.0, "config", part=(_PUB["configs"], 1.0)),),
+            about="package configs",
         ),
         Domain(
             "sci",
@@ -141,7 +160,9 @@ MEASURE = Federation(
         ),
         Domain("legal", "legal", (Source("debian_copyright", 1.0, "legal"),), about="Debian copyright files"),
         Domain("records", "code", (Source("dpkg_status", 1.0, "records"),), about="Debian package records"),
-        Domain("math", "math", (_gen("math", 1.0, "math"),), about="worked problems ending in 'Answer: <number>'"),
+        Domain(
+            "math", "math", (_gen("math", 1.0, "math"),), about="worked problems ending in 'Answer: <number>'"
+        ),
     ),
     size_mb=1.0,
     seed_offset=50,

@@ -27,7 +27,9 @@ N = 4
 
 
 def _texts(path: Path) -> list[str]:
-    return [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [
+        json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()
+    ]
 
 
 def _grams(texts: list[str], n: int) -> list[tuple[str, ...]]:
@@ -73,7 +75,9 @@ def overlap_report(data_dir: Path) -> dict[str, dict]:
         report[d] = {
             "docs": sum(domains[d][s]["docs"] for s in ("train", "valid", "test")),
             "bytes": sum(domains[d][s]["bytes"] for s in ("train", "valid", "test")),
-            "words": sum(len(normalise(t)) for s in ("train", "valid", "test") for t in _split(data_dir, d, s)),
+            "words": sum(
+                len(normalise(t)) for s in ("train", "valid", "test") for t in _split(data_dir, d, s)
+            ),
             "public_kind_share": sum(s["bytes"] for s in pub_sources if s["label"] in labels) / pub_bytes,
             "word_cov_public": sum(w in public_words for w in words) / max(1, len(words)),
             "ngram_cov_public": cov["public"],
@@ -99,6 +103,7 @@ def markdown(report: dict[str, dict]) -> str:
         closest = f"{r['closest_owner']} ({r['ngram_cov_closest']:.1%})" if r["closest_owner"] else "-"
         rows.append(
             f"| {d} | {r['docs']:,} | {r['bytes']:,} | {r['words']:,} | {r['public_kind_share']:.1%} | "
-            f"{r['word_cov_public']:.1%} | {r['ngram_cov_public']:.1%} | {r['ngram_cov_own']:.1%} | {closest} |"
+            f"{r['word_cov_public']:.1%} | {r['ngram_cov_public']:.1%} | {r['ngram_cov_own']:.1%} | "
+            f"{closest} |"
         )
     return "\n".join(rows) + "\n"
