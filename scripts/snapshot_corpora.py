@@ -287,7 +287,9 @@ def debian_copyright_rows(budget: int) -> list[dict[str, str]]:
 
 
 def _dist_infos() -> list[Path]:
-    return sorted(SITE.glob("*.dist-info"), key=lambda p: p.name.lower())
+    """Installed distributions, except flexmoe itself (its own README would feed back into its data)."""
+    found = sorted(SITE.glob("*.dist-info"), key=lambda p: p.name.lower())
+    return [p for p in found if not p.name.startswith("flexmoe-")]
 
 
 def metadata_rows() -> tuple[list[dict[str, str]], list[dict[str, str]]]:
