@@ -28,9 +28,9 @@ from flexmoe.audit.canaries import (
     save_canaries,
 )
 from flexmoe.audit.extraction import ExtractionConfig, extraction_attack
-from flexmoe.audit.membership import membership_auc_blocks
+from flexmoe.audit.membership import membership_auc, membership_auc_blocks
 from flexmoe.compose import compose
-from flexmoe.data import blocks_for, load_splits
+from flexmoe.data import blocks_for, load_splits, read_documents
 from flexmoe.evaluate.baselines import dense_expert
 from flexmoe.evaluate.run import load_lm
 from flexmoe.expert.privacy import DPSettings
@@ -266,3 +266,42 @@ def _composed_models(anchor, packages: dict, workdir: Path, other_experts) -> di
 
 def _write_jsonl(path: Path, docs: Sequence[str]) -> None:
     atomic_write_bytes(path, "".join(json.dumps({"text": d}) + "\n" for d in docs).encode())
+
+
+# --------------------------------------------------------------------------------------------------
+# One attack against a model directory (what the ``flexmoe audit`` commands run)
+
+
+def audit_extraction(
+    model: Path,
+    data: list[Path],
+    include=None,
+    exclude=None,
+    cfg: ExtractionConfig | None = None,
+    progress=None,
+) -> dict:
+    """The extraction attack on ``model`` (any subset of its experts) over ``data``'s training split."""
+    lm = load_lm(model, include, exclude)
+    return extraction_attack(lm, load_splits(data).train, cfg, progress=progress)
+
+
+def audit_exposure(
+    model: Path, canaries_file: Path, include=None, exclude=None, candidates: int = 1000
+) -> dict:
+    """Exposure of the canaries in ``canaries_file`` (written by ``canary_audit``) under ``model``."""
+    cs, length = load_canaries(canaries_file)
+    return exposure(load_lm(model, include, exclude), cs, length, candidates)
+
+
+def audit_membership(
+    model: Path,
+    members: list[Path],
+    non_members: list[Path],
+    include=None,
+    exclude=None,
+    max_tokens: int = 256,
+    max_documents: int = 500,
+) -> dict:
+    """Loss-based membership inference: AUC of training vs held-out documents."""
+    ins, outs = read_documents(members)[:max_documents], read_documents(non_members)[:max_documents]
+    return membership_auc(load_lm(model, include, exclude), ins, outs, max_tokens)
