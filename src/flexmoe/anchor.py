@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, Olmo2Config, Olmo2ForCausalLM
 
-from flexmoe.data import blocks_for, load_splits
+from flexmoe.data import blocks_for, load_splits, read_documents
 from flexmoe.errors import FlexmoeError
 from flexmoe.fileio import atomic_dir, check_output_dir, read_json, write_json
 from flexmoe.router_init import DEFAULT_EMBEDDER, publish
@@ -385,3 +385,13 @@ def publish_router_init(
         seq_len=seq_len,
         n_docs=n_docs,
     )
+
+
+def publish_router_init_for(
+    anchor: Path, public: list[Path], embedder: str | None = "default", n_docs: int = 1000, seq_len: int = 256
+) -> dict:
+    """``publish_router_init`` for an anchor directory, from public documents on disk."""
+    model = load_anchor(anchor)
+    tok = load_tokenizer(anchor)
+    docs = read_documents(public)
+    return publish_router_init(anchor, model, tok, docs, embedder=embedder, seq_len=seq_len, n_docs=n_docs)

@@ -12,14 +12,11 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from flexmoe.anchor import AnchorTrainSettings, inspect, load_anchor, pretrain, publish_router_init
-from flexmoe.audit.canaries import exposure, load_canaries
-from flexmoe.audit.extraction import ExtractionConfig, extraction_attack
-from flexmoe.audit.membership import membership_auc
+from flexmoe.anchor import AnchorTrainSettings, inspect, pretrain, publish_router_init_for
+from flexmoe.audit.extraction import ExtractionConfig
 from flexmoe.audit.pipeline import AuditSizes, canary_audit
 from flexmoe.compose import add, compose, remove, update
 from flexmoe.corpora import build_demo_corpora
-from flexmoe.data import load_splits, read_documents
 from flexmoe.demo import run_demo
 from flexmoe.errors import FlexmoeError
 from flexmoe.evaluate.report import markdown
@@ -32,7 +29,6 @@ from flexmoe.router.calibrate import calibrator
 from flexmoe.router.proxy import select_proxy
 from flexmoe.router.train import RouterTrainSettings, train_router
 from flexmoe.runtime import from_pretrained, generate, routing_shares
-from flexmoe.tokenizer import load_tokenizer
 from flexmoe.training import is_main
 
 console = Console(highlight=False, soft_wrap=True)
@@ -151,16 +147,8 @@ def anchor_router_init(
     seq_len: int = typer.Option(256, help="Tokens per document used for the anchor's hidden states."),
 ) -> None:
     """Publish the public router row and embedder projection next to an existing anchor."""
-    model = load_anchor(anchor)
-    meta = publish_router_init(
-        anchor,
-        model,
-        load_tokenizer(anchor),
-        read_documents(public),
-        embedder=None if embedder == "none" else embedder,
-        seq_len=seq_len,
-        n_docs=n_docs,
-    )
+    emb = None if embedder == "none" else embedder
+    meta = publish_router_init_for(anchor, public, emb, n_docs, seq_len)
     console.print(f"published router init for {', '.join(meta['methods'])} from {meta['n_docs']} documents")
 
 
@@ -571,7 +559,6 @@ def audit_extraction(
     out: Path = typer.Option(None, "--out", help="Write the result as JSON here."),
 ) -> None:
     """The FlexOlmo paper's extraction attack: share of documents whose continuation is regenerated."""
-    lm = load_lm(model, _names(include), _names(exclude))
     cfg = ExtractionConfig(
         prefix_tokens=prefix_tokens,
         suffix_tokens=suffix_tokens,
@@ -580,7 +567,8 @@ def audit_extraction(
         threshold=threshold,
         seed=seed,
     )
-    r = extraction_attack(lm, load_splits(data).train, cfg, progress=lambda m: console.print(f"  {m}"))
+    progress = lambda m: console.print(f"  {m}")  # noqa: E731
+    r = audit_extraction(model, data, _names(include), _names(exclude), cfg, progress)
     lo, hi = r["ci95"]
     console.print(
         f"extracted {r['extracted']} of {r['documents']} documents: rate {100 * r['rate']:.1f}% "
@@ -662,8 +650,7 @@ def audit_exposure(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Exposure (bits) of planted canaries under a model; controls show chance level."""
-    cs, length = load_canaries(canaries)
-    r = exposure(load_lm(model, _names(include), _names(exclude)), cs, length, candidates)
+    r = audit_exposure(model, canaries, _names(include), _names(exclude), candidates)
     if as_json:
         _print_json(r)
         return
@@ -686,9 +673,9 @@ def audit_membership(
     max_documents: int = typer.Option(500, help="Documents per side."),
 ) -> None:
     """Loss-based membership inference: AUC of training vs held-out documents (0.5 = chance)."""
-    lm = load_lm(model, _names(include), _names(exclude))
-    ins, outs = read_documents(members)[:max_documents], read_documents(non_members)[:max_documents]
-    r = membership_auc(lm, ins, outs, max_tokens)
+    r = audit_membership(
+        model, members, non_members, _names(include), _names(exclude), max_tokens, max_documents
+    )
     lo, hi = r["ci95"]
     console.print(
         f"membership AUC {r['auc']:.3f} (95% CI {lo:.3f}-{hi:.3f}; {r['members']} members, "

@@ -17,7 +17,7 @@ import torch
 from rich.console import Console
 
 from flexmoe.anchor import default_embedder, load_anchor, load_config, pretrain
-from flexmoe.audit.demo import PRIVACY_PRESETS, plant_demo_canaries, privacy_section
+from flexmoe.audit.demo import PRIVACY_PRESETS, PrivacyRun, plant_demo_canaries, privacy_section
 from flexmoe.compose import compose, remove
 from flexmoe.corpora import build_demo_corpora
 from flexmoe.errors import FlexmoeError
@@ -124,11 +124,10 @@ def run_demo(
     lms = build_baselines(models, anchor, data, p, steps, quiet)
     report = evaluate_all(models, lms, data, anchor, p, steps)
     if privacy is not None:
-        report["privacy"] = privacy_section(
+        run = PrivacyRun(
             workdir,
             data,
             anchor,
-            report,
             privacy,
             expert_preset=p.expert,
             router_init=p.router_init,
@@ -138,6 +137,7 @@ def run_demo(
             steps=steps,
             quiet=quiet,
         )
+        report["privacy"] = privacy_section(run, report)
         report["privacy"]["seconds"] = sum(
             v for k, v in steps.seconds.items() if k.startswith(("dp expert", "privacy:"))
         )

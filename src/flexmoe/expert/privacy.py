@@ -191,24 +191,7 @@ def make_plan(
     require_opacus()
     from opacus.accountants.utils import get_noise_multiplier
 
-    dp.validate()
-    if private_units < 1:
-        raise FlexmoeError("There are no privacy units in the training data.", "add training data.")
-    if not 1 <= batch_size <= sampled_units:
-        raise FlexmoeError(
-            f"Expected batch size {batch_size} is incompatible with the data: Poisson sampling draws each "
-            f"of the {sampled_units} {dp.unit}s with probability batch/units, which must be in (0, 1].",
-            f"use --batch-size between 1 and {sampled_units} (or add data).",
-        )
-    if steps < 1:
-        raise FlexmoeError("DP training needs at least one step.", "use --steps 1 or more.")
-    delta = dp.delta if dp.delta is not None else default_delta(private_units)
-    if delta >= 1.0 / private_units:
-        raise FlexmoeError(
-            f"--dp-delta {delta:g} is not below 1/N = {1 / private_units:g} ({private_units} {dp.unit}s): "
-            "such a delta allows a mechanism that publishes some units verbatim.",
-            f"use --dp-delta {default_delta(private_units):.1g} or smaller (the default).",
-        )
+    delta = _check_plan(dp, private_units, sampled_units, batch_size, steps)
     q = batch_size / sampled_units
     too_small = FlexmoeError(
         f"--dp-epsilon {dp.epsilon:g} is too small for even one training step at sampling rate {q:.3g} "
@@ -247,6 +230,29 @@ def make_plan(
         sampled_units=sampled_units,
         expected_batch_size=batch_size,
     )
+
+
+def _check_plan(dp: DPSettings, private_units: int, sampled_units: int, batch_size: int, steps: int) -> float:
+    """Refuse settings that cannot train; returns delta (the default: 1 / (10 N))."""
+    dp.validate()
+    if private_units < 1:
+        raise FlexmoeError("There are no privacy units in the training data.", "add training data.")
+    if not 1 <= batch_size <= sampled_units:
+        raise FlexmoeError(
+            f"Expected batch size {batch_size} is incompatible with the data: Poisson sampling draws each "
+            f"of the {sampled_units} {dp.unit}s with probability batch/units, which must be in (0, 1].",
+            f"use --batch-size between 1 and {sampled_units} (or add data).",
+        )
+    if steps < 1:
+        raise FlexmoeError("DP training needs at least one step.", "use --steps 1 or more.")
+    delta = dp.delta if dp.delta is not None else default_delta(private_units)
+    if delta >= 1.0 / private_units:
+        raise FlexmoeError(
+            f"--dp-delta {delta:g} is not below 1/N = {1 / private_units:g} ({private_units} {dp.unit}s): "
+            "such a delta allows a mechanism that publishes some units verbatim.",
+            f"use --dp-delta {default_delta(private_units):.1g} or smaller (the default).",
+        )
+    return delta
 
 
 def _max_steps(accountant: str, sigma: float, q: float, steps: int, delta: float, epsilon: float) -> int:
