@@ -99,7 +99,18 @@ def _graph() -> dict[str, set[str]]:
     mods = _modules()
     graph: dict[str, set[str]] = {m: set() for m in mods}
     for name, path in mods.items():
-        for target, _, _, _ in _imports(name, path):
+        found = _imports(name, path)
+        # "from pkg import submodule" imports the submodule, not pkg's own code: a statement's module
+        # counts only where one of its names is not a submodule of it.
+        names_only_modules = {
+            line
+            for _, line, _, _ in found
+            if all(t in mods for t, ln, _, stmt in found if ln == line and not stmt)
+            and any(ln == line and not stmt for _, ln, _, stmt in found)
+        }
+        for target, line, _, stmt in found:
+            if stmt and line in names_only_modules:
+                continue
             while target and target not in mods:  # "pkg.mod.func" -> "pkg.mod"
                 target = target.rsplit(".", 1)[0] if "." in target else ""
             if target and target != name and not (name.startswith(target + ".") and target == "flexmoe"):

@@ -29,6 +29,7 @@ from flexmoe.router.calibrate import calibrator
 from flexmoe.router.proxy import select_proxy
 from flexmoe.router.train import RouterTrainSettings, train_router
 from flexmoe.runtime import from_pretrained, generate, routing_shares
+from flexmoe.serve.cli import register as register_serve
 from flexmoe.training import is_main
 
 console = Console(highlight=False, soft_wrap=True)
@@ -58,6 +59,7 @@ router_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(router_app, name="router")
+register_serve(app)  # serve, owners, audit-log, ledger
 
 
 def _print_json(obj) -> None:

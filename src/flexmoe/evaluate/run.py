@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
 from transformers import AutoModelForCausalLM
 
 from flexmoe.compose import FLEXMOE_JSON
@@ -70,10 +71,11 @@ def load_lm(
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
     use_bias: bool = False,
-    device: str = "cpu",
+    device: str | None = None,
 ):
     """An ``HFLM`` for a flexmoe composed model (with expert choice) or any HF causal LM directory."""
     model = Path(model)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")  # the GPU when there is one
     if (model / FLEXMOE_JSON).is_file():
         c = from_pretrained(model, include=include, exclude=exclude, use_bias=use_bias, device=device)
         return HFLM(c.model, c.tokenizer)
