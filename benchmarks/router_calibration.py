@@ -84,6 +84,7 @@ def main() -> None:
     from flexmoe.demo import DEMO_PRESETS, OWNERS
     from flexmoe.evaluate.run import evaluate_lm, load_lm
     from flexmoe.expert.train import EXPERT_PRESETS
+    from flexmoe.router.calibrate import calibrator
     from flexmoe.router.train import train_router
 
     torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -111,7 +112,7 @@ def main() -> None:
         if not plain.exists():
             timed("compose", compose, anchor, pk, plain)
         if not cal.exists():
-            timed("compose --calibrate", compose, anchor, pk, cal, calibrate=public)
+            timed("compose --calibrate", compose, anchor, pk, cal, calibrate=calibrator(public))
         if not rt.exists():
             timed(
                 "router train",
@@ -125,7 +126,7 @@ def main() -> None:
         models.update({f"{tag} plain": plain, f"{tag} calibrated": cal, f"{tag} rt": rt})
     full = "+".join(OWNERS)
     tag = f"{full}-without-{args.removed}"
-    for kind, kw in (("plain", {}), ("calibrated", {"calibrate": public}), ("rt", {})):
+    for kind, kw in (("plain", {}), ("calibrated", {"calibrate": calibrator(public)}), ("rt", {})):
         dst = out / f"{tag}-{kind}"
         if not dst.exists():
             timed(f"remove ({kind})", remove, out / f"{full}-{kind}", args.removed, dst, **kw)

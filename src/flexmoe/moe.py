@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flexmoe.parallel import decoder_layers, full
+
 
 def nonpositive(raw: torch.Tensor) -> torch.Tensor:
     """``min(raw, 0)`` in value, identity in gradient (straight-through).
@@ -238,11 +240,6 @@ class FlexMoEBlock(nn.Module):
 # Putting blocks into an HF dense decoder
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder layers of an HF causal LM (OLMo 2 and the Llama family share ``model.model.layers``)."""
-    return model.model.layers
-
-
 def moe_blocks(model: nn.Module) -> list[FlexMoEBlock]:
     return [m for m in model.modules() if isinstance(m, FlexMoEBlock)]
 
@@ -292,8 +289,6 @@ def anchor_state(model: nn.Module) -> dict[str, torch.Tensor]:
     Expert 0 of each block is the anchor FFN (``mlp.experts.0.x`` -> ``mlp.x``); owner experts and
     router rows are not anchor tensors.
     """
-    from flexmoe.parallel import full
-
     out = {}
     for name, t in model.state_dict().items():
         t = full(t)  # whole tensors under FSDP (a collective: every rank calls this)

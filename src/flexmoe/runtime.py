@@ -20,11 +20,13 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModelForCausalLM, TextStreamer
 
 from flexmoe.checkpoint import TensorReader
 from flexmoe.compose import BIAS_FILE, PUBLIC, load_meta
 from flexmoe.errors import FlexmoeError
 from flexmoe.moe import FlexMoEBlock, RouterRow, Routing, active_routing, decoder_layers, moe_blocks, routing
+from flexmoe.tokenizer import load_tokenizer
 
 
 @dataclass
@@ -82,8 +84,6 @@ def default_device() -> str:
 
 def base_config(anchor_config: dict):
     """The dense config of the anchor a composed model was built from."""
-    from transformers import AutoConfig
-
     cfg = dict(anchor_config)
     model_type = cfg.pop("model_type")
     return AutoConfig.for_model(model_type, **{k: v for k, v in cfg.items() if k not in ("architectures",)})
@@ -104,10 +104,6 @@ def from_pretrained(
     that the HF format cannot hold (off by default, so that results equal what stock transformers and
     vLLM compute from the same checkpoint).
     """
-    from transformers import AutoModelForCausalLM
-
-    from flexmoe.tokenizer import load_tokenizer
-
     path = Path(path)
     device = default_device() if device is None else device
     meta = load_meta(path)
@@ -197,8 +193,6 @@ def generate(
     seed: int = 0,
 ) -> str:
     """Generate a continuation (greedy by default); with ``stream`` print tokens as they come."""
-    from transformers import TextStreamer
-
     tok = composed.tokenizer
     enc = tok(prompt, return_tensors="pt").to(composed.device)
     torch.manual_seed(seed)
