@@ -12,6 +12,7 @@ import json
 import re
 import time
 import uuid
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from flexmoe import compose as C
 from flexmoe.compose import PUBLIC
 from flexmoe.errors import FlexmoeError
 from flexmoe.runtime import Composed, expert_mask, from_pretrained
@@ -192,8 +194,6 @@ def bearer(request: Request) -> str | None:
 
 def create_app(settings: Settings, composed: Composed | None = None) -> FastAPI:
     """The ASGI app; the model is loaded here (or passed in) and the engine runs while the app lives."""
-    from contextlib import asynccontextmanager
-
     composed = composed or load(settings)
     name = settings.name or Path(settings.model).name
     owners_file = settings.owners
@@ -427,20 +427,7 @@ def _governance_routes(app: FastAPI, state: State) -> None:
             raise ApiError(403, "This needs the admin key.", "permission_error", code="forbidden")
 
     async def switch(expert: str, request: Request, enabled: bool):
-        actor = who(request)
-        if expert not in state.composed.names:
-            raise ApiError(404, f"No expert named {expert!r}.", param="expert", code="expert_not_found")
-        owner = state.registry.owner_of(expert)
-        if actor != "" and actor != owner:
-            raise ApiError(403, f"Expert {expert!r} is not yours.", "permission_error", code="forbidden")
-        if expert == PUBLIC and not enabled:
-            raise ApiError(
-                400, "The public expert (the anchor's FFN) cannot be switched off.", param="expert"
-            )
-        await run_in_threadpool(state.registry.set_enabled, expert, enabled)
-        state.audit.append(actor or "admin", "enable" if enabled else "disable", expert)
-        _apply_switches(state)
-        return {"expert": expert, "enabled": enabled}
+        return await _switch(state, who(request), expert, enabled)
 
     @app.post("/v1/experts/{expert}/disable")
     async def disable(expert: str, request: Request):
@@ -474,9 +461,22 @@ def _governance_routes(app: FastAPI, state: State) -> None:
     _admin_routes(app, state, admin)
 
 
-def _admin_routes(app: FastAPI, state: State, admin) -> None:
-    from flexmoe import compose as C
+async def _switch(state: State, actor: str, expert: str, enabled: bool) -> dict:
+    """An owner (its own expert only) or the admin switches an expert for all traffic."""
+    if expert not in state.composed.names:
+        raise ApiError(404, f"No expert named {expert!r}.", param="expert", code="expert_not_found")
+    owner = state.registry.owner_of(expert)
+    if actor != "" and actor != owner:
+        raise ApiError(403, f"Expert {expert!r} is not yours.", "permission_error", code="forbidden")
+    if expert == PUBLIC and not enabled:
+        raise ApiError(400, "The public expert (the anchor's FFN) cannot be switched off.", param="expert")
+    await run_in_threadpool(state.registry.set_enabled, expert, enabled)
+    state.audit.append(actor or "admin", "enable" if enabled else "disable", expert)
+    _apply_switches(state)
+    return {"expert": expert, "enabled": enabled}
 
+
+def _admin_routes(app: FastAPI, state: State, admin) -> None:
     async def new_version(op: str, target: str, fn) -> dict:
         async with state.admin_lock:
             root = state.settings.workdir or state.model_dir.parent / f"{state.name}.versions"

@@ -4,17 +4,24 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 import typer
 from rich.console import Console
 
 from flexmoe.errors import FlexmoeError
+from flexmoe.serve import ledger as L
+from flexmoe.serve.app import Settings, create_app
+from flexmoe.serve.audit_log import verify
+from flexmoe.serve.owners import Registry
 
 console = Console(highlight=False, soft_wrap=True)
 owners_app = typer.Typer(help="Governance: register expert owners and the admin key.", no_args_is_help=True)
 audit_log_app = typer.Typer(help="Governance: check the hash-chained audit log.", no_args_is_help=True)
 ledger_app = typer.Typer(help="Usage ledger: per owner and per day.", no_args_is_help=True)
+commands = typer.Typer()  # top-level commands, copied onto the main app by register()
 
 
+@commands.command("serve")
 def serve(
     model: Path = typer.Argument(..., help="Composed model directory."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on."),
@@ -36,10 +43,7 @@ def serve(
     dtype: str = typer.Option(None, help="float32, bfloat16 (default: bfloat16 on GPU, float32 on CPU)."),
 ) -> None:
     """Serve a composed model over an OpenAI-compatible HTTP API with per-request experts."""
-    import torch
-    import uvicorn  # heavy: only the server needs it
-
-    from flexmoe.serve.app import Settings, create_app
+    import uvicorn  # serving only: not needed by any other command
 
     if admin_key_file is not None and owners is not None and admin_key_file != owners:
         raise FlexmoeError(
@@ -63,8 +67,6 @@ def owners_add(
     owners: Path = typer.Option(..., "--owners", help="Registry file (created if missing)."),
 ) -> None:
     """Register an owner; prints its API key once (only a salted scrypt hash is stored)."""
-    from flexmoe.serve.owners import Registry
-
     key = Registry(owners).add(name, expert)
     console.print(f"owner {name} controls expert {expert}; key (shown once, store it now):")
     print(key)
@@ -75,8 +77,6 @@ def owners_admin_key(
     owners: Path = typer.Option(..., "--owners", help="Registry file (created if missing)."),
 ) -> None:
     """Create (or replace) the admin key; prints it once."""
-    from flexmoe.serve.owners import Registry
-
     key = Registry(owners).set_admin()
     console.print("admin key (shown once, store it now):")
     print(key)
@@ -85,8 +85,6 @@ def owners_admin_key(
 @audit_log_app.command("verify")
 def audit_log_verify(path: Path = typer.Argument(..., help="Audit log (JSON lines).")) -> None:
     """Check the hash chain of an audit log; exit 1 if any entry was changed, dropped or inserted."""
-    from flexmoe.serve.audit_log import verify
-
     if not path.is_file():
         raise FlexmoeError(f"No audit log at {path}.", "give the file the server wrote (--audit-log).")
     ok, n, last, problem = verify(path)
@@ -106,8 +104,6 @@ def ledger_report(
     plot: Path = typer.Option(None, "--plot", help="Also write a PNG chart here."),
 ) -> None:
     """Usage per owner, expert and day: requests and tokens attributed."""
-    from flexmoe.serve import ledger as L
-
     rows = L.Ledger(db).daily(L.parse_since(since))
     print(L.report(rows, as_csv), end="" if as_csv else "\n")
     if plot is not None:
@@ -116,7 +112,7 @@ def ledger_report(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("serve")(serve)
+    app.registered_commands.extend(commands.registered_commands)
     app.add_typer(owners_app, name="owners")
     app.add_typer(audit_log_app, name="audit-log")
     app.add_typer(ledger_app, name="ledger")
