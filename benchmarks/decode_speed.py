@@ -90,6 +90,7 @@ def flexmoe_model(shape: dict, experts: int, top_k: int, device, dtype) -> torch
                 ffns.append(ffn)
             rows = [RouterRow(torch.randn(shape["hidden_size"]) * 0.02) for _ in range(experts)]
             layer.mlp = FlexMoEBlock(ffns, rows, top_k=top_k)
+            layer.mlp.fuse_experts_()  # as the runtime does: grouped matmuls over stacked expert weights
     return model.eval()
 
 

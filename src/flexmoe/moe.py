@@ -4,8 +4,9 @@ one non-positive bias per expert, and masks for inference-time inclusion/exclusi
 Masks and routing outputs are per call, never state on the block: a ``Routing`` object, made active with
 ``with routing(Routing(mask=...)):`` around a model call, carries the mask (one per expert, per sequence
 ``[B, E]`` or per token ``[B, S, E]``) in and the routing weights out. The decoder layers of the stock HF
-classes call ``layer.mlp(x)`` with nothing else, so the context travels beside the call (a ``ContextVar``:
-per thread and per asyncio task), and the stock ``flex_olmo`` export stays untouched.
+classes call ``layer.mlp(x)`` with nothing else, so the context travels beside the call (a module-level
+slot that ``routing()`` holds under a lock, see ``_Active``), and the stock ``flex_olmo`` export stays
+untouched.
 
 Routing semantics equal Hugging Face ``flex_olmo`` when every bias is zero: softmax over all experts in
 fp32, top-k, weights not renormalised. The block replaces ``layer.mlp`` of an OLMo 2 or Llama-family
@@ -21,8 +22,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import threading
 from collections.abc import Iterator
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import torch
@@ -93,23 +94,34 @@ class Routing:
         self.weights = w if self.weights is None else self.weights + w
 
 
-_ACTIVE: ContextVar[Routing | None] = ContextVar("flexmoe_routing", default=None)
+class _Active:
+    """The routing of the model call in progress. A plain attribute rather than a ``ContextVar`` or a
+    thread-local: ``torch.compile`` traces an attribute read (a guard on None or not, the mask as a
+    graph input) but breaks the graph at ``ContextVar.get``. ``routing()`` holds a re-entrant lock
+    while it is active, so threads that route model calls take turns and never see each other's."""
+
+    current: Routing | None = None
+    lock = threading.RLock()
+
+
+_ACTIVE = _Active()
 
 
 @contextlib.contextmanager
 def routing(r: Routing | None = None) -> Iterator[Routing]:
     """Make ``r`` (a fresh ``Routing(record=True)`` by default) the routing of model calls inside."""
     r = Routing(record=True) if r is None else r
-    token = _ACTIVE.set(r)
-    try:
-        yield r
-    finally:
-        _ACTIVE.reset(token)
+    with _ACTIVE.lock:
+        previous, _ACTIVE.current = _ACTIVE.current, r
+        try:
+            yield r
+        finally:
+            _ACTIVE.current = previous
 
 
 def active_routing() -> Routing | None:
     """The ``Routing`` of the model call in progress, if one was made active."""
-    return _ACTIVE.get()
+    return _ACTIVE.current
 
 
 def _mask_for(mask: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -168,7 +180,7 @@ class FlexMoEBlock(nn.Module):
         return routing_weights(logits, self.top_k, self.normalize_topk)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        r = _ACTIVE.get()
+        r = _ACTIVE.current
         logits = self.router_logits(x, r.mask if r is not None else None)
         # Only training adds the z-loss; clearing it in eval keeps a stale value out of eval losses.
         # Per-token values stay available for per-sample losses (DP ghost clipping needs one per sequence).
