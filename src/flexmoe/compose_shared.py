@@ -29,7 +29,10 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from flexmoe.anchor import fingerprint
+from flexmoe.checkpoint import TensorReader
 from flexmoe.errors import FlexmoeError
+from flexmoe.fileio import sha256_file
 
 METHODS = ("mean", "ties")
 SHARED_DIR = "flexmoe_shared"
@@ -137,8 +140,6 @@ def record(experts, method: str, anchor_path: Path) -> dict:
 
 def check_kept(meta: dict, experts) -> None:
     """Before re-merging: each kept delta file must still hash as ``flexmoe.json`` recorded it."""
-    from flexmoe.fileio import sha256_file
-
     recorded = (meta.get("shared_merge") or {}).get("deltas", {})
     for e in experts:
         if e.delta_file is not None and e.delta_file.parent.name == SHARED_DIR:
@@ -159,9 +160,6 @@ def keep_deltas(out: Path, experts) -> None:
 
 def anchor_reader(meta: dict, anchor: Path | None = None):
     """The anchor of a composed model, checked by fingerprint (for re-merging after opt-out)."""
-    from flexmoe.anchor import fingerprint
-    from flexmoe.checkpoint import TensorReader
-
     path = Path(anchor or meta.get("shared_merge", {}).get("anchor_path") or meta["anchor"]["path"])
     if not path.is_dir() or fingerprint(path) != meta["anchor"]["fingerprint"]:
         raise FlexmoeError(

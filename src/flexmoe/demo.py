@@ -13,16 +13,30 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import torch
 from rich.console import Console
 
+from flexmoe.anchor import default_embedder, load_anchor, load_config, pretrain
+from flexmoe.audit.demo import PRIVACY_PRESETS, PrivacyRun, plant_demo_canaries, privacy_section
+from flexmoe.compose import compose, remove
+from flexmoe.corpora import build_demo_corpora
+from flexmoe.errors import FlexmoeError
+from flexmoe.evaluate import baselines as B
+from flexmoe.evaluate.metrics import HFLM
+from flexmoe.evaluate.report import write_report
+from flexmoe.evaluate.run import evaluate_lm, load_lm
+from flexmoe.evaluate.tasks import load_tasks
+from flexmoe.expert.train import EXPERT_PRESETS, ExpertSpec, train_expert
 from flexmoe.fileio import save_pretrained_atomic
+from flexmoe.router.calibrate import calibrator
+from flexmoe.router.proxy import select_proxy
+from flexmoe.router.train import train_router
+from flexmoe.tokenizer import load_tokenizer
 
 OWNERS = ("code", "math", "legal")
 
 
 def device() -> str:
-    import torch
-
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -74,12 +88,9 @@ def run_demo(
     workdir: Path, preset: str = "tiny", *, quiet: bool = False, overrides: dict | None = None
 ) -> dict:
     """Run (or continue) the demo in ``workdir``; returns the report (also written to disk)."""
-    from flexmoe.errors import FlexmoeError
-
     if preset not in DEMO_PRESETS:
         raise FlexmoeError(f"Unknown demo preset {preset!r}.", f"use one of {', '.join(DEMO_PRESETS)}.")
     p = replace(DEMO_PRESETS[preset], **(overrides or {}))
-    from flexmoe.anchor import default_embedder
 
     if p.router_init == "embed" and default_embedder() is None:  # e.g. a GPU box without flexmoe[embed]
         p = replace(p, router_init="hidden")
@@ -89,17 +100,12 @@ def run_demo(
     data, anchor = workdir / "data", workdir / "anchor"
     models = workdir / "models"
     if not data.exists():
-        from flexmoe.corpora import build_demo_corpora
-
         steps.run("corpora", build_demo_corpora, data, size_mb=p.size_mb)
-    from flexmoe.audit.demo import PRIVACY_PRESETS, plant_demo_canaries, privacy_section
 
     privacy = PRIVACY_PRESETS.get(preset)
     if privacy is not None:  # before any owner trains: the audit needs secrets in the training data
         plant_demo_canaries(workdir, data, privacy)
     if not anchor.exists():
-        from flexmoe.anchor import pretrain
-
         embedder = "default" if p.router_init == "embed" else None
         steps.run(
             "anchor",
@@ -118,11 +124,10 @@ def run_demo(
     lms = build_baselines(models, anchor, data, p, steps, quiet)
     report = evaluate_all(models, lms, data, anchor, p, steps)
     if privacy is not None:
-        report["privacy"] = privacy_section(
+        run = PrivacyRun(
             workdir,
             data,
             anchor,
-            report,
             privacy,
             expert_preset=p.expert,
             router_init=p.router_init,
@@ -132,12 +137,12 @@ def run_demo(
             steps=steps,
             quiet=quiet,
         )
+        report["privacy"] = privacy_section(run, report)
         report["privacy"]["seconds"] = sum(
             v for k, v in steps.seconds.items() if k.startswith(("dp expert", "privacy:"))
         )
     report["preset"] = preset
     report["seconds"] = steps.seconds
-    from flexmoe.evaluate.report import write_report
 
     write_report(report, workdir)
     return report
@@ -147,8 +152,6 @@ def train_owner(
     workdir: Path, data: Path, anchor: Path, domain: str, p: DemoPreset, steps: Steps, quiet: bool
 ):
     """One data owner: its own directory holding only its own train/valid data, and its expert."""
-    from flexmoe.expert.train import ExpertSpec, train_expert
-
     home = workdir / "owners" / domain
     package = home / "expert"
     if not package.exists():
@@ -182,8 +185,6 @@ def train_owner(
 
 
 def compose_and_opt_out(models: Path, anchor: Path, packages: list[Path], steps: Steps) -> None:
-    from flexmoe.compose import compose, remove
-
     if not (models / "flexolmo").exists():
         steps.run("compose", compose, anchor, packages, models / "flexolmo")
     for d in OWNERS:
@@ -193,8 +194,6 @@ def compose_and_opt_out(models: Path, anchor: Path, packages: list[Path], steps:
 
 def select_owner_proxy(workdir: Path, domain: str, p: DemoPreset, steps: Steps, quiet: bool) -> Path:
     """The owner, on its own machine, picks public documents like its data; only those leave."""
-    from flexmoe.router.proxy import select_proxy
-
     home = workdir / "owners" / domain
     out = home / "proxy"
     if not out.exists():
@@ -233,9 +232,6 @@ def router_variants(
     steps: Steps,
     quiet: bool,
 ) -> None:
-    from flexmoe.compose import compose, remove
-    from flexmoe.router.train import train_router
-
     public = [data / "public"]
     rt, cal = models / "flexolmo_rt", models / "flexolmo_calibrated"
     if not rt.exists():
@@ -253,7 +249,7 @@ def router_variants(
         # Opt-out after router training: the owner's FFN and row go, the other trained rows stay.
         steps.run("opt-out", remove, rt, REMOVED, models / f"flexolmo_rt_without_{REMOVED}")
     if not cal.exists():
-        steps.run("calibrate", compose, anchor, packages, cal, calibrate=public)
+        steps.run("calibrate", compose, anchor, packages, cal, calibrate=calibrator(public))
     if not (models / f"flexolmo_calibrated_without_{REMOVED}").exists():
         steps.run(
             "calibrate",
@@ -261,18 +257,12 @@ def router_variants(
             cal,
             REMOVED,
             models / f"flexolmo_calibrated_without_{REMOVED}",
-            calibrate=public,
+            calibrate=calibrator(public),
         )
 
 
 def build_baselines(models: Path, anchor: Path, data: Path, p: DemoPreset, steps: Steps, quiet: bool) -> dict:
     """Dense experts, soup, BTM, BTX and the unrestricted MoE; returns in-memory LMs to evaluate."""
-    from flexmoe.anchor import load_anchor, load_config
-    from flexmoe.evaluate import baselines as B
-    from flexmoe.evaluate.metrics import HFLM
-    from flexmoe.expert.train import EXPERT_PRESETS
-    from flexmoe.tokenizer import load_tokenizer
-
     ep = EXPERT_PRESETS[p.expert]
     tok = load_tokenizer(anchor)
     base = load_anchor(anchor).to(device()).eval()
@@ -335,9 +325,6 @@ def build_baselines(models: Path, anchor: Path, data: Path, p: DemoPreset, steps
 
 
 def evaluate_all(models: Path, lms: dict, data: Path, anchor: Path, p: DemoPreset, steps: Steps) -> dict:
-    from flexmoe.evaluate.run import evaluate_lm, load_lm
-    from flexmoe.expert.train import EXPERT_PRESETS
-
     seq_len = EXPERT_PRESETS[p.expert].seq_len
     dev = device()  # in-memory baselines are already there; saved models load onto it too
     todo = {"public": lambda: load_lm(anchor, device=dev)}
@@ -369,7 +356,6 @@ def evaluate_all(models: Path, lms: dict, data: Path, anchor: Path, p: DemoPrese
             max_items=p.eval_items,
         )
         steps.console.print(f"   {name}: average {results[name]['average']:.1f}")
-    from flexmoe.evaluate.tasks import load_tasks
 
     items = {t: len(v[: p.eval_items] if p.eval_items else v) for t, v in load_tasks(data).items()}
     return {
