@@ -28,14 +28,18 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ),
     # evaluate.tasks: evaluation tasks are cut from the corpora's test splits when the corpora are
     # built, so it sits with the data it is made from (it imports only helpers).
-    ("data", ("flexmoe.data", "flexmoe.corpora", "flexmoe.evaluate.tasks")),
-    ("anchor", ("flexmoe.anchor", "flexmoe.moe", "flexmoe.router_init")),
+    # chat / chat_data: the chat template and the chat data sets, read by anchor and expert training.
+    (
+        "data",
+        ("flexmoe.data", "flexmoe.corpora", "flexmoe.evaluate.tasks", "flexmoe.chat", "flexmoe.chat_data"),
+    ),
+    ("anchor", ("flexmoe.anchor", "flexmoe.moe", "flexmoe.router_init", "flexmoe.anchor_sft")),
     ("expert", ("flexmoe.expert",)),
-    ("compose", ("flexmoe.compose", "flexmoe.runtime")),
+    ("compose", ("flexmoe.compose", "flexmoe.compose_shared", "flexmoe.runtime")),
     ("router", ("flexmoe.router",)),
     ("evaluate", ("flexmoe.evaluate",)),
     ("serve/audit", ("flexmoe.serve", "flexmoe.audit")),
-    ("app", ("flexmoe.demo", "flexmoe.cli", "flexmoe.__main__")),
+    ("app", ("flexmoe.demo", "flexmoe.posttrain_demo", "flexmoe.cli", "flexmoe.__main__")),
 ]
 
 # Imports allowed inside functions: optional or heavy dependencies not every command needs.

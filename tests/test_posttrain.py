@@ -111,15 +111,18 @@ def test_template_renders_olmo3_style_and_masks_assistant_tokens_only(chat_tok):
     )
 
 
-def test_chat_blocks_carry_the_mask_and_the_loss_ignores_prompts(chat_tok):
-    from flexmoe.chat import chat_blocks, encode_conversation, split_labels
+def test_chat_rows_label_only_assistant_tokens(chat_tok):
+    from flexmoe.chat import chat_rows, encode_conversation
+    from flexmoe.training import IGNORE, LabeledRows
 
     conv = [{"role": "user", "content": "hello there"}, {"role": "assistant", "content": "hi"}]
     ids, mask = encode_conversation(chat_tok, conv)
-    blocks = chat_blocks([conv] * 4, chat_tok, len(ids))
-    inp, labels = split_labels(blocks)
-    assert inp[0].tolist() == ids
-    assert [lab != -100 for lab in labels[0].tolist()] == mask
+    rows = chat_rows([conv] * 4, chat_tok, len(ids))
+    assert isinstance(rows, LabeledRows) and len(rows) == 4
+    assert rows.ids[0].tolist() == ids
+    assert [lab != IGNORE for lab in rows.labels[0].tolist()] == mask
+    kept = rows.labels[0] != IGNORE
+    assert torch.equal(rows.labels[0][kept], rows.ids[0][kept])
 
 
 def test_new_chat_rows_start_at_the_mean_embedding(tmp_path, demo_data):

@@ -8,82 +8,79 @@ tokenizer files, chat template included, travel into every composed model.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
+from flexmoe.anchor import ANCHOR_META, fingerprint, load_anchor, publish_router_init, resolve
+from flexmoe.chat import add_chat_template, chat_rows, chat_splits
+from flexmoe.data import data_fingerprint
 from flexmoe.errors import FlexmoeError
+from flexmoe.fileio import atomic_dir, check_output_dir, read_json, write_json
+from flexmoe.tokenizer import load_tokenizer
+from flexmoe.training import RunOptions, Stage, TrainConfig, clear_checkpoint, train
+
+
+@dataclass
+class AnchorSFTSettings:
+    """Chat SFT of the anchor: the whole dense model trains, loss on assistant tokens only."""
+
+    steps: int = 150
+    batch_size: int = 8
+    seq_len: int = 256
+    lr: float = 1e-3
+    seed: int = 0
+    resume: bool = False
+    force: bool = False
+    quiet: bool = False
+    embedder: str | None = None
+
+    def train_config(self) -> TrainConfig:
+        """BAR's SFT schedule: short warmup, then linear to zero."""
+        return TrainConfig(
+            steps=self.steps,
+            batch_size=self.batch_size,
+            seq_len=self.seq_len,
+            lr=self.lr,
+            schedule="linear",
+            warmup_steps=max(1, round(0.03 * self.steps)),
+            eval_every=max(1, self.steps // 4),
+            eval_batches=4,
+            checkpoint_every=max(1, self.steps // 5),
+            log_every=max(1, self.steps // 10),
+            seed=self.seed,
+        )
 
 
 def sft_anchor(
-    anchor: str | Path,
-    chat: Path,
-    out: Path,
-    *,
-    steps: int = 150,
-    batch_size: int = 8,
-    seq_len: int = 256,
-    lr: float = 1e-3,
-    seed: int = 0,
-    resume: bool = False,
-    force: bool = False,
-    quiet: bool = False,
-    embedder: str | None = None,
+    anchor: str | Path, chat: Path, out: Path, settings: AnchorSFTSettings | None = None, **overrides
 ) -> dict:
-    """Chat-tune ``anchor`` on the conversations in ``chat``; write the post-trained anchor to ``out``."""
-    from flexmoe.anchor import ANCHOR_META, fingerprint, load_anchor, publish_router_init, resolve
-    from flexmoe.chat import add_chat_template, chat_blocks, chat_loss, chat_splits
-    from flexmoe.data import data_fingerprint
-    from flexmoe.fileio import atomic_dir, check_output_dir, read_json, write_json
-    from flexmoe.tokenizer import load_tokenizer
-    from flexmoe.training import TrainConfig, clear_checkpoint, train
-
+    """Chat-tune ``anchor`` on the conversations in ``chat``; write the post-trained anchor to ``out``.
+    ``overrides``: fields of ``AnchorSFTSettings`` (e.g. ``steps=3``)."""
+    s = replace(settings or AnchorSFTSettings(), **overrides)
     out = Path(out)
     work = out.parent / f".{out.name}.work"
-    if not resume:
-        check_output_dir(out, force)
-        if force:
+    if not s.resume:
+        check_output_dir(out, s.force)
+        if s.force:
             clear_checkpoint(work)
     base = resolve(anchor)
     train_convs, valid_convs = chat_splits(chat)
-    torch.manual_seed(seed)
+    torch.manual_seed(s.seed)
     model = load_anchor(base, torch.float32)
     tok = load_tokenizer(base)
     added = add_chat_template(tok, model)
-    if seq_len > model.config.max_position_embeddings:
+    if s.seq_len > model.config.max_position_embeddings:
         raise FlexmoeError(
-            f"--seq-len {seq_len} exceeds the anchor's limit.",
+            f"--seq-len {s.seq_len} exceeds the anchor's limit.",
             f"use at most {model.config.max_position_embeddings}.",
         )
-    train_blocks, valid_blocks = (
-        chat_blocks(train_convs, tok, seq_len),
-        chat_blocks(valid_convs, tok, seq_len),
-    )
-    cfg = TrainConfig(
-        steps=steps,
-        batch_size=batch_size,
-        seq_len=seq_len,
-        lr=lr,
-        min_lr_ratio=0.0,
-        warmup_steps=max(1, round(0.03 * steps)),
-        eval_every=max(1, steps // 4),
-        eval_batches=4,
-        checkpoint_every=max(1, steps // 5),
-        log_every=max(1, steps // 10),
-        seed=seed,
-    )
-    result = train(
-        model,
-        train_blocks,
-        valid_blocks,
-        cfg,
-        loss_fn=chat_loss,
-        checkpoint_dir=work / "checkpoint",
-        resume=resume,
-        desc="anchor sft",
-        quiet=quiet,
-    )
+    valid = chat_rows(valid_convs, tok, s.seq_len)
+    stage = Stage(chat_rows(train_convs, tok, s.seq_len), (valid.ids, valid.labels), desc="anchor sft")
+    cfg = s.train_config()
+    run = RunOptions(checkpoint_dir=work / "checkpoint", resume=s.resume, quiet=s.quiet)
+    result = train(model, cfg, stage, run)
     if result.final_valid_loss is None:
         return {"finished": False}
     rendered = [tok.apply_chat_template(c, tokenize=False) for c in train_convs]
@@ -101,13 +98,17 @@ def sft_anchor(
         "seconds": result.seconds,
         "history": result.history,
     }
+    _write_anchor(out, model, tok, summary, rendered, s)
+    clear_checkpoint(work)
+    summary["fingerprint"] = fingerprint(out)
+    return summary
+
+
+def _write_anchor(out: Path, model, tok, summary: dict, rendered: list[str], s: AnchorSFTSettings) -> None:
     model.config.vocab_size = len(tok)
     with atomic_dir(out, force=True) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
         tok.save_pretrained(str(tmp))
         write_json(tmp / ANCHOR_META, summary)
         # The router init is republished: owners' public row comes from this anchor's hidden states.
-        publish_router_init(tmp, model, tok, rendered, embedder=embedder, seq_len=seq_len, n_docs=200)
-    clear_checkpoint(work)
-    summary["fingerprint"] = fingerprint(out)
-    return summary
+        publish_router_init(tmp, model, tok, rendered, embedder=s.embedder, seq_len=s.seq_len, n_docs=200)

@@ -9,10 +9,8 @@ A chat file is JSONL, one conversation a line::
 A chat directory holds ``train.jsonl`` (and optionally ``valid.jsonl``; ``tasks.jsonl`` with checkable
 answers, see ``flexmoe.chat_data``).
 
-Packed chat blocks carry their loss mask inside the token tensor: a token that is not trained on is
-stored as ``-(id + 1)``. A batch is then one ``[n, seq_len]`` tensor like every other training batch
-(same batching, checkpoints and token counts in ``flexmoe.training``); ``split_labels`` recovers
-``input_ids`` and ``labels`` (``-100`` where masked).
+Packed chat rows are ``flexmoe.training.LabeledRows``: token ids and labels, the label ``IGNORE``
+(-100) on every token that is not trained on, so the loop's plain LM loss is the assistant-only loss.
 """
 
 from __future__ import annotations
@@ -24,6 +22,7 @@ from pathlib import Path
 import torch
 
 from flexmoe.errors import FlexmoeError
+from flexmoe.training import IGNORE, LabeledRows
 
 ROLES = ("system", "user", "assistant")
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
@@ -164,32 +163,22 @@ def encode_conversation(tokenizer, messages: Conversation) -> tuple[list[int], l
     return ids, mask
 
 
-def chat_blocks(convs: Sequence[Conversation], tokenizer, seq_len: int) -> torch.Tensor:
-    """Conversations packed into ``[n, seq_len]`` blocks, untrained tokens stored as ``-(id + 1)``."""
-    flat: list[int] = []
+def chat_rows(convs: Sequence[Conversation], tokenizer, seq_len: int) -> LabeledRows:
+    """Conversations packed into ``[n, seq_len]`` rows; labels are ``IGNORE`` except on trained tokens."""
+    ids: list[int] = []
+    labels: list[int] = []
     for c in convs:
-        ids, mask = encode_conversation(tokenizer, c)
-        flat += [t if keep else -(t + 1) for t, keep in zip(ids, mask, strict=True)]
-    n = len(flat) // seq_len
+        c_ids, mask = encode_conversation(tokenizer, c)
+        ids += c_ids
+        labels += [t if keep else IGNORE for t, keep in zip(c_ids, mask, strict=True)]
+    n = len(ids) // seq_len
     if n == 0:
         raise FlexmoeError(
-            f"The chat data has {len(flat)} tokens, fewer than one sequence of {seq_len}.",
+            f"The chat data has {len(ids)} tokens, fewer than one sequence of {seq_len}.",
             "add conversations or lower --seq-len.",
         )
-    return torch.tensor(flat[: n * seq_len], dtype=torch.long).view(n, seq_len)
-
-
-def split_labels(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, labels) of a sign-encoded chat batch; labels are -100 where no loss is taken."""
-    masked = batch < 0
-    ids = torch.where(masked, -batch - 1, batch)
-    return ids, torch.where(masked, torch.full_like(batch, -100), batch)
-
-
-def chat_loss(model, batch: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy on assistant tokens only."""
-    ids, labels = split_labels(batch)
-    return model(input_ids=ids, labels=labels).loss
+    rows = [torch.tensor(x[: n * seq_len], dtype=torch.long).view(n, seq_len) for x in (ids, labels)]
+    return LabeledRows(*rows)
 
 
 # --------------------------------------------------------------------------------------------------

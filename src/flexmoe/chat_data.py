@@ -22,6 +22,7 @@ import random
 import re
 from pathlib import Path
 
+from flexmoe.chat import check_conversation
 from flexmoe.errors import FlexmoeError
 from flexmoe.fileio import atomic_dir
 
@@ -154,8 +155,6 @@ def _task(q: str, answer: str, domain: str) -> dict:
 
 def read_tasks(path: Path) -> list[dict]:
     """Task rows of a ``tasks.jsonl`` / ``rl.jsonl`` file, validated."""
-    from flexmoe.chat import check_conversation
-
     rows = []
     for lineno, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import typer
@@ -24,7 +25,7 @@ from flexmoe.evaluate.report import markdown
 from flexmoe.evaluate.run import evaluate_lm, load_lm, seq_len_of
 from flexmoe.expert.package import package_bytes, verify
 from flexmoe.expert.privacy import DPSettings
-from flexmoe.expert.stages import settings_for, train_stage
+from flexmoe.expert.stages import StageRun, settings_for, train_stage
 from flexmoe.expert.train import ExpertSpec, ExpertTrainSettings, train_expert
 from flexmoe.fileio import write_json
 from flexmoe.posttrain_demo import run_post_train_demo
@@ -253,22 +254,12 @@ def expert_train(
     """Train one expert against the frozen anchor (works under torchrun for several processes/GPUs);
     with --stage, one post-training stage (progressive unfreezing, shared deltas in the package)."""
     if stage is not None or from_package is not None or freeze_shared:
-        if dp_epsilon is not None:
-            raise FlexmoeError("--stage does not combine with DP.", "drop --dp-epsilon or --stage.")
         s = settings_for(
             stage or "mid", freeze_shared=freeze_shared, steps=steps, batch_size=batch_size,
             seq_len=seq_len, lr=lr, seed=seed, public_mix=public_mix, router_init=router_init,
         )  # fmt: skip
-        pub = public[0] if public else None
-        m = train_stage(
-            anchor, data[0], name, out, s, from_package=from_package, public=pub, resume=resume, force=force
-        )
-        if m.get("finished"):
-            v, groups = m["stage"]["valid_loss"], ", ".join(m["stage"]["trainable"])
-            console.print(f"{s.stage}: valid loss {v['before']:.4f} -> {v['after']:.4f}; trained {groups}")
-            console.print(f"wrote {out}")
-        return
-
+        run = StageRun(from_package, public[0] if public else None, resume, force)
+        return _expert_stage(anchor, data[0], name, out, s, run, dp_epsilon)
     dp = None
     if dp_epsilon is not None:
         dp = DPSettings(
@@ -328,6 +319,17 @@ def _dp_line(dp: dict | None) -> str:
         f"{dp['noise_multiplier']:.3f}, sampling rate {dp['sample_rate']:.4g}, {dp['steps']} steps, "
         f"clipping norm {dp['max_grad_norm']:g} ({dp['clipping']})"
     )
+
+
+def _expert_stage(anchor: str, data: Path, name: str, out: Path, s, run: StageRun, dp_epsilon) -> None:
+    """``expert train --stage``: one post-training stage (progressive unfreezing, shared deltas)."""
+    if dp_epsilon is not None:
+        raise FlexmoeError("--stage does not combine with DP.", "drop --dp-epsilon or --stage.")
+    m = train_stage(anchor, data, name, out, s, **asdict(run))
+    if m.get("finished"):
+        v, groups = m["stage"]["valid_loss"], ", ".join(m["stage"]["trainable"])
+        console.print(f"{s.stage}: valid loss {v['before']:.4f} -> {v['after']:.4f}; trained {groups}")
+        console.print(f"wrote {out}")
 
 
 @expert_app.command("inspect")

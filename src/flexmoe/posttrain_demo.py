@@ -20,10 +20,28 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+from safetensors import safe_open
+
+from flexmoe.anchor import load_anchor, pretrain
+from flexmoe.anchor_sft import sft_anchor
+from flexmoe.chat import chat_splits, generate, reply_text, well_formed
+from flexmoe.chat_data import build_chat_sets, correct, read_tasks
+from flexmoe.compose import compose, remove
+from flexmoe.corpora import build_demo_corpora
+from flexmoe.demo import Steps
+from flexmoe.errors import FlexmoeError
+from flexmoe.evaluate.metrics import wilson
+from flexmoe.expert.stages import expert_model, settings_for, train_stage
 from flexmoe.fileio import read_json, write_json
+from flexmoe.router.calibrate import calibrator
+from flexmoe.router.train import train_router
+from flexmoe.runtime import from_pretrained
+from flexmoe.tokenizer import load_tokenizer
 
 OWNERS = ("code", "math", "legal")
 
@@ -62,9 +80,6 @@ def _once(path: Path, runner, label: str, fn, *args, **kwargs) -> Path:
 
 def base_anchor(workdir: Path, p: PostTrainPreset, steps, quiet: bool) -> Path:
     """The demo's pretrained anchor: the main demo's if present, else pretrained here."""
-    from flexmoe.anchor import pretrain
-    from flexmoe.corpora import build_demo_corpora
-
     data = _once(workdir / "data", steps, "corpora", build_demo_corpora, workdir / "data", size_mb=p.size_mb)
     return _once(
         workdir / "anchor",
@@ -82,10 +97,6 @@ def base_anchor(workdir: Path, p: PostTrainPreset, steps, quiet: bool) -> Path:
 
 def train_all(workdir: Path, p: PostTrainPreset, steps, quiet: bool) -> dict[str, Path]:
     """Anchor SFT, then per owner a frozen and a progressive SFT package."""
-    from flexmoe.anchor_sft import sft_anchor
-    from flexmoe.chat_data import build_chat_sets
-    from flexmoe.expert.stages import settings_for, train_stage
-
     post = workdir / "post"
     chat = _once(
         post / "chat", steps, "chat sets", build_chat_sets, post / "chat", p.chat_train, p.chat_tasks
@@ -135,9 +146,6 @@ def train_all(workdir: Path, p: PostTrainPreset, steps, quiet: bool) -> dict[str
 def shared_sample(chat: Path, out: Path, fraction: float = 0.05, minimum: int = 20) -> Path:
     """BAR's router data: a stratified sample of EVERY owner's chat data (and public chat), rendered
     as text. Needs data from every owner, which a federation that shares nothing cannot provide."""
-    from flexmoe.chat import chat_splits
-    from flexmoe.tokenizer import load_tokenizer
-
     tok = load_tokenizer(out.parent / "anchor-sft")
     rows = {"train": [], "valid": []}
     for d in ("public", *OWNERS):
@@ -155,9 +163,6 @@ def shared_sample(chat: Path, out: Path, fraction: float = 0.05, minimum: int = 
 
 def public_chat_text(chat: Path, out: Path) -> Path:
     """Public chat rendered as text: the private router option calibrates on public data only."""
-    from flexmoe.chat import chat_splits
-    from flexmoe.tokenizer import load_tokenizer
-
     tok = load_tokenizer(out.parent / "anchor-sft")
     train, valid = chat_splits(chat / "public")
     tmp = out.with_name(out.name + ".tmp")
@@ -172,9 +177,6 @@ def public_chat_text(chat: Path, out: Path) -> Path:
 
 def compose_all(workdir: Path, pk: dict, p: PostTrainPreset, steps, quiet: bool) -> dict[str, Path]:
     """Merged models (mean, TIES, frozen experts), the two router options, and the opt-out pair."""
-    from flexmoe.compose import compose, remove
-    from flexmoe.router.train import train_router
-
     m, a = workdir / "post" / "models", pk["anchor"]
     prog = [pk[f"{d}-progressive"] for d in OWNERS]
     out = {
@@ -199,6 +201,27 @@ def compose_all(workdir: Path, pk: dict, p: PostTrainPreset, steps, quiet: bool)
             m / "merged_frozen",
         ),
     }
+    out |= router_options(workdir, pk, out["merged_mean"], p, steps, quiet)
+    _once(
+        m / "optout_removed",
+        steps,
+        "opt-out (remove math)",
+        remove,
+        out["merged_mean"],
+        "math",
+        m / "optout_removed",
+    )
+    never = [pk["code-progressive"], pk["legal-progressive"]]
+    _once(m / "optout_never", steps, "compose without math", compose, a, never, m / "optout_never")
+    return out
+
+
+def router_options(workdir: Path, pk: dict, merged: Path, p: PostTrainPreset, steps, quiet: bool) -> dict:
+    """BAR's router trained on a sample of every owner's data, and the private option: calibration on
+    public chat only."""
+    m, a = workdir / "post" / "models", pk["anchor"]
+    prog = [pk[f"{d}-progressive"] for d in OWNERS]
+    out = {}
     sample = workdir / "post" / "router-sample"
     if not sample.exists():
         shared_sample(pk["chat"], sample)
@@ -206,7 +229,7 @@ def compose_all(workdir: Path, pk: dict, p: PostTrainPreset, steps, quiet: bool)
         steps.run(
             "router (shared sample)",
             train_router,
-            out["merged_mean"],
+            merged,
             [],
             [sample],
             m / "router_shared",
@@ -233,32 +256,13 @@ def compose_all(workdir: Path, pk: dict, p: PostTrainPreset, steps, quiet: bool)
         a,
         prog,
         m / "router_private",
-        calibrate=[pub_text],
-    )
-    _once(
-        m / "optout_removed",
-        steps,
-        "opt-out (remove math)",
-        remove,
-        out["merged_mean"],
-        "math",
-        m / "optout_removed",
-    )
-    _once(
-        m / "optout_never",
-        steps,
-        "compose without math",
-        compose,
-        a,
-        [pk["code-progressive"], pk["legal-progressive"]],
-        m / "optout_never",
+        calibrate=calibrator([pub_text]),
     )
     return out
 
 
 def same_tensors(a: Path, b: Path) -> bool:
     """Every tensor of two model directories equal byte for byte (names, dtypes, shapes, bytes)."""
-    from safetensors import safe_open
 
     def load(d: Path) -> dict:
         out = {}
@@ -283,10 +287,6 @@ def same_tensors(a: Path, b: Path) -> bool:
 def evaluate_chat(model, tok, chat: Path, domains, max_new_tokens: int, batch: int = 32) -> dict:
     """Per domain: task accuracy (with its 95% Wilson interval and item count) and the well-formed
     share of the generated turns (greedy)."""
-    from flexmoe.chat import generate, reply_text, well_formed
-    from flexmoe.chat_data import correct, read_tasks
-    from flexmoe.evaluate.metrics import wilson
-
     out = {}
     for d in domains:
         tasks = read_tasks(chat / d / "tasks.jsonl")
@@ -311,20 +311,11 @@ def evaluate_chat(model, tok, chat: Path, domains, max_new_tokens: int, batch: i
 def load_for_eval(kind: str, path: Path, anchor: Path):
     """(model, tokenizer) of the post-trained anchor, an expert package (as its owner trained it: full
     shared deltas, 2 experts) or a composed model."""
-    import torch
-
-    from flexmoe.tokenizer import load_tokenizer
 
     if kind == "anchor":
-        from flexmoe.anchor import load_anchor
-
         return load_anchor(path, torch.float32).eval(), load_tokenizer(path)
     if kind == "expert":
-        from flexmoe.expert.stages import expert_model
-
         return expert_model(anchor, path)[0].eval(), load_tokenizer(anchor)
-    from flexmoe.runtime import from_pretrained
-
     c = from_pretrained(path)
     return c.model, c.tokenizer
 
@@ -376,10 +367,6 @@ def summarise(res: dict, optout: bool) -> dict:
 def run_post_train_demo(workdir: Path, preset: str = "tiny", *, quiet: bool = False) -> dict:
     """Run (or continue) the post-training demo; writes the ``post_training`` block into
     ``workdir/report.json`` (kept beside the main demo's report when there is one)."""
-    import time
-
-    from flexmoe.demo import Steps
-    from flexmoe.errors import FlexmoeError
 
     if preset not in PRESETS:
         raise FlexmoeError(f"Unknown demo preset {preset!r}.", f"use one of {', '.join(PRESETS)}.")

@@ -2,7 +2,7 @@
 reward each by checking its answer, normalise rewards within the group, and take a clipped
 policy-gradient step. No KL term and no value model (BAR: "no KL", constant LR).
 
-A step strategy for ``flexmoe.training.train``: the training "blocks" are task indices
+A step strategy for ``flexmoe.training.train`` (``GRPOStep``): the training "blocks" are task indices
 (``[n_tasks, 1]``), and ``GRPOLoss`` turns a batch of them into a loss (rollout included). Under
 ``torch.no_grad`` (the loop's evaluation) it returns ``1 - mean reward`` of greedy replies instead,
 so the loop's validation "loss" tracks task accuracy.
@@ -14,6 +14,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+from flexmoe.chat import generate, prompt_ids, reply_text, well_formed
+from flexmoe.chat_data import correct
+from flexmoe.training import LMStep
 
 
 @dataclass
@@ -73,9 +77,6 @@ class GRPOLoss:
         self.last_reward: float | None = None
 
     def rewards(self, rows: list[dict], replies: list[list[int]]) -> torch.Tensor:
-        from flexmoe.chat import reply_text, well_formed
-        from flexmoe.chat_data import correct
-
         return torch.tensor(
             [
                 float(
@@ -86,8 +87,6 @@ class GRPOLoss:
         )
 
     def __call__(self, model, batch: torch.Tensor) -> torch.Tensor:
-        from flexmoe.chat import generate, prompt_ids
-
         rows = [self.tasks[int(i)] for i in batch.view(-1)]
         if not torch.is_grad_enabled():  # the loop's evaluation: greedy accuracy as 1 - reward
             replies = generate(model, self.tok, [r["messages"] for r in rows], self.cfg.max_new_tokens)
@@ -112,3 +111,17 @@ class GRPOLoss:
         if self.extra is not None:
             loss = loss + self.extra()
         return loss
+
+
+class GRPOStep(LMStep):
+    """The loop's step strategy for GRPO: ``LMStep`` with the rollout loss, the mean reward in the
+    progress line, and no ``torch.compile`` (sampling changes shapes every step)."""
+
+    supports_compile = False
+
+    def __init__(self, loss_fn: GRPOLoss):
+        super().__init__(loss_fn)
+
+    def log_extra(self, step: int) -> str:
+        r = self.loss_fn.last_reward
+        return "" if r is None else f"reward {r:.3f}"

@@ -16,7 +16,10 @@ Shared tensors that a stage changed leave the owner's machine as deltas from the
 merges them. All stages run against one anchor (the post-trained one), so the deltas of mid, sft and
 rl accumulate in one coordinate system.
 
-The pieces (parameter selector, data, loss) are small functions handed to ``flexmoe.training.train``.
+Each stage is a ``flexmoe.training.Stage``: the selector is the stage's trainable set, the batch
+source packed text (mid) or ``LabeledRows`` of chat with ``IGNORE`` outside assistant turns (sft), the
+step LM loss + router z-loss (mid, sft; the labels make sft's loss assistant-only) or GRPO (rl); the
+schedule linear to zero (mid, sft: BAR SFT) or constant (rl: BAR RL).
 """
 
 from __future__ import annotations
@@ -25,8 +28,31 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
+from flexmoe.anchor import fingerprint, iter_tensors, load_anchor, load_config, resolve
+from flexmoe.chat import chat_rows, chat_splits, require_chat_tokens
+from flexmoe.chat_data import read_tasks
+from flexmoe.data import blocks_for, data_fingerprint, load_splits
 from flexmoe.errors import FlexmoeError
+from flexmoe.expert import package as pkg
+from flexmoe.expert.grpo import GRPOConfig, GRPOLoss, GRPOStep
+from flexmoe.expert.train import check_dense_anchor, check_name, mixed_public_blocks
+from flexmoe.fileio import check_output_dir
+from flexmoe.moe import anchored_expert_model, moe_blocks, project_biases_, router_z_loss
+from flexmoe.router_init import init_rows
+from flexmoe.tokenizer import load_tokenizer
+from flexmoe.training import (
+    LabeledRows,
+    LMStep,
+    PackedBlocks,
+    RunOptions,
+    Stage,
+    TrainConfig,
+    clear_checkpoint,
+    lm_loss,
+    train,
+)
 
 STAGES = ("mid", "sft", "rl")
 EMBEDDINGS = ("model.embed_tokens.weight", "lm_head.weight")
@@ -43,18 +69,44 @@ class StageSettings:
     seq_len: int = 256
     lr: float = 1e-3
     warmup_fraction: float = 0.03  # BAR SFT: 3% warmup
-    min_lr_ratio: float = 0.0  # decays to 0 (BAR SFT: linear to 0; the loop's schedule is cosine)
+    schedule: str = "linear"  # after warmup: linear to 0 (BAR SFT); rl: constant (BAR RL)
     public_mix: float = 0.3  # share of public (chat) sequences mixed into mid / sft
     z_loss: float = 1e-3
     router_init: str = "hidden"
     seed: int = 0
     grpo: dict = field(default_factory=dict)  # rl: flexmoe.expert.grpo.GRPOConfig fields
 
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(
+            steps=self.steps,
+            batch_size=self.batch_size,
+            seq_len=self.seq_len,
+            lr=self.lr,
+            schedule=self.schedule,
+            warmup_steps=max(1, round(self.steps * self.warmup_fraction)),
+            eval_every=max(1, self.steps // 4),
+            eval_batches=2,
+            checkpoint_every=max(1, self.steps // 5),
+            log_every=max(1, self.steps // 10),
+            seed=self.seed,
+        )
+
+
+@dataclass
+class StageRun:
+    """Where a stage starts from and how this call runs (not part of the manifest's settings)."""
+
+    from_package: Path | None = None
+    public: Path | None = None
+    resume: bool = False
+    force: bool = False
+    quiet: bool = False
+
 
 STAGE_DEFAULTS = {  # tiny-model values; BAR's (7B) are in the module docstring of the method notes
     "mid": {"lr": 2e-3, "steps": 120},
     "sft": {"lr": 1e-3, "steps": 80},
-    "rl": {"lr": 1e-5, "steps": 20, "batch_size": 4, "min_lr_ratio": 1.0, "warmup_fraction": 0.0},
+    "rl": {"lr": 1e-5, "steps": 20, "batch_size": 4, "schedule": "constant", "warmup_fraction": 0.0},
 }
 
 
@@ -102,8 +154,6 @@ def model_name(anchor_name: str) -> str:
 
 def shared_deltas(model, anchor_dir: Path) -> dict[str, torch.Tensor]:
     """Every shared (anchor) tensor the model changed, as ``trained - anchor`` in fp32."""
-    from flexmoe.anchor import iter_tensors
-
     params = dict(model.named_parameters())
     out = {}
     for name, base in iter_tensors(anchor_dir):
@@ -120,9 +170,6 @@ def shared_deltas(model, anchor_dir: Path) -> dict[str, torch.Tensor]:
 def load_package_into(model, package: Path, anchor_fp: str) -> dict:
     """Put a package's owner FFN, router row, bias and shared deltas into a fresh 2-expert model built
     from the same anchor. Returns the package manifest."""
-    from flexmoe.expert import package as pkg
-    from flexmoe.moe import moe_blocks
-
     manifest = pkg.verify(package)
     if manifest["anchor"]["fingerprint"] != anchor_fp:
         raise FlexmoeError(
@@ -137,8 +184,6 @@ def load_package_into(model, package: Path, anchor_fp: str) -> dict:
         block.router[1].bias_raw.copy_(t[f"layers.{i}.router.bias"].view(1))
         block.router[0].weight.copy_(t[f"layers.{i}.public_router.weight"].view(1, -1))
     if manifest.get("shared_deltas"):
-        from safetensors.torch import load_file
-
         params = dict(model.named_parameters())
         for name, d in load_file(str(Path(package) / pkg.SHARED_FILE)).items():
             p = params[model_name(name)]
@@ -151,11 +196,6 @@ def expert_model(
 ):
     """The 2-expert model of an owner (anchor FFN + owner FFN, both router rows) on CPU in fp32,
     continued from ``package`` when given, else freshly initialised from the anchor."""
-    from flexmoe.anchor import fingerprint, load_anchor
-    from flexmoe.moe import anchored_expert_model
-    from flexmoe.router.embed import init_rows
-    from flexmoe.tokenizer import load_tokenizer
-
     model = load_anchor(anchor_dir, torch.float32)
     L, H = model.config.num_hidden_layers, model.config.hidden_size
     if package is not None:
@@ -170,68 +210,59 @@ def expert_model(
 # Batch sources and losses per stage
 
 
-def stage_data(
-    s: StageSettings, data: Path, public: Path | None, tok
-) -> tuple[torch.Tensor, torch.Tensor, list[str], dict]:
-    """(train blocks, valid blocks, owner text for router init, data record) of a stage.
+def stage_data(s: StageSettings, data: Path, public: Path | None, tok) -> tuple:
+    """(batch source, validation batch, owner text for router init, data record) of a stage.
 
-    mid: packed text; sft: sign-encoded chat blocks (``flexmoe.chat``); rl: task indices ``[n, 1]``."""
-    from flexmoe.data import blocks_for, data_fingerprint, load_splits
-    from flexmoe.expert.train import mixed_public_blocks
-
+    mid: packed text; sft: chat ``LabeledRows`` (``flexmoe.chat``); rl: task indices ``[n, 1]``."""
     if s.stage == "rl":
-        from flexmoe.chat_data import read_tasks
-
-        tasks = read_tasks(data / "rl.jsonl" if Path(data).is_dir() else data)
+        tasks = read_tasks(tasks_file(data))
         idx = torch.arange(len(tasks)).view(-1, 1)
         text = [m["content"] for t in tasks for m in t["messages"]]
-        return (
-            idx,
-            idx[: min(len(idx), 8)],
-            text,
-            {"tasks": len(tasks), "fingerprint": data_fingerprint(text)},
-        )
+        record = {"tasks": len(tasks), "fingerprint": data_fingerprint(text)}
+        return PackedBlocks(idx), idx[: min(len(idx), 8)], text, record
     if s.stage == "mid":
         splits = load_splits([data])
-        train, valid, own = (
-            blocks_for(splits.train, tok, s.seq_len),
-            blocks_for(splits.valid, tok, s.seq_len),
-            splits.train,
-        )
-        pub = (lambda: blocks_for(load_splits([public]).train, tok, s.seq_len)) if public else None
+        train, valid = [blocks_for(splits.train, tok, s.seq_len)], blocks_for(splits.valid, tok, s.seq_len)
+        own = splits.train
+        pub = (lambda: [blocks_for(load_splits([public]).train, tok, s.seq_len)]) if public else None
     else:
-        from flexmoe.chat import chat_blocks, chat_splits
-
         tr, va = chat_splits(data)
-        train, valid = chat_blocks(tr, tok, s.seq_len), chat_blocks(va, tok, s.seq_len)
+        rows, v = chat_rows(tr, tok, s.seq_len), chat_rows(va, tok, s.seq_len)
+        train, valid = [rows.ids, rows.labels], (v.ids, v.labels)
         own = [tok.apply_chat_template(c, tokenize=False) for c in tr]
-        pub = (lambda: chat_blocks(chat_splits(public)[0], tok, s.seq_len)) if public else None
-    record = {"fingerprint": data_fingerprint(own), "train_blocks": len(train), "public_mix": None}
+        pub = (lambda: _fields(chat_rows(chat_splits(public)[0], tok, s.seq_len))) if public else None
+    record = {"fingerprint": data_fingerprint(own), "train_blocks": len(train[0]), "public_mix": None}
     if pub is not None:
-        extra = mixed_public_blocks(pub(), len(train), s.public_mix)
-        train = torch.cat([train, extra])
-        record["public_mix"] = {"fraction": s.public_mix, "blocks": len(extra)}
-    return train, valid, own, record
+        extra = [mixed_public_blocks(t, len(train[0]), s.public_mix) for t in pub()]
+        train = [torch.cat([t, e]) for t, e in zip(train, extra, strict=True)]
+        record["public_mix"] = {"fraction": s.public_mix, "blocks": len(extra[0])}
+    source = PackedBlocks(train[0]) if s.stage == "mid" else LabeledRows(*train)
+    return source, valid, own, record
 
 
-def stage_loss(s: StageSettings, model, tasks_tok=None):
-    """The loss function (step strategy) of a stage; rl returns a ``GRPOLoss``."""
-    from flexmoe.moe import router_z_loss
-    from flexmoe.training import lm_loss
+def _fields(rows: LabeledRows) -> list[torch.Tensor]:
+    return [rows.ids, rows.labels]
 
-    def z(device):
-        return s.z_loss * router_z_loss(model).to(device)
 
-    if s.stage == "mid":
-        return lambda m, b: lm_loss(m, b) + z(b.device)
-    if s.stage == "sft":
-        from flexmoe.chat import chat_loss
+def tasks_file(data: Path) -> Path:
+    return Path(data) / "rl.jsonl" if Path(data).is_dir() else Path(data)
 
-        return lambda m, b: chat_loss(m, b) + z(b.device)
-    from flexmoe.expert.grpo import GRPOConfig, GRPOLoss
 
-    tasks, tok = tasks_tok
-    return GRPOLoss(tasks, tok, GRPOConfig(**s.grpo))
+def stage_selector(s: StageSettings):
+    """The selector of a stage: sets ``requires_grad`` on its trainable set and returns it as one group."""
+    return lambda model: [{"params": select_parameters(model, s.stage, s.freeze_shared)}]
+
+
+def stage_step(s: StageSettings, model, tasks: list[dict] | None, tok):
+    """The step strategy: LM loss (assistant-only through the labels in sft) + router z-loss; rl GRPO."""
+    if s.stage == "rl":
+        return GRPOStep(GRPOLoss(tasks, tok, GRPOConfig(**s.grpo)))
+
+    def loss(m, batch):
+        base = lm_loss(m, batch)
+        return base + s.z_loss * router_z_loss(model).to(base.device)
+
+    return LMStep(loss)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -239,34 +270,16 @@ def stage_loss(s: StageSettings, model, tasks_tok=None):
 
 
 def train_stage(
-    anchor: str | Path,
-    data: Path,
-    name: str,
-    out: Path,
-    settings: StageSettings,
-    *,
-    from_package: Path | None = None,
-    public: Path | None = None,
-    resume: bool = False,
-    force: bool = False,
-    quiet: bool = False,
+    anchor: str | Path, data: Path, name: str, out: Path, settings: StageSettings, **options
 ) -> dict:
-    """Run one post-training stage and write the package to ``out``. Returns the manifest."""
-    from flexmoe.anchor import fingerprint, load_config, resolve
-    from flexmoe.chat import require_chat_tokens
-    from flexmoe.expert.package import expert_tensors, write_package
-    from flexmoe.expert.train import check_dense_anchor, check_name
-    from flexmoe.fileio import check_output_dir
-    from flexmoe.moe import project_biases_
-    from flexmoe.tokenizer import load_tokenizer
-    from flexmoe.training import TrainConfig, clear_checkpoint, train
-
-    s = settings
+    """Run one post-training stage and write the package to ``out``. Returns the manifest.
+    ``options``: fields of ``StageRun`` (``from_package``, ``public``, ``resume``, ``force``, ``quiet``)."""
+    s, r = settings, StageRun(**options)
     check_name(name)
     out, work = Path(out), Path(out).parent / f".{Path(out).name}.work"
-    if not resume:
-        check_output_dir(out, force)
-        if force:
+    if not r.resume:
+        check_output_dir(out, r.force)
+        if r.force:
             clear_checkpoint(work)
     anchor_dir = resolve(anchor)
     config = load_config(anchor_dir)
@@ -274,61 +287,52 @@ def train_stage(
     tok = load_tokenizer(anchor_dir)
     if s.stage != "mid":
         require_chat_tokens(tok, f"Anchor {anchor_dir}")
-    train_blocks, valid_blocks, own_text, data_record = stage_data(s, Path(data), public, tok)
+    source, valid, own_text, data_record = stage_data(s, Path(data), r.public, tok)
     torch.manual_seed(s.seed)
     model, prev = expert_model(
-        anchor_dir, from_package, owner_docs=own_text, router_init=s.router_init, name=name
+        anchor_dir, r.from_package, owner_docs=own_text, router_init=s.router_init, name=name
     )
     if prev is not None and prev["name"] != name:
         raise FlexmoeError(
-            f"{from_package} belongs to expert {prev['name']!r}, not {name!r}.",
+            f"{r.from_package} belongs to expert {prev['name']!r}, not {name!r}.",
             f"pass --name {prev['name']}.",
         )
-    params = select_parameters(model, s.stage, s.freeze_shared)
-    allowed = {n for n, p in model.named_parameters() if p.requires_grad} | set(
-        model_name(k) for k in ((prev or {}).get("shared_deltas") or {}).get("tensors", {})
-    )
-    cfg = TrainConfig(
-        steps=s.steps,
-        batch_size=s.batch_size,
-        seq_len=s.seq_len,
-        lr=s.lr,
-        min_lr_ratio=s.min_lr_ratio,
-        warmup_steps=max(1, round(s.steps * s.warmup_fraction)),
-        eval_every=max(1, s.steps // 4),
-        eval_batches=2,
-        checkpoint_every=max(1, s.steps // 5),
-        log_every=max(1, s.steps // 10),
-        seed=s.seed,
-    )
-    tasks = None
-    if s.stage == "rl":
-        from flexmoe.chat_data import read_tasks
-
-        tasks = read_tasks(Path(data) / "rl.jsonl" if Path(data).is_dir() else Path(data))
-    loss_fn = stage_loss(s, model, (tasks, tok))
-    result = train(
-        model,
-        train_blocks,
-        valid_blocks,
-        cfg,
-        param_groups=[{"params": params}],
-        loss_fn=loss_fn,
-        checkpoint_dir=work / "checkpoint",
-        resume=resume,
+    tasks = read_tasks(tasks_file(data)) if s.stage == "rl" else None
+    stage = Stage(
+        source,
+        valid,
+        stage_step(s, model, tasks, tok),
+        stage_selector(s),
         after_step=lambda: project_biases_(model),
         desc=f"expert {name} ({s.stage}{', frozen shared' if s.freeze_shared else ''})",
-        quiet=quiet,
     )
+    cfg = s.train_config()
+    result = train(model, cfg, stage, RunOptions(work / "checkpoint", r.resume, quiet=r.quiet))
     if result.final_valid_loss is None:
         return {"finished": False}
+    deltas = _checked_deltas(model, anchor_dir, s, prev)
+    record = _stage_record(s, prev, data_record, result, model)
+    manifest = _manifest(name, prev, anchor_dir, config, s, cfg, record, result)
+    manifest = pkg.write_package(out, pkg.expert_tensors(model), manifest, force=True, shared_deltas=deltas)
+    clear_checkpoint(work)
+    return {"finished": True, **manifest}
+
+
+def _checked_deltas(model, anchor_dir: Path, s: StageSettings, prev: dict | None) -> dict:
+    """The shared deltas, refusing any on a tensor neither this stage nor an earlier one trained."""
+    allowed = {n for n, _ in model.named_parameters() if is_trainable(n, s.stage, s.freeze_shared)}
+    allowed |= {model_name(k) for k in ((prev or {}).get("shared_deltas") or {}).get("tensors", {})}
     deltas = shared_deltas(model, anchor_dir)
     stray = sorted(n for n in deltas if model_name(n) not in allowed)
     if stray:
         raise FlexmoeError(
             f"Frozen shared tensors changed ({', '.join(stray[:3])}).", "this is a bug; please report it."
         )
-    record = {
+    return deltas
+
+
+def _stage_record(s: StageSettings, prev: dict | None, data_record: dict, result, model) -> dict:
+    return {
         "stage": s.stage,
         "settings": asdict(s),
         "trainable": sorted({_group(n) for n, p in model.named_parameters() if p.requires_grad}),
@@ -342,11 +346,15 @@ def train_stage(
         "data": data_record,
         "valid_loss": {"before": result.initial_valid_loss, "after": result.final_valid_loss},
     }
-    manifest = {
+
+
+def _manifest(name, prev, anchor_dir, config, s: StageSettings, cfg: TrainConfig, record, result) -> dict:
+    prev = prev or {}
+    return {
         "name": name,
-        "description": (prev or {}).get("description", ""),
-        "contact": (prev or {}).get("contact", ""),
-        "license": (prev or {}).get("license", "proprietary: usage terms set by the owner"),
+        "description": prev.get("description", ""),
+        "contact": prev.get("contact", ""),
+        "license": prev.get("license", "proprietary: usage terms set by the owner"),
         "anchor": {
             "fingerprint": fingerprint(anchor_dir),
             "model_type": config.model_type,
@@ -354,20 +362,17 @@ def train_stage(
             "hidden_size": config.hidden_size,
             "intermediate_size": config.intermediate_size,
         },
-        "router_init": (prev or {}).get("router_init", s.router_init),
+        "router_init": prev.get("router_init", s.router_init),
         "bias_init": 0.0,
         "training": {**asdict(cfg), "stage": s.stage, "z_loss": s.z_loss},
         "stage": record,
-        "stages": [*(prev or {}).get("stages", []), record],
+        "stages": [*prev.get("stages", []), record],
         "tokens_seen": result.tokens_seen,
         "seconds": result.seconds,
         "valid_loss": {"anchor": result.initial_valid_loss, "expert": result.final_valid_loss},
         "history": result.history,
         "dp": None,
     }
-    manifest = write_package(out, expert_tensors(model), manifest, force=True, shared_deltas=deltas)
-    clear_checkpoint(work)
-    return {"finished": True, **manifest}
 
 
 def _group(name: str) -> str:
