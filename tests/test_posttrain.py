@@ -290,6 +290,8 @@ def test_anchor_sft_publishes_a_chat_template(post):
     assert "<|im_start|>user" in tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
     cfg = json.loads((post["anchor"] / "config.json").read_text())
     assert cfg["vocab_size"] == len(tok)
+    meta = json.loads((post["anchor"] / "flexmoe_anchor.json").read_text())
+    assert meta["train_config"]["schedule"] == "linear"  # BAR SFT: linear to zero
 
 
 def test_packages_carry_exactly_the_shared_deltas_their_stage_trained(post):
@@ -307,6 +309,7 @@ def test_packages_carry_exactly_the_shared_deltas_their_stage_trained(post):
     rl = verify(post["math-rl"])
     assert rl["stage"]["from"]["stage"] == "sft" and [s["stage"] for s in rl["stages"]] == ["sft", "rl"]
     assert {"attention", "norms", "anchor FFN"} <= set(rl["stage"]["trainable"])  # rl unfroze everything
+    assert m["training"]["schedule"] == "linear" and rl["training"]["schedule"] == "constant"  # as BAR
     # a tampered delta file is refused
     bad = post["root"] / "bad"
     import shutil
