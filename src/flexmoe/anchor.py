@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 
 from flexmoe.errors import FlexmoeError
-from flexmoe.fileio import atomic_dir, read_json, write_json
+from flexmoe.fileio import atomic_dir, claims_output, read_json
 
 FAMILIES = {"olmo2": "olmo2", "llama": "llama", "mistral": "llama", "qwen2": "llama"}
 ANCHOR_META = "flexmoe_anchor.json"
@@ -232,6 +232,7 @@ def unigram_loss(train_blocks: torch.Tensor, valid_blocks: torch.Tensor, vocab_s
     return float(-logp[valid_blocks[:, 1:].flatten()].mean())
 
 
+@claims_output("out")
 def pretrain(
     data: Path,
     out: Path,
@@ -253,8 +254,10 @@ def pretrain(
     """
     from transformers import Olmo2ForCausalLM
 
-    from flexmoe.data import blocks_for, load_splits
+    from flexmoe.checkpoint import check_run_inputs
+    from flexmoe.data import blocks_for, data_fingerprint, load_splits
     from flexmoe.fileio import check_output_dir
+    from flexmoe.formats import write_anchor_meta
     from flexmoe.tokenizer import load_tokenizer, train_tokenizer
     from flexmoe.training import TrainConfig, clear_checkpoint, init_distributed, is_main, train
 
@@ -269,6 +272,7 @@ def pretrain(
             clear_checkpoint(work)
     p = preset(preset_name)
     splits = load_splits([data])
+    check_run_inputs(work, resume, data=data_fingerprint(splits.train), preset=preset_name)
     device = init_distributed()
     torch.manual_seed(seed)
     if resume and (work / "tokenizer").is_dir():
@@ -328,7 +332,7 @@ def pretrain(
         with atomic_dir(out, force=True) as tmp:
             model.save_pretrained(str(tmp), safe_serialization=True)
             tok.save_pretrained(str(tmp))
-            write_json(tmp / ANCHOR_META, summary)
+            write_anchor_meta(tmp, summary)
             publish_router_init(
                 tmp, model, tok, splits.train, embedder=embedder, seq_len=p.seq_len, n_docs=p.router_docs
             )

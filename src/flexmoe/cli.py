@@ -11,7 +11,9 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
+from flexmoe import validate
 from flexmoe.errors import FlexmoeError
 
 console = Console(highlight=False, soft_wrap=True)
@@ -194,10 +196,15 @@ def expert_train(
     ),
     resume: bool = typer.Option(False, help="Continue an interrupted run from its last checkpoint."),
     force: bool = typer.Option(False, help="Replace --out (and any interrupted run) if it exists."),
+    sign_key: Path = typer.Option(None, "--sign-key", help="Owner's private key: sign the package."),
 ) -> None:
     """Train one expert against the frozen anchor (works under torchrun for several processes/GPUs)."""
     from flexmoe.expert.privacy import DPConfig
     from flexmoe.expert.train import ExpertSpec, train_expert
+    from flexmoe.router.embed import default_router_init
+    from flexmoe.signing import load_private_key
+
+    key = load_private_key(sign_key) if sign_key else None  # a bad key fails before training
 
     dp = None
     if dp_epsilon is not None:
@@ -215,7 +222,7 @@ def expert_train(
         description=description,
         contact=contact,
         license=license,
-        router_init=router_init or ("random" if dp else "embed"),
+        router_init=router_init or ("random" if dp else default_router_init(anchor)),
         bias_init=bias_init,
         public_row=public_row,
     )
@@ -241,6 +248,10 @@ def expert_train(
     )
     from flexmoe.training import is_main
 
+    if m.get("finished") and key is not None and is_main():
+        from flexmoe.expert.package import sign_package
+
+        console.print(f"signed by {sign_package(out, key)}")
     if m.get("finished") and "valid_loss" in m and is_main():
         v = m["valid_loss"]
         console.print(f"held-out loss on {name}'s data: anchor {v['anchor']:.4f} -> expert {v['expert']:.4f}")
@@ -343,6 +354,21 @@ def _summary(meta: dict, out: Path) -> None:
     console.print(f"wrote {out}: {len(meta['experts'])} experts ({names}), top-k {meta['top_k']}")
 
 
+SIGN_KEY = typer.Option(None, "--sign-key", help="Maintainer's private key: sign the model written.")
+TRUST = typer.Option(
+    None, "--trust", help="Owners' public keys (KEY.pub files or a directory); default: trust on first use."
+)
+ALLOW_UNSIGNED = typer.Option(False, "--allow-unsigned", help="Accept packages without a signature.")
+
+
+def _provenance(sign_key: Path | None, trust: list[Path] | None, allow_unsigned: bool):
+    from flexmoe.compose import Provenance
+    from flexmoe.signing import Trust, load_private_key
+
+    key = load_private_key(sign_key) if sign_key else None
+    return Provenance(trust=Trust.from_paths(trust, allow_unsigned=allow_unsigned), sign_key=key)
+
+
 @app.command("compose")
 def compose_cmd(
     anchor: str = typer.Option(..., "--anchor", help="The anchor every expert was trained against."),
@@ -355,14 +381,25 @@ def compose_cmd(
     ),
     public: list[Path] = typer.Option(None, "--public", help="Public documents for --calibrate."),
     force: bool = typer.Option(False, help="Replace --out if it exists."),
+    sign_key: Path = SIGN_KEY,
+    trust: list[Path] = TRUST,
+    allow_unsigned: bool = ALLOW_UNSIGNED,
 ) -> None:
     """Maintainer: compose expert packages into one MoE (HF flex_olmo for OLMo 2 anchors)."""
     from flexmoe.compose import compose
 
     cal = _calibration(calibrate, public)
+    prov = _provenance(sign_key, trust, allow_unsigned)
     _summary(
         compose(
-            anchor, expert, out, top_k=top_k, force=force, max_shard_bytes=max_shard_mb << 20, calibrate=cal
+            anchor,
+            expert,
+            out,
+            top_k=top_k,
+            force=force,
+            max_shard_bytes=max_shard_mb << 20,
+            calibrate=cal,
+            provenance=prov,
         ),
         out,
     )
@@ -388,13 +425,15 @@ def add_cmd(
     ),
     public: list[Path] = typer.Option(None, "--public", help="Public documents for --calibrate."),
     force: bool = typer.Option(False, help="Replace --out if it exists."),
+    sign_key: Path = SIGN_KEY,
+    trust: list[Path] = TRUST,
+    allow_unsigned: bool = ALLOW_UNSIGNED,
 ) -> None:
     """Maintainer: add a late-joining owner's expert without retraining anyone."""
     from flexmoe.compose import add
 
-    _summary(
-        add(model, expert, out, top_k=top_k, force=force, calibrate=_calibration(calibrate, public)), out
-    )
+    cal, prov = _calibration(calibrate, public), _provenance(sign_key, trust, allow_unsigned)
+    _summary(add(model, expert, out, top_k=top_k, force=force, calibrate=cal, provenance=prov), out)
 
 
 @app.command("update")
@@ -407,11 +446,15 @@ def update_cmd(
     ),
     public: list[Path] = typer.Option(None, "--public", help="Public documents for --calibrate."),
     force: bool = typer.Option(False, help="Replace --out if it exists."),
+    sign_key: Path = SIGN_KEY,
+    trust: list[Path] = TRUST,
+    allow_unsigned: bool = ALLOW_UNSIGNED,
 ) -> None:
     """Maintainer: replace a named expert by a newer package; other experts stay bit-identical."""
     from flexmoe.compose import update
 
-    _summary(update(model, expert, out, force=force, calibrate=_calibration(calibrate, public)), out)
+    cal, prov = _calibration(calibrate, public), _provenance(sign_key, trust, allow_unsigned)
+    _summary(update(model, expert, out, force=force, calibrate=cal, provenance=prov), out)
 
 
 @app.command("remove")
@@ -425,12 +468,13 @@ def remove_cmd(
     ),
     public: list[Path] = typer.Option(None, "--public", help="Public documents for --calibrate."),
     force: bool = typer.Option(False, help="Replace --out if it exists."),
+    sign_key: Path = SIGN_KEY,
 ) -> None:
     """Maintainer: physical opt-out; no parameter trained on that owner's data remains."""
     from flexmoe.compose import remove
 
-    cal = _calibration(calibrate, public)
-    _summary(remove(model, expert, out, top_k=top_k, force=force, calibrate=cal), out)
+    cal, prov = _calibration(calibrate, public), _provenance(sign_key, None, True)
+    _summary(remove(model, expert, out, top_k=top_k, force=force, calibrate=cal, provenance=prov), out)
 
 
 @router_app.command("train")
@@ -718,13 +762,48 @@ def audit_membership(
     )
 
 
+keys_app = typer.Typer(help="Signing keys (Ed25519) for packages and composed models.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("generate")
+def keys_generate(
+    out: Path = typer.Option(..., "--out", help="Private key file to create (KEY.pub is written beside)."),
+    force: bool = typer.Option(False, help="Replace existing key files."),
+) -> None:
+    """Create a key pair: keep KEY secret (mode 600), hand KEY.pub to whoever verifies you."""
+    from flexmoe.signing import generate_keys
+
+    priv, pub, kid = generate_keys(out, force=force)
+    console.print(f"wrote {priv} (private: keep secret) and {pub} (public); key id {kid}")
+
+
+@expert_app.command("sign")
+def expert_sign(
+    package: Path = typer.Argument(..., help="Expert package directory."),
+    key: Path = typer.Option(..., "--key", help="The owner's private key."),
+) -> None:
+    """Sign an existing expert package (verified first: a tampered copy is never signed)."""
+    from flexmoe.expert.package import sign_package
+    from flexmoe.signing import load_private_key
+
+    console.print(f"signed {package} by {sign_package(package, load_private_key(key))}")
+
+
 def main() -> None:
     """Console-script entry point: run the app, turning user errors into one clean line."""
+    err = Console(stderr=True, highlight=False)
     try:
         app()
     except FlexmoeError as e:
-        Console(stderr=True, highlight=False).print(f"[bold red]error:[/] {e}", soft_wrap=True)
+        err.print("[bold red]error:[/] " + escape(validate.safe_text(str(e))), soft_wrap=True)
         sys.exit(1)
+    except OSError as e:  # the file system refused (permissions, disk full, ...): say which file
+        err.print("[bold red]error:[/] " + escape(validate.safe_text(str(e))), soft_wrap=True)
+        sys.exit(1)
+
+
+validate.guard_cli(app)  # numbers, names and short texts checked by name before any command runs
 
 
 if __name__ == "__main__":

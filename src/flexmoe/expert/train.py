@@ -15,6 +15,7 @@ import torch
 
 from flexmoe.errors import FlexmoeError
 from flexmoe.expert.privacy import DPConfig
+from flexmoe.fileio import claims_output
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,7 @@ def check_dense_anchor(config) -> None:
     family(config)
 
 
+@claims_output("out")
 def train_expert(
     anchor: str | Path,
     data: list[Path],
@@ -98,6 +100,7 @@ def train_expert(
     checked, and the noise derived, before the model is loaded.
     """
     from flexmoe.anchor import fingerprint, load_anchor, load_config, resolve
+    from flexmoe.checkpoint import check_run_inputs
     from flexmoe.data import blocks_for, data_fingerprint, load_splits
     from flexmoe.expert.package import expert_tensors, write_package
     from flexmoe.fileio import check_output_dir
@@ -131,6 +134,7 @@ def train_expert(
             f"pass --seq-len {config.max_position_embeddings} or less.",
         )
     splits = load_splits(data)
+    check_run_inputs(work, resume, data=data_fingerprint(splits.train), anchor=str(anchor), name=name)
     tok = load_tokenizer(anchor_dir)
     train_blocks = blocks_for(splits.train, tok, seq_len)
     own_blocks = len(train_blocks)

@@ -314,9 +314,11 @@ def record_in_package(package: Path, record: dict) -> dict:
     """Add the proxy record to a package's manifest, atomically.
 
     The package's hashes cover the tensor file, which stays untouched, so ``verify`` still passes;
-    a tampered package is refused before anything is written.
+    a tampered package is refused before anything is written. A signature no longer holds and is
+    dropped: the owner signs again (``flexmoe expert sign``).
     """
-    from flexmoe.expert.package import MANIFEST, verify
+    from flexmoe.expert.package import verify
+    from flexmoe.formats import write_expert_manifest
 
     manifest = verify(package)
     if record.get("name") not in (None, manifest["name"]):
@@ -325,7 +327,7 @@ def record_in_package(package: Path, record: dict) -> dict:
             "pass the package of the same owner, or drop --name.",
         )
     manifest = {**manifest, "proxy": manifest_entry(record)}
-    write_json(Path(package) / MANIFEST, manifest)
+    write_expert_manifest(package, manifest)
     return manifest
 
 

@@ -27,6 +27,7 @@ import torch
 
 from flexmoe.checkpoint import DEFAULT_SHARD_BYTES
 from flexmoe.errors import FlexmoeError
+from flexmoe.fileio import claims_output
 
 VALID_BLOCKS = 16  # validation only reports progress; a fixed small set keeps it cheap
 DEFAULTS = {"steps": 40, "batch_size": 8, "lr": 2e-3, "weight_decay": 0.1, "warmup_steps": 4}
@@ -86,6 +87,7 @@ def training_blocks(
     return torch.cat([proxy, public_part]), valid, {**info, "proxy_blocks": len(proxy)}
 
 
+@claims_output("out")
 def train_router(
     model: Path,
     proxies: list[Path],
