@@ -15,8 +15,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
+from flexmoe import validate
 from flexmoe.errors import FlexmoeError
 from flexmoe.fileio import atomic_dir, claims_output, read_json
 
@@ -86,6 +87,7 @@ def resolve(name_or_path: str | Path) -> Path:
     """A local directory for an anchor given as a path or a hub id (downloaded once, then cached)."""
     p = Path(name_or_path)
     if p.is_dir():
+        validate.no_pickle_weights(p)
         return p
     if p.exists() or str(name_or_path).startswith((".", "/")) or str(name_or_path).count("/") != 1:
         raise FlexmoeError(
@@ -107,7 +109,13 @@ def load_config(path: Path):
 
     if not (path / "config.json").is_file():
         raise FlexmoeError(f"{path} has no config.json.", "pass a Hugging Face model directory.")
-    return AutoConfig.from_pretrained(str(path))
+    try:
+        return AutoConfig.from_pretrained(str(path))
+    except (OSError, ValueError, KeyError, TypeError) as e:  # corrupt JSON, unknown model type, ...
+        raise FlexmoeError(
+            f"{path / 'config.json'} is unreadable ({type(e).__name__}: {str(e)[:200]}).",
+            "restore the anchor's config.json.",
+        ) from e
 
 
 def family(config) -> str:
@@ -127,8 +135,28 @@ def load_anchor(name_or_path: str | Path, dtype: torch.dtype | str = torch.float
 
     path = resolve(name_or_path)
     family(load_config(path))
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
-    return model
+    check_weights(path)
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    except (OSError, ValueError, RuntimeError) as e:  # missing or mismatched tensors
+        raise FlexmoeError(
+            f"Anchor {path} could not be loaded ({type(e).__name__}: {str(e)[:200]}).",
+            "restore the anchor's files (config.json and *.safetensors must belong together).",
+        ) from e
+
+
+def check_weights(path: Path) -> None:
+    """Every weight file opens and its tensors lie within the file (truncated or corrupt files are
+    named here instead of failing deep inside a load)."""
+    for f in safetensors_files(path):
+        try:
+            with safe_open(str(f), "pt") as sf:
+                for k in sf.keys():
+                    sf.get_slice(k).get_shape()
+        except (SafetensorError, OSError) as e:
+            raise FlexmoeError(
+                f"{f} is corrupt or truncated ({str(e)[:200]}).", "restore it from the anchor's source."
+            ) from e
 
 
 def safetensors_files(path: Path) -> list[Path]:
@@ -139,7 +167,14 @@ def safetensors_files(path: Path) -> list[Path]:
     """
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        return sorted({path / f for f in read_json(index)["weight_map"].values()})
+        wm = read_json(index).get("weight_map")
+        if not isinstance(wm, dict) or not all(isinstance(v, str) and "/" not in v for v in wm.values()):
+            raise FlexmoeError(f"{index} has no valid weight_map.", "restore the anchor's index file.")
+        files = sorted({path / f for f in wm.values()})
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise FlexmoeError(f"{path}: weight file(s) {', '.join(missing)} missing.", "restore them.")
+        return files
     if (path / "model.safetensors").is_file():
         return [path / "model.safetensors"]
     files = sorted(f for f in path.glob("*.safetensors") if not f.name.startswith("flexmoe"))
@@ -174,7 +209,9 @@ def fingerprint_tensors(tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str
 
 def fingerprint(path: str | Path) -> str:
     """The anchor fingerprint of a checkpoint directory (its on-disk tensors)."""
-    return fingerprint_tensors(iter_tensors(resolve(path)))
+    path = resolve(path)
+    check_weights(path)
+    return fingerprint_tensors(iter_tensors(path))
 
 
 def parameter_counts(config) -> dict[str, int]:

@@ -33,6 +33,14 @@ def _publish_mode(path: Path, is_dir: bool) -> None:
     os.chmod(path, (0o777 if is_dir else 0o666) & ~_umask())
 
 
+def _publish_tree(root: Path) -> None:
+    """Normal permissions for a whole output (safetensors writes weight files 0600): 0644 files and
+    0755 directories under the usual umask 022, so a shared model store can read them."""
+    for p in [root, *root.rglob("*")]:
+        if not p.is_symlink():
+            _publish_mode(p, is_dir=p.is_dir())
+
+
 def check_output_dir(out: Path, force: bool) -> None:
     """Refuse to overwrite an existing output unless ``force`` is set."""
     if out.exists() and not force:
@@ -195,7 +203,7 @@ def atomic_dir(out: Path, force: bool = False) -> Iterator[Path]:
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
         try:
             yield tmp
-            _publish_mode(tmp, is_dir=True)
+            _publish_tree(tmp)
             if out.exists() and not force:
                 raise FlexmoeError(
                     f"{out} appeared while this run was writing it (written by another program).",

@@ -42,7 +42,15 @@ def load_tokenizer(path: str | Path):
     from transformers import AutoTokenizer
 
     # Composed Llama-family models carry an auto_map for their modelling file; the tokenizer needs none.
-    tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+    except Exception as e:  # tokenizers and transformers raise many types for a corrupt file
+        from flexmoe.errors import FlexmoeError
+
+        raise FlexmoeError(
+            f"The tokenizer in {path} is unreadable ({type(e).__name__}: {str(e)[:200]}).",
+            "restore tokenizer.json and tokenizer_config.json.",
+        ) from e
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok

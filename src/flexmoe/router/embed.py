@@ -86,14 +86,14 @@ def embed_documents(
     docs: Sequence[str], embedder: str = DEFAULT_EMBEDDER, batch_size: int = 32
 ) -> torch.Tensor:
     """Sentence embeddings ``[n, D]`` of documents (the model truncates long ones)."""
+    path = embedder_path(embedder)
+    check_embedder(path)
     try:
         from sentence_transformers import SentenceTransformer
     except ImportError as e:
         raise FlexmoeError(
             "Router init 'embed' needs sentence-transformers.", "pip install 'flexmoe[embed]'."
         ) from e
-    path = embedder_path(embedder)
-    check_embedder(path)
     model = SentenceTransformer(path, device="cpu")
     emb = model.encode(list(docs), batch_size=batch_size, convert_to_tensor=True, show_progress_bar=False)
     return emb.float().cpu()
