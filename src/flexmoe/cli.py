@@ -790,6 +790,20 @@ def expert_sign(
     console.print(f"signed {package} by {sign_package(package, load_private_key(key))}")
 
 
+@app.command("export-lm-eval")
+def export_lm_eval_cmd(
+    data: Path = typer.Option(..., "--data", help="Data directory from 'flexmoe data demo' (with tasks/)."),
+    out: Path = typer.Option(..., "--out", help="Directory for the task YAMLs and their JSONL items."),
+    force: bool = typer.Option(False, help="Replace --out if it exists."),
+) -> None:
+    """Task configs to score any model on the demo tasks with lm-evaluation-harness."""
+    from flexmoe.evaluate.harness import GROUP, export_lm_eval
+
+    names = export_lm_eval(data, out, force=force)
+    console.print(f"wrote {len(names)} tasks to {out}; run:")
+    console.print(f"  lm_eval --model hf --model_args pretrained=MODEL --include_path {out} --tasks {GROUP}")
+
+
 def main() -> None:
     """Console-script entry point: run the app, turning user errors into one clean line."""
     err = Console(stderr=True, highlight=False)

@@ -327,9 +327,9 @@ def compose(
     if not packages:
         raise FlexmoeError("No experts given.", "pass at least one --expert PACKAGE.")
     config = read_json(anchor / "config.json")
-    if config.get("model_type") not in FAMILIES:
+    if not isinstance(config, dict) or config.get("model_type") not in FAMILIES:
         raise FlexmoeError(
-            f"Unsupported anchor architecture {config.get('model_type')!r}.",
+            f"Unsupported anchor architecture in {anchor / 'config.json'}.",
             f"use a dense decoder of type {', '.join(FAMILIES)}.",
         )
     check_output_dir(Path(out), force)

@@ -181,7 +181,15 @@ def claims_output(param: str = "out") -> Callable:
                         f"{out} is already finished; --resume never overwrites a finished output.",
                         "use it as it is, choose another --out, or pass --force to train again.",
                     )
-                return fn(*args, **kwargs)
+                work = out.parent / f".{out.name}.work"
+                had_work = work.exists()
+                try:
+                    return fn(*args, **kwargs)
+                except BaseException:
+                    # A run that failed before its first checkpoint leaves nothing behind.
+                    if not had_work and work.is_dir() and not any(work.rglob("state.json")):
+                        shutil.rmtree(work, ignore_errors=True)
+                    raise
 
         return run
 
