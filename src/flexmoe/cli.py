@@ -83,7 +83,8 @@ def anchor_train(
     s = pretrain(data, out, preset, seed=seed, steps=steps, vocab_size=vocab_size, resume=resume, force=force)
     if s.get("finished"):
         console.print(
-            f"validation loss {s['valid_loss']:.4f} (perplexity {s['valid_perplexity']:.1f}); "
+            f"final validation loss (all held-out blocks) {s['valid_loss']:.4f} "
+            f"(perplexity {s['valid_perplexity']:.1f}); "
             f"unigram baseline {s['unigram_valid_loss']:.4f}; "
             f"{s['tokens_seen']:,} tokens in {s['seconds']:.0f}s"
         )

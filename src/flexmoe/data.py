@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,14 +134,17 @@ def load_splits(paths: Sequence[Path | str], valid_fraction: float = 0.05) -> Sp
     paths = [Path(p) for p in paths]
     if not paths:
         raise FlexmoeError("No data given.", "pass at least one --data PATH.")
+    summary: dict = {}
     if len(paths) == 1 and paths[0].is_dir() and _split_files(paths[0], "train"):
-        train = read_documents(_split_files(paths[0], "train"))
-        valid = read_documents(_split_files(paths[0], "valid"))
+        train = read_documents(_split_files(paths[0], "train"), summary)
+        valid = read_documents(_split_files(paths[0], "valid"), summary)
     else:
         train, valid = [], []
-        for doc in read_documents(paths):
+        for doc in read_documents(paths, summary):
             h = int.from_bytes(hashlib.sha256(doc.encode()).digest()[:8], "big") / 2**64
             (valid if h < valid_fraction else train).append(doc)
+    if summary and os.environ.get("RANK", "0") == "0":  # say what was read, once per run
+        print(f"read {', '.join(map(str, paths))}: {describe_read(summary)}", file=sys.stderr)
     if not train:
         raise FlexmoeError(
             f"No usable text found in {', '.join(map(str, paths))}.",

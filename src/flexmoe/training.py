@@ -403,7 +403,8 @@ def train(
         if step % cfg.eval_every == 0 or step == cfg.steps:
             v = evaluate(model, valid_blocks, cfg.batch_size, cfg.eval_batches, loss_fn)
             result.history.append({"step": step, "valid_loss": v, "tokens": result.tokens_seen})
-            progress.note(f"{desc}: step {step} validation loss {v:.4f}")
+            n_val = min(len(valid_blocks), cfg.eval_batches * cfg.batch_size)  # a quick subset
+            progress.note(f"{desc}: step {step} validation loss (first {n_val} held-out blocks) {v:.4f}")
         if ckpt and (step % cfg.checkpoint_every == 0) and step < cfg.steps:
             save_checkpoint(ckpt, model, opt, cfg, step, result)
     result.seconds += time.perf_counter() - t_start
