@@ -308,15 +308,26 @@ CASES = [
             ("anchor_moe_type", r"mixture-of-experts|Unsupported"),
         ]
         for cmd, argv in [
-            ("inspect", ["anchor", "inspect", "{%s}" % v]),
+            ("inspect", ["anchor", "inspect", "{" + v + "}"]),
             (
                 "train",
-                ["expert", "train", "--anchor", "{%s}" % v, "--name", "x", "--out", "{O}", "--seq-len", "64"]
+                [
+                    "expert",
+                    "train",
+                    "--anchor",
+                    "{" + v + "}",
+                    "--name",
+                    "x",
+                    "--out",
+                    "{O}",
+                    "--seq-len",
+                    "64",
+                ]
                 + DATA,
             ),
             (
                 "compose",
-                ["compose", "--anchor", "{%s}" % v, "--expert", "{P}", "--out", "{O}", "--allow-unsigned"],
+                ["compose", "--anchor", "{" + v + "}", "--expert", "{P}", "--out", "{O}", "--allow-unsigned"],
             ),
         ]
     ],
@@ -344,17 +355,22 @@ CASES = [
             ("pkg_extra_pickle", r"not listed"),
         ]
         for cmd, argv in [
-            ("inspect", ["expert", "inspect", "{%s}" % v]),
+            ("inspect", ["expert", "inspect", "{" + v + "}"]),
             (
                 "compose",
-                ["compose", "--anchor", "{A}", "--expert", "{%s}" % v, "--out", "{O}", "--allow-unsigned"],
+                ["compose", "--anchor", "{A}", "--expert", "{" + v + "}", "--out", "{O}", "--allow-unsigned"],
             ),
-            ("add", ["add", "{M}", "--expert", "{%s}" % v, "--out", "{O}", "--allow-unsigned"]),
+            ("add", ["add", "{M}", "--expert", "{" + v + "}", "--out", "{O}", "--allow-unsigned"]),
         ]
     ],
     ("compose-unsigned", ["compose", "--anchor", "{A}", "--expert", "{P}", "--out", "{O}"], r"not signed"),
     ("sign-missing-key", ["expert", "sign", "{P}", "--key", "{D}/nokey"], r"does not exist"),
     ("sign-bad-key", ["expert", "sign", "{P}", "--key", "{D}/good.txt"], r"not an unencrypted PEM"),
+    (
+        "router-bad-sign-key",
+        ["router", "train", "{M}", "--public", "{D}/train.txt", "--out", "{O}", "--sign-key", "{D}/good.txt"],
+        r"not an unencrypted PEM",
+    ),
     ("train-bad-sign-key", TRAIN + DATA + ["--sign-key", "{D}/good.txt"], r"not an unencrypted PEM"),
     (
         "compose-trust-missing",

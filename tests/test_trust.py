@@ -359,3 +359,24 @@ def test_resume_never_overwrites_and_refuses_other_data(trust_root, tmp_path):
         train_expert(a, [tmp_path / "code.txt"], "code", out, resume=True, **kw)
     assert sha256_file(out / "expert.safetensors") == before
     shutil.rmtree(out)
+
+
+def test_expert_train_refused_while_another_run_writes_the_same_output(trust_root, tmp_path):
+    from flexmoe.expert.train import ExpertSpec, train_expert
+
+    (tmp_path / "d.txt").write_text("\n\n".join(trustkit.DOCS))
+    out = tmp_path / "pkg"
+    holder = _hold_lock(out, 60)
+    try:
+        with pytest.raises(FlexmoeError, match="is writing"):
+            train_expert(
+                trust_root / "anchor",
+                [tmp_path / "d.txt"],
+                "x",
+                out,
+                spec=ExpertSpec("x", router_init="hidden"),
+            )
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not out.exists() and not (tmp_path / ".pkg.work").exists()

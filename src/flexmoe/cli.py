@@ -493,10 +493,13 @@ def router_train_cmd(
     seed: int = typer.Option(0, help="Random seed (data order)."),
     resume: bool = typer.Option(False, help="Continue an interrupted run from its last checkpoint."),
     force: bool = typer.Option(False, help="Replace --out if it exists."),
+    sign_key: Path = SIGN_KEY,
 ) -> None:
     """Maintainer: train only the router rows on proxy sets + public text (experts stay frozen)."""
     from flexmoe.router.train import train_router
+    from flexmoe.signing import load_private_key, sign_dir
 
+    key = load_private_key(sign_key) if sign_key else None  # a bad key fails before training
     meta = train_router(
         model,
         proxy or [],
@@ -512,6 +515,10 @@ def router_train_cmd(
         resume=resume,
         force=force,
     )
+    if meta and key is not None:
+        from flexmoe.compose import MODEL_KIND
+
+        console.print(f"signed by {sign_dir(out, key, MODEL_KIND)}")
     if meta:
         v = meta["router_training"]["valid_loss"]
         console.print(f"public validation loss {v['before']:.4f} -> {v['after']:.4f}")
