@@ -380,3 +380,15 @@ def test_expert_train_refused_while_another_run_writes_the_same_output(trust_roo
         holder.kill()
         holder.wait()
     assert not out.exists() and not (tmp_path / ".pkg.work").exists()
+
+
+def test_embedder_pointing_at_pickle_is_refused(tmp_path):
+    from flexmoe.router.embed import embed_documents
+
+    (tmp_path / "model.bin").write_bytes(b"\x80\x04.")
+    with pytest.raises(FlexmoeError, match="pickle"):
+        embed_documents(["x"], str(tmp_path / "model.bin"))
+    (tmp_path / "emb").mkdir()
+    (tmp_path / "emb" / "pytorch_model.bin").write_bytes(b"\x80\x04.")
+    with pytest.raises(FlexmoeError, match="pickle"):
+        embed_documents(["x"], str(tmp_path / "emb"))

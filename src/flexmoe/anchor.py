@@ -22,7 +22,7 @@ from flexmoe.errors import FlexmoeError
 from flexmoe.fileio import atomic_dir, claims_output, read_json
 
 FAMILIES = {"olmo2": "olmo2", "llama": "llama", "mistral": "llama", "qwen2": "llama"}
-ANCHOR_META = "flexmoe_anchor.json"
+ANCHOR_META = "flexmoe_anchor.json"  # the same name as formats.ANCHOR_META
 
 
 @dataclass(frozen=True)
@@ -253,8 +253,11 @@ def inspect(name_or_path: str | Path) -> dict:
         "parameters": parameter_counts(config),
         "fingerprint": fingerprint(path),
     }
-    if (path / ANCHOR_META).is_file():
-        info["training"] = read_json(path / ANCHOR_META)
+    from flexmoe.formats import read_anchor_meta
+
+    training = read_anchor_meta(path)
+    if training is not None:
+        info["training"] = training
     return info
 
 
