@@ -392,3 +392,24 @@ def test_embedder_pointing_at_pickle_is_refused(tmp_path):
     (tmp_path / "emb" / "pytorch_model.bin").write_bytes(b"\x80\x04.")
     with pytest.raises(FlexmoeError, match="pickle"):
         embed_documents(["x"], str(tmp_path / "emb"))
+
+
+def test_cli_sign_inspect_compose_with_trust(kit, trust_root, tmp_path):
+    from typer.testing import CliRunner
+
+    from flexmoe.cli import app
+
+    p = trustkit.package(kit["anchor"], tmp_path / "p", "late")
+    run = CliRunner().invoke
+    r = run(app, ["expert", "inspect", str(p)])
+    assert r.exit_code == 0 and "unsigned" in r.output
+    assert run(app, ["expert", "sign", str(p), "--key", str(trust_root / "keys" / "owner")]).exit_code == 0
+    r = run(app, ["expert", "inspect", str(p)])
+    assert r.exit_code == 0 and "signed by ed25519:" in r.output
+    r = run(app, ["keys", "generate", "--out", str(tmp_path / "m.key")])
+    assert r.exit_code == 0 and (tmp_path / "m.key.pub").is_file()
+    argv = ["compose", "--anchor", str(kit["anchor"]), "--expert", str(p), "--out", str(tmp_path / "m")]
+    argv += ["--trust", str(trust_root / "keys"), "--sign-key", str(tmp_path / "m.key")]
+    r = run(app, argv)
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "m" / SIGNATURE).is_file()

@@ -278,9 +278,9 @@ def expert_inspect(
     as_json: bool = typer.Option(False, "--json", help="Print the whole manifest as JSON."),
 ) -> None:
     """Print an expert package's manifest and verify its hashes (fails on tampering)."""
-    from flexmoe.expert.package import package_bytes, verify
+    from flexmoe.expert.package import check, package_bytes
 
-    m = verify(package)
+    m, signer = check(package)
     if as_json:
         _print_json(m)
         return
@@ -301,7 +301,8 @@ def expert_inspect(
     console.print(
         f"created {m['created']} by flexmoe {m['flexmoe_version']}; {package_bytes(package):,} bytes"
     )
-    console.print("hashes verified: OK")
+    console.print("hashes verified: OK (every file listed, weights finite, DP record re-derived)")
+    console.print(f"signed by {signer}" if signer else "unsigned (sign with: flexmoe expert sign)")
     if m.get("proxy"):
         p = m["proxy"]
         console.print(
