@@ -413,3 +413,30 @@ def test_cli_sign_inspect_compose_with_trust(kit, trust_root, tmp_path):
     r = run(app, argv)
     assert r.exit_code == 0, r.output
     assert (tmp_path / "m" / SIGNATURE).is_file()
+
+
+def test_kill_9_while_writing_keeps_the_previous_output_and_next_run_cleans_up(tmp_path):
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "weights").write_text("previous")
+    code = textwrap.dedent(f"""
+        import time
+        from pathlib import Path
+        from flexmoe.fileio import atomic_dir
+        with atomic_dir(Path({str(out)!r}), force=True) as tmp:
+            (tmp / "weights").write_text("half")
+            print("writing", flush=True)
+            time.sleep(60)
+    """)
+    env = {**os.environ, "PYTHONPATH": SRC}
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, env=env, text=True)
+    assert proc.stdout.readline().strip() == "writing"
+    proc.kill()  # SIGKILL: no clean-up code runs
+    proc.wait()
+    proc.stdout.close()
+    assert (out / "weights").read_text() == "previous"
+    assert list(tmp_path.glob(".model.tmp-*"))  # the killed run's temporary directory is still there
+    with atomic_dir(out, force=True) as tmp:  # the next writer takes the lock and cleans it up
+        (tmp / "weights").write_text("new")
+    assert (out / "weights").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
