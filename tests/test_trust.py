@@ -111,7 +111,15 @@ def _inf(p):
     _rehash(p)
 
 
+def _foreign_row(p):
+    """A package trained against another anchor (its own published public row), fingerprint edited."""
+    for i in range(2):
+        _edit_tensor(p, f"layers.{i}.public_router.weight", lambda t: torch.randn_like(t))
+    _rehash(p)
+
+
 UNSIGNED = [
+    ("foreign-anchor-fingerprint-edited", _foreign_row, "not one this anchor published"),
     ("nan-weights", _nan, "NaN or infinite"),
     ("inf-weights", _inf, "NaN or infinite"),
     ("files-empty", lambda p: _edit_manifest(p, files={}), "files"),

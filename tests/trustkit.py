@@ -25,6 +25,9 @@ def package(anchor_dir: Path, out: Path, name: str, seed: int = 0, key=None, dp:
 
     cfg = json.loads((anchor_dir / "config.json").read_text())
     H, I, L = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+    from safetensors.torch import load_file
+
+    pub = load_file(str(anchor_dir / "flexmoe_router.safetensors"))["hidden.public"]
     g = torch.Generator().manual_seed(seed)
     t = {}
     for i in range(L):
@@ -33,7 +36,7 @@ def package(anchor_dir: Path, out: Path, name: str, seed: int = 0, key=None, dp:
         t[f"layers.{i}.down_proj.weight"] = torch.randn(H, I, generator=g) * 0.02
         t[f"layers.{i}.router.weight"] = torch.randn(H, generator=g)
         t[f"layers.{i}.router.bias"] = torch.tensor(-0.1)
-        t[f"layers.{i}.public_router.weight"] = torch.ones(H)
+        t[f"layers.{i}.public_router.weight"] = pub[i].clone()
     manifest = {
         "name": name,
         "description": f"{name} data",

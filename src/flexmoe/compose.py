@@ -166,6 +166,26 @@ def check_packages(
     return checked
 
 
+def check_published_row(anchor: Path, packages: Sequence[Path], layers: int) -> None:
+    """A package's public router row must be one the anchor published (embed or hidden): a package
+    trained against a foreign anchor whose manifest fingerprint was edited is caught here even unsigned."""
+    from flexmoe.router.embed import ROUTER_FILE
+
+    if not (Path(anchor) / ROUTER_FILE).is_file():
+        return
+    published = load_file(str(Path(anchor) / ROUTER_FILE))
+    rows = [published[k] for k in ("embed.public", "hidden.public") if k in published]
+    for p in packages:
+        f = Path(p) / pkg.TENSOR_FILE
+        got = [read_tensor(f, f"layers.{i}.public_router.weight") for i in range(layers)]
+        if not any(all(torch.equal(r[i].to(g.dtype), g) for i, g in enumerate(got)) for r in rows):
+            raise FlexmoeError(
+                f"{p}: its public router row is not one this anchor published (trained against another "
+                "anchor, or with other router-init files).",
+                "compose it with the anchor it was trained against, or have the owner retrain it.",
+            )
+
+
 def public_rows(packages: Sequence[Path], layers: int) -> Callable[[int], torch.Tensor]:
     """The public router row every owner trained against; refuses packages that disagree on it."""
 
@@ -335,6 +355,7 @@ def compose(
     check_output_dir(Path(out), force)
     anchor_fp = fingerprint(anchor)  # recomputed from the tensors, never read from a manifest
     checked = check_packages(anchor_fp, config, packages, provenance and provenance.trust)
+    check_published_row(anchor, packages, config["num_hidden_layers"])
     k = resolve_top_k(top_k, len(packages) + 1)
     reader = TensorReader(anchor)
     pub = anchor_expert(
