@@ -7,7 +7,7 @@ FFN, router row and bias):
 
   nondp         the step ``flexmoe.training.train`` runs for expert training: forward, LM loss + z-loss,
                 backward, ``clip_grad_norm_(1.0)``, AdamW, bias projection.
-  dp_hooks      the step ``flexmoe.expert.privacy.train_dp`` runs: per-sample loss, backward with Opacus'
+  dp_hooks      the step ``flexmoe.expert.privacy.DPStep`` runs: per-sample loss, backward with Opacus'
                 per-sample gradient hooks (flexmoe's ``RouterRow`` rule, Opacus' ``nn.Linear`` rule),
                 per-sample clipping, Gaussian noise, AdamW, bias projection.
   dp_ghost      the same with Opacus ghost clipping (per-sample norms without per-sample gradients;
@@ -40,6 +40,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -127,18 +128,17 @@ class Method:
             self.opt.zero_grad(set_to_none=True)
         else:
             with self.amp():
-                P._dp_backward(
-                    self.model,
-                    self.hooks,
-                    self.dp_opt,
-                    self.batch,
-                    self.batch,
-                    len(self.batch),
-                    1e-3,
-                    self.mode,
-                    self.device,
-                    self.params,
+                # The fields of a privacy.DPStep that _dp_backward reads.
+                loop = SimpleNamespace(model=self.model, params=self.params, device=self.device)
+                step = SimpleNamespace(
+                    loop=loop,
+                    hooks=self.hooks,
+                    dp_opt=self.dp_opt,
+                    physical=len(self.batch),
+                    z_loss=1e-3,
+                    mode=self.mode,
                 )
+                P._dp_backward(step, self.batch, self.batch)
             self.dp_opt.step()
             self.dp_opt.zero_grad(set_to_none=True)
         project_biases_(self.model)

@@ -32,7 +32,17 @@ from expert_training import flops_per_token  # noqa: E402
 
 from flexmoe.anchor import PRESETS, olmo2_config  # noqa: E402
 from flexmoe.moe import anchored_expert_model, project_biases_, router_z_loss  # noqa: E402
-from flexmoe.training import TrainConfig, dist_info, init_distributed, lm_loss, train  # noqa: E402
+from flexmoe.training import (  # noqa: E402
+    LMStep,
+    PackedBlocks,
+    RunOptions,
+    Stage,
+    TrainConfig,
+    dist_info,
+    init_distributed,
+    lm_loss,
+    train,
+)
 
 
 def build(preset, mode: str, device: torch.device, seed: int):
@@ -85,16 +95,8 @@ def run_mode(args, mode: str, device: torch.device) -> dict:
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    res = train(
-        model,
-        blocks,
-        blocks[: args.batch_size],
-        cfg,
-        loss_fn=loss_fn,
-        after_step=after_step,
-        quiet=True,
-        device=device,
-    )
+    stage = Stage(PackedBlocks(blocks), blocks[: args.batch_size], LMStep(loss_fn), after_step=after_step)
+    res = train(model, cfg, stage, RunOptions(quiet=True, device=device))
     timed = stamps[args.warmup - 1 :]
     tok_s = (len(timed) - 1) * args.batch_size * p.seq_len / (timed[-1] - timed[0])
     _, world = dist_info()

@@ -54,16 +54,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from expert_training import flops_per_token, hf_from_anchor, router_rows  # noqa: E402
 
+from flexmoe import training  # noqa: E402  (names looked up at use: --time-loop runs older code too)
 from flexmoe.anchor import PRESETS, Preset, olmo2_config  # noqa: E402
 from flexmoe.moe import anchored_expert_model, project_biases_, router_z_loss  # noqa: E402
-from flexmoe.training import (  # noqa: E402
-    TrainConfig,
-    autocast,
-    compile_layers_,
-    frozen_to_bf16_,
-    lm_loss,
-    make_optimizer,
-)
 
 ROOT = Path(__file__).resolve().parents[1]
 ISSUE_1B = Preset(2048, 8192, 16, 16, 100352, 2048, 0, 8, 1e-4, 0, 0)  # the issue's 1.28B config
@@ -119,8 +112,8 @@ class Setup:
         self.model, self.loss_fn = model, loss_fn
         self.post_backward, self.after_step = post_backward, after_step
         self.params = [p for p in model.parameters() if p.requires_grad]
-        cfg = TrainConfig(lr=1e-4, weight_decay=0.0)
-        self.opt = make_optimizer([{"params": self.params}], cfg, fused=device.type == "cuda")
+        cfg = training.TrainConfig(lr=1e-4, weight_decay=0.0)
+        self.opt = training.make_optimizer([{"params": self.params}], cfg, fused=device.type == "cuda")
 
 
 def build(name: str, p: Preset, device: torch.device, seed: int) -> Setup:
@@ -129,15 +122,15 @@ def build(name: str, p: Preset, device: torch.device, seed: int) -> Setup:
     torch.manual_seed(seed)
     anchor = Olmo2ForCausalLM(olmo2_config(p)).float()
     if name == "dense":
-        return Setup(anchor.to(device).train(), lm_loss, device)
+        return Setup(anchor.to(device).train(), training.lm_loss, device)
     pub, own = router_rows(p, seed)
     if name == "flexmoe":
         model = anchored_expert_model(anchor, pub, own).to(device).train()
         if device.type == "cuda":
-            frozen_to_bf16_(model)  # what training.train does on a GPU
+            training.frozen_to_bf16_(model)  # what training.train does on a GPU
 
         def loss_fn(m, batch):
-            loss = lm_loss(m, batch)
+            loss = training.lm_loss(m, batch)
             return loss + Z_LOSS * router_z_loss(model).to(loss.device)
 
         return Setup(model, loss_fn, device, after_step=lambda: project_biases_(model))
@@ -154,11 +147,11 @@ def build(name: str, p: Preset, device: torch.device, seed: int) -> Setup:
             if prm.grad is not None:
                 prm.grad[0].zero_()
 
-    return Setup(model.to(device).train(), lm_loss, device, post_backward=mask_expert0)
+    return Setup(model.to(device).train(), training.lm_loss, device, post_backward=mask_expert0)
 
 
 def step(s: Setup, batch: torch.Tensor, device: torch.device) -> torch.Tensor:
-    with autocast(device):
+    with training.autocast(device):
         loss = s.loss_fn(s.model, batch)
     loss.backward()
     if s.post_backward is not None:
@@ -186,7 +179,7 @@ def measure(name: str, mode: str, p: Preset, args, device) -> dict:
         # Every setup's layers share transformers' forward code: without a reset, their compiled
         # variants pile up in one cache until dynamo's recompile limit silently falls back to eager.
         torch.compiler.reset()
-        compile_layers_(s.model, backend=args.compile_backend)
+        training.compile_layers_(s.model, backend=args.compile_backend)
     g = torch.Generator().manual_seed(args.seed + 7)
     batch = torch.randint(0, p.vocab_size, (p.batch_size, p.seq_len), generator=g).to(device)
     t0 = time.perf_counter()
@@ -261,8 +254,6 @@ def time_loop(steps: int) -> float:
     whichever ``flexmoe.training`` API this process imports (before or after the one-loop refactor)."""
     from transformers import Olmo2ForCausalLM
 
-    from flexmoe import training
-
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     p = PRESETS["tiny"]
     torch.manual_seed(0)
@@ -305,7 +296,10 @@ def cpu_compare(args) -> dict:
             for side, src in sides.items():
                 env = {**os.environ, "PYTHONPATH": src}
                 cmd = [sys.executable, __file__, "--time-loop", "--loop-steps", str(args.loop_steps)]
-                out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+                proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+                if proc.returncode:
+                    raise RuntimeError(f"{side}: {proc.stderr[-2000:]}")
+                out = proc.stdout
                 seconds[side].append(float(out.strip().splitlines()[-1]))
     p = PRESETS["tiny"]
     tokens = args.loop_steps * p.batch_size * p.seq_len

@@ -64,3 +64,17 @@ def make_anchor_dir(path: Path, model_type: str, docs: list[str], seed: int = 0)
     tok.save_pretrained(str(path))
     publish_router_init(path, load_anchor(path), tok, docs, embedder=None, seq_len=64, n_docs=50)
     return path
+
+
+@pytest.fixture(scope="session")
+def trust_root(tmp_path_factory) -> Path:
+    """A random 2-layer anchor and an owner's key pair, shared by the trust and bad-input tests."""
+    import trustkit
+
+    from flexmoe.signing import generate_keys
+
+    root = tmp_path_factory.mktemp("trust")
+    trustkit.anchor(root)
+    generate_keys(root / "keys" / "owner")
+    generate_keys(root / "keys" / "other")
+    return root

@@ -23,6 +23,7 @@ ALLOWED: dict[str, str] = {
     "flexmoe.compose:_write": "the write job's arguments plus the calibrator (follow-up: a WriteJob)",
     "flexmoe.compose:_rewrite": "the write job's arguments plus the calibrator (follow-up: a WriteJob)",
     "flexmoe.compose:export": "the write job's arguments (follow-up: a WriteJob)",
+    "flexmoe.compose:compose": "the write job's options plus shared_merge (follow-up: a WriteJob)",
     "flexmoe.router.calibrate:write_calibrated": "the Calibrator call: the write job's arguments",
     # Proxy selection is being reworked by the routing issue (13); its settings dataclass comes with it.
     "flexmoe.router.proxy:select_proxy": "an entry point awaiting its settings dataclass (issue 13)",

@@ -64,6 +64,19 @@ def test_package_holds_only_the_expert(code_expert, tiny_anchor):
     assert len(m["data"]["fingerprint"]) == 64
 
 
+def test_manifest_records_the_settings_and_the_best_step(code_expert):
+    _, m = code_expert
+    st = m["settings"]
+    assert st["preset"] == "tiny" and st["steps"] == STEPS and st["early_stop"] == 3 and st["dp"] is None
+    assert m["training"]["early_stop"] == 3 and m["training"]["eval_every"] == STEPS // 10
+    valid = [h for h in m["history"] if "valid_loss" in h]
+    assert len(valid) == 10 or m["stopped_early"]
+    best = min(valid, key=lambda h: h["valid_loss"])
+    assert m["best_step"] == best["step"]
+    # Early stopping ends the run once 3 validations in a row are no better than the best.
+    assert m["stopped_early"] == (valid[-1]["step"] < STEPS)
+
+
 def test_inspect_cli_verifies(code_expert):
     r = CliRunner().invoke(app, ["expert", "inspect", str(code_expert[0])])
     assert r.exit_code == 0, r.output

@@ -15,12 +15,15 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, Olmo2Config, Olmo2ForCausalLM
 
-from flexmoe.data import blocks_for, load_splits, read_documents
+from flexmoe import validate
+from flexmoe.checkpoint import check_run_inputs
+from flexmoe.data import blocks_for, data_fingerprint, load_splits, read_documents
 from flexmoe.errors import FlexmoeError
-from flexmoe.fileio import atomic_dir, check_output_dir, read_json, write_json
+from flexmoe.fileio import atomic_dir, check_output_dir, claims_output, read_json
+from flexmoe.formats import read_anchor_meta, write_anchor_meta
 from flexmoe.router_init import DEFAULT_EMBEDDER, publish
 from flexmoe.tokenizer import load_tokenizer, train_tokenizer
 from flexmoe.training import (
@@ -36,7 +39,7 @@ from flexmoe.training import (
 )
 
 FAMILIES = {"olmo2": "olmo2", "llama": "llama", "mistral": "llama", "qwen2": "llama"}
-ANCHOR_META = "flexmoe_anchor.json"
+ANCHOR_META = "flexmoe_anchor.json"  # the same name as formats.ANCHOR_META
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,7 @@ def resolve(name_or_path: str | Path) -> Path:
     """A local directory for an anchor given as a path or a hub id (downloaded once, then cached)."""
     p = Path(name_or_path)
     if p.is_dir():
+        validate.no_pickle_weights(p)
         return p
     if p.exists() or str(name_or_path).startswith((".", "/")) or str(name_or_path).count("/") != 1:
         raise FlexmoeError(
@@ -120,7 +124,13 @@ def load_config(path: Path):
 
     if not (path / "config.json").is_file():
         raise FlexmoeError(f"{path} has no config.json.", "pass a Hugging Face model directory.")
-    return AutoConfig.from_pretrained(str(path))
+    try:
+        return AutoConfig.from_pretrained(str(path))
+    except (OSError, ValueError, KeyError, TypeError) as e:  # corrupt JSON, unknown model type, ...
+        raise FlexmoeError(
+            f"{path / 'config.json'} is unreadable ({type(e).__name__}: {str(e)[:200]}).",
+            "restore the anchor's config.json.",
+        ) from e
 
 
 def family(config) -> str:
@@ -139,8 +149,28 @@ def load_anchor(name_or_path: str | Path, dtype: torch.dtype | str = torch.float
 
     path = resolve(name_or_path)
     family(load_config(path))
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
-    return model
+    check_weights(path)
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    except (OSError, ValueError, RuntimeError) as e:  # missing or mismatched tensors
+        raise FlexmoeError(
+            f"Anchor {path} could not be loaded ({type(e).__name__}: {str(e)[:200]}).",
+            "restore the anchor's files (config.json and *.safetensors must belong together).",
+        ) from e
+
+
+def check_weights(path: Path) -> None:
+    """Every weight file opens and its tensors lie within the file (truncated or corrupt files are
+    named here instead of failing deep inside a load)."""
+    for f in safetensors_files(path):
+        try:
+            with safe_open(str(f), "pt") as sf:
+                for k in sf.keys():
+                    sf.get_slice(k).get_shape()
+        except (SafetensorError, OSError) as e:
+            raise FlexmoeError(
+                f"{f} is corrupt or truncated ({str(e)[:200]}).", "restore it from the anchor's source."
+            ) from e
 
 
 def safetensors_files(path: Path) -> list[Path]:
@@ -151,7 +181,14 @@ def safetensors_files(path: Path) -> list[Path]:
     """
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        return sorted({path / f for f in read_json(index)["weight_map"].values()})
+        wm = read_json(index).get("weight_map")
+        if not isinstance(wm, dict) or not all(isinstance(v, str) and "/" not in v for v in wm.values()):
+            raise FlexmoeError(f"{index} has no valid weight_map.", "restore the anchor's index file.")
+        files = sorted({path / f for f in wm.values()})
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise FlexmoeError(f"{path}: weight file(s) {', '.join(missing)} missing.", "restore them.")
+        return files
     if (path / "model.safetensors").is_file():
         return [path / "model.safetensors"]
     files = sorted(f for f in path.glob("*.safetensors") if not f.name.startswith("flexmoe"))
@@ -186,7 +223,9 @@ def fingerprint_tensors(tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str
 
 def fingerprint(path: str | Path) -> str:
     """The anchor fingerprint of a checkpoint directory (its on-disk tensors)."""
-    return fingerprint_tensors(iter_tensors(resolve(path)))
+    path = resolve(path)
+    check_weights(path)
+    return fingerprint_tensors(iter_tensors(path))
 
 
 def parameter_counts(config) -> dict[str, int]:
@@ -228,8 +267,9 @@ def inspect(name_or_path: str | Path) -> dict:
         "parameters": parameter_counts(config),
         "fingerprint": fingerprint(path),
     }
-    if (path / ANCHOR_META).is_file():
-        info["training"] = read_json(path / ANCHOR_META)
+    training = read_anchor_meta(path)
+    if training is not None:
+        info["training"] = training
     return info
 
 
@@ -260,6 +300,7 @@ class AnchorTrainSettings:
     stop_after: int | None = None  # tests: end after this many steps, as an interruption would
 
 
+@claims_output("out")
 def pretrain(
     data: Path,
     out: Path,
@@ -285,6 +326,7 @@ def pretrain(
             clear_checkpoint(work)
     p = preset(s.preset)
     splits = load_splits([data])
+    check_run_inputs(work, s.resume, data=data_fingerprint(splits.train), preset=s.preset)
     device = init_distributed()
     torch.manual_seed(s.seed)
     tok = _pretrain_tokenizer(splits.train, work, s, p)
@@ -314,7 +356,7 @@ def pretrain(
         with atomic_dir(out, force=True) as tmp:
             model.save_pretrained(str(tmp), safe_serialization=True)
             tok.save_pretrained(str(tmp))
-            write_json(tmp / ANCHOR_META, summary)
+            write_anchor_meta(tmp, summary)
             publish_router_init(
                 tmp, model, tok, splits.train, embedder=s.embedder, seq_len=p.seq_len, n_docs=p.router_docs
             )

@@ -123,3 +123,25 @@ def weight_hashes(path: Path) -> dict[str, str]:
     """SHA-256 of every weight file of a checkpoint (recorded in flexmoe.json)."""
     files = sorted({p.name for p in TensorReader(path).where.values()})
     return {f: sha256_file(Path(path) / f) for f in files}
+
+
+RUN_INPUTS = "inputs.json"
+
+
+def check_run_inputs(work: Path, resume: bool, **inputs: str) -> None:
+    """Record what an unfinished run trains on (data fingerprints, anchor, name) beside its checkpoint;
+    a resumed run must be given the same, or it is refused (a code run resumed with math data would
+    otherwise produce a package claiming the wrong data)."""
+    if int(os.environ.get("RANK", "0")) != 0:  # rank 0 records; every rank reads the same data
+        return
+    path = Path(work) / RUN_INPUTS
+    if resume and path.is_file():
+        saved = read_json(path)
+        diff = sorted(k for k in set(saved) | set(inputs) if saved.get(k) != inputs.get(k))
+        if diff:
+            raise FlexmoeError(
+                f"The interrupted run in {work} was started with other {', '.join(diff)}.",
+                "resume with the original --data and settings, or pass --force to start over.",
+            )
+        return
+    write_json(path, inputs)

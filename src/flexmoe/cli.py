@@ -7,23 +7,25 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
-from flexmoe.anchor import AnchorTrainSettings, inspect, pretrain, publish_router_init_for
+from flexmoe import validate
+from flexmoe.anchor import AnchorTrainSettings, inspect, pretrain, publish_router_init_for, resolve
 from flexmoe.anchor_sft import sft_anchor
 from flexmoe.audit.extraction import ExtractionConfig
 from flexmoe.audit.pipeline import AuditSizes, canary_audit
-from flexmoe.compose import add, compose, remove, update
+from flexmoe.compose import MODEL_KIND, Provenance, add, compose, remove, update
 from flexmoe.corpora import build_demo_corpora
 from flexmoe.demo import run_demo
 from flexmoe.errors import FlexmoeError
+from flexmoe.evaluate.harness import GROUP, export_lm_eval
 from flexmoe.evaluate.report import markdown
 from flexmoe.evaluate.run import evaluate_lm, load_lm, seq_len_of
-from flexmoe.expert.package import package_bytes, verify
+from flexmoe.expert.package import check, package_bytes, sign_package
 from flexmoe.expert.privacy import DPSettings
 from flexmoe.expert.stages import StageRun, settings_for, train_stage
 from flexmoe.expert.train import ExpertSpec, ExpertTrainSettings, train_expert
@@ -32,8 +34,10 @@ from flexmoe.posttrain_demo import run_post_train_demo
 from flexmoe.router.calibrate import calibrator
 from flexmoe.router.proxy import select_proxy
 from flexmoe.router.train import RouterTrainSettings, train_router
+from flexmoe.router_init import default_router_init
 from flexmoe.runtime import from_pretrained, generate, routing_shares
 from flexmoe.serve.cli import register as register_serve
+from flexmoe.signing import Trust, generate_keys, load_private_key, sign_dir
 from flexmoe.training import is_main
 
 console = Console(highlight=False, soft_wrap=True)
@@ -121,7 +125,8 @@ def anchor_train(
     s = pretrain(data, out, settings=settings)
     if s.get("finished"):
         console.print(
-            f"validation loss {s['valid_loss']:.4f} (perplexity {s['valid_perplexity']:.1f}); "
+            f"final validation loss (all held-out blocks) {s['valid_loss']:.4f} "
+            f"(perplexity {s['valid_perplexity']:.1f}); "
             f"unigram baseline {s['unigram_valid_loss']:.4f}; "
             f"{s['tokens_seen']:,} tokens in {s['seconds']:.0f}s"
         )
@@ -250,15 +255,17 @@ def expert_train(
     ),
     from_package: Path = typer.Option(None, "--from", help="Continue from this stage's package."),
     freeze_shared: bool = typer.Option(False, help="Frozen recipe: only expert FFN and router row train."),
+    sign_key: Path = typer.Option(None, "--sign-key", help="Owner's private key: sign the package."),
 ) -> None:
     """Train one expert against the frozen anchor (works under torchrun for several processes/GPUs);
     with --stage, one post-training stage (progressive unfreezing, shared deltas in the package)."""
+    key = load_private_key(sign_key) if sign_key else None  # a bad key fails before training
     if stage is not None or from_package is not None or freeze_shared:
         s = settings_for(
             stage or "mid", freeze_shared=freeze_shared, steps=steps, batch_size=batch_size,
             seq_len=seq_len, lr=lr, seed=seed, public_mix=public_mix, router_init=router_init,
         )  # fmt: skip
-        run = StageRun(from_package, public[0] if public else None, resume, force)
+        run = StageRun(from_package, public[0] if public else None, resume, force, sign_key=key)
         return _expert_stage(anchor, data[0], name, out, s, run, dp_epsilon)
     dp = None
     if dp_epsilon is not None:
@@ -276,7 +283,7 @@ def expert_train(
         description=description,
         contact=contact,
         license=license,
-        router_init=router_init or ("random" if dp else "embed"),
+        router_init=router_init or ("random" if dp else default_router_init(resolve(anchor))),
         bias_init=bias_init,
         public_row=public_row,
     )
@@ -300,6 +307,8 @@ def expert_train(
     )
     m = train_expert(anchor, data, name, out, settings=settings)
 
+    if m.get("finished") and key is not None and is_main():
+        console.print(f"signed by {sign_package(out, key)}")
     if m.get("finished") and "valid_loss" in m and is_main():
         v = m["valid_loss"]
         console.print(f"held-out loss on {name}'s data: anchor {v['anchor']:.4f} -> expert {v['expert']:.4f}")
@@ -325,7 +334,7 @@ def _expert_stage(anchor: str, data: Path, name: str, out: Path, s, run: StageRu
     """``expert train --stage``: one post-training stage (progressive unfreezing, shared deltas)."""
     if dp_epsilon is not None:
         raise FlexmoeError("--stage does not combine with DP.", "drop --dp-epsilon or --stage.")
-    m = train_stage(anchor, data, name, out, s, **asdict(run))
+    m = train_stage(anchor, data, name, out, s, **vars(run))
     if m.get("finished"):
         v, groups = m["stage"]["valid_loss"], ", ".join(m["stage"]["trainable"])
         console.print(f"{s.stage}: valid loss {v['before']:.4f} -> {v['after']:.4f}; trained {groups}")
@@ -338,7 +347,7 @@ def expert_inspect(
     as_json: bool = typer.Option(False, "--json", help="Print the whole manifest as JSON."),
 ) -> None:
     """Print an expert package's manifest and verify its hashes (fails on tampering)."""
-    m = verify(package)
+    m, signer = check(package)
     if as_json:
         _print_json(m)
         return
@@ -359,7 +368,8 @@ def expert_inspect(
     console.print(
         f"created {m['created']} by flexmoe {m['flexmoe_version']}; {package_bytes(package):,} bytes"
     )
-    console.print("hashes verified: OK")
+    console.print("hashes verified: OK (every file listed, weights finite, DP record re-derived)")
+    console.print(f"signed by {signer}" if signer else "unsigned (sign with: flexmoe expert sign)")
     if m.get("proxy"):
         p = m["proxy"]
         console.print(
@@ -411,6 +421,18 @@ def _summary(meta: dict, out: Path) -> None:
     console.print(f"wrote {out}: {len(meta['experts'])} experts ({names}), top-k {meta['top_k']}")
 
 
+SIGN_KEY = typer.Option(None, "--sign-key", help="Maintainer's private key: sign the model written.")
+TRUST = typer.Option(
+    None, "--trust", help="Owners' public keys (KEY.pub files or a directory); default: trust on first use."
+)
+ALLOW_UNSIGNED = typer.Option(False, "--allow-unsigned", help="Accept packages without a signature.")
+
+
+def _provenance(sign_key: Path | None, trust: list[Path] | None, allow_unsigned: bool):
+    key = load_private_key(sign_key) if sign_key else None
+    return Provenance(trust=Trust.from_paths(trust, allow_unsigned=allow_unsigned), sign_key=key)
+
+
 @app.command("compose")
 def compose_cmd(
     anchor: str = typer.Option(..., "--anchor", help="The anchor every expert was trained against."),
@@ -424,13 +446,24 @@ def compose_cmd(
     public: list[Path] = typer.Option(None, "--public", help="Public documents for --calibrate."),
     force: bool = typer.Option(False, help="Replace --out if it exists."),
     shared_merge: str = typer.Option("mean", help="Post-trained shared tensors: mean (BAR) or ties."),
+    sign_key: Path = SIGN_KEY,
+    trust: list[Path] = TRUST,
+    allow_unsigned: bool = ALLOW_UNSIGNED,
 ) -> None:
     """Maintainer: compose expert packages into one MoE (HF flex_olmo for OLMo 2 anchors)."""
     cal = _calibration(calibrate, public)
+    prov = _provenance(sign_key, trust, allow_unsigned)
     _summary(
         compose(
-            anchor, expert, out, top_k=top_k, force=force, max_shard_bytes=max_shard_mb << 20, calibrate=cal,
+            anchor,
+            expert,
+            out,
+            top_k=top_k,
+            force=force,
+            max_shard_bytes=max_shard_mb << 20,
+            calibrate=cal,
             shared_merge=shared_merge,
+            provenance=prov,
         ),
         out,
     )
@@ -456,11 +489,13 @@ def add_cmd(
     ),
     public: list[Path] = typer.Option(None, "--public", help="Public documents for --calibrate."),
     force: bool = typer.Option(False, help="Replace --out if it exists."),
+    sign_key: Path = SIGN_KEY,
+    trust: list[Path] = TRUST,
+    allow_unsigned: bool = ALLOW_UNSIGNED,
 ) -> None:
     """Maintainer: add a late-joining owner's expert without retraining anyone."""
-    _summary(
-        add(model, expert, out, top_k=top_k, force=force, calibrate=_calibration(calibrate, public)), out
-    )
+    cal, prov = _calibration(calibrate, public), _provenance(sign_key, trust, allow_unsigned)
+    _summary(add(model, expert, out, top_k=top_k, force=force, calibrate=cal, provenance=prov), out)
 
 
 @app.command("update")
@@ -473,9 +508,13 @@ def update_cmd(
     ),
     public: list[Path] = typer.Option(None, "--public", help="Public documents for --calibrate."),
     force: bool = typer.Option(False, help="Replace --out if it exists."),
+    sign_key: Path = SIGN_KEY,
+    trust: list[Path] = TRUST,
+    allow_unsigned: bool = ALLOW_UNSIGNED,
 ) -> None:
     """Maintainer: replace a named expert by a newer package; other experts stay bit-identical."""
-    _summary(update(model, expert, out, force=force, calibrate=_calibration(calibrate, public)), out)
+    cal, prov = _calibration(calibrate, public), _provenance(sign_key, trust, allow_unsigned)
+    _summary(update(model, expert, out, force=force, calibrate=cal, provenance=prov), out)
 
 
 @app.command("remove")
@@ -489,10 +528,11 @@ def remove_cmd(
     ),
     public: list[Path] = typer.Option(None, "--public", help="Public documents for --calibrate."),
     force: bool = typer.Option(False, help="Replace --out if it exists."),
+    sign_key: Path = SIGN_KEY,
 ) -> None:
     """Maintainer: physical opt-out; no parameter trained on that owner's data remains."""
-    cal = _calibration(calibrate, public)
-    _summary(remove(model, expert, out, top_k=top_k, force=force, calibrate=cal), out)
+    cal, prov = _calibration(calibrate, public), _provenance(sign_key, None, True)
+    _summary(remove(model, expert, out, top_k=top_k, force=force, calibrate=cal, provenance=prov), out)
 
 
 @router_app.command("train")
@@ -510,12 +550,16 @@ def router_train_cmd(
     seed: int = typer.Option(0, help="Random seed (data order)."),
     resume: bool = typer.Option(False, help="Continue an interrupted run from its last checkpoint."),
     force: bool = typer.Option(False, help="Replace --out if it exists."),
+    sign_key: Path = SIGN_KEY,
 ) -> None:
     """Maintainer: train only the router rows on proxy sets + public text (experts stay frozen)."""
+    key = load_private_key(sign_key) if sign_key else None  # a bad key fails before training
     settings = RouterTrainSettings(
         steps, batch_size, seq_len, lr, weight_decay, proxy_share, seed=seed, resume=resume, force=force
     )
     meta = train_router(model, proxy or [], public, out, settings=settings)
+    if meta and key is not None:
+        console.print(f"signed by {sign_dir(out, key, MODEL_KIND)}")
     if meta:
         v = meta["router_training"]["valid_loss"]
         console.print(f"public validation loss {v['before']:.4f} -> {v['after']:.4f}")
@@ -747,13 +791,58 @@ def audit_membership(
     )
 
 
+keys_app = typer.Typer(help="Signing keys (Ed25519) for packages and composed models.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("generate")
+def keys_generate(
+    out: Path = typer.Option(..., "--out", help="Private key file to create (KEY.pub is written beside)."),
+    force: bool = typer.Option(False, help="Replace existing key files."),
+) -> None:
+    """Create a key pair: keep KEY secret (mode 600), hand KEY.pub to whoever verifies you."""
+
+    priv, pub, kid = generate_keys(out, force=force)
+    console.print(f"wrote {priv} (private: keep secret) and {pub} (public); key id {kid}")
+
+
+@expert_app.command("sign")
+def expert_sign(
+    package: Path = typer.Argument(..., help="Expert package directory."),
+    key: Path = typer.Option(..., "--key", help="The owner's private key."),
+) -> None:
+    """Sign an existing expert package (verified first: a tampered copy is never signed)."""
+
+    console.print(f"signed {package} by {sign_package(package, load_private_key(key))}")
+
+
+@app.command("export-lm-eval")
+def export_lm_eval_cmd(
+    data: Path = typer.Option(..., "--data", help="Data directory from 'flexmoe data demo' (with tasks/)."),
+    out: Path = typer.Option(..., "--out", help="Directory for the task YAMLs and their JSONL items."),
+    force: bool = typer.Option(False, help="Replace --out if it exists."),
+) -> None:
+    """Task configs to score any model on the demo tasks with lm-evaluation-harness."""
+
+    names = export_lm_eval(data, out, force=force)
+    console.print(f"wrote {len(names)} tasks to {out}; run:")
+    console.print(f"  lm_eval --model hf --model_args pretrained=MODEL --include_path {out} --tasks {GROUP}")
+
+
 def main() -> None:
     """Console-script entry point: run the app, turning user errors into one clean line."""
+    err = Console(stderr=True, highlight=False)
     try:
         app()
     except FlexmoeError as e:
-        Console(stderr=True, highlight=False).print(f"[bold red]error:[/] {e}", soft_wrap=True)
+        err.print("[bold red]error:[/] " + escape(validate.safe_text(str(e))), soft_wrap=True)
         sys.exit(1)
+    except OSError as e:  # the file system refused (permissions, disk full, ...): say which file
+        err.print("[bold red]error:[/] " + escape(validate.safe_text(str(e))), soft_wrap=True)
+        sys.exit(1)
+
+
+validate.guard_cli(app)  # numbers, names and short texts checked by name before any command runs
 
 
 if __name__ == "__main__":

@@ -30,16 +30,18 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from flexmoe import __version__
 from flexmoe import compose_shared as cs
-from flexmoe.anchor import FAMILIES, fingerprint, resolve
+from flexmoe import formats, signing
+from flexmoe.anchor import FAMILIES, fingerprint, fingerprint_tensors, resolve
 from flexmoe.checkpoint import DEFAULT_SHARD_BYTES, ShardWriter, StateReader, TensorReader, weight_hashes
 from flexmoe.errors import FlexmoeError
 from flexmoe.expert import package as pkg
-from flexmoe.fileio import atomic_dir, read_json, write_json
+from flexmoe.fileio import atomic_dir, check_output_dir, claims_output, read_json, write_json
 from flexmoe.moe import decoder_layers
+from flexmoe.router_init import ROUTER_FILE
 
-FLEXMOE_JSON = "flexmoe.json"
+FLEXMOE_JSON = formats.MODEL_META
+MODEL_KIND = "flexmoe composed model"
 BIAS_FILE = "flexmoe_bias.safetensors"
 PUBLIC = "public"
 FFN = ("gate_proj", "up_proj", "down_proj")
@@ -86,6 +88,7 @@ class Expert:
     ffn: Callable[[int, str], torch.Tensor]  # (layer, proj) -> weight
     row: Callable[[int], torch.Tensor]  # layer -> router row [H]
     bias: Callable[[int], float]  # layer -> bias (<= 0)
+    signer: str | None = None  # key id that signed the package (None: unsigned)
     delta_file: Path | None = None  # post-trained experts: their shared tensors' deltas (compose_shared)
 
 
@@ -105,12 +108,12 @@ def read_tensor(path: Path, name: str) -> torch.Tensor:
         return f.get_tensor(name).clone()
 
 
-def package_expert(path: Path, manifest: dict | None = None) -> Expert:
+def package_expert(path: Path, checked: tuple[dict, str | None]) -> Expert:
     """An expert read lazily from its package, one tensor at a time (bounded memory).
 
-    ``manifest`` is the already verified manifest (verification hashes the whole file: do it once).
+    ``checked`` is the (manifest, signer) of ``pkg.check`` (verification hashes the whole file: once).
     """
-    manifest = manifest or pkg.verify(path)
+    manifest, signer = checked
     f = Path(path) / pkg.TENSOR_FILE
     return Expert(
         manifest["name"],
@@ -118,6 +121,7 @@ def package_expert(path: Path, manifest: dict | None = None) -> Expert:
         lambda i, p: read_tensor(f, f"layers.{i}.{p}.weight"),
         lambda i: read_tensor(f, f"layers.{i}.router.weight"),
         lambda i: float(read_tensor(f, f"layers.{i}.router.bias")),
+        signer,
         Path(path) / pkg.SHARED_FILE if manifest.get("shared_deltas") else None,
     )
 
@@ -131,6 +135,7 @@ def composed_expert(reader: TensorReader, meta: dict, biases: dict[str, torch.Te
         lambda i, p: reader.get(f"model.layers.{i}.mlp.experts.{e}.{p}.weight"),
         lambda i: reader.get(f"model.layers.{i}.mlp.gate.weight")[e],
         lambda i: float(biases[f"model.layers.{i}.mlp.bias"][e]),
+        info.get("signer"),
         delta if e and delta.is_file() else None,
     )
 
@@ -139,9 +144,13 @@ def composed_expert(reader: TensorReader, meta: dict, biases: dict[str, torch.Te
 # Checks before anything is written
 
 
-def check_packages(anchor_fp: str, config: dict, packages: Sequence[Path]) -> list[dict]:
-    """Verify hashes, anchor fingerprint, shapes and names of every package; return their manifests."""
-    manifests = [pkg.verify(p) for p in packages]
+def check_packages(
+    anchor_fp: str, config: dict, packages: Sequence[Path], trust: signing.Trust | None = None
+) -> list[tuple[dict, str | None]]:
+    """Verify signatures, hashes, anchor fingerprint, shapes and names of every package; return their
+    (manifest, signer) pairs."""
+    checked = [pkg.check(p, trust) for p in packages]
+    manifests = [m for m, _ in checked]
     H, I, L = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
     expect = {"gate_proj": [I, H], "up_proj": [I, H], "down_proj": [H, I]}
     for path, m in zip(packages, manifests, strict=True):
@@ -166,7 +175,25 @@ def check_packages(anchor_fp: str, config: dict, packages: Sequence[Path]) -> li
             f"Duplicate or reserved expert name(s): {', '.join(dupes)}.",
             "give every expert a unique name (not 'public').",
         )
-    return manifests
+    return checked
+
+
+def check_published_row(anchor: Path, packages: Sequence[Path], layers: int) -> None:
+    """A package's public router row must be one the anchor published (embed or hidden): a package
+    trained against a foreign anchor whose manifest fingerprint was edited is caught here even unsigned."""
+    if not (Path(anchor) / ROUTER_FILE).is_file():
+        return
+    published = load_file(str(Path(anchor) / ROUTER_FILE))
+    rows = [published[k] for k in ("embed.public", "hidden.public") if k in published]
+    for p in packages:
+        f = Path(p) / pkg.TENSOR_FILE
+        got = [read_tensor(f, f"layers.{i}.public_router.weight") for i in range(layers)]
+        if not any(all(torch.equal(r[i].to(g.dtype), g) for i, g in enumerate(got)) for r in rows):
+            raise FlexmoeError(
+                f"{p}: its public router row is not one this anchor published (trained against another "
+                "anchor, or with other router-init files).",
+                "compose it with the anchor it was trained against, or have the owner retrain it.",
+            )
 
 
 def public_rows(packages: Sequence[Path], layers: int) -> Callable[[int], torch.Tensor]:
@@ -224,6 +251,20 @@ def moe_config(anchor_config: dict, num_experts: int, top_k: int) -> dict:
     return cfg
 
 
+def portable_tokenizer_config(out: Path) -> None:
+    """Make the copied tokenizer config load in transformers 4.57 as well as 5.x: 5.x writes
+    ``TokenizersBackend``, a class 4.57 lacks; ``PreTrainedTokenizerFast`` reads the same
+    ``tokenizer.json`` in both. ``model_input_names`` keeps 4.57 from asking for token_type_ids."""
+    path = out / "tokenizer_config.json"
+    if not path.is_file():
+        return
+    cfg = read_json(path)
+    if cfg.get("tokenizer_class") in (None, "TokenizersBackend") and (out / "tokenizer.json").is_file():
+        cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    cfg.setdefault("model_input_names", ["input_ids", "attention_mask"])
+    write_json(path, cfg)
+
+
 def write_model(
     out: Path,
     shared: TensorReader,
@@ -263,20 +304,13 @@ def write_model(
     for f in TOKENIZER_FILES:
         if (source_dir / f).is_file():
             shutil.copy2(source_dir / f, out / f)
+    portable_tokenizer_config(out)
     if FAMILIES[anchor_config["model_type"]] != "olmo2":
         shutil.copy2(REMOTE_CODE, out / REMOTE_CODE.name)
-    meta = {
-        **meta,
-        "format": "flexmoe-model/1",
-        "flexmoe_version": __version__,
-        "top_k": top_k,
-        "experts": [
-            {"position": e, "name": ex.name, "manifest": ex.manifest} for e, ex in enumerate(experts)
-        ],
-        "weights_sha256": weight_hashes(out),
-        "bias_file": BIAS_FILE,
-    }
-    write_json(out / FLEXMOE_JSON, meta)
+    meta = formats.new_model_meta(
+        meta, top_k, [(ex.name, ex.manifest, ex.signer) for ex in experts], weight_hashes(out), BIAS_FILE
+    )
+    formats.write_model_meta(out, meta)
     return meta
 
 
@@ -284,6 +318,22 @@ def _event(op: str, **kw) -> dict:
     return {"op": op, "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), **kw}
 
 
+@dataclass
+class Provenance:
+    """Which package signatures are accepted (``trust``) and the maintainer's key that signs the result
+    (``sign_key``, an Ed25519 private key; None: the model is written unsigned)."""
+
+    trust: signing.Trust | None = None
+    sign_key: object | None = None
+
+
+def _publish(tmp: Path, meta: dict, prov: Provenance | None) -> dict:
+    if prov is not None and prov.sign_key is not None:
+        signing.sign_dir(tmp, prov.sign_key, MODEL_KIND)
+    return meta
+
+
+@claims_output("out")
 def compose(
     anchor: Path,
     packages: Sequence[Path],
@@ -294,25 +344,31 @@ def compose(
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     calibrate: Calibrator | None = None,
     shared_merge: str = "mean",
+    provenance: Provenance | None = None,
 ) -> dict:
     """Compose the anchor and expert packages into one model at ``out``. Returns ``flexmoe.json``.
 
     ``calibrate`` (``flexmoe.router.calibrate.calibrator(public_paths)``) recalibrates the router for
     this set of experts. ``shared_merge`` (mean or ties) merges the shared tensors that post-trained
-    experts changed (``flexmoe.compose_shared``)."""
+    experts changed (``flexmoe.compose_shared``). ``provenance``: signatures accepted and the signing
+    key (default: unsigned packages accepted, a signature that does not verify refused; the CLI
+    requires signatures).
+    """
     _check_calibrator(calibrate)
 
     anchor = resolve(anchor)
     if not packages:
         raise FlexmoeError("No experts given.", "pass at least one --expert PACKAGE.")
     config = read_json(anchor / "config.json")
-    if config.get("model_type") not in FAMILIES:
+    if not isinstance(config, dict) or config.get("model_type") not in FAMILIES:
         raise FlexmoeError(
-            f"Unsupported anchor architecture {config.get('model_type')!r}.",
+            f"Unsupported anchor architecture in {anchor / 'config.json'}.",
             f"use a dense decoder of type {', '.join(FAMILIES)}.",
         )
-    anchor_fp = fingerprint(anchor)
-    manifests = check_packages(anchor_fp, config, packages)
+    check_output_dir(Path(out), force)
+    anchor_fp = fingerprint(anchor)  # recomputed from the tensors, never read from a manifest
+    checked = check_packages(anchor_fp, config, packages, provenance and provenance.trust)
+    check_published_row(anchor, packages, config["num_hidden_layers"])
     k = resolve_top_k(top_k, len(packages) + 1)
     reader = TensorReader(anchor)
     pub = anchor_expert(
@@ -320,16 +376,17 @@ def compose(
         public_rows(packages, config["num_hidden_layers"]),
         {"name": PUBLIC, "description": "the public anchor FFN", "anchor": {"fingerprint": anchor_fp}},
     )
-    experts = [pub] + [package_expert(p, m) for p, m in zip(packages, manifests, strict=True)]
+    experts = [pub] + [package_expert(p, c) for p, c in zip(packages, checked, strict=True)]
     meta = {
         "anchor": {"fingerprint": anchor_fp, "path": str(anchor), "config": config},
         "history": [
-            _event("compose", experts=[m["name"] for m in manifests], calibrated=calibrate is not None)
+            _event("compose", experts=[m["name"] for m, _ in checked], calibrated=calibrate is not None)
         ],
     }
     shared, experts = _merged_shared(reader, experts, meta, shared_merge, anchor, fresh=True)
     with atomic_dir(out, force=force) as tmp:
-        return _write(tmp, shared, experts, config, k, meta, anchor, max_shard_bytes, calibrate)
+        meta = _write(tmp, shared, experts, config, k, meta, anchor, max_shard_bytes, calibrate)
+        return _publish(tmp, meta, provenance)
 
 
 def _merged_shared(reader, experts: list[Expert], meta: dict, method: str | None, anchor, fresh: bool):
@@ -379,12 +436,23 @@ def _check_calibrator(calibrate) -> None:
 # Changing the expert set of a composed model
 
 
-def load_meta(model: Path) -> dict:
-    if not (Path(model) / FLEXMOE_JSON).is_file():
-        raise FlexmoeError(
-            f"{model} is not a flexmoe model (no {FLEXMOE_JSON}).", "pass a directory made by compose."
-        )
-    return read_json(Path(model) / FLEXMOE_JSON)
+def load_meta(model: Path, verify: bool = True) -> dict:
+    """A composed model's ``flexmoe.json``; with ``verify``, a signature (if present) must hold."""
+    meta = formats.read_model_meta(model)
+    if verify:
+        signing.verify_dir(Path(model), MODEL_KIND, signing.Trust(allow_unsigned=True))
+    return meta
+
+
+def composed_anchor_fingerprint(model: Path, meta: dict) -> str:
+    """The anchor fingerprint recomputed from a composed model's tensors (shared ones + expert 0, the
+    anchor FFN), in the anchor's tensor names and sorted order."""
+    reader = TensorReader(model)
+    names = {n: n for n in reader.names() if ".mlp." not in n}
+    for i in range(meta["anchor"]["config"]["num_hidden_layers"]):
+        for p in FFN:
+            names[f"model.layers.{i}.mlp.{p}.weight"] = f"model.layers.{i}.mlp.experts.0.{p}.weight"
+    return fingerprint_tensors((a, reader.get(names[a])) for a in sorted(names))
 
 
 def trained_public_row(model: Path) -> Callable[[int], torch.Tensor] | None:
@@ -405,6 +473,11 @@ def training_seq_len(meta: dict, default: int = 256) -> int:
 def _current(model: Path) -> tuple[TensorReader, dict, list[Expert]]:
     model = Path(model)
     meta = load_meta(model)
+    if composed_anchor_fingerprint(model, meta) != meta["anchor"]["fingerprint"]:
+        raise FlexmoeError(
+            f"{model}: its anchor tensors do not match the anchor fingerprint in {FLEXMOE_JSON}.",
+            "do not use this copy; compose again from the anchor and the packages.",
+        )
     reader = TensorReader(model)
     biases = load_file(str(model / BIAS_FILE))
     experts = [composed_expert(reader, meta, biases, e) for e in range(len(meta["experts"]))]
@@ -415,6 +488,7 @@ def _current(model: Path) -> tuple[TensorReader, dict, list[Expert]]:
     return reader, meta, experts
 
 
+@claims_output("out")
 def _rewrite(
     model: Path,
     out: Path,
@@ -425,36 +499,27 @@ def _rewrite(
     force: bool,
     max_shard_bytes: int,
     calibrate: Calibrator | None = None,
+    provenance: Provenance | None = None,
 ) -> dict:
     if Path(out).resolve() == Path(model).resolve():
         raise FlexmoeError(
             "--out is the input model.", "write to a new directory; the input stays untouched."
         )
     _check_calibrator(calibrate)
+    check_output_dir(Path(out), force)
     reader = TensorReader(model)
     k = resolve_top_k(top_k if top_k is not None else meta["top_k"], len(experts))
-    new_meta = {
-        "anchor": meta["anchor"],
-        "history": meta["history"] + [{**event, "calibrated": calibrate is not None}],
-    }
-    for key in ("router_training", "shared_merge"):
-        if key in meta:
-            new_meta[key] = meta[key]
+    new_meta = formats.carry_model_meta(
+        meta, {**event, "calibrated": calibrate is not None}, shared_merge=meta.get("shared_merge")
+    )
     reader, experts = _merged_shared(reader, experts, new_meta, None, None, fresh=False)
     with atomic_dir(out, force=force) as tmp:
-        return _write(
-            tmp,
-            reader,
-            experts,
-            meta["anchor"]["config"],
-            k,
-            new_meta,
-            Path(model),
-            max_shard_bytes,
-            calibrate,
-        )
+        cfg = meta["anchor"]["config"]
+        new_meta = _write(tmp, reader, experts, cfg, k, new_meta, Path(model), max_shard_bytes, calibrate)
+        return _publish(tmp, new_meta, provenance)
 
 
+@claims_output("out")
 def remove(
     model: Path,
     name: str,
@@ -464,11 +529,13 @@ def remove(
     force: bool = False,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     calibrate: Calibrator | None = None,
+    provenance: Provenance | None = None,
 ) -> dict:
     """Opt-out: a new model without expert ``name`` (no parameter trained on its data remains).
 
     With ``calibrate`` the router is recalibrated for the remaining experts; without it a calibrated
     model returns to its trained router rows."""
+    check_output_dir(Path(out), force)
     _, meta, experts = _current(model)
     names = [e.name for e in experts]
     if name == PUBLIC:
@@ -482,9 +549,10 @@ def remove(
     kept = [e for e in experts if e.name != name]
     k = top_k if top_k is not None else min(meta["top_k"], len(kept))
     event = _event("remove", expert=name)
-    return _rewrite(model, out, kept, meta, event, k, force, max_shard_bytes, calibrate)
+    return _rewrite(model, out, kept, meta, event, k, force, max_shard_bytes, calibrate, provenance)
 
 
+@claims_output("out")
 def add(
     model: Path,
     package: Path,
@@ -494,16 +562,23 @@ def add(
     force: bool = False,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     calibrate: Calibrator | None = None,
+    provenance: Provenance | None = None,
 ) -> dict:
     """A new model with one more expert (an owner joining late); existing experts are untouched.
 
     ``calibrate``: as for ``remove``."""
+    check_output_dir(Path(out), force)
     reader, meta, experts = _current(model)
-    new = package_expert(package, _check_joining(meta, experts[0], package, {e.name for e in experts}))
+    trust = provenance and provenance.trust
+    joining = _check_joining(meta, experts[0], package, {e.name for e in experts}, trust)
+    new = package_expert(package, joining)
     event = _event("add", expert=new.name)
-    return _rewrite(model, out, experts + [new], meta, event, top_k, force, max_shard_bytes, calibrate)
+    return _rewrite(
+        model, out, experts + [new], meta, event, top_k, force, max_shard_bytes, calibrate, provenance
+    )
 
 
+@claims_output("out")
 def update(
     model: Path,
     package: Path,
@@ -512,26 +587,39 @@ def update(
     force: bool = False,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     calibrate: Calibrator | None = None,
+    provenance: Provenance | None = None,
 ) -> dict:
-    """A new model where the expert of the same name is replaced by a newer package, in place."""
+    """A new model where the expert of the same name is replaced by a newer package, in place.
+
+    Trust on first use: an expert recorded as signed by a key must be updated by the same key."""
+    check_output_dir(Path(out), force)
     reader, meta, experts = _current(model)
-    name = pkg.verify(package)["name"]
+    trust = provenance and provenance.trust
+    name = pkg.verify(package, trust)["name"]
     names = [e.name for e in experts]
     if name not in names[1:]:
         raise FlexmoeError(
             f"No expert named {name!r} to update in {model}.", "use 'flexmoe add' for a new expert."
         )
-    joining = _check_joining(meta, experts[0], package, set(names) - {name})
+    joining = _check_joining(meta, experts[0], package, set(names) - {name}, trust)
+    pinned = experts[names.index(name)].signer
+    if pinned is not None and joining[1] != pinned:
+        raise FlexmoeError(
+            f"Expert {name!r} was signed by {pinned}; this update is signed by {joining[1] or 'nobody'}.",
+            "only the key that signed an expert can update it; ask its owner to sign the update.",
+        )
     experts[names.index(name)] = package_expert(package, joining)
     event = _event("update", expert=name)
-    return _rewrite(model, out, experts, meta, event, None, force, max_shard_bytes, calibrate)
+    return _rewrite(model, out, experts, meta, event, None, force, max_shard_bytes, calibrate, provenance)
 
 
-def _check_joining(meta: dict, public: Expert, package: Path, taken: set[str]) -> dict:
+def _check_joining(
+    meta: dict, public: Expert, package: Path, taken: set[str], trust: signing.Trust | None = None
+) -> tuple[dict, str | None]:
     """A joining package must fit the anchor, have a free name, and share the model's public row (as
-    trained: before any calibration). Returns its verified manifest."""
+    trained: before any calibration). Returns its verified (manifest, signer)."""
     config = meta["anchor"]["config"]
-    (m,) = check_packages(meta["anchor"]["fingerprint"], config, [package])
+    ((m, signer),) = check_packages(meta["anchor"]["fingerprint"], config, [package], trust)
     if m["name"] in taken:
         raise FlexmoeError(
             f"An expert named {m['name']!r} is already in the model.",
@@ -545,7 +633,7 @@ def _check_joining(meta: dict, public: Expert, package: Path, taken: set[str]) -
                 f"{package} was trained with a different public router row than this model.",
                 "train it with the same router-init method as the other experts.",
             )
-    return m
+    return m, signer
 
 
 def runtime_expert(block_of: Callable[[int], object], e: int, name: str, manifest: dict) -> Expert:
@@ -559,6 +647,7 @@ def runtime_expert(block_of: Callable[[int], object], e: int, name: str, manifes
     )
 
 
+@claims_output("out")
 def export(
     model,
     names: list[str],

@@ -1,6 +1,10 @@
 """Read owners' corpora (.txt, .jsonl, .parquet), tokenise, and pack them into training blocks.
 
-A data path is a file or a directory. A directory that holds ``train.*`` and ``valid.*`` files (what
+A data path is a file or a directory. A ``.txt`` file holds documents separated by blank lines (one
+paragraph block = one document; a file without blank lines is one document); ``.jsonl`` holds one JSON
+object with a string ``text`` per line; ``.parquet`` a string column ``text``. Text must be UTF-8 (refused
+with the file name and byte offset otherwise); lines are streamed and one over 8 MiB is refused.
+A directory A directory that holds ``train.*`` and ``valid.*`` files (what
 ``flexmoe data demo`` writes) gives its own splits; any other directory or file list is training data
 from which a deterministic held-out fraction is split off for validation.
 """
@@ -9,12 +13,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from flexmoe import validate
 from flexmoe.errors import FlexmoeError
 
 SUFFIXES = (".txt", ".jsonl", ".parquet")
@@ -37,10 +44,10 @@ def _files_in(path: Path) -> list[Path]:
 
 
 def read_file(path: Path) -> list[str]:
-    """Documents in one file: a whole .txt file is one document; .jsonl/.parquet rows need ``text``."""
+    """Documents in one file: .txt blocks separated by blank lines; .jsonl/.parquet rows need ``text``."""
+    validate.not_pickle(path, "data file")
     if path.suffix == ".txt":
-        text = path.read_text(encoding="utf-8", errors="replace")
-        return [text] if text.strip() else []
+        return validate.text_documents(path)
     if path.suffix == ".jsonl":
         return _read_jsonl(path)
     if path.suffix == ".parquet":
@@ -50,30 +57,36 @@ def read_file(path: Path) -> list[str]:
 
 def _read_jsonl(path: Path) -> list[str]:
     docs = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise FlexmoeError(
-                    f"{path}:{lineno} is not valid JSON ({e.msg}).", "write one JSON object per line."
-                ) from e
-            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                raise FlexmoeError(
-                    f"{path}:{lineno} has no string field 'text'.",
-                    'give every line a "text" field, e.g. {"text": "..."}.',
-                )
-            if row["text"].strip():
-                docs.append(row["text"])
+    for lineno, line in validate.utf8_lines(path):  # streamed, UTF-8 checked with byte offsets
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise FlexmoeError(
+                f"{path}:{lineno} is not valid JSON ({e.msg}).", "write one JSON object per line."
+            ) from e
+        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+            raise FlexmoeError(
+                f"{path}:{lineno} has no string field 'text'.",
+                'give every line a "text" field, e.g. {"text": "..."}.',
+            )
+        if row["text"].strip():
+            docs.append(row["text"])
     return docs
 
 
 def _read_parquet(path: Path) -> list[str]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pq.read_table(path)
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as e:
+        raise FlexmoeError(
+            f"{path} is not a readable Parquet file ({type(e).__name__}: {str(e)[:200]}).",
+            "re-export the file, or remove it from --data.",
+        ) from e
     if "text" not in table.column_names:
         raise FlexmoeError(
             f"{path} has no column 'text' (columns: {', '.join(table.column_names)}).",
@@ -82,13 +95,30 @@ def _read_parquet(path: Path) -> list[str]:
     return [t for t in table.column("text").to_pylist() if isinstance(t, str) and t.strip()]
 
 
-def read_documents(paths: Sequence[Path | str]) -> list[str]:
-    """All non-empty documents of the given files and directories, in a stable order."""
+def read_documents(paths: Sequence[Path | str], summary: dict | None = None) -> list[str]:
+    """All non-empty documents of the given files and directories, in a stable order.
+
+    ``summary`` (a dict) receives what was read: files and documents per type, and bytes of text."""
     docs: list[str] = []
     for p in paths:
         for f in _files_in(Path(p)):
-            docs.extend(read_file(f))
+            got = read_file(f)
+            docs.extend(got)
+            if summary is not None:
+                kind = summary.setdefault(f.suffix, {"files": 0, "documents": 0, "chars": 0})
+                kind["files"] += 1
+                kind["documents"] += len(got)
+                kind["chars"] += sum(map(len, got))
     return docs
+
+
+def describe_read(summary: dict) -> str:
+    """One line saying what was read, e.g. '.txt: 2 files, 40 documents (blank-line separated)'."""
+    how = {".txt": "blank-line separated", ".jsonl": "one per line", ".parquet": "one per row"}
+    return "; ".join(
+        f"{k}: {v['files']} file(s), {v['documents']} documents ({how.get(k, '')}), {v['chars']:,} chars"
+        for k, v in sorted(summary.items())
+    )
 
 
 def _split_files(path: Path, split: str) -> list[Path]:
@@ -104,14 +134,17 @@ def load_splits(paths: Sequence[Path | str], valid_fraction: float = 0.05) -> Sp
     paths = [Path(p) for p in paths]
     if not paths:
         raise FlexmoeError("No data given.", "pass at least one --data PATH.")
+    summary: dict = {}
     if len(paths) == 1 and paths[0].is_dir() and _split_files(paths[0], "train"):
-        train = read_documents(_split_files(paths[0], "train"))
-        valid = read_documents(_split_files(paths[0], "valid"))
+        train = read_documents(_split_files(paths[0], "train"), summary)
+        valid = read_documents(_split_files(paths[0], "valid"), summary)
     else:
         train, valid = [], []
-        for doc in read_documents(paths):
+        for doc in read_documents(paths, summary):
             h = int.from_bytes(hashlib.sha256(doc.encode()).digest()[:8], "big") / 2**64
             (valid if h < valid_fraction else train).append(doc)
+    if summary and os.environ.get("RANK", "0") == "0":  # say what was read, once per run
+        print(f"read {', '.join(map(str, paths))}: {describe_read(summary)}", file=sys.stderr)
     if not train:
         raise FlexmoeError(
             f"No usable text found in {', '.join(map(str, paths))}.",

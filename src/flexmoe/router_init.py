@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from flexmoe import validate
 from flexmoe.errors import FlexmoeError
 from flexmoe.fileio import atomic_write_bytes, read_json, write_json
 from flexmoe.parallel import decoder_layers
@@ -51,17 +52,49 @@ def embedder_path(name: str) -> str:
     return name
 
 
+def check_embedder(path: str) -> None:
+    """A local embedder must hold no pickle files (sentence-transformers would unpickle them)."""
+    p = Path(path)
+    if p.is_file():
+        validate.not_pickle(p, "embedder")
+        raise FlexmoeError(f"Embedder {p} is a file, not a model directory.", "pass a directory.")
+    if p.is_dir():
+        pickles = [f for f in p.rglob("*") if f.suffix.lower() in validate.PICKLE_SUFFIXES]
+        if pickles:
+            raise FlexmoeError(
+                f"Embedder {p} contains pickle files ({pickles[0].name}); flexmoe never loads pickle.",
+                "use an embedder saved as safetensors.",
+            )
+
+
+def default_router_init(anchor_dir: Path) -> str:
+    """What the anchor (a local directory, ``anchor.resolve``'s result) offers: ``embed`` when its
+    router init was published with an embedder and sentence-transformers is installed, else
+    ``hidden`` (which every published anchor supports)."""
+    anchor_dir = Path(anchor_dir)
+    if not (anchor_dir / ROUTER_META).is_file():
+        return "embed"  # init_rows then says how to publish one
+    meta = read_json(anchor_dir / ROUTER_META)
+    try:
+        import sentence_transformers  # noqa: F401  (optional: the embed extra)
+    except ImportError:
+        return "hidden"
+    return "embed" if "embed" in meta.get("methods", []) else "hidden"
+
+
 def embed_documents(
     docs: Sequence[str], embedder: str = DEFAULT_EMBEDDER, batch_size: int = 32
 ) -> torch.Tensor:
     """Sentence embeddings ``[n, D]`` of documents (the model truncates long ones)."""
+    path = embedder_path(embedder)
+    check_embedder(path)
     try:
         from sentence_transformers import SentenceTransformer
     except ImportError as e:
         raise FlexmoeError(
             "Router init 'embed' needs sentence-transformers.", "pip install 'flexmoe[embed]'."
         ) from e
-    model = SentenceTransformer(embedder_path(embedder), device="cpu")
+    model = SentenceTransformer(path, device="cpu")
     emb = model.encode(list(docs), batch_size=batch_size, convert_to_tensor=True, show_progress_bar=False)
     return emb.float().cpu()
 

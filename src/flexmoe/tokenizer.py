@@ -12,6 +12,8 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from flexmoe.errors import FlexmoeError
+
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 
 
@@ -39,7 +41,13 @@ def train_tokenizer(docs: Sequence[str], vocab_size: int = 4096):
 def load_tokenizer(path: str | Path):
     """Load the tokenizer saved with an anchor (or any HF tokenizer), making sure it can pad."""
     # Composed Llama-family models carry an auto_map for their modelling file; the tokenizer needs none.
-    tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+    except Exception as e:  # tokenizers and transformers raise many types for a corrupt file
+        raise FlexmoeError(
+            f"The tokenizer in {path} is unreadable ({type(e).__name__}: {str(e)[:200]}).",
+            "restore tokenizer.json and tokenizer_config.json.",
+        ) from e
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok

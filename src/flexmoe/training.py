@@ -755,7 +755,10 @@ def _run_steps(
         if step % cfg.eval_every == 0 or step == last:
             v = evaluate(loop.model, stage.valid, cfg.batch_size, cfg.eval_batches, strategy.loss_fn)
             result.history.append({"step": step, "valid_loss": v, "tokens": result.tokens_seen})
-            progress.note(f"{stage.desc}: step {step} validation loss {v:.4f}")
+            n_val = min(len(stage.valid), cfg.eval_batches * cfg.batch_size)  # a quick subset
+            progress.note(
+                f"{stage.desc}: step {step} validation loss (first {n_val} held-out blocks) {v:.4f}"
+            )
             stop = stopper.observe(loop.model, step, v)
         if stop:
             progress.note(f"{stage.desc}: early stop at step {step}; keeping step {result.best_step}")

@@ -101,6 +101,7 @@ class StageRun:
     resume: bool = False
     force: bool = False
     quiet: bool = False
+    sign_key: object = None  # the owner's Ed25519 private key: sign the package as it is written
 
 
 STAGE_DEFAULTS = {  # tiny-model values; BAR's (7B) are in the module docstring of the method notes
@@ -273,7 +274,8 @@ def train_stage(
     anchor: str | Path, data: Path, name: str, out: Path, settings: StageSettings, **options
 ) -> dict:
     """Run one post-training stage and write the package to ``out``. Returns the manifest.
-    ``options``: fields of ``StageRun`` (``from_package``, ``public``, ``resume``, ``force``, ``quiet``)."""
+    ``options``: fields of ``StageRun`` (``from_package``, ``public``, ``resume``, ``force``, ``quiet``,
+    ``sign_key``)."""
     s, r = settings, StageRun(**options)
     check_name(name)
     out, work = Path(out), Path(out).parent / f".{Path(out).name}.work"
@@ -313,7 +315,9 @@ def train_stage(
     deltas = _checked_deltas(model, anchor_dir, s, prev)
     record = _stage_record(s, prev, data_record, result, model)
     manifest = _manifest(name, prev, anchor_dir, config, s, cfg, record, result)
-    manifest = pkg.write_package(out, pkg.expert_tensors(model), manifest, force=True, shared_deltas=deltas)
+    manifest = pkg.write_package(
+        out, pkg.expert_tensors(model), manifest, force=True, sign_key=r.sign_key, shared_deltas=deltas
+    )
     clear_checkpoint(work)
     return {"finished": True, **manifest}
 

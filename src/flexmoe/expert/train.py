@@ -14,12 +14,13 @@ from pathlib import Path
 import torch
 
 from flexmoe.anchor import family, fingerprint, iter_tensors, load_anchor, load_config, resolve
+from flexmoe.checkpoint import check_run_inputs
 from flexmoe.data import Splits, blocks_for, data_fingerprint, load_splits
 from flexmoe.errors import FlexmoeError
 from flexmoe.expert import privacy
 from flexmoe.expert.package import expert_tensors, write_package
 from flexmoe.expert.privacy import DPSettings
-from flexmoe.fileio import check_output_dir
+from flexmoe.fileio import check_output_dir, claims_output
 from flexmoe.moe import anchor_state, anchored_expert_model, project_biases_, router_z_loss
 from flexmoe.router_init import init_rows
 from flexmoe.tokenizer import load_tokenizer
@@ -140,6 +141,7 @@ class _Plan:
     dp_plan: object = None
 
 
+@claims_output("out")
 def train_expert(
     anchor: str | Path,
     data: list[Path],
@@ -171,6 +173,8 @@ def train_expert(
     config = load_config(anchor_dir)
     check_dense_anchor(config)
     d = _load_data(anchor_dir, data, s, config)
+    # a resumed run must continue on the same data and anchor under the same name
+    check_run_inputs(work, s.resume, data=data_fingerprint(d.splits.train), anchor=str(anchor), name=name)
     plan = _plan(s, spec, d)
     device = init_distributed()
     torch.manual_seed(s.seed)

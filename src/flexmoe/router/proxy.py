@@ -33,7 +33,7 @@ from flexmoe import __version__
 from flexmoe.anchor import default_embedder
 from flexmoe.data import _files_in, data_fingerprint, read_documents, read_file
 from flexmoe.errors import FlexmoeError
-from flexmoe.expert.package import MANIFEST, verify
+from flexmoe.expert.package import verify
 from flexmoe.fileio import (
     atomic_dir,
     atomic_write_bytes,
@@ -42,6 +42,7 @@ from flexmoe.fileio import (
     sha256_file,
     write_json,
 )
+from flexmoe.formats import write_expert_manifest
 from flexmoe.router_init import embed_documents, sample_docs
 from flexmoe.training import Progress
 
@@ -313,7 +314,8 @@ def record_in_package(package: Path, record: dict) -> dict:
     """Add the proxy record to a package's manifest, atomically.
 
     The package's hashes cover the tensor file, which stays untouched, so ``verify`` still passes;
-    a tampered package is refused before anything is written.
+    a tampered package is refused before anything is written. A signature no longer holds and is
+    dropped: the owner signs again (``flexmoe expert sign``).
     """
     manifest = verify(package)
     if record.get("name") not in (None, manifest["name"]):
@@ -322,7 +324,7 @@ def record_in_package(package: Path, record: dict) -> dict:
             "pass the package of the same owner, or drop --name.",
         )
     manifest = {**manifest, "proxy": manifest_entry(record)}
-    write_json(Path(package) / MANIFEST, manifest)
+    write_expert_manifest(package, manifest)
     return manifest
 
 

@@ -30,7 +30,7 @@ from flexmoe.compose import _current, _event, _rewrite, load_meta, trained_publi
 from flexmoe.data import blocks_for, data_fingerprint, load_splits
 from flexmoe.errors import FlexmoeError
 from flexmoe.expert.train import mixed_public_blocks
-from flexmoe.fileio import check_output_dir
+from flexmoe.fileio import check_output_dir, claims_output
 from flexmoe.moe import moe_blocks, router_z_loss
 from flexmoe.router.proxy import load_proxy
 from flexmoe.runtime import from_pretrained
@@ -120,6 +120,7 @@ def training_blocks(
     return torch.cat([proxy, public_part]), valid, {**info, "proxy_blocks": len(proxy)}
 
 
+@claims_output("out")
 def train_router(
     model: Path,
     proxies: list[Path],
