@@ -123,6 +123,11 @@ def test_chat_rows_label_only_assistant_tokens(chat_tok):
     assert [lab != IGNORE for lab in rows.labels[0].tolist()] == mask
     kept = rows.labels[0] != IGNORE
     assert torch.equal(rows.labels[0][kept], rows.ids[0][kept])
+    # rows without an assistant token carry no loss (an evaluation batch of them would be NaN): left out
+    long = [{"role": "user", "content": "word " * 60}, {"role": "assistant", "content": "ok"}]
+    rows = chat_rows([long], chat_tok, 8)
+    assert 1 <= len(rows) < len(encode_conversation(chat_tok, long)[0]) // 8
+    assert bool((rows.labels != IGNORE).any(1).all())
 
 
 def test_new_chat_rows_start_at_the_mean_embedding(tmp_path, demo_data):

@@ -164,7 +164,8 @@ def encode_conversation(tokenizer, messages: Conversation) -> tuple[list[int], l
 
 
 def chat_rows(convs: Sequence[Conversation], tokenizer, seq_len: int) -> LabeledRows:
-    """Conversations packed into ``[n, seq_len]`` rows; labels are ``IGNORE`` except on trained tokens."""
+    """Conversations packed into ``[n, seq_len]`` rows; labels are ``IGNORE`` except on trained tokens.
+    Rows without any trained token are left out."""
     ids: list[int] = []
     labels: list[int] = []
     for c in convs:
@@ -177,8 +178,16 @@ def chat_rows(convs: Sequence[Conversation], tokenizer, seq_len: int) -> Labeled
             f"The chat data has {len(ids)} tokens, fewer than one sequence of {seq_len}.",
             "add conversations or lower --seq-len.",
         )
-    rows = [torch.tensor(x[: n * seq_len], dtype=torch.long).view(n, seq_len) for x in (ids, labels)]
-    return LabeledRows(*rows)
+    ids_t, labels_t = (
+        torch.tensor(x[: n * seq_len], dtype=torch.long).view(n, seq_len) for x in (ids, labels)
+    )
+    # A row with no assistant token carries no loss; alone in an evaluation batch it would give NaN.
+    keep = (labels_t != IGNORE).any(1)
+    if not bool(keep.any()):
+        raise FlexmoeError(
+            "The chat data has no assistant replies.", "add assistant turns to the conversations."
+        )
+    return LabeledRows(ids_t[keep], labels_t[keep])
 
 
 # --------------------------------------------------------------------------------------------------

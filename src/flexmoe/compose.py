@@ -421,6 +421,11 @@ def _write(
     else:
         meta = calibrate(tmp, write_model, shared, experts, config, top_k, meta, source_dir, max_shard_bytes)
     cs.keep_deltas(tmp, experts[1:])
+    if meta.get("shared_merge"):
+        # The shared tensors are the anchor's plus merged deltas: record what they hash to, so a
+        # later change of the model (remove, add, update) can still check them.
+        meta["shared_merge"]["merged_fingerprint"] = composed_anchor_fingerprint(tmp, meta)
+        formats.write_model_meta(tmp, meta)
     return meta
 
 
@@ -473,7 +478,8 @@ def training_seq_len(meta: dict, default: int = 256) -> int:
 def _current(model: Path) -> tuple[TensorReader, dict, list[Expert]]:
     model = Path(model)
     meta = load_meta(model)
-    if composed_anchor_fingerprint(model, meta) != meta["anchor"]["fingerprint"]:
+    expected = (meta.get("shared_merge") or {}).get("merged_fingerprint") or meta["anchor"]["fingerprint"]
+    if composed_anchor_fingerprint(model, meta) != expected:
         raise FlexmoeError(
             f"{model}: its anchor tensors do not match the anchor fingerprint in {FLEXMOE_JSON}.",
             "do not use this copy; compose again from the anchor and the packages.",
