@@ -1,0 +1,98 @@
+"""Composition metrics on hand-computed cases (issue 13's definitions, natural log, fractions)."""
+
+import json
+import math
+
+import pytest
+
+from flexmoe.evaluate.composition import composition_metrics, meets_target, owner_metrics
+
+E = math.e
+
+
+def _table():
+    # Perplexities chosen as powers of e so the log-differences are whole numbers by hand:
+    # code: anchor e^5, alone e^1 (gain 4), composed e^2 (kept 3 of 4), without e^4.5 (removes 2.5 of 3),
+    #       oracle e^1.5 (kept 3.5 of 4).
+    # math: anchor e^4, alone e^2 (gain 2), composed e^3 (kept 1 of 2), without e^4 (removes 1 of 1).
+    return {
+        "anchor": {"public": 10.0, "code": E**5, "math": E**4},
+        "composed": {"public": 10.5, "code": E**2, "math": E**3},
+        "alone:code": {"code": E**1},
+        "alone:math": {"math": E**2},
+        "without:code": {"public": 10.5 * 1.01, "code": E**4.5, "math": E**3 * 0.9},
+        "without:math": {"public": 10.5, "code": E**2 * 1.05, "math": E**4},
+        "oracle:code": {"code": E**1.5},
+    }
+
+
+def test_per_owner_numbers_match_hand_computation():
+    out = composition_metrics(_table(), ["code", "math"], routing="router")
+    code, maths = out["owners"]["code"], out["owners"]["math"]
+    assert code["alone_gain"] == pytest.approx(4.0)
+    assert code["retention"] == pytest.approx(3.0 / 4.0)
+    assert code["optout_removed"] == pytest.approx(2.5 / 3.0)
+    # other domains for code: public (+1%) and math (-10%) -> the largest absolute change is 0.10
+    assert code["max_other_change"] == pytest.approx(0.10)
+    assert code["oracle_retention"] == pytest.approx(3.5 / 4.0)
+    assert maths["alone_gain"] == pytest.approx(2.0)
+    assert maths["retention"] == pytest.approx(0.5)
+    assert maths["optout_removed"] == pytest.approx(1.0)
+    assert maths["max_other_change"] == pytest.approx(0.05)
+    assert out["public_change"] == pytest.approx(0.05)
+    assert out["routing"] == "router"
+
+
+def test_exact_block_shape_and_json_round_trip():
+    out = composition_metrics(_table(), ["code", "math"])
+    assert set(out) == {"owners", "public_change", "routing"}
+    for d in ("code", "math"):
+        assert set(out["owners"][d]) == {
+            "alone_gain", "retention", "optout_removed", "max_other_change", "oracle_retention"
+        }
+    assert json.loads(json.dumps(out)) == out
+
+
+def test_missing_optional_runs_give_null_not_numbers():
+    out = composition_metrics(_table(), ["code", "math", "legal"])
+    assert out["owners"]["math"]["oracle_retention"] is None  # no oracle run for math
+    legal = out["owners"]["legal"]  # an owner nothing was measured for
+    assert all(v is None for v in legal.values())
+    no_public = composition_metrics({"anchor": {}, "composed": {}}, ["code"])
+    assert no_public["public_change"] is None
+
+
+def test_zero_denominators_and_bad_values_are_null():
+    table = {
+        "anchor": {"code": 8.0, "public": 5.0},
+        "composed": {"code": 8.0, "public": float("nan")},
+        "alone:code": {"code": 8.0},
+        "without:code": {"code": 9.0},
+    }
+    m = owner_metrics(table, "code")
+    assert m["alone_gain"] == pytest.approx(0.0)
+    assert m["retention"] is None  # gain 0: retention undefined
+    assert m["optout_removed"] is None  # composed equals anchor: nothing to remove
+    assert m["max_other_change"] is None  # the only other domain has a NaN composed perplexity
+    assert composition_metrics(table, ["code"])["public_change"] is None
+
+
+def test_negative_gain_keeps_sign():
+    # an expert that hurts its own domain alone: the gain is negative and retention keeps the sign maths
+    table = {"anchor": {"d": E**2}, "alone:d": {"d": E**3}, "composed": {"d": E**1}}
+    m = owner_metrics(table, "d")
+    assert m["alone_gain"] == pytest.approx(-1.0)
+    assert m["retention"] == pytest.approx(-1.0)
+
+
+def test_targets():
+    assert meets_target("retention", 0.95) is True
+    assert meets_target("retention", 0.5) is False
+    assert meets_target("optout_removed", 1.05) is True
+    assert meets_target("optout_removed", 1.75) is False
+    assert meets_target("max_other_change", 0.019) is True
+    assert meets_target("max_other_change", 0.98) is False
+    assert meets_target("public_change", -0.10) is True
+    assert meets_target("public_change", 0.03) is False
+    assert meets_target("alone_gain", 1.0) is None
+    assert meets_target("retention", None) is None
