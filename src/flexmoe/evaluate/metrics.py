@@ -153,20 +153,37 @@ def perplexity(
     }
 
 
+def split_choice(context: str, choice: str) -> tuple[str, str]:
+    """lm-evaluation-harness convention: trailing whitespace of the context belongs to the continuation,
+    so "the cat " + "sat" is scored as "the cat" + " sat" (the way the text tokenises as a whole)."""
+    n = len(context) - len(context.rstrip())
+    return (context[:-n], context[-n:] + choice) if n else (context, choice)
+
+
+def choice_tokens(tok, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """Context ids and continuation ids: context and continuation are tokenised together, and the
+    continuation is every token beyond the context's own encoding (lm-evaluation-harness)."""
+    ctx = tok(context)["input_ids"]
+    whole = tok(context + continuation)["input_ids"]
+    return ctx, whole[len(ctx) :]
+
+
 @torch.no_grad()
 def multiple_choice(lm, items: Sequence[dict], batch_size: int = 32) -> dict[str, Score]:
-    """Accuracy by summed log-likelihood of each choice (``acc``) and per byte (``acc_norm``)."""
+    """Accuracy by summed log-likelihood of each choice's continuation tokens (``acc``) and by that sum
+    per character of the continuation (``acc_norm``), both as lm-evaluation-harness computes them."""
     tok = lm.tokenizer
     rows = []  # (item index, choice index, context ids, continuation ids)
+    nchars = torch.ones((len(items), len(items[0]["choices"]) if items else 0))
     for i, it in enumerate(items):
-        ctx = tok(it["context"])["input_ids"]
         for j, choice in enumerate(it["choices"]):
-            cont = (
-                tok(it["context"] + choice)["input_ids"][len(ctx) :]
-                or tok(choice, add_special_tokens=False)["input_ids"]
-            )
+            context, continuation = split_choice(it["context"], choice)
+            ctx, cont = choice_tokens(tok, context, continuation)
+            if not cont:  # the choice merged into the context's last token: no way to score it alone
+                cont = tok(continuation, add_special_tokens=False)["input_ids"]
             rows.append((i, j, ctx, cont))
-    scores = torch.full((len(items), len(items[0]["choices"]) if items else 0), float("-inf"))
+            nchars[i, j] = max(1, len(continuation))
+    scores = torch.full(nchars.shape, float("-inf"))
     rows.sort(key=lambda r: len(r[2]) + len(r[3]))  # similar lengths per batch: little padding
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
@@ -176,11 +193,8 @@ def multiple_choice(lm, items: Sequence[dict], batch_size: int = 32) -> dict[str
         for r, (i, j, c, d) in enumerate(chunk):
             scores[i, j] = lp[r, len(c) - 1 : len(c) + len(d) - 1].sum()
     answers = torch.tensor([it["answer"] for it in items])
-    nbytes = torch.tensor(
-        [[max(1, len(c.encode())) for c in it["choices"]] for it in items], dtype=torch.float
-    )
     out = {}
-    for name, s in (("acc", scores), ("acc_norm", scores / nbytes)):
+    for name, s in (("acc", scores), ("acc_norm", scores / nchars)):
         k = int((s.argmax(1) == answers).sum())
         out[name] = Score(k / len(items), len(items), *wilson(k, len(items)))
     return out
