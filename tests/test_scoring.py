@@ -1,5 +1,5 @@
-"""Multiple-choice scoring with lm-evaluation-harness conventions, on hand-tokenised cases with the
-project's byte-level BPE tokenizer."""
+"""Scoring: multiple choice with lm-evaluation-harness conventions (hand-tokenised cases with the
+project's byte-level BPE tokenizer) and perplexity intervals over documents."""
 
 import pytest
 import torch
@@ -75,3 +75,28 @@ def test_scores_are_sums_of_continuation_logprobs_and_norm_is_per_character(tok)
     s = multiple_choice(lm, [item])
     assert s["acc"].value == 0.0 and s["acc_norm"].value == 1.0
     assert s["acc"].n == 1
+
+
+def test_bootstrap_interval_over_documents():
+    from flexmoe.evaluate.metrics import bootstrap_ppl
+
+    # Identical documents: no spread, the interval collapses onto the point.
+    lo, hi = bootstrap_ppl(torch.full((20,), 10.0), torch.full((20,), 5.0))
+    assert lo == pytest.approx(7.389056, rel=1e-5) and hi == pytest.approx(lo)
+    # Two kinds of document (loss 1 and 3 per token): the interval lies strictly between e^1 and e^3
+    # and contains the pooled point e^2; documents with no scored token are ignored.
+    nll = torch.tensor([1.0, 3.0] * 50 + [0.0])
+    tokens = torch.tensor([1.0, 1.0] * 50 + [0.0])
+    lo, hi = bootstrap_ppl(nll, tokens)
+    assert 2.718 < lo < 7.389 < hi < 20.09
+
+
+def test_perplexity_counts_documents(tok):
+    from flexmoe.evaluate.metrics import perplexity
+
+    V = len(tok)
+    lm = UnigramLM(tok, torch.full((V,), -torch.log(torch.tensor(float(V)))))
+    r = perplexity(lm, DOCS, seq_len=8)
+    assert r["perplexity"] == pytest.approx(V, rel=1e-5)
+    assert r["ci95"][0] == pytest.approx(V, rel=1e-4) and r["ci95"][1] == pytest.approx(V, rel=1e-4)
+    assert 1 < r["documents"] <= len(DOCS) and r["tokens"] == r["blocks"] * 7

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from flexmoe.data import blocks_for
+from flexmoe.data import pack, tokenize
 
 
 class HFLM:
@@ -127,29 +127,56 @@ def sequence_nll(lm, ids: Sequence[Sequence[int]], batch_size: int = 16) -> tupl
     return torch.cat(totals), torch.cat(counts)
 
 
+def _packed_with_owners(docs: Sequence[str], tokenizer, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``blocks_for`` plus, for every token, the index of the document it came from."""
+    token_lists = tokenize(docs, tokenizer)
+    blocks = pack(token_lists, seq_len)
+    owner = torch.repeat_interleave(
+        torch.arange(len(token_lists)), torch.tensor([len(t) for t in token_lists])
+    )
+    return blocks, owner[: blocks.numel()].view_as(blocks)
+
+
+def bootstrap_ppl(nll: torch.Tensor, tokens: torch.Tensor, n: int = 1000, seed: int = 0) -> list[float]:
+    """95% percentile bootstrap interval of perplexity, resampling documents (per-document summed NLL
+    and token counts): documents, not tokens, are the independent units of a test split."""
+    keep = tokens > 0
+    nll, tokens = nll[keep].double(), tokens[keep].double()
+    if len(nll) < 2:
+        mean = float(nll.sum() / tokens.sum().clamp_min(1))
+        return [math.exp(mean), math.exp(mean)]
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(len(nll), (n, len(nll)), generator=g)
+    means = nll[idx].sum(1) / tokens[idx].sum(1)
+    lo, hi = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return [math.exp(lo), math.exp(hi)]
+
+
 @torch.no_grad()
 def perplexity(
     lm, docs: Sequence[str], seq_len: int, batch_size: int = 16, max_blocks: int | None = 64
 ) -> dict:
-    """Token-level perplexity of packed held-out documents (mean NLL over every predicted token)."""
-    blocks = blocks_for(docs, lm.tokenizer, seq_len)[:max_blocks]
-    nll, n = 0.0, 0
-    per_block = []
+    """Token-level perplexity of packed held-out documents (mean NLL over every predicted token), with
+    a bootstrap interval over documents."""
+    blocks, owner = _packed_with_owners(docs, lm.tokenizer, seq_len)
+    blocks, owner = blocks[:max_blocks], owner[:max_blocks]
+    doc_nll = torch.zeros(len(docs), dtype=torch.float64)
+    doc_tokens = torch.zeros(len(docs), dtype=torch.float64)
     for start in range(0, len(blocks), batch_size):
         b = blocks[start : start + batch_size]
-        tok_nll = -lm.token_logprobs(b, torch.ones_like(b))
-        per_block += tok_nll.mean(1).tolist()
-        nll += float(tok_nll.sum())
-        n += tok_nll.numel()
-    mean = nll / n
-    sd = float(torch.tensor(per_block).std()) if len(per_block) > 1 else 0.0
-    half = 1.96 * sd / math.sqrt(len(per_block))  # interval over blocks, in loss, mapped to perplexity
+        tok_nll = -lm.token_logprobs(b, torch.ones_like(b)).double()
+        who = owner[start : start + batch_size, 1:].reshape(-1)  # each predicted token's document
+        doc_nll.index_add_(0, who, tok_nll.reshape(-1))
+        doc_tokens.index_add_(0, who, torch.ones_like(tok_nll.reshape(-1)))
+    n = int(doc_tokens.sum())
+    mean = float(doc_nll.sum()) / n
     return {
         "perplexity": math.exp(mean),
         "loss": mean,
         "tokens": n,
-        "blocks": len(per_block),
-        "ci95": [math.exp(mean - half), math.exp(mean + half)],
+        "blocks": len(blocks),
+        "documents": int((doc_tokens > 0).sum()),
+        "ci95": bootstrap_ppl(doc_nll, doc_tokens),
     }
 
 
