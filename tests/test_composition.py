@@ -96,3 +96,62 @@ def test_targets():
     assert meets_target("public_change", 0.03) is False
     assert meets_target("alone_gain", 1.0) is None
     assert meets_target("retention", None) is None
+
+
+# --------------------------------------------------------------------------------------------------
+# Measured on a tiny composed model: masks stand for the separate models they replace
+
+
+@pytest.fixture(scope="module")
+def federation(tiny_anchor, demo_data, tmp_path_factory):
+    from flexmoe.compose import compose
+    from flexmoe.expert.train import train_expert
+
+    root = tmp_path_factory.mktemp("composition")
+    pkgs = []
+    for d in ("code", "math"):
+        train_expert(tiny_anchor, [demo_data / d], d, root / d, steps=4, quiet=True)
+        pkgs.append(root / d)
+    compose(tiny_anchor, pkgs, root / "model", top_k=2)
+    return root, pkgs
+
+
+def _ppl(model_dir, data, domain, use_bias=False, **kw):
+    from flexmoe.evaluate.metrics import HFLM, perplexity
+    from flexmoe.evaluate.run import test_documents
+    from flexmoe.runtime import from_pretrained
+
+    c = from_pretrained(model_dir, use_bias=use_bias, **kw)
+    return perplexity(HFLM(c.model, c.tokenizer), test_documents(data, domain), 32, max_blocks=4)["perplexity"]
+
+
+def test_measured_table_equals_the_separate_models(federation, tiny_anchor, demo_data, tmp_path):
+    from flexmoe.compose import compose, remove
+    from flexmoe.evaluate.composition import CompositionSetup, composition_perplexities
+
+    root, pkgs = federation
+    setup = CompositionSetup(
+        root / "model", demo_data, anchor=tiny_anchor, packages=pkgs, seq_len=32, max_blocks=4
+    )
+    table, info = composition_perplexities(setup)
+    assert info["owners"] == ["code", "math"]
+    assert set(table) == {"anchor", "composed"} | {
+        f"{k}:{d}" for k in ("alone", "without", "oracle") for d in ("code", "math")
+    }
+    assert set(table["without:code"]) == {"public", "code", "math"} and set(table["oracle:math"]) == {"math"}
+    # opt-out by mask == the physically removed model, on every domain
+    remove(root / "model", "code", tmp_path / "without_code")
+    for d in ("public", "math", "code"):
+        assert table["without:code"][d] == pytest.approx(_ppl(tmp_path / "without_code", demo_data, d), rel=1e-4)
+    # alone by mask (with the owner's bias) == the owner's package composed alone, as it trained
+    assert "checked" in info["alone"]["math"]
+    compose(tiny_anchor, [pkgs[1]], tmp_path / "alone_math", top_k=2)
+    alone = _ppl(tmp_path / "alone_math", demo_data, "math", use_bias=True)
+    assert table["alone:math"]["math"] == pytest.approx(alone, rel=1e-4)
+    # the anchor == the composed model with only the public expert routed
+    only_public = _ppl(root / "model", demo_data, "code", exclude=["code", "math"])
+    assert table["anchor"]["code"] == pytest.approx(only_public, rel=1e-4)
+    # and the whole block comes out of the table
+    block = composition_metrics(table, info["owners"])
+    assert all(math.isfinite(v) for o in block["owners"].values() for v in o.values())
+    assert math.isfinite(block["public_change"])

@@ -117,6 +117,12 @@ def run_demo(
     router_variants(models, anchor, data, packages, proxies, p, steps, quiet)
     lms = build_baselines(models, anchor, data, p, steps, quiet)
     report = evaluate_all(models, lms, data, anchor, p, steps)
+    report["composition"], report["composition_detail"] = composition_section(
+        models, anchor, data, packages, p, steps
+    )
+    from flexmoe.evaluate.report import headline
+
+    report["headline"] = headline(report["models"], inference_costs(anchor, models, p))
     if privacy is not None:
         report["privacy"] = privacy_section(
             workdir,
@@ -367,6 +373,7 @@ def evaluate_all(models: Path, lms: dict, data: Path, anchor: Path, p: DemoPrese
             seq_len=seq_len,
             max_blocks=p.eval_blocks,
             max_items=p.eval_items,
+            domains=("public", *OWNERS),
         )
         steps.console.print(f"   {name}: average {results[name]['average']:.1f}")
     from flexmoe.evaluate.tasks import load_tasks
@@ -378,6 +385,49 @@ def evaluate_all(models: Path, lms: dict, data: Path, anchor: Path, p: DemoPrese
         "items": items,
         **findings(results),
         "router": router_findings(results),
+    }
+
+
+def composition_section(
+    models: Path, anchor: Path, data: Path, packages: list[Path], p: DemoPreset, steps: Steps
+) -> tuple[dict, dict]:
+    """Issue 13's composition block for the composed model, measured by the one function that
+    ``flexmoe eval --composition`` uses; printed as a table."""
+    from flexmoe.evaluate.composition import CompositionSetup, evaluate_composition
+    from flexmoe.evaluate.report import composition_table
+    from flexmoe.expert.train import EXPERT_PRESETS
+
+    setup = CompositionSetup(
+        models / "flexolmo",
+        data,
+        OWNERS,
+        anchor=anchor,
+        packages=packages,
+        seq_len=EXPERT_PRESETS[p.expert].seq_len,
+        max_blocks=p.eval_blocks,
+        device=device(),
+    )
+    r = steps.run("composition", evaluate_composition, setup)
+    steps.console.print(composition_table(r["composition"]))
+    return r["composition"], {"perplexity": r["perplexity"], "how": r["how"]}
+
+
+def inference_costs(anchor: Path, models: Path, p: DemoPreset) -> dict:
+    """Inference cost per token of the headline models (BTM runs every dense model)."""
+    from flexmoe.anchor import load_config
+    from flexmoe.compose import load_meta
+    from flexmoe.evaluate.baselines import inference_cost
+    from flexmoe.expert.train import EXPERT_PRESETS
+
+    config, seq_len = load_config(anchor), EXPERT_PRESETS[p.expert].seq_len
+    dense = inference_cost(config, "dense", seq_len)
+    return {
+        "public": dense,
+        "model_soup": dense,
+        "btm": inference_cost(config, "ensemble", seq_len, models=1 + len(OWNERS)),
+        "btx": inference_cost(config, "moe", seq_len, top_k=2),
+        "unrestricted_moe": inference_cost(config, "moe", seq_len, top_k=2),
+        "flexolmo": inference_cost(config, "moe", seq_len, top_k=load_meta(models / "flexolmo")["top_k"]),
     }
 
 

@@ -27,7 +27,15 @@ denominator, a non-finite perplexity) is ``None`` (JSON null), never a made-up n
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from flexmoe.data import read_documents
+from flexmoe.errors import FlexmoeError
+from flexmoe.fileio import read_json
 
 #: the name of the routing when nothing else is said: the composed model's own router rows
 DEFAULT_ROUTING = "router"
@@ -117,3 +125,203 @@ def meets_target(name: str, value: float | None) -> bool | None:
         return None
     low, high = TARGETS[name]
     return (low is None or value >= low) and (high is None or value <= high)
+
+
+# --------------------------------------------------------------------------------------------------
+# Measuring the perplexities: one loaded composed model, experts switched by masks
+
+
+@dataclass
+class CompositionSetup:
+    """What to measure: a composed model, a data path with the owner domains' test splits, and how."""
+
+    model: Path
+    data: Path
+    owners: Sequence[str] | None = None  # default: every expert of the model with a test split in data
+    public: str = "public"
+    anchor: Path | None = None  # the dense anchor; default: the composed model with only public routed
+    packages: Sequence[Path] = ()  # the owners' packages, to check that alone:d is what d trained
+    seq_len: int = 256
+    max_blocks: int | None = 64
+    max_docs: int | None = None
+    device: str = "cpu"
+
+
+def _bias_switch(model) -> Callable[[bool], None]:
+    """Turn the learned router biases (loaded with ``use_bias``) on and off in place."""
+    from flexmoe.moe import moe_blocks
+
+    rows = [row for block in moe_blocks(model) for row in block.router]
+    saved = [row.bias_raw.detach().clone() for row in rows]
+
+    @torch.no_grad()
+    def switch(on: bool) -> None:
+        for row, b in zip(rows, saved, strict=True):
+            row.bias_raw.copy_(b if on else torch.zeros_like(b))
+
+    return switch
+
+
+def alone_is_restricted(composed, packages: Sequence[Path]) -> dict[str, bool]:
+    """Per package: whether the composed model restricted to {public, d} with d's bias is exactly the
+    2-expert model d trained (same public row, d's row and bias unaltered, at least top-2)."""
+    from flexmoe.compose import package_expert
+    from flexmoe.moe import moe_blocks
+
+    blocks = moe_blocks(composed.model)
+    out = {}
+    for p in packages:
+        ex = package_expert(Path(p))
+        if ex.name not in composed.names:
+            continue
+        e = composed.names.index(ex.name)
+        pub = [package_tensor(p, f"layers.{i}.public_router.weight") for i in range(len(blocks))]
+        out[ex.name] = all(
+            b.top_k >= 2
+            and torch.equal(b.router[e].weight.detach().view(-1), ex.row(i).float().view(-1))
+            and torch.equal(b.router[0].weight.detach().view(-1), pub[i].float().view(-1))
+            and float(b.router[e].bias_raw) == ex.bias(i)
+            for i, b in enumerate(blocks)
+        )
+    return out
+
+
+def package_tensor(package: Path, name: str) -> torch.Tensor:
+    from flexmoe.compose import read_tensor
+    from flexmoe.expert.package import TENSOR_FILE
+
+    return read_tensor(Path(package) / TENSOR_FILE, name)
+
+
+def _owners(setup: CompositionSetup, names: Sequence[str], domains: Sequence[str]) -> list[str]:
+    from flexmoe.compose import PUBLIC
+
+    experts = [n for n in names if n != PUBLIC]
+    if setup.owners is None:
+        owners = [n for n in experts if n in domains]
+        if not owners:
+            raise FlexmoeError(
+                f"No expert of {setup.model} ({', '.join(experts)}) has a test split in {setup.data}.",
+                "name the owner domains' folders after the experts, or pass --owner NAME.",
+            )
+        return owners
+    missing = [d for d in setup.owners if d not in experts or d not in domains]
+    if missing:
+        raise FlexmoeError(
+            f"Owner(s) {', '.join(missing)} need both an expert in {setup.model} and a test split in "
+            f"{setup.data}.",
+            f"experts: {', '.join(experts)}; domains: {', '.join(domains)}.",
+        )
+    return list(setup.owners)
+
+
+def _separate_alone(setup: CompositionSetup, package: Path, tmp: Path, anchor: Path):
+    """The 2-expert model an owner trained, composed from its package alone (with its bias)."""
+    from flexmoe.compose import compose
+    from flexmoe.evaluate.metrics import HFLM
+    from flexmoe.runtime import from_pretrained
+
+    out = tmp / Path(package).name
+    compose(anchor, [package], out, top_k=2)
+    c = from_pretrained(out, use_bias=True, device=setup.device)
+    return HFLM(c.model, c.tokenizer)
+
+
+def composition_perplexities(setup: CompositionSetup, progress=None) -> tuple[dict, dict]:
+    """``(ppl, info)``: the perplexity table ``composition_metrics`` takes, measured with one loaded
+    composed model whose experts are switched by masks (masking equals physical removal), and notes on
+    how each model key was obtained."""
+    import tempfile
+
+    from flexmoe.anchor import load_anchor
+    from flexmoe.evaluate.metrics import HFLM, perplexity
+    from flexmoe.evaluate.run import find_domains
+    from flexmoe.runtime import from_pretrained
+
+    found = find_domains(setup.data)
+    if setup.public not in found:
+        raise FlexmoeError(f"{setup.data} has no test split for the public domain {setup.public!r}.",
+                           "add public/test.jsonl or pass --public NAME.")
+    docs = {d: read_documents(found[d])[: setup.max_docs] for d in found}
+    c = from_pretrained(setup.model, use_bias=True, device=setup.device)
+    owners = _owners(setup, c.names, list(found))
+    scored = [setup.public, *owners]
+    bias = _bias_switch(c.model)
+    composed_lm = HFLM(c.model, c.tokenizer)
+    table: dict[str, dict[str, float]] = {}
+
+    def score(key, lm, domains):
+        for d in domains:
+            r = perplexity(lm, docs[d], setup.seq_len, max_blocks=setup.max_blocks)
+            table.setdefault(key, {})[d] = r["perplexity"]
+            if progress:
+                progress(f"{key:>16s} {d:>10s} ppl {r['perplexity']:.3f}")
+
+    def masked(key, domains, include=None, exclude=None, with_bias=False):
+        c.set_experts(include, exclude)
+        bias(with_bias)
+        score(key, composed_lm, domains)
+
+    experts = [n for n in c.names if n != c.names[0]]
+    info = {
+        "owners": owners,
+        "routing": routing_name(c.meta),
+        "anchor": "the composed model with only the public expert routed",
+    }
+    if setup.anchor is not None:
+        score("anchor", HFLM(load_anchor(setup.anchor).to(setup.device).eval(), c.tokenizer), scored)
+        info["anchor"] = str(setup.anchor)
+    else:
+        masked("anchor", scored, exclude=experts)
+    masked("composed", scored)
+    same = alone_is_restricted(c, setup.packages)
+    info["alone"] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for d in owners:
+            masked(f"without:{d}", scored, exclude=[d])
+            masked(f"oracle:{d}", [d], include=[d])
+            pkg = next((p for p in setup.packages if package_expert_name(p) == d), None)
+            if pkg is not None and not same.get(d, False):
+                anchor = setup.anchor or Path(c.meta["anchor"]["path"])
+                score(f"alone:{d}", _separate_alone(setup, pkg, Path(tmp), anchor), [d])
+                info["alone"][d] = "the owner's package composed alone (2 experts, its bias)"
+            else:
+                masked(f"alone:{d}", [d], include=[d], with_bias=True)
+                info["alone"][d] = "composed model restricted to public + owner, with the owner's bias" + (
+                    " (checked: identical to the owner's 2-expert model)" if same.get(d) else " (unchecked)"
+                )
+    c.set_experts(None, None)
+    bias(False)
+    return table, info
+
+
+def package_expert_name(package: Path) -> str:
+    from flexmoe.expert.package import MANIFEST
+
+    return read_json(Path(package) / MANIFEST)["name"]
+
+
+def routing_name(meta: dict) -> str:
+    """The routing method a composed model's ``flexmoe.json`` records (or what its history implies):
+    the owners' rows as trained ("router"), recalibrated ("calibrated"), or trained on proxy sets."""
+    named = meta.get("routing")
+    if isinstance(named, dict):
+        named = named.get("method")
+    if isinstance(named, str) and named:
+        return named
+    history = meta.get("history", [])
+    if any(e.get("op") == "router-train" for e in history):
+        return "router-trained"
+    if history and history[-1].get("calibrated"):
+        return "calibrated"
+    return DEFAULT_ROUTING
+
+
+def evaluate_composition(setup: CompositionSetup, progress=None) -> dict:
+    """Measure and summarise: ``{"composition": block, "perplexity": table, "how": notes}``."""
+    ppl, info = composition_perplexities(setup, progress)
+    return {
+        "composition": composition_metrics(ppl, info["owners"], setup.public, info["routing"]),
+        "perplexity": ppl,
+        "how": info,
+    }

@@ -51,13 +51,14 @@ def _doc_id(text: str) -> str:
 
 
 def read_public(paths: Sequence[Path]) -> list[tuple[str, str]]:
-    """``(id, text)`` of every public document; ``.jsonl`` rows keep their ``id`` field when they have
-    one (the demo corpora do), anything else is named by a hash of its text. Duplicates are dropped."""
-    from flexmoe.data import _files_in, read_file
+    """``(id, text)`` of every public training-usable document (never a test split); ``.jsonl`` rows
+    keep their ``id`` field when they have one (the demo corpora do), anything else is named by a hash
+    of its text. Duplicates are dropped."""
+    from flexmoe.data import read_file, training_files
 
     out: dict[str, str] = {}
     for p in paths:
-        for f in _files_in(Path(p)):
+        for f in training_files([Path(p)]):
             if f.suffix == ".jsonl":
                 rows = [
                     json.loads(line) for line in f.read_text(encoding="utf-8").splitlines() if line.strip()
@@ -228,7 +229,7 @@ def select_proxy(
     ``proxy.json`` (counts, method, held-out accuracy, SHA-256 of ``proxy.jsonl``). With ``package``
     the same record goes into that expert package's manifest. Returns ``proxy.json``.
     """
-    from flexmoe.data import data_fingerprint, read_documents
+    from flexmoe.data import data_fingerprint, read_training_documents
     from flexmoe.fileio import check_output_dir
     from flexmoe.router.embed import sample_docs
     from flexmoe.training import Progress
@@ -253,7 +254,7 @@ def select_proxy(
     feats, emb_name = resolve_features(features, embedder)
     if features == "auto" and feats == "ngram":
         progress.note("proxy: no sentence embedder installed (flexmoe[embed]); using hashed word n-grams")
-    priv_docs = read_documents(private)
+    priv_docs = read_training_documents(private)
     if not priv_docs:
         raise FlexmoeError("No private documents found.", "point --private at the owner's data.")
     priv_docs = sample_docs(priv_docs, max_private)
