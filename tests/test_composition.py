@@ -48,7 +48,11 @@ def test_exact_block_shape_and_json_round_trip():
     assert set(out) == {"owners", "public_change", "routing"}
     for d in ("code", "math"):
         assert set(out["owners"][d]) == {
-            "alone_gain", "retention", "optout_removed", "max_other_change", "oracle_retention"
+            "alone_gain",
+            "retention",
+            "optout_removed",
+            "max_other_change",
+            "oracle_retention",
         }
     assert json.loads(json.dumps(out)) == out
 
@@ -103,17 +107,25 @@ def test_targets():
 
 
 @pytest.fixture(scope="module")
-def federation(tiny_anchor, demo_data, tmp_path_factory):
+def federation(demo_data, tmp_path_factory):
+    """A random tiny anchor (no pretraining: fast) and two owners' experts trained a few steps."""
+    from conftest import make_anchor_dir
+
     from flexmoe.compose import compose
-    from flexmoe.expert.train import train_expert
+    from flexmoe.data import read_documents
+    from flexmoe.expert.train import ExpertSpec, train_expert
 
     root = tmp_path_factory.mktemp("composition")
+    anchor = make_anchor_dir(
+        root / "anchor", "olmo2", read_documents([demo_data / "public" / "train.jsonl"])[:80]
+    )
     pkgs = []
     for d in ("code", "math"):
-        train_expert(tiny_anchor, [demo_data / d], d, root / d, steps=4, quiet=True)
+        spec = ExpertSpec(name=d, router_init="hidden")
+        train_expert(anchor, [demo_data / d], d, root / d, steps=3, seq_len=32, quiet=True, spec=spec)
         pkgs.append(root / d)
-    compose(tiny_anchor, pkgs, root / "model", top_k=2)
-    return root, pkgs
+    compose(anchor, pkgs, root / "model", top_k=2)
+    return root, pkgs, anchor
 
 
 def _ppl(model_dir, data, domain, use_bias=False, **kw):
@@ -122,14 +134,16 @@ def _ppl(model_dir, data, domain, use_bias=False, **kw):
     from flexmoe.runtime import from_pretrained
 
     c = from_pretrained(model_dir, use_bias=use_bias, **kw)
-    return perplexity(HFLM(c.model, c.tokenizer), test_documents(data, domain), 32, max_blocks=4)["perplexity"]
+    return perplexity(HFLM(c.model, c.tokenizer), test_documents(data, domain), 32, max_blocks=4)[
+        "perplexity"
+    ]
 
 
-def test_measured_table_equals_the_separate_models(federation, tiny_anchor, demo_data, tmp_path):
+def test_measured_table_equals_the_separate_models(federation, demo_data, tmp_path):
     from flexmoe.compose import compose, remove
     from flexmoe.evaluate.composition import CompositionSetup, composition_perplexities
 
-    root, pkgs = federation
+    root, pkgs, tiny_anchor = federation
     setup = CompositionSetup(
         root / "model", demo_data, anchor=tiny_anchor, packages=pkgs, seq_len=32, max_blocks=4
     )
@@ -142,7 +156,9 @@ def test_measured_table_equals_the_separate_models(federation, tiny_anchor, demo
     # opt-out by mask == the physically removed model, on every domain
     remove(root / "model", "code", tmp_path / "without_code")
     for d in ("public", "math", "code"):
-        assert table["without:code"][d] == pytest.approx(_ppl(tmp_path / "without_code", demo_data, d), rel=1e-4)
+        assert table["without:code"][d] == pytest.approx(
+            _ppl(tmp_path / "without_code", demo_data, d), rel=1e-4
+        )
     # alone by mask (with the owner's bias) == the owner's package composed alone, as it trained
     assert "checked" in info["alone"]["math"]
     compose(tiny_anchor, [pkgs[1]], tmp_path / "alone_math", top_k=2)

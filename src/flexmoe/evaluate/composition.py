@@ -180,7 +180,7 @@ def alone_is_restricted(composed, packages: Sequence[Path]) -> dict[str, bool]:
             b.top_k >= 2
             and torch.equal(b.router[e].weight.detach().view(-1), ex.row(i).float().view(-1))
             and torch.equal(b.router[0].weight.detach().view(-1), pub[i].float().view(-1))
-            and float(b.router[e].bias_raw) == ex.bias(i)
+            and float(b.router[e].bias_raw.detach()) == ex.bias(i)
             for i, b in enumerate(blocks)
         )
     return out
@@ -246,6 +246,7 @@ def composition_perplexities(setup: CompositionSetup, progress=None) -> tuple[di
     c = from_pretrained(setup.model, use_bias=True, device=setup.device)
     owners = _owners(setup, c.names, list(found))
     scored = [setup.public, *owners]
+    same = alone_is_restricted(c, setup.packages)  # before the biases are switched off below
     bias = _bias_switch(c.model)
     composed_lm = HFLM(c.model, c.tokenizer)
     table: dict[str, dict[str, float]] = {}
@@ -274,7 +275,6 @@ def composition_perplexities(setup: CompositionSetup, progress=None) -> tuple[di
     else:
         masked("anchor", scored, exclude=experts)
     masked("composed", scored)
-    same = alone_is_restricted(c, setup.packages)
     info["alone"] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for d in owners:
