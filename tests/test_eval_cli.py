@@ -7,11 +7,22 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+from conftest import make_anchor_dir
 from typer.testing import CliRunner
 
 from flexmoe.cli import app
 
 TEXT = "The quarterly report lists revenue, costs and the outlook for the next year. " * 6
+
+
+@pytest.fixture(scope="module")
+def tiny_anchor(demo_data, tmp_path_factory):
+    """A random tiny HF model with the project's tokenizer: scoring needs no trained model."""
+    from flexmoe.data import read_documents
+
+    docs = read_documents([demo_data / "public" / "train.jsonl"])[:80]
+    return make_anchor_dir(tmp_path_factory.mktemp("evalcli") / "anchor", "olmo2", docs)
 
 
 def _jsonl(path: Path, n: int) -> Path:

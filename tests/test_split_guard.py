@@ -88,13 +88,17 @@ def test_proxy_selection_reads_no_test_split(flat, demo_data, tmp_path):
 
 
 @pytest.mark.slow
-def test_training_router_and_calibration_read_no_test_split(flat, demo_data, tiny_anchor, tmp_path):
+def test_training_router_and_calibration_read_no_test_split(flat, demo_data, tmp_path):
+    from conftest import make_anchor_dir
+
     from flexmoe.anchor import pretrain
     from flexmoe.compose import compose
-    from flexmoe.expert.train import train_expert
+    from flexmoe.expert.train import ExpertSpec, train_expert
     from flexmoe.router.proxy import select_proxy
     from flexmoe.router.train import train_router
 
+    docs = read_training_documents([demo_data / "public"])[:80]
+    tiny_anchor = make_anchor_dir(tmp_path / "random", "olmo2", docs)
     with watch() as opened:
         pretrain(
             flat["public"], tmp_path / "anchor", "tiny", steps=1, vocab_size=512, quiet=True, embedder=None
@@ -105,6 +109,8 @@ def test_training_router_and_calibration_read_no_test_split(flat, demo_data, tin
             "code",
             tmp_path / "code",
             steps=1,
+            seq_len=32,
+            spec=ExpertSpec(name="code", router_init="hidden"),
             quiet=True,
             public=[flat["public"]],
         )
@@ -114,6 +120,8 @@ def test_training_router_and_calibration_read_no_test_split(flat, demo_data, tin
             "math",
             tmp_path / "math",
             steps=1,
+            seq_len=32,
+            spec=ExpertSpec(name="math", router_init="hidden"),
             quiet=True,
             public=[demo_data / "public"],
         )
