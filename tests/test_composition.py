@@ -171,3 +171,51 @@ def test_measured_table_equals_the_separate_models(federation, demo_data, tmp_pa
     block = composition_metrics(table, info["owners"])
     assert all(math.isfinite(v) for o in block["owners"].values() for v in o.values())
     assert math.isfinite(block["public_change"])
+
+
+# --------------------------------------------------------------------------------------------------
+# The report: json, markdown table and the plot panel
+
+
+def _model(ppl: float, acc: float) -> dict:
+    task = {"value": acc, "n": 50, "ci95": [acc - 0.1, acc + 0.1]}
+    return {
+        "perplexity": {"public": ppl, "code": ppl},
+        "tasks": {"public_cloze": 100 * acc},
+        "average": 100 * acc,
+        "details": {
+            "perplexity": {
+                d: {"perplexity": ppl, "ci95": [ppl - 1, ppl + 1], "documents": 9} for d in ("public", "code")
+            },
+            "tasks": {"public_cloze": {"acc": task, "acc_norm": task}},
+        },
+    }
+
+
+def test_report_carries_the_composition_block_and_headline(tmp_path):
+    from flexmoe.evaluate.report import headline, write_report
+
+    block = composition_metrics(_table(), ["code", "math"], routing="router")
+    models = {"public": _model(20.0, 0.5), "flexolmo": _model(10.0, 0.7), "btm": _model(9.0, 0.6)}
+    costs = {"btm": {"forward_passes": 4, "flops": 4e6}, "flexolmo": {"forward_passes": 1, "flops": 1.5e6}}
+    report = {
+        "preset": "test",
+        "domains": ["public", "code"],
+        "models": models,
+        "composition": block,
+        "headline": headline(models, costs),
+    }
+    write_report(report, tmp_path)
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert saved["composition"] == block
+    h = saved["headline"]
+    assert set(h) == {"public", "btm", "flexolmo"} and h["btm"]["cost"]["forward_passes"] == 4
+    # one task at p=0.7, n=50: the average's interval is that task's binomial interval
+    half = 1.96 * (0.7 * 0.3 / 50) ** 0.5
+    assert h["flexolmo"]["average"]["ci95"] == pytest.approx([100 * (0.7 - half), 100 * (0.7 + half)])
+    md = (tmp_path / "report.md").read_text()
+    assert "## Composition (routing: router)" in md and "## Headline comparison" in md
+    code_row = next(line for line in md.splitlines() if line.startswith("| code |"))
+    assert "0.75 MISS" in code_row and "0.88" in code_row  # retention 3/4 misses 0.90; oracle 3.5/4
+    assert "| public change | 5.0% MISS |" in md
+    assert (tmp_path / "report.png").stat().st_size > 10_000
