@@ -227,6 +227,46 @@ def _separate_alone(setup: CompositionSetup, package: Path, tmp: Path, anchor: P
     return HFLM(c.model, c.tokenizer)
 
 
+class _Bench:
+    """One loaded composed model (biases loaded, switchable), the test documents, the growing table."""
+
+    def __init__(self, setup: CompositionSetup, docs: dict[str, list[str]], progress=None):
+        from flexmoe.evaluate.metrics import HFLM
+        from flexmoe.runtime import from_pretrained
+
+        self.setup, self.docs, self.progress = setup, docs, progress
+        self.c = from_pretrained(setup.model, use_bias=True, device=setup.device)
+        self.same = alone_is_restricted(self.c, setup.packages)  # before any bias is switched off
+        self.bias = _bias_switch(self.c.model)
+        self.lm = HFLM(self.c.model, self.c.tokenizer)
+        self.table: dict[str, dict[str, float]] = {}
+
+    def score(self, key: str, lm, domains: Sequence[str]) -> None:
+        from flexmoe.evaluate.metrics import perplexity
+
+        for d in domains:
+            r = perplexity(lm, self.docs[d], self.setup.seq_len, max_blocks=self.setup.max_blocks)
+            self.table.setdefault(key, {})[d] = r["perplexity"]
+            if self.progress:
+                self.progress(f"{key:>16s} {d:>10s} ppl {r['perplexity']:.3f}")
+
+    def masked(self, key, domains, include=None, exclude=None, with_bias: bool = False) -> None:
+        self.c.set_experts(include, exclude)
+        self.bias(with_bias)
+        self.score(key, self.lm, domains)
+
+    def alone(self, d: str, tmp: Path) -> str:
+        """alone:d, by mask when that is exactly the owner's model, else from its package; says which."""
+        pkg = next((p for p in self.setup.packages if package_expert_name(p) == d), None)
+        if pkg is not None and not self.same.get(d, False):
+            anchor = self.setup.anchor or Path(self.c.meta["anchor"]["path"])
+            self.score(f"alone:{d}", _separate_alone(self.setup, pkg, tmp, anchor), [d])
+            return "the owner's package composed alone (2 experts, its bias)"
+        self.masked(f"alone:{d}", [d], include=[d], with_bias=True)
+        how = "composed model restricted to public + owner, with the owner's bias"
+        return how + (" (checked: = the owner's 2-expert model)" if self.same.get(d) else " (unchecked)")
+
+
 def composition_perplexities(setup: CompositionSetup, progress=None) -> tuple[dict, dict]:
     """``(ppl, info)``: the perplexity table ``composition_metrics`` takes, measured with one loaded
     composed model whose experts are switched by masks (masking equals physical removal), and notes on
@@ -234,65 +274,35 @@ def composition_perplexities(setup: CompositionSetup, progress=None) -> tuple[di
     import tempfile
 
     from flexmoe.anchor import load_anchor
-    from flexmoe.evaluate.metrics import HFLM, perplexity
+    from flexmoe.evaluate.metrics import HFLM
     from flexmoe.evaluate.run import find_domains
-    from flexmoe.runtime import from_pretrained
 
     found = find_domains(setup.data)
     if setup.public not in found:
-        raise FlexmoeError(f"{setup.data} has no test split for the public domain {setup.public!r}.",
-                           "add public/test.jsonl or pass --public NAME.")
-    docs = {d: read_documents(found[d])[: setup.max_docs] for d in found}
-    c = from_pretrained(setup.model, use_bias=True, device=setup.device)
+        raise FlexmoeError(
+            f"{setup.data} has no test split for the public domain {setup.public!r}.",
+            "add public/test.jsonl or pass --public NAME.",
+        )
+    bench = _Bench(setup, {d: read_documents(found[d])[: setup.max_docs] for d in found}, progress)
+    c = bench.c
     owners = _owners(setup, c.names, list(found))
     scored = [setup.public, *owners]
-    same = alone_is_restricted(c, setup.packages)  # before the biases are switched off below
-    bias = _bias_switch(c.model)
-    composed_lm = HFLM(c.model, c.tokenizer)
-    table: dict[str, dict[str, float]] = {}
-
-    def score(key, lm, domains):
-        for d in domains:
-            r = perplexity(lm, docs[d], setup.seq_len, max_blocks=setup.max_blocks)
-            table.setdefault(key, {})[d] = r["perplexity"]
-            if progress:
-                progress(f"{key:>16s} {d:>10s} ppl {r['perplexity']:.3f}")
-
-    def masked(key, domains, include=None, exclude=None, with_bias=False):
-        c.set_experts(include, exclude)
-        bias(with_bias)
-        score(key, composed_lm, domains)
-
-    experts = [n for n in c.names if n != c.names[0]]
-    info = {
-        "owners": owners,
-        "routing": routing_name(c.meta),
-        "anchor": "the composed model with only the public expert routed",
-    }
+    info = {"owners": owners, "routing": routing_name(c.meta), "alone": {}}
     if setup.anchor is not None:
-        score("anchor", HFLM(load_anchor(setup.anchor).to(setup.device).eval(), c.tokenizer), scored)
+        bench.score("anchor", HFLM(load_anchor(setup.anchor).to(setup.device).eval(), c.tokenizer), scored)
         info["anchor"] = str(setup.anchor)
     else:
-        masked("anchor", scored, exclude=experts)
-    masked("composed", scored)
-    info["alone"] = {}
+        bench.masked("anchor", scored, exclude=[n for n in c.names if n != c.names[0]])
+        info["anchor"] = "the composed model with only the public expert routed"
+    bench.masked("composed", scored)
     with tempfile.TemporaryDirectory() as tmp:
         for d in owners:
-            masked(f"without:{d}", scored, exclude=[d])
-            masked(f"oracle:{d}", [d], include=[d])
-            pkg = next((p for p in setup.packages if package_expert_name(p) == d), None)
-            if pkg is not None and not same.get(d, False):
-                anchor = setup.anchor or Path(c.meta["anchor"]["path"])
-                score(f"alone:{d}", _separate_alone(setup, pkg, Path(tmp), anchor), [d])
-                info["alone"][d] = "the owner's package composed alone (2 experts, its bias)"
-            else:
-                masked(f"alone:{d}", [d], include=[d], with_bias=True)
-                info["alone"][d] = "composed model restricted to public + owner, with the owner's bias" + (
-                    " (checked: identical to the owner's 2-expert model)" if same.get(d) else " (unchecked)"
-                )
+            bench.masked(f"without:{d}", scored, exclude=[d])
+            bench.masked(f"oracle:{d}", [d], include=[d])
+            info["alone"][d] = bench.alone(d, Path(tmp))
     c.set_experts(None, None)
-    bias(False)
-    return table, info
+    bench.bias(False)
+    return bench.table, info
 
 
 def package_expert_name(package: Path) -> str:
