@@ -219,3 +219,21 @@ def test_report_carries_the_composition_block_and_headline(tmp_path):
     assert "0.75 MISS" in code_row and "0.88" in code_row  # retention 3/4 misses 0.90; oracle 3.5/4
     assert "| public change | 5.0% MISS |" in md
     assert (tmp_path / "report.png").stat().st_size > 10_000
+
+
+def test_eval_composition_cli_prints_the_table_and_writes_json(federation, demo_data, tmp_path):
+    from typer.testing import CliRunner
+
+    from flexmoe.cli import app
+
+    root, pkgs, anchor = federation
+    args = ["eval", str(root / "model"), "--composition", "--data", str(demo_data), "--anchor", str(anchor)]
+    args += ["--expert", str(pkgs[0]), "--max-blocks", "2", "--seq-len", "32", "--limit", "5"]
+    r = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "c.json")])
+    assert r.exit_code == 0, r.output
+    assert "Composition (routing: router)" in r.output and "public change" in r.output
+    out = json.loads((tmp_path / "c.json").read_text())
+    assert set(out["composition"]["owners"]) == {"code", "math"}  # every expert with a test split
+    assert "(checked" in out["how"]["alone"]["code"] and "unchecked" in out["how"]["alone"]["math"]
+    r = CliRunner().invoke(app, [*args, "--owner", "legal"])
+    assert r.exit_code == 1 and "legal" in str(r.exception)
