@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH_VERSION := 2.13.0
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 
-.PHONY: demo test install lint clean
+.PHONY: demo test install lint clean system-deps
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	@HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q tests; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "FAILED: no tests collected" >&2; exit 1; fi; exit $$rc
+
+# Browser and database for the server's tests (Debian/Ubuntu; needs root). Tests skip loudly without them.
+system-deps:
+	apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium postgresql
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

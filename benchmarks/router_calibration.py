@@ -55,20 +55,17 @@ def ensure_inputs(workdir: Path, preset: str) -> tuple[Path, Path, dict, dict]:
 def anchor_share_on_public(model: Path, data: Path, seq_len: int, n_blocks: int = 16) -> float:
     """The public expert's share of the routing weight over public test text (all layers)."""
     from flexmoe.data import blocks_for, read_documents
-    from flexmoe.moe import moe_blocks
+    from flexmoe.moe import routing
     from flexmoe.runtime import from_pretrained
 
     c = from_pretrained(model)
     x = blocks_for(read_documents([data / "public" / "test.jsonl"]), c.tokenizer, seq_len)[:n_blocks]
-    blocks = moe_blocks(c.model)
-    for b in blocks:
-        b.record = True
     total, pub = 0.0, 0.0
     for s in range(0, len(x), 8):
-        c.model(input_ids=x[s : s + 8])
-        for b in blocks:
-            w = b.last_weights.reshape(-1, b.num_experts)
-            total, pub = total + float(w.sum()), pub + float(w[:, 0].sum())
+        with routing(c.routing(record=True)) as r:
+            c.model(input_ids=x[s : s + 8])
+        w = r.weights.reshape(-1, len(c.names))  # summed over layers, as the per-layer sums were
+        total, pub = total + float(w.sum()), pub + float(w[:, 0].sum())
     return pub / total
 
 
@@ -87,6 +84,7 @@ def main() -> None:
     from flexmoe.demo import DEMO_PRESETS, OWNERS
     from flexmoe.evaluate.run import evaluate_lm, load_lm
     from flexmoe.expert.train import EXPERT_PRESETS
+    from flexmoe.router.calibrate import calibrator
     from flexmoe.router.train import train_router
 
     torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -114,7 +112,7 @@ def main() -> None:
         if not plain.exists():
             timed("compose", compose, anchor, pk, plain)
         if not cal.exists():
-            timed("compose --calibrate", compose, anchor, pk, cal, calibrate=public)
+            timed("compose --calibrate", compose, anchor, pk, cal, calibrate=calibrator(public))
         if not rt.exists():
             timed(
                 "router train",
@@ -128,7 +126,7 @@ def main() -> None:
         models.update({f"{tag} plain": plain, f"{tag} calibrated": cal, f"{tag} rt": rt})
     full = "+".join(OWNERS)
     tag = f"{full}-without-{args.removed}"
-    for kind, kw in (("plain", {}), ("calibrated", {"calibrate": public}), ("rt", {})):
+    for kind, kw in (("plain", {}), ("calibrated", {"calibrate": calibrator(public)}), ("rt", {})):
         dst = out / f"{tag}-{kind}"
         if not dst.exists():
             timed(f"remove ({kind})", remove, out / f"{full}-{kind}", args.removed, dst, **kw)

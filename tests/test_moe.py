@@ -8,7 +8,16 @@ from torch import nn
 from transformers import FlexOlmoConfig, FlexOlmoForCausalLM, Olmo2Config, Olmo2ForCausalLM
 from transformers.models.olmo2.modeling_olmo2 import Olmo2MLP
 
-from flexmoe.moe import FlexMoEBlock, RouterRow, anchor_state, anchored_expert_model, moe_blocks, nonpositive
+from flexmoe.moe import (
+    FlexMoEBlock,
+    RouterRow,
+    Routing,
+    anchor_state,
+    anchored_expert_model,
+    moe_blocks,
+    nonpositive,
+    routing,
+)
 
 H, I, E = 16, 24, 3
 
@@ -113,18 +122,54 @@ def test_mask_equals_physical_removal():
     reduced = FlexMoEBlock(
         [full.experts[i] for i in (0, 1, 3)], [full.router[i] for i in (0, 1, 3)], top_k=2
     ).eval()
-    full.mask[2] = False
     x = torch.randn(3, 7, H)
-    torch.testing.assert_close(full(x), reduced(x), atol=1e-6, rtol=1e-6)
+    expected = reduced(x)
+    with routing(Routing(mask=torch.tensor([True, True, False, True]))):
+        masked = full(x)
+    torch.testing.assert_close(masked, expected, atol=1e-6, rtol=1e-6)
+    full.fuse_experts_()  # the grouped (inference) path masks the same way
+    with routing(Routing(mask=torch.tensor([True, True, False, True]))):
+        torch.testing.assert_close(full(x), expected, atol=1e-6, rtol=1e-6)
 
 
-def test_sparse_and_dense_paths_agree():
+def test_per_sequence_and_per_token_masks_in_one_batch():
+    """Each row of a batch routes with its own expert set and equals that row computed alone."""
+    b = _block(4, 2).eval()
+    b.fuse_experts_()
+    x = torch.randn(3, 5, H)
+    rows = torch.tensor([[True, True, True, True], [True, False, True, True], [True, True, True, False]])
+    with routing(Routing(mask=rows, record=True)) as r:
+        y = b(x)
+    for i in range(3):
+        with routing(Routing(mask=rows[i])):
+            torch.testing.assert_close(y[i : i + 1], b(x[i : i + 1]), atol=1e-6, rtol=1e-6)
+    assert (r.weights[1, :, 1] == 0).all() and (r.weights[2, :, 3] == 0).all()
+    assert (r.weights[0] > 0).sum() == 2 * 5  # recorded: top-2 per token
+    per_token = rows[:, None, :].expand(3, 5, 4).clone()
+    with routing(Routing(mask=per_token)):
+        torch.testing.assert_close(b(x), y)
+
+
+def test_no_routing_state_left_on_the_block():
+    b = _block(4, 2).eval()
+    with routing() as r:
+        b(torch.randn(1, 3, H))
+    assert r.weights.shape == (1, 3, 4)
+    assert not any(isinstance(v, torch.Tensor) and v.dtype == torch.bool for v in vars(b).values())
+    assert "mask" not in dict(b.named_buffers())
+
+
+def test_grouped_and_dense_paths_agree():
     b = _block(4, 2).eval()
     x = torch.randn(2, 9, H)
     w = b.routing_weights(b.router_logits(x))
     assert ((w > 0).sum(-1) == 2).all()  # exactly top-2 non-zero, not renormalised
     assert (w.sum(-1) <= 1 + 1e-6).all() and (w.sum(-1) < 0.99).any()  # dropped mass stays dropped
-    torch.testing.assert_close(b._sparse(x, w), b._dense(x, w), atol=1e-6, rtol=1e-6)
+    dense = b._dense(x, w)
+    b.fuse_experts_()
+    assert b.experts[1].gate_proj.weight.data_ptr() == b.fused[0][1].data_ptr()  # views, no copy
+    torch.testing.assert_close(b._grouped(x, w), dense, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(b(x), dense, atol=1e-6, rtol=1e-6)
 
 
 def test_anchored_model_starts_as_the_anchor_and_freezes_it():
@@ -192,3 +237,19 @@ def test_expert_model_lives_on_the_anchors_device():
     anchored_expert_model(model, rows, rows.clone())
     where = {t.device.type for t in [*model.parameters(), *model.buffers()]}
     assert where == {"meta"}
+
+
+def test_forward_has_no_graph_breaks():
+    """No host synchronisation in the forward: dynamo traces training (top-2 of 2) and masked grouped
+    inference (bf16, per-sequence masks, recording) as single graphs."""
+    train = _block(2, 2).train()
+    x = torch.randn(2, 5, H)
+    torch._dynamo.reset()
+    assert torch._dynamo.explain(train)(x).graph_break_count == 0
+    infer = _block(4, 2).eval()
+    infer.experts.to(torch.bfloat16)
+    infer.fuse_experts_()
+    torch._dynamo.reset()
+    with routing(Routing(mask=torch.tensor([[1, 1, 0, 1], [1, 0, 1, 1]], dtype=torch.bool), record=True)):
+        e = torch._dynamo.explain(infer)(x.bfloat16())
+    assert e.graph_break_count == 0 and e.graph_count == 1

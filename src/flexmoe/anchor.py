@@ -11,14 +11,29 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from transformers import AutoConfig, AutoModelForCausalLM, Olmo2Config, Olmo2ForCausalLM
 
+from flexmoe.data import blocks_for, load_splits, read_training_documents
 from flexmoe.errors import FlexmoeError
-from flexmoe.fileio import atomic_dir, read_json, write_json
+from flexmoe.fileio import atomic_dir, check_output_dir, read_json, write_json
+from flexmoe.router_init import DEFAULT_EMBEDDER, publish
+from flexmoe.tokenizer import load_tokenizer, train_tokenizer
+from flexmoe.training import (
+    PackedBlocks,
+    RunOptions,
+    Stage,
+    TrainConfig,
+    clear_checkpoint,
+    decay_groups,
+    init_distributed,
+    is_main,
+    train,
+)
 
 FAMILIES = {"olmo2": "olmo2", "llama": "llama", "mistral": "llama", "qwen2": "llama"}
 ANCHOR_META = "flexmoe_anchor.json"
@@ -58,7 +73,6 @@ def preset(name: str) -> Preset:
 def olmo2_config(p: Preset, tokenizer=None):
     """An OLMo 2 config for a preset, with the tokenizer's vocabulary and special-token ids (without a
     tokenizer: the preset's vocabulary size and ids 0/1/2, as benchmarks on random tokens need)."""
-    from transformers import Olmo2Config
 
     ids = (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) if tokenizer else (0, 1, 2)
     return Olmo2Config(
@@ -103,7 +117,6 @@ def resolve(name_or_path: str | Path) -> Path:
 
 
 def load_config(path: Path):
-    from transformers import AutoConfig
 
     if not (path / "config.json").is_file():
         raise FlexmoeError(f"{path} has no config.json.", "pass a Hugging Face model directory.")
@@ -123,7 +136,6 @@ def family(config) -> str:
 
 def load_anchor(name_or_path: str | Path, dtype: torch.dtype | str = torch.float32):
     """Load a dense anchor as an HF causal LM, checked to be a supported dense decoder."""
-    from transformers import AutoModelForCausalLM
 
     path = resolve(name_or_path)
     family(load_config(path))
@@ -232,90 +244,64 @@ def unigram_loss(train_blocks: torch.Tensor, valid_blocks: torch.Tensor, vocab_s
     return float(-logp[valid_blocks[:, 1:].flatten()].mean())
 
 
+@dataclass
+class AnchorTrainSettings:
+    """``flexmoe anchor pretrain``'s settings besides its paths (recorded in the anchor's summary)."""
+
+    preset: str = "tiny"
+    seed: int = 0
+    steps: int | None = None  # None: the preset's
+    vocab_size: int | None = None
+    embedder: str | None = "default"  # published router init ("default": all-MiniLM-L6-v2 if installed)
+    compile: bool | None = None  # per-decoder-layer torch.compile; None: on CUDA only
+    resume: bool = False
+    force: bool = False
+    quiet: bool = False
+    stop_after: int | None = None  # tests: end after this many steps, as an interruption would
+
+
 def pretrain(
     data: Path,
     out: Path,
-    preset_name: str = "tiny",
+    preset_name: str | None = None,
     *,
-    seed: int = 0,
-    steps: int | None = None,
-    vocab_size: int | None = None,
-    resume: bool = False,
-    force: bool = False,
-    quiet: bool = False,
-    embedder: str | None = "default",
+    settings: AnchorTrainSettings | None = None,
+    **overrides,
 ) -> dict:
     """Train a tokenizer and a dense OLMo 2 model from scratch on public data; write an HF checkpoint.
 
+    ``settings`` (or keyword ``overrides`` of its fields; ``preset_name`` sets ``preset``) say how.
     Returns a summary with the validation loss and the unigram baseline's loss on the same data.
-    ``embedder`` is the sentence embedder behind the published router init ("default": the shipped
-    all-MiniLM-L6-v2 when installed; None: hidden-state and random router init only).
     """
-    from transformers import Olmo2ForCausalLM
-
-    from flexmoe.data import blocks_for, load_splits
-    from flexmoe.fileio import check_output_dir
-    from flexmoe.tokenizer import load_tokenizer, train_tokenizer
-    from flexmoe.training import TrainConfig, clear_checkpoint, init_distributed, is_main, train
-
+    s = replace(settings or AnchorTrainSettings(), **overrides)
+    s = replace(s, preset=preset_name) if preset_name else s
     out = Path(out)
     # Work files of an unfinished run live beside the output: the tokenizer (trained once, so that a
     # resumed run tokenises identically) and the latest checkpoint.
     work = out.parent / f".{out.name}.work"
-    ckpt = work / "checkpoint"
-    if not resume:
-        check_output_dir(out, force)
-        if force:
+    if not s.resume:
+        check_output_dir(out, s.force)
+        if s.force:
             clear_checkpoint(work)
-    p = preset(preset_name)
+    p = preset(s.preset)
     splits = load_splits([data])
     device = init_distributed()
-    torch.manual_seed(seed)
-    if resume and (work / "tokenizer").is_dir():
-        tok = load_tokenizer(work / "tokenizer")
-    else:
-        tok = train_tokenizer(splits.train, vocab_size or p.vocab_size)
-        if is_main():
-            with atomic_dir(work / "tokenizer", force=True) as tmp:
-                tok.save_pretrained(str(tmp))
+    torch.manual_seed(s.seed)
+    tok = _pretrain_tokenizer(splits.train, work, s, p)
     train_blocks = blocks_for(splits.train, tok, p.seq_len)
     valid_blocks = blocks_for(splits.valid, tok, p.seq_len)
     model = Olmo2ForCausalLM(olmo2_config(p, tok)).to(device)
-    n_steps = steps or p.steps
-    cfg = TrainConfig(
-        steps=n_steps,
-        batch_size=p.batch_size,
-        seq_len=p.seq_len,
-        lr=p.lr,
-        warmup_steps=min(p.warmup_steps, max(1, n_steps // 10)),
-        weight_decay=0.1,
-        eval_every=max(1, n_steps // 4),
-        checkpoint_every=max(1, n_steps // 10),
-        seed=seed,
-        log_every=max(1, n_steps // 20),
-    )
-    decay = [p_ for n, p_ in model.named_parameters() if p_.ndim >= 2 and "embed" not in n]
-    no_decay = [p_ for n, p_ in model.named_parameters() if p_.ndim < 2 or "embed" in n]
-    groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
-    result = train(
-        model,
-        train_blocks,
-        valid_blocks,
-        cfg,
-        param_groups=groups,
-        checkpoint_dir=ckpt,
-        resume=resume,
-        desc="anchor",
-        quiet=quiet,
-        device=device,
-    )
+    cfg = _pretrain_config(p, s)
+    stage = Stage(PackedBlocks(train_blocks), valid_blocks, select=decay_groups, desc="anchor")
+    run = RunOptions(work / "checkpoint", s.resume, s.stop_after, s.quiet, device)
+    result = train(model, cfg, stage, run)
     if result.final_valid_loss is None:  # interrupted on purpose (tests) or stopped early
         return {"finished": False, "step": result.history[-1]["step"] if result.history else 0}
     unigram = unigram_loss(train_blocks, valid_blocks, len(tok))
     summary = {
         "finished": True,
-        "preset": preset_name,
-        "seed": seed,
+        "preset": s.preset,
+        "seed": s.seed,
         "train_config": asdict(cfg),
         "valid_loss": result.final_valid_loss,
         "valid_perplexity": math.exp(result.final_valid_loss),
@@ -330,11 +316,39 @@ def pretrain(
             tok.save_pretrained(str(tmp))
             write_json(tmp / ANCHOR_META, summary)
             publish_router_init(
-                tmp, model, tok, splits.train, embedder=embedder, seq_len=p.seq_len, n_docs=p.router_docs
+                tmp, model, tok, splits.train, embedder=s.embedder, seq_len=p.seq_len, n_docs=p.router_docs
             )
         clear_checkpoint(work)
         summary["fingerprint"] = fingerprint(out)
     return summary
+
+
+def _pretrain_tokenizer(docs: list[str], work: Path, s: AnchorTrainSettings, p: Preset):
+    """The run's tokenizer: trained once and kept in the work directory, so a resumed run reuses it."""
+    if s.resume and (work / "tokenizer").is_dir():
+        return load_tokenizer(work / "tokenizer")
+    tok = train_tokenizer(docs, s.vocab_size or p.vocab_size)
+    if is_main():
+        with atomic_dir(work / "tokenizer", force=True) as tmp:
+            tok.save_pretrained(str(tmp))
+    return tok
+
+
+def _pretrain_config(p: Preset, s: AnchorTrainSettings) -> TrainConfig:
+    n_steps = s.steps or p.steps
+    return TrainConfig(
+        steps=n_steps,
+        batch_size=p.batch_size,
+        seq_len=p.seq_len,
+        lr=p.lr,
+        warmup_steps=min(p.warmup_steps, max(1, n_steps // 10)),
+        weight_decay=0.1,
+        eval_every=max(1, n_steps // 4),
+        checkpoint_every=max(1, n_steps // 10),
+        seed=s.seed,
+        log_every=max(1, n_steps // 20),
+        compile=s.compile,
+    )
 
 
 def default_embedder() -> str | None:
@@ -344,8 +358,6 @@ def default_embedder() -> str | None:
         import sentence_transformers  # noqa: F401
     except ImportError:
         return None
-    from flexmoe.router.embed import DEFAULT_EMBEDDER
-
     return DEFAULT_EMBEDDER
 
 
@@ -360,11 +372,26 @@ def publish_router_init(
     n_docs: int = 1000,
 ) -> dict:
     """Publish ``r_pub`` (every router-init method) and the embedder projection next to the anchor."""
-    from flexmoe.router.embed import publish
-
     if embedder == "default":
         embedder = default_embedder()
     model.eval()
     return publish(
-        Path(anchor_dir), model, tokenizer, public_docs, embedder=embedder, seq_len=seq_len, n_docs=n_docs
+        Path(anchor_dir),
+        model,
+        tokenizer,
+        public_docs,
+        anchor_fingerprint=fingerprint(anchor_dir),
+        embedder=embedder,
+        seq_len=seq_len,
+        n_docs=n_docs,
     )
+
+
+def publish_router_init_for(
+    anchor: Path, public: list[Path], embedder: str | None = "default", n_docs: int = 1000, seq_len: int = 256
+) -> dict:
+    """``publish_router_init`` for an anchor directory, from public documents on disk."""
+    model = load_anchor(anchor)
+    tok = load_tokenizer(anchor)
+    docs = read_training_documents(public)
+    return publish_router_init(anchor, model, tok, docs, embedder=embedder, seq_len=seq_len, n_docs=n_docs)

@@ -12,7 +12,26 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from flexmoe.anchor import AnchorTrainSettings, inspect, pretrain, publish_router_init_for
+from flexmoe.audit.extraction import ExtractionConfig
+from flexmoe.audit.pipeline import AuditSizes, canary_audit
+from flexmoe.compose import add, compose, remove, update
+from flexmoe.corpora import build_demo_corpora
+from flexmoe.demo import run_demo
 from flexmoe.errors import FlexmoeError
+from flexmoe.evaluate.composition import CompositionSetup, evaluate_composition
+from flexmoe.evaluate.report import composition_table, markdown
+from flexmoe.evaluate.run import evaluate_lm, load_lm, seq_len_of
+from flexmoe.expert.package import package_bytes, verify
+from flexmoe.expert.privacy import DPSettings
+from flexmoe.expert.train import ExpertSpec, ExpertTrainSettings, train_expert
+from flexmoe.fileio import write_json
+from flexmoe.router.calibrate import calibrator
+from flexmoe.router.proxy import select_proxy
+from flexmoe.router.train import RouterTrainSettings, train_router
+from flexmoe.runtime import from_pretrained, generate, routing_shares
+from flexmoe.serve.cli import register as register_serve
+from flexmoe.training import is_main
 
 console = Console(highlight=False, soft_wrap=True)
 app = typer.Typer(
@@ -41,6 +60,7 @@ router_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(router_app, name="router")
+register_serve(app)  # serve, owners, audit-log, ledger
 
 
 def _print_json(obj) -> None:
@@ -50,13 +70,16 @@ def _print_json(obj) -> None:
 @data_app.command("demo")
 def data_demo(
     out: Path = typer.Option(..., "--out", help="Directory to create (one sub-directory per domain)."),
-    size_mb: float = typer.Option(2.0, help="Approximate megabytes of text per domain."),
+    size_mb: float = typer.Option(
+        None, help="Approximate megabytes of text per domain (default: 2 for demo, 1 for measure)."
+    ),
     force: bool = typer.Option(False, help="Replace --out if it exists."),
+    federation: str = typer.Option(
+        "demo", help="demo (public, code, math, legal) or measure (9 owners; for measurement only)."
+    ),
 ) -> None:
-    """Build the embedded demo corpora (public, code, math, legal), offline and deterministic."""
-    from flexmoe.corpora import build_demo_corpora
-
-    stats = build_demo_corpora(out, size_mb=size_mb, force=force)
+    """Build an embedded federation (a broad public pool and owners), offline and deterministic."""
+    stats = build_demo_corpora(out, size_mb=size_mb, force=force, federation=federation)
     for domain, s in stats.items():
         console.print(f"{domain:8s} " + "  ".join(f"{k} {v:,}" for k, v in s.items()))
     console.print(f"wrote {out}")
@@ -72,13 +95,17 @@ def anchor_train(
     seed: int = typer.Option(0, help="Random seed (weights and data order)."),
     steps: int = typer.Option(None, help="Override the preset's number of optimiser steps."),
     vocab_size: int = typer.Option(None, help="Override the preset's tokenizer vocabulary size."),
+    compile: bool = typer.Option(
+        None, "--compile/--no-compile", help="torch.compile each decoder layer (default: on GPUs only)."
+    ),
     resume: bool = typer.Option(False, help="Continue an interrupted run from its last checkpoint."),
     force: bool = typer.Option(False, help="Replace --out (and any interrupted run) if it exists."),
 ) -> None:
     """Pretrain a dense OLMo 2 anchor and its byte-level BPE tokenizer from scratch."""
-    from flexmoe.anchor import pretrain
-
-    s = pretrain(data, out, preset, seed=seed, steps=steps, vocab_size=vocab_size, resume=resume, force=force)
+    settings = AnchorTrainSettings(
+        preset, seed, steps, vocab_size, compile=compile, resume=resume, force=force
+    )
+    s = pretrain(data, out, settings=settings)
     if s.get("finished"):
         console.print(
             f"validation loss {s['valid_loss']:.4f} (perplexity {s['valid_perplexity']:.1f}); "
@@ -94,8 +121,6 @@ def anchor_inspect(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """Architecture, parameter counts (shared vs FFN) and the anchor fingerprint."""
-    from flexmoe.anchor import inspect
-
     info = inspect(anchor)
     if as_json:
         _print_json(info)
@@ -125,20 +150,8 @@ def anchor_router_init(
     seq_len: int = typer.Option(256, help="Tokens per document used for the anchor's hidden states."),
 ) -> None:
     """Publish the public router row and embedder projection next to an existing anchor."""
-    from flexmoe.anchor import load_anchor, publish_router_init
-    from flexmoe.data import read_training_documents
-    from flexmoe.tokenizer import load_tokenizer
-
-    model = load_anchor(anchor)
-    meta = publish_router_init(
-        anchor,
-        model,
-        load_tokenizer(anchor),
-        read_training_documents(public),
-        embedder=None if embedder == "none" else embedder,
-        seq_len=seq_len,
-        n_docs=n_docs,
-    )
+    emb = None if embedder == "none" else embedder
+    meta = publish_router_init_for(anchor, public, emb, n_docs, seq_len)
     console.print(f"published router init for {', '.join(meta['methods'])} from {meta['n_docs']} documents")
 
 
@@ -192,16 +205,22 @@ def expert_train(
         "--dp-clipping",
         help="Per-sample gradients: auto (hooks; ghost clipping on a GPU short of memory), hooks, ghost.",
     ),
+    early_stop: int = typer.Option(
+        3,
+        "--early-stop",
+        help="Stop after this many validations (10 per run) without a better held-out loss and keep the "
+        "best weights; 0 = off.",
+    ),
+    compile: bool = typer.Option(
+        None, "--compile/--no-compile", help="torch.compile each decoder layer (default: on GPUs only)."
+    ),
     resume: bool = typer.Option(False, help="Continue an interrupted run from its last checkpoint."),
     force: bool = typer.Option(False, help="Replace --out (and any interrupted run) if it exists."),
 ) -> None:
     """Train one expert against the frozen anchor (works under torchrun for several processes/GPUs)."""
-    from flexmoe.expert.privacy import DPConfig
-    from flexmoe.expert.train import ExpertSpec, train_expert
-
     dp = None
     if dp_epsilon is not None:
-        dp = DPConfig(
+        dp = DPSettings(
             epsilon=dp_epsilon,
             delta=dp_delta,
             max_grad_norm=dp_max_grad_norm,
@@ -219,31 +238,31 @@ def expert_train(
         bias_init=bias_init,
         public_row=public_row,
     )
-    m = train_expert(
-        anchor,
-        data,
-        name,
-        out,
-        preset,
+    settings = ExpertTrainSettings(
+        preset=preset,
         spec=spec,
         steps=steps,
         batch_size=batch_size,
         seq_len=seq_len,
         lr=lr,
         seed=seed,
-        resume=resume,
-        force=force,
         public=public or None,
         public_mix=public_mix,
         fsdp=fsdp,
         activation_checkpointing=activation_checkpointing,
+        compile=compile,
+        early_stop=early_stop,
         dp=dp,
+        resume=resume,
+        force=force,
     )
-    from flexmoe.training import is_main
+    m = train_expert(anchor, data, name, out, settings=settings)
 
     if m.get("finished") and "valid_loss" in m and is_main():
         v = m["valid_loss"]
         console.print(f"held-out loss on {name}'s data: anchor {v['anchor']:.4f} -> expert {v['expert']:.4f}")
+        if m.get("stopped_early"):
+            console.print(f"stopped early: kept the weights of step {m['best_step']}")
         console.print(f"wrote {out}  ({m['tokens_seen']:,} tokens in {m['seconds']:.0f}s)")
         if m.get("dp"):
             console.print(_dp_line(m["dp"]))
@@ -266,8 +285,6 @@ def expert_inspect(
     as_json: bool = typer.Option(False, "--json", help="Print the whole manifest as JSON."),
 ) -> None:
     """Print an expert package's manifest and verify its hashes (fails on tampering)."""
-    from flexmoe.expert.package import package_bytes, verify
-
     m = verify(package)
     if as_json:
         _print_json(m)
@@ -311,8 +328,6 @@ def expert_proxy(
     force: bool = typer.Option(False, help="Replace --out if it exists."),
 ) -> None:
     """Data owner: select public documents resembling the private data (for router training)."""
-    from flexmoe.router.proxy import select_proxy
-
     r = select_proxy(
         private,
         public,
@@ -357,8 +372,6 @@ def compose_cmd(
     force: bool = typer.Option(False, help="Replace --out if it exists."),
 ) -> None:
     """Maintainer: compose expert packages into one MoE (HF flex_olmo for OLMo 2 anchors)."""
-    from flexmoe.compose import compose
-
     cal = _calibration(calibrate, public)
     _summary(
         compose(
@@ -368,13 +381,13 @@ def compose_cmd(
     )
 
 
-def _calibration(calibrate: bool, public: list[Path] | None) -> list[Path] | None:
-    """The public documents to calibrate on, or None; --public alone is a mistake worth naming."""
+def _calibration(calibrate: bool, public: list[Path] | None):
+    """A calibrator on the public documents, or None; --public alone is a mistake worth naming."""
     if calibrate and not public:
         raise FlexmoeError("--calibrate needs public text.", "add --public PATH (the public corpus).")
     if public and not calibrate:
         raise FlexmoeError("--public is only used with --calibrate.", "add --calibrate, or drop --public.")
-    return list(public) if calibrate else None
+    return calibrator(public) if calibrate else None
 
 
 @app.command("add")
@@ -390,8 +403,6 @@ def add_cmd(
     force: bool = typer.Option(False, help="Replace --out if it exists."),
 ) -> None:
     """Maintainer: add a late-joining owner's expert without retraining anyone."""
-    from flexmoe.compose import add
-
     _summary(
         add(model, expert, out, top_k=top_k, force=force, calibrate=_calibration(calibrate, public)), out
     )
@@ -409,8 +420,6 @@ def update_cmd(
     force: bool = typer.Option(False, help="Replace --out if it exists."),
 ) -> None:
     """Maintainer: replace a named expert by a newer package; other experts stay bit-identical."""
-    from flexmoe.compose import update
-
     _summary(update(model, expert, out, force=force, calibrate=_calibration(calibrate, public)), out)
 
 
@@ -427,8 +436,6 @@ def remove_cmd(
     force: bool = typer.Option(False, help="Replace --out if it exists."),
 ) -> None:
     """Maintainer: physical opt-out; no parameter trained on that owner's data remains."""
-    from flexmoe.compose import remove
-
     cal = _calibration(calibrate, public)
     _summary(remove(model, expert, out, top_k=top_k, force=force, calibrate=cal), out)
 
@@ -450,23 +457,10 @@ def router_train_cmd(
     force: bool = typer.Option(False, help="Replace --out if it exists."),
 ) -> None:
     """Maintainer: train only the router rows on proxy sets + public text (experts stay frozen)."""
-    from flexmoe.router.train import train_router
-
-    meta = train_router(
-        model,
-        proxy or [],
-        public,
-        out,
-        steps=steps,
-        batch_size=batch_size,
-        seq_len=seq_len,
-        lr=lr,
-        weight_decay=weight_decay,
-        proxy_share=proxy_share,
-        seed=seed,
-        resume=resume,
-        force=force,
+    settings = RouterTrainSettings(
+        steps, batch_size, seq_len, lr, weight_decay, proxy_share, seed=seed, resume=resume, force=force
     )
+    meta = train_router(model, proxy or [], public, out, settings=settings)
     if meta:
         v = meta["router_training"]["valid_loss"]
         console.print(f"public validation loss {v['before']:.4f} -> {v['after']:.4f}")
@@ -487,8 +481,6 @@ def generate_cmd(
     seed: int = typer.Option(0, help="Sampling seed."),
 ) -> None:
     """Model user: stream a continuation using any subset of experts."""
-    from flexmoe.runtime import from_pretrained, generate
-
     c = from_pretrained(model, include=_names(include), exclude=_names(exclude), use_bias=use_bias)
     console.print(prompt, end="")
     generate(c, prompt, max_new_tokens, stream=True, temperature=temperature, seed=seed)
@@ -504,8 +496,6 @@ def route_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Model user: the share of routing weight each expert received (over tokens and layers)."""
-    from flexmoe.runtime import from_pretrained, routing_shares
-
     c = from_pretrained(model, include=_names(include), exclude=_names(exclude), use_bias=use_bias)
     shares = routing_shares(c, text)
     if as_json:
@@ -545,15 +535,9 @@ def eval_cmd(
 ) -> None:
     """Perplexity per domain (with bootstrap intervals) and tasks if any; or, with --composition,
     how much of each owner's gain survives composition and what opt-out removes."""
-    from flexmoe.evaluate.run import evaluate_lm, load_lm, seq_len_of
-    from flexmoe.fileio import write_json
-
     if limit is not None and limit < 1:
         raise FlexmoeError(f"--limit {limit} is below 1.", "pass a positive number of documents/items.")
     if composition:
-        from flexmoe.evaluate.composition import CompositionSetup, evaluate_composition
-        from flexmoe.evaluate.report import composition_table
-
         setup = CompositionSetup(
             model, data, _names(owner), public, anchor, expert or (), seq_len or seq_len_of(model),
             max_blocks, limit,
@@ -590,9 +574,6 @@ def demo_cmd(
     preset: str = typer.Option("tiny", help="tiny (2 CPU cores, ~15 min) or small (GPU)."),
 ) -> None:
     """The whole federation end to end, offline, with baselines, opt-out and a report."""
-    from flexmoe.demo import run_demo
-    from flexmoe.evaluate.report import markdown
-
     report = run_demo(workdir, preset)
     console.print(markdown(report))
     console.print(f"wrote {workdir}/report.json, report.md, report.png")
@@ -613,12 +594,6 @@ def audit_extraction(
     out: Path = typer.Option(None, "--out", help="Write the result as JSON here."),
 ) -> None:
     """The FlexOlmo paper's extraction attack: share of documents whose continuation is regenerated."""
-    from flexmoe.audit.extraction import ExtractionConfig, extraction_attack
-    from flexmoe.data import load_splits
-    from flexmoe.evaluate.run import load_lm
-    from flexmoe.fileio import write_json
-
-    lm = load_lm(model, _names(include), _names(exclude))
     cfg = ExtractionConfig(
         prefix_tokens=prefix_tokens,
         suffix_tokens=suffix_tokens,
@@ -627,7 +602,8 @@ def audit_extraction(
         threshold=threshold,
         seed=seed,
     )
-    r = extraction_attack(lm, load_splits(data).train, cfg, progress=lambda m: console.print(f"  {m}"))
+    progress = lambda m: console.print(f"  {m}")  # noqa: E731
+    r = audit_extraction(model, data, _names(include), _names(exclude), cfg, progress)
     lo, hi = r["ci95"]
     console.print(
         f"extracted {r['extracted']} of {r['documents']} documents: rate {100 * r['rate']:.1f}% "
@@ -663,9 +639,6 @@ def audit_canaries(
 ) -> None:
     """Plant secret canaries into an owner's data, train, and measure exposure, membership AUC and
     extraction for the dense expert, the FlexOlmo expert, DP experts and the composed model."""
-    from flexmoe.audit.extraction import ExtractionConfig
-    from flexmoe.audit.pipeline import AuditSizes, canary_audit
-
     sizes = AuditSizes(
         candidates=candidates,
         extraction=ExtractionConfig(documents=extraction_documents, suffix_tokens=64, samples=4, seed=seed)
@@ -712,11 +685,7 @@ def audit_exposure(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Exposure (bits) of planted canaries under a model; controls show chance level."""
-    from flexmoe.audit.canaries import exposure, load_canaries
-    from flexmoe.evaluate.run import load_lm
-
-    cs, length = load_canaries(canaries)
-    r = exposure(load_lm(model, _names(include), _names(exclude)), cs, length, candidates)
+    r = audit_exposure(model, canaries, _names(include), _names(exclude), candidates)
     if as_json:
         _print_json(r)
         return
@@ -739,13 +708,9 @@ def audit_membership(
     max_documents: int = typer.Option(500, help="Documents per side."),
 ) -> None:
     """Loss-based membership inference: AUC of training vs held-out documents (0.5 = chance)."""
-    from flexmoe.audit.membership import membership_auc
-    from flexmoe.data import read_documents
-    from flexmoe.evaluate.run import load_lm
-
-    lm = load_lm(model, _names(include), _names(exclude))
-    ins, outs = read_documents(members)[:max_documents], read_documents(non_members)[:max_documents]
-    r = membership_auc(lm, ins, outs, max_tokens)
+    r = audit_membership(
+        model, members, non_members, _names(include), _names(exclude), max_tokens, max_documents
+    )
     lo, hi = r["ci95"]
     console.print(
         f"membership AUC {r['auc']:.3f} (95% CI {lo:.3f}-{hi:.3f}; {r['members']} members, "

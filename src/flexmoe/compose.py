@@ -31,11 +31,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from flexmoe import __version__
-from flexmoe.anchor import FAMILIES, fingerprint
+from flexmoe.anchor import FAMILIES, fingerprint, resolve
 from flexmoe.checkpoint import DEFAULT_SHARD_BYTES, ShardWriter, StateReader, TensorReader, weight_hashes
 from flexmoe.errors import FlexmoeError
 from flexmoe.expert import package as pkg
 from flexmoe.fileio import atomic_dir, read_json, write_json
+from flexmoe.moe import decoder_layers
 
 FLEXMOE_JSON = "flexmoe.json"
 BIAS_FILE = "flexmoe_bias.safetensors"
@@ -48,6 +49,10 @@ TOKENIZER_FILES = (
     "generation_config.json",
 )
 REMOTE_CODE = Path(__file__).parent / "hf_remote" / "modeling_flexmoe.py"
+CALIBRATION_FILE = "flexmoe_calibration.safetensors"  # the trained public row of a calibrated model
+# Writes a composed model with a recalibrated router: (tmp, write_model, shared, experts, config, top_k,
+# meta, source_dir, max_shard_bytes) -> flexmoe.json. Made by flexmoe.router.calibrate.calibrator.
+Calibrator = Callable[..., dict]
 
 
 def default_top_k(num_experts: int) -> int:
@@ -281,13 +286,13 @@ def compose(
     top_k: int | None = None,
     force: bool = False,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-    calibrate: Sequence[Path] | None = None,
+    calibrate: Calibrator | None = None,
 ) -> dict:
     """Compose the anchor and expert packages into one model at ``out``. Returns ``flexmoe.json``.
 
-    ``calibrate`` (public documents) recalibrates the router for this set of experts
-    (``flexmoe.router.calibrate``)."""
-    from flexmoe.anchor import resolve
+    ``calibrate`` (``flexmoe.router.calibrate.calibrator(public_paths)``) recalibrates the router for
+    this set of experts."""
+    _check_calibrator(calibrate)
 
     anchor = resolve(anchor)
     if not packages:
@@ -327,16 +332,20 @@ def _write(
     meta: dict,
     source_dir: Path,
     max_shard_bytes: int,
-    calibrate: Sequence[Path] | None,
+    calibrate: Calibrator | None,
 ) -> dict:
-    """``write_model``, or with ``calibrate`` (public documents) its calibrated variant."""
+    """``write_model``, or with ``calibrate`` its calibrated variant."""
     if calibrate is None:
         return write_model(tmp, shared, experts, config, top_k, meta, source_dir, max_shard_bytes)
-    from flexmoe.router.calibrate import write_calibrated
+    return calibrate(tmp, write_model, shared, experts, config, top_k, meta, source_dir, max_shard_bytes)
 
-    return write_calibrated(
-        tmp, write_model, shared, experts, config, top_k, meta, source_dir, max_shard_bytes, calibrate
-    )
+
+def _check_calibrator(calibrate) -> None:
+    if calibrate is not None and not callable(calibrate):
+        raise FlexmoeError(
+            "calibrate= takes a calibrator, not a list of paths.",
+            "pass flexmoe.router.calibrate.calibrator(public_paths).",
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -351,14 +360,27 @@ def load_meta(model: Path) -> dict:
     return read_json(Path(model) / FLEXMOE_JSON)
 
 
+def trained_public_row(model: Path) -> Callable[[int], torch.Tensor] | None:
+    """The public row before calibration, if ``model`` was calibrated (``flexmoe.router.calibrate``)."""
+    f = Path(model) / CALIBRATION_FILE
+    if not f.is_file():
+        return None
+    rows = load_file(str(f))
+    return lambda i: rows[f"model.layers.{i}.mlp.gate.trained_public_row"]
+
+
+def training_seq_len(meta: dict, default: int = 256) -> int:
+    """The sequence length the owners trained with (the longest, if they differ)."""
+    lens = [e["manifest"].get("training", {}).get("seq_len") for e in meta["experts"][1:]]
+    return max([x for x in lens if x] or [default])
+
+
 def _current(model: Path) -> tuple[TensorReader, dict, list[Expert]]:
     model = Path(model)
     meta = load_meta(model)
     reader = TensorReader(model)
     biases = load_file(str(model / BIAS_FILE))
     experts = [composed_expert(reader, meta, biases, e) for e in range(len(meta["experts"]))]
-    from flexmoe.router.calibrate import trained_public_row
-
     # A calibration holds only for the experts it was solved for: start again from the trained row.
     trained = trained_public_row(model)
     if trained is not None:
@@ -375,12 +397,13 @@ def _rewrite(
     top_k: int | None,
     force: bool,
     max_shard_bytes: int,
-    calibrate: Sequence[Path] | None = None,
+    calibrate: Calibrator | None = None,
 ) -> dict:
     if Path(out).resolve() == Path(model).resolve():
         raise FlexmoeError(
             "--out is the input model.", "write to a new directory; the input stays untouched."
         )
+    _check_calibrator(calibrate)
     reader = TensorReader(model)
     k = resolve_top_k(top_k if top_k is not None else meta["top_k"], len(experts))
     new_meta = {
@@ -412,7 +435,7 @@ def remove(
     top_k: int | None = None,
     force: bool = False,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-    calibrate: Sequence[Path] | None = None,
+    calibrate: Calibrator | None = None,
 ) -> dict:
     """Opt-out: a new model without expert ``name`` (no parameter trained on its data remains).
 
@@ -442,7 +465,7 @@ def add(
     top_k: int | None = None,
     force: bool = False,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-    calibrate: Sequence[Path] | None = None,
+    calibrate: Calibrator | None = None,
 ) -> dict:
     """A new model with one more expert (an owner joining late); existing experts are untouched.
 
@@ -460,7 +483,7 @@ def update(
     *,
     force: bool = False,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-    calibrate: Sequence[Path] | None = None,
+    calibrate: Calibrator | None = None,
 ) -> dict:
     """A new model where the expert of the same name is replaced by a newer package, in place."""
     reader, meta, experts = _current(model)
@@ -525,8 +548,6 @@ def export(
 
     ``source_dir`` provides the tokenizer files; ``meta`` must hold ``anchor`` and ``history``.
     """
-    from flexmoe.moe import decoder_layers
-
     layers = decoder_layers(model)
     shared = StateReader({k: v.detach() for k, v in model.state_dict().items() if ".mlp." not in k})
     experts = [

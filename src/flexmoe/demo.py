@@ -13,16 +13,31 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import torch
 from rich.console import Console
 
+from flexmoe.anchor import default_embedder, load_anchor, load_config, pretrain
+from flexmoe.audit.demo import PRIVACY_PRESETS, PrivacyRun, plant_demo_canaries, privacy_section
+from flexmoe.compose import compose, load_meta, remove
+from flexmoe.corpora import build_demo_corpora
+from flexmoe.errors import FlexmoeError
+from flexmoe.evaluate import baselines as B
+from flexmoe.evaluate.composition import CompositionSetup, evaluate_composition
+from flexmoe.evaluate.metrics import HFLM
+from flexmoe.evaluate.report import composition_table, headline, write_report
+from flexmoe.evaluate.run import evaluate_lm, load_lm
+from flexmoe.evaluate.tasks import load_tasks
+from flexmoe.expert.train import EXPERT_PRESETS, ExpertSpec, train_expert
 from flexmoe.fileio import save_pretrained_atomic
+from flexmoe.router.calibrate import calibrator
+from flexmoe.router.proxy import select_proxy
+from flexmoe.router.train import train_router
+from flexmoe.tokenizer import load_tokenizer
 
 OWNERS = ("code", "math", "legal")
 
 
 def device() -> str:
-    import torch
-
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -74,12 +89,9 @@ def run_demo(
     workdir: Path, preset: str = "tiny", *, quiet: bool = False, overrides: dict | None = None
 ) -> dict:
     """Run (or continue) the demo in ``workdir``; returns the report (also written to disk)."""
-    from flexmoe.errors import FlexmoeError
-
     if preset not in DEMO_PRESETS:
         raise FlexmoeError(f"Unknown demo preset {preset!r}.", f"use one of {', '.join(DEMO_PRESETS)}.")
     p = replace(DEMO_PRESETS[preset], **(overrides or {}))
-    from flexmoe.anchor import default_embedder
 
     if p.router_init == "embed" and default_embedder() is None:  # e.g. a GPU box without flexmoe[embed]
         p = replace(p, router_init="hidden")
@@ -89,17 +101,12 @@ def run_demo(
     data, anchor = workdir / "data", workdir / "anchor"
     models = workdir / "models"
     if not data.exists():
-        from flexmoe.corpora import build_demo_corpora
-
         steps.run("corpora", build_demo_corpora, data, size_mb=p.size_mb)
-    from flexmoe.audit.demo import PRIVACY_PRESETS, plant_demo_canaries, privacy_section
 
     privacy = PRIVACY_PRESETS.get(preset)
     if privacy is not None:  # before any owner trains: the audit needs secrets in the training data
         plant_demo_canaries(workdir, data, privacy)
     if not anchor.exists():
-        from flexmoe.anchor import pretrain
-
         embedder = "default" if p.router_init == "embed" else None
         steps.run(
             "anchor",
@@ -117,18 +124,12 @@ def run_demo(
     router_variants(models, anchor, data, packages, proxies, p, steps, quiet)
     lms = build_baselines(models, anchor, data, p, steps, quiet)
     report = evaluate_all(models, lms, data, anchor, p, steps)
-    report["composition"], report["composition_detail"] = composition_section(
-        models, anchor, data, packages, p, steps
-    )
-    from flexmoe.evaluate.report import headline
-
-    report["headline"] = headline(report["models"], inference_costs(anchor, models, p))
+    report.update(composition_section(report, models, anchor, data, packages, p, steps))
     if privacy is not None:
-        report["privacy"] = privacy_section(
+        run = PrivacyRun(
             workdir,
             data,
             anchor,
-            report,
             privacy,
             expert_preset=p.expert,
             router_init=p.router_init,
@@ -138,12 +139,12 @@ def run_demo(
             steps=steps,
             quiet=quiet,
         )
+        report["privacy"] = privacy_section(run, report)
         report["privacy"]["seconds"] = sum(
             v for k, v in steps.seconds.items() if k.startswith(("dp expert", "privacy:"))
         )
     report["preset"] = preset
     report["seconds"] = steps.seconds
-    from flexmoe.evaluate.report import write_report
 
     write_report(report, workdir)
     return report
@@ -153,8 +154,6 @@ def train_owner(
     workdir: Path, data: Path, anchor: Path, domain: str, p: DemoPreset, steps: Steps, quiet: bool
 ):
     """One data owner: its own directory holding only its own train/valid data, and its expert."""
-    from flexmoe.expert.train import ExpertSpec, train_expert
-
     home = workdir / "owners" / domain
     package = home / "expert"
     if not package.exists():
@@ -188,8 +187,6 @@ def train_owner(
 
 
 def compose_and_opt_out(models: Path, anchor: Path, packages: list[Path], steps: Steps) -> None:
-    from flexmoe.compose import compose, remove
-
     if not (models / "flexolmo").exists():
         steps.run("compose", compose, anchor, packages, models / "flexolmo")
     for d in OWNERS:
@@ -199,8 +196,6 @@ def compose_and_opt_out(models: Path, anchor: Path, packages: list[Path], steps:
 
 def select_owner_proxy(workdir: Path, domain: str, p: DemoPreset, steps: Steps, quiet: bool) -> Path:
     """The owner, on its own machine, picks public documents like its data; only those leave."""
-    from flexmoe.router.proxy import select_proxy
-
     home = workdir / "owners" / domain
     out = home / "proxy"
     if not out.exists():
@@ -239,9 +234,6 @@ def router_variants(
     steps: Steps,
     quiet: bool,
 ) -> None:
-    from flexmoe.compose import compose, remove
-    from flexmoe.router.train import train_router
-
     public = [data / "public"]
     rt, cal = models / "flexolmo_rt", models / "flexolmo_calibrated"
     if not rt.exists():
@@ -259,7 +251,7 @@ def router_variants(
         # Opt-out after router training: the owner's FFN and row go, the other trained rows stay.
         steps.run("opt-out", remove, rt, REMOVED, models / f"flexolmo_rt_without_{REMOVED}")
     if not cal.exists():
-        steps.run("calibrate", compose, anchor, packages, cal, calibrate=public)
+        steps.run("calibrate", compose, anchor, packages, cal, calibrate=calibrator(public))
     if not (models / f"flexolmo_calibrated_without_{REMOVED}").exists():
         steps.run(
             "calibrate",
@@ -267,18 +259,12 @@ def router_variants(
             cal,
             REMOVED,
             models / f"flexolmo_calibrated_without_{REMOVED}",
-            calibrate=public,
+            calibrate=calibrator(public),
         )
 
 
 def build_baselines(models: Path, anchor: Path, data: Path, p: DemoPreset, steps: Steps, quiet: bool) -> dict:
     """Dense experts, soup, BTM, BTX and the unrestricted MoE; returns in-memory LMs to evaluate."""
-    from flexmoe.anchor import load_anchor, load_config
-    from flexmoe.evaluate import baselines as B
-    from flexmoe.evaluate.metrics import HFLM
-    from flexmoe.expert.train import EXPERT_PRESETS
-    from flexmoe.tokenizer import load_tokenizer
-
     ep = EXPERT_PRESETS[p.expert]
     tok = load_tokenizer(anchor)
     base = load_anchor(anchor).to(device()).eval()
@@ -341,9 +327,6 @@ def build_baselines(models: Path, anchor: Path, data: Path, p: DemoPreset, steps
 
 
 def evaluate_all(models: Path, lms: dict, data: Path, anchor: Path, p: DemoPreset, steps: Steps) -> dict:
-    from flexmoe.evaluate.run import evaluate_lm, load_lm
-    from flexmoe.expert.train import EXPERT_PRESETS
-
     seq_len = EXPERT_PRESETS[p.expert].seq_len
     dev = device()  # in-memory baselines are already there; saved models load onto it too
     todo = {"public": lambda: load_lm(anchor, device=dev)}
@@ -376,7 +359,6 @@ def evaluate_all(models: Path, lms: dict, data: Path, anchor: Path, p: DemoPrese
             domains=("public", *OWNERS),
         )
         steps.console.print(f"   {name}: average {results[name]['average']:.1f}")
-    from flexmoe.evaluate.tasks import load_tasks
 
     items = {t: len(v[: p.eval_items] if p.eval_items else v) for t, v in load_tasks(data).items()}
     return {
@@ -389,14 +371,11 @@ def evaluate_all(models: Path, lms: dict, data: Path, anchor: Path, p: DemoPrese
 
 
 def composition_section(
-    models: Path, anchor: Path, data: Path, packages: list[Path], p: DemoPreset, steps: Steps
-) -> tuple[dict, dict]:
+    report: dict, models: Path, anchor: Path, data: Path, packages: list[Path], p: DemoPreset, steps: Steps
+) -> dict:
     """Issue 13's composition block for the composed model, measured by the one function that
-    ``flexmoe eval --composition`` uses; printed as a table."""
-    from flexmoe.evaluate.composition import CompositionSetup, evaluate_composition
-    from flexmoe.evaluate.report import composition_table
-    from flexmoe.expert.train import EXPERT_PRESETS
-
+    ``flexmoe eval --composition`` uses and printed as a table; and the headline comparison of the
+    evaluated ``report`` with intervals and inference cost."""
     setup = CompositionSetup(
         models / "flexolmo",
         data,
@@ -409,17 +388,17 @@ def composition_section(
     )
     r = steps.run("composition", evaluate_composition, setup)
     steps.console.print(composition_table(r["composition"]))
-    return r["composition"], {"perplexity": r["perplexity"], "how": r["how"]}
+    return {
+        "composition": r["composition"],
+        "composition_detail": {"perplexity": r["perplexity"], "how": r["how"]},
+        "headline": headline(report["models"], inference_costs(anchor, models, p)),
+    }
 
 
 def inference_costs(anchor: Path, models: Path, p: DemoPreset) -> dict:
     """Inference cost per token of the headline models (BTM runs every dense model)."""
-    from flexmoe.anchor import load_config
-    from flexmoe.compose import load_meta
-    from flexmoe.evaluate.baselines import inference_cost
-    from flexmoe.expert.train import EXPERT_PRESETS
-
     config, seq_len = load_config(anchor), EXPERT_PRESETS[p.expert].seq_len
+    inference_cost = B.inference_cost
     dense = inference_cost(config, "dense", seq_len)
     return {
         "public": dense,

@@ -1,6 +1,12 @@
 """The FlexOlmo FFN block: the anchor's dense FFN as expert 0 plus owner experts, one router row and
 one non-positive bias per expert, and masks for inference-time inclusion/exclusion.
 
+Masks and routing outputs are per call, never state on the block: a ``Routing`` object, made active with
+``with routing(Routing(mask=...)):`` around a model call, carries the mask (one per expert, per sequence
+``[B, E]`` or per token ``[B, S, E]``) in and the routing weights out. The decoder layers of the stock HF
+classes call ``layer.mlp(x)`` with nothing else, so the context travels beside the call (a ``ContextVar``:
+per thread and per asyncio task), and the stock ``flex_olmo`` export stays untouched.
+
 Routing semantics equal Hugging Face ``flex_olmo`` when every bias is zero: softmax over all experts in
 fp32, top-k, weights not renormalised. The block replaces ``layer.mlp`` of an OLMo 2 or Llama-family
 decoder layer, so it sees exactly what the dense FFN saw (OLMo 2: the raw residual stream; Llama: the
@@ -13,11 +19,17 @@ gradients (differential privacy) per sequence, never per token.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Iterator
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from flexmoe.parallel import decoder_layers, full
 
 
 def nonpositive(raw: torch.Tensor) -> torch.Tensor:
@@ -62,11 +74,64 @@ def routing_weights(logits: torch.Tensor, top_k: int, normalize_topk: bool = Fal
     return torch.zeros_like(probs).scatter(-1, top_i, top_v)
 
 
+@dataclass
+class Routing:
+    """What one model call routes with and what it routed.
+
+    ``mask``: bool, ``[E]`` for the whole batch, ``[B, E]`` per sequence or ``[B, S, E]`` per token;
+    False excludes an expert (its logit becomes -inf, which equals physically removing it).
+    With ``record``, ``weights`` is the sum over MoE layers of the routing weights, ``[B, S, E]``
+    (stays on the model's device: reading it is the caller's synchronisation, not the forward's).
+    """
+
+    mask: torch.Tensor | None = None
+    record: bool = False
+    weights: torch.Tensor | None = field(default=None, repr=False)
+
+    def add(self, weights: torch.Tensor) -> None:
+        w = weights.detach().float()
+        self.weights = w if self.weights is None else self.weights + w
+
+
+_ACTIVE: ContextVar[Routing | None] = ContextVar("flexmoe_routing", default=None)
+
+
+@contextlib.contextmanager
+def routing(r: Routing | None = None) -> Iterator[Routing]:
+    """Make ``r`` (a fresh ``Routing(record=True)`` by default) the routing of model calls inside."""
+    r = Routing(record=True) if r is None else r
+    token = _ACTIVE.set(r)
+    try:
+        yield r
+    finally:
+        _ACTIVE.reset(token)
+
+
+def active_routing() -> Routing | None:
+    """The ``Routing`` of the model call in progress, if one was made active."""
+    return _ACTIVE.get()
+
+
+def _mask_for(mask: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Broadcast a ``[E]``, ``[B, E]`` or ``[B, S, E]`` mask against ``[B, S, E]`` (or ``[T, E]``) logits."""
+    mask = mask.to(device=logits.device, dtype=torch.bool)
+    if mask.dim() == 2 and logits.dim() == 3:
+        mask = mask[:, None, :]
+    return mask
+
+
+def _grouped_mm_ok(x: torch.Tensor) -> bool:
+    """``torch._grouped_mm`` takes bf16 everywhere; fp32 only on the CPU and outside torch.compile."""
+    return x.dtype == torch.bfloat16 or (x.device.type == "cpu" and not torch.compiler.is_compiling())
+
+
 class FlexMoEBlock(nn.Module):
     """Mixture of full-size FFN experts with FlexOlmo routing.
 
-    ``experts[0]`` is the anchor's FFN. ``mask`` (bool, one per expert) excludes experts at inference:
-    their logits become -inf before the softmax, which equals physically removing them.
+    ``experts[0]`` is the anchor's FFN. The active ``Routing`` (if any) supplies the mask and collects
+    the routing weights. The forward never synchronises with the host: masked experts get zero weight
+    instead of being skipped, and top-k < E dispatches through one grouped matmul (``fuse_experts_``) or,
+    for blocks that were not fused, runs every expert densely.
     """
 
     def __init__(
@@ -81,44 +146,41 @@ class FlexMoEBlock(nn.Module):
         # FlexOlmo never renormalises (a lone owner expert must not get weight 1 by default); upcycled,
         # jointly trained MoEs (BTX, unrestricted) do, so that they start exactly at their dense parents.
         self.normalize_topk = normalize_topk
-        # On the rows' device: a CPU buffer in a GPU model breaks DDP's parameter/buffer broadcast.
-        device = rows[0].weight.device if rows else None
-        self.register_buffer(
-            "mask", torch.ones(len(experts), dtype=torch.bool, device=device), persistent=False
-        )
-        self.z_loss: torch.Tensor | None = None  # set on each forward in training mode
+        # Training-only auxiliary losses of the last training forward, read by the training loop.
+        self.z_loss: torch.Tensor | None = None
         self.z_tokens: torch.Tensor | None = None  # z-loss per token (x.shape[:-1]), same forwards
         self.balance_loss: torch.Tensor | None = None
-        self.last_weights: torch.Tensor | None = None  # routing weights of the last forward, if recording
-        self.record = False
+        # Views of the experts' weights stacked [E, out, in] (inference only, see fuse_experts_).
+        self.fused: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     @property
     def num_experts(self) -> int:
         return len(self.experts)
 
-    def router_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """fp32 router logits ``[..., E]`` including biases and masks."""
+    def router_logits(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """fp32 router logits ``[..., E]`` including biases and the mask (if given)."""
         logits = torch.cat([row(x) for row in self.router], dim=-1)
-        if not bool(self.mask.all()):
-            logits = logits.masked_fill(~self.mask, float("-inf"))
+        if mask is not None:
+            logits = logits.masked_fill(~_mask_for(mask, logits), float("-inf"))
         return logits
 
     def routing_weights(self, logits: torch.Tensor) -> torch.Tensor:
         return routing_weights(logits, self.top_k, self.normalize_topk)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.router_logits(x)
+        r = _ACTIVE.get()
+        logits = self.router_logits(x, r.mask if r is not None else None)
         # Only training adds the z-loss; clearing it in eval keeps a stale value out of eval losses.
         # Per-token values stay available for per-sample losses (DP ghost clipping needs one per sequence).
         self.z_tokens = torch.logsumexp(logits, dim=-1).square() if self.training else None
         self.z_loss = self.z_tokens.mean() if self.z_tokens is not None else None
         weights = self.routing_weights(logits)
         self.balance_loss = self._balance(logits, weights) if self.training else None
-        if self.record:
-            self.last_weights = weights.detach()
-        if self.top_k >= self.num_experts:
+        if r is not None and r.record:
+            r.add(weights)
+        if self.top_k >= self.num_experts or self.fused is None or not _grouped_mm_ok(x):
             return self._dense(x, weights)
-        return self._sparse(x, weights)
+        return self._grouped(x, weights)
 
     def _balance(self, logits: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Switch-style load-balancing loss E * sum_e f_e * P_e (only jointly trained MoEs use it;
@@ -128,38 +190,54 @@ class FlexMoEBlock(nn.Module):
         return self.num_experts * (chosen.mean(0) / self.top_k * probs.mean(0)).sum()
 
     def _dense(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Every token through every (unmasked) expert: no dispatch, best when k equals E (FlexOlmo
-        expert training is top-2 of 2)."""
+        """Every token through every expert, weighted (a masked or unrouted expert has weight 0, which
+        adds exact zeros): no dispatch, best when k equals E (FlexOlmo expert training is top-2 of 2)."""
         out = None
         for e, expert in enumerate(self.experts):
-            if not bool(self.mask[e]):
-                continue
             y = weights[..., e : e + 1].to(x.dtype) * expert(x)
             out = y if out is None else out + y
-        return out if out is not None else torch.zeros_like(x)
+        return out
 
-    def _sparse(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Each expert only on the tokens routed to it (inference with k < E)."""
+    def _grouped(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Each token through its top-k experts only, in one grouped matmul per projection: the
+        (token, expert) pairs are sorted by expert and the group sizes stay on the device (no sync)."""
+        gate_w, up_w, down_w = self.fused
         flat_x = x.reshape(-1, x.shape[-1])
-        flat_w = weights.reshape(-1, weights.shape[-1])
+        top_w, top_i = weights.reshape(-1, self.num_experts).topk(self.top_k, dim=-1)
+        flat_e = top_i.reshape(-1)
+        order = flat_e.argsort(stable=True)
+        tokens = order // self.top_k
+        counts = torch.zeros(self.num_experts, dtype=torch.int32, device=x.device)
+        counts.scatter_add_(0, flat_e.to(torch.int64), torch.ones_like(flat_e, dtype=torch.int32))
+        offs = counts.cumsum(0, dtype=torch.int32)
+        xs = flat_x[tokens]
+        act = self.experts[0].act_fn
+        h = act(torch._grouped_mm(xs, gate_w.transpose(1, 2), offs=offs))
+        h = h * torch._grouped_mm(xs, up_w.transpose(1, 2), offs=offs)
+        y = torch._grouped_mm(h, down_w.transpose(1, 2), offs=offs)
+        y = y * top_w.reshape(-1)[order, None].to(y.dtype)
         out = torch.zeros_like(flat_x)
-        for e, expert in enumerate(self.experts):
-            idx = flat_w[:, e].nonzero(as_tuple=True)[0]
-            if idx.numel() == 0:
-                continue
-            # index_put_ with accumulate is index_add_ (same sums, same order) but about 10x faster
-            # on CPU, where index_add_ dominated the whole MoE forward.
-            out.index_put_((idx,), flat_w[idx, e : e + 1].to(x.dtype) * expert(flat_x[idx]), accumulate=True)
+        out.index_put_((tokens,), y, accumulate=True)
         return out.view_as(x)
+
+    @torch.no_grad()
+    def fuse_experts_(self) -> None:
+        """Store the SwiGLU experts' weights stacked ``[E, out, in]`` and make each expert's weights
+        views of them (no extra memory), so that top-k < E runs as grouped matmuls (inference)."""
+        stacks = []
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            lins = [getattr(e, proj) for e in self.experts]
+            if any(lin.bias is not None for lin in lins):
+                return  # grouped path covers bias-free SwiGLU (OLMo 2, Llama) only
+            stacked = torch.stack([lin.weight for lin in lins])
+            for e, lin in enumerate(lins):
+                lin.weight = nn.Parameter(stacked[e], requires_grad=lin.weight.requires_grad)
+            stacks.append(stacked)
+        self.fused = tuple(stacks)
 
 
 # --------------------------------------------------------------------------------------------------
 # Putting blocks into an HF dense decoder
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder layers of an HF causal LM (OLMo 2 and the Llama family share ``model.model.layers``)."""
-    return model.model.layers
 
 
 def moe_blocks(model: nn.Module) -> list[FlexMoEBlock]:
@@ -211,8 +289,6 @@ def anchor_state(model: nn.Module) -> dict[str, torch.Tensor]:
     Expert 0 of each block is the anchor FFN (``mlp.experts.0.x`` -> ``mlp.x``); owner experts and
     router rows are not anchor tensors.
     """
-    from flexmoe.parallel import full
-
     out = {}
     for name, t in model.state_dict().items():
         t = full(t)  # whole tensors under FSDP (a collective: every rank calls this)

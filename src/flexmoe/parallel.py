@@ -17,6 +17,14 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers of an HF causal LM (OLMo 2 and the Llama family share ``model.model.layers``)."""
+    return model.model.layers
 
 
 def ensure_process_group() -> None:
@@ -35,10 +43,6 @@ def activation_checkpointing_(model: nn.Module) -> None:
     ``gradient_checkpointing_enable`` puts them inside, which breaks recomputation under bf16 FSDP2.
     Parameter names gain ``_checkpoint_wrapped_module.``; state dicts strip it again.
     """
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
-
-    from flexmoe.moe import decoder_layers
-
     layers = decoder_layers(model)
     for i, layer in enumerate(layers):
         layers[i] = checkpoint_wrapper(layer, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
@@ -49,10 +53,6 @@ def shard(model: nn.Module, groups: list[dict], bf16: bool) -> list[dict]:
 
     ``bf16`` all-gathers weights in bf16 for compute and reduces gradients in fp32.
     """
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    from flexmoe.moe import FlexMoEBlock, decoder_layers
-
     ensure_process_group()
     names = {id(p): n for n, p in model.named_parameters()}
     named_groups = [{**g, "params": [names[id(p)] for p in g["params"]]} for g in groups]
@@ -60,7 +60,7 @@ def shard(model: nn.Module, groups: list[dict], bf16: bool) -> list[dict]:
     exact = MixedPrecisionPolicy()  # router logits stay fp32
     policy = {"mp_policy": low} if low else {}
     for layer in decoder_layers(model):
-        if isinstance(layer.mlp, FlexMoEBlock):
+        if hasattr(layer.mlp, "router") and hasattr(layer.mlp, "experts"):  # a flexmoe.moe.FlexMoEBlock
             for row in layer.mlp.router:
                 fully_shard(row, mp_policy=exact)
             for expert in layer.mlp.experts[1:]:
@@ -73,24 +73,18 @@ def shard(model: nn.Module, groups: list[dict], bf16: bool) -> list[dict]:
 
 def set_gradient_sync(model: nn.Module, sync: bool) -> None:
     """Skip the gradient reduce-scatter on all but the last micro-batch of an accumulation."""
-    from torch.distributed.fsdp import FSDPModule
-
     if isinstance(model, FSDPModule):
         model.set_requires_gradient_sync(sync)
 
 
 def full(t: torch.Tensor) -> torch.Tensor:
     """The whole tensor behind a (possibly sharded) tensor."""
-    from torch.distributed.tensor import DTensor
-
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 @torch.no_grad()
 def load_full_(dst: torch.Tensor, src: torch.Tensor) -> None:
     """Copy a whole tensor into ``dst``, which may be a shard."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
     if isinstance(dst, DTensor):
         src = distribute_tensor(src.to(dst.device, dst.dtype), dst.device_mesh, dst.placements)
     dst.copy_(src)
@@ -98,8 +92,6 @@ def load_full_(dst: torch.Tensor, src: torch.Tensor) -> None:
 
 def as_like(param: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """``value`` (a whole tensor) laid out like ``param``: sharded when ``param`` is."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
     if isinstance(param, DTensor) and not isinstance(value, DTensor) and value.shape == param.shape:
         return distribute_tensor(value.to(param.device), param.device_mesh, param.placements)
     return value.to(param.device) if value.dim() else value

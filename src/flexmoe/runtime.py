@@ -4,42 +4,86 @@ The model is the anchor's dense HF class (OLMo 2 or Llama family) with every ``l
 a ``FlexMoEBlock``. It reads the per-expert checkpoint that ``compose`` writes, and adds what stock
 transformers cannot do: excluding experts per request (masking their router logits, which equals
 physically removing them), the optional learned router biases, and per-expert routing attribution.
+
+Which experts route is a per-call ``moe.Routing`` (mask in, weights out). ``Composed.set_experts`` picks
+the default for calls that bring none (``generate``, evaluation, calibration calling ``composed.model``
+directly); the server passes a ``[B, E]`` mask per batch instead.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModelForCausalLM, TextStreamer
 
 from flexmoe.checkpoint import TensorReader
 from flexmoe.compose import BIAS_FILE, PUBLIC, load_meta
 from flexmoe.errors import FlexmoeError
-from flexmoe.moe import FlexMoEBlock, RouterRow, decoder_layers, moe_blocks
+from flexmoe.moe import FlexMoEBlock, RouterRow, Routing, active_routing, decoder_layers, moe_blocks, routing
+from flexmoe.tokenizer import load_tokenizer
 
 
 @dataclass
 class Composed:
-    """A loaded composed model with its tokenizer, expert names and ``flexmoe.json``."""
+    """A loaded composed model with its tokenizer, expert names and ``flexmoe.json``.
+
+    ``mask`` (``[E]`` bool, None = every expert) is the expert choice for model calls made without a
+    ``Routing`` of their own (a forward pre-hook on ``model`` supplies it).
+    """
 
     model: torch.nn.Module
     tokenizer: object
     names: list[str]
     meta: dict
+    mask: torch.Tensor | None = None
+    _hooks: list = field(default_factory=list, repr=False)
 
     def set_experts(self, include: Sequence[str] | None = None, exclude: Sequence[str] | None = None) -> None:
         """Route only over the chosen experts (the public expert stays unless excluded explicitly)."""
-        set_experts(self.model, self.names, include, exclude)
+        mask = expert_mask(self.names, include, exclude)
+        self.mask = None if bool(mask.all()) else mask.to(self.device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.model.embed_tokens.weight.device
+
+    def routing(self, record: bool = False) -> Routing:
+        """A ``Routing`` with this model's default expert choice."""
+        return Routing(mask=self.mask, record=record)
+
+    def install_default_routing(self) -> None:
+        """Calls of ``model`` without an active ``Routing`` route with ``self.mask``."""
+        stack: list[contextlib.ExitStack] = []
+
+        def pre(_module, _args):
+            es = contextlib.ExitStack()
+            if active_routing() is None and self.mask is not None:
+                es.enter_context(routing(Routing(mask=self.mask)))
+            stack.append(es)
+
+        def post(_module, _args, _out):
+            if stack:
+                stack.pop().close()
+
+        self._hooks = [
+            self.model.register_forward_pre_hook(pre),
+            self.model.register_forward_hook(post, always_call=True),
+        ]
+
+
+def default_device() -> str:
+    """The GPU when there is one (generate, route, eval, serve), else the CPU."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def base_config(anchor_config: dict):
     """The dense config of the anchor a composed model was built from."""
-    from transformers import AutoConfig
-
     cfg = dict(anchor_config)
     model_type = cfg.pop("model_type")
     return AutoConfig.for_model(model_type, **{k: v for k, v in cfg.items() if k not in ("architectures",)})
@@ -52,18 +96,16 @@ def from_pretrained(
     exclude: Sequence[str] | None = None,
     use_bias: bool = False,
     dtype: torch.dtype = torch.float32,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
 ) -> Composed:
     """Load a composed model directory into flexmoe's runtime.
 
-    ``use_bias`` applies the learned router biases that the HF format cannot hold (off by default, so
-    that results equal what stock transformers and vLLM compute from the same checkpoint).
+    ``device`` defaults to the GPU when there is one. ``use_bias`` applies the learned router biases
+    that the HF format cannot hold (off by default, so that results equal what stock transformers and
+    vLLM compute from the same checkpoint).
     """
-    from transformers import AutoModelForCausalLM
-
-    from flexmoe.tokenizer import load_tokenizer
-
     path = Path(path)
+    device = default_device() if device is None else device
     meta = load_meta(path)
     config = base_config(meta["anchor"]["config"])
     names = [e["name"] for e in meta["experts"]]
@@ -74,9 +116,12 @@ def from_pretrained(
         rows = [RouterRow(torch.zeros(config.hidden_size)) for _ in names]
         layer.mlp = FlexMoEBlock(experts, rows, top_k=meta["top_k"])
     model.to_empty(device=device)
+    for block in moe_blocks(model):
+        block.fuse_experts_()  # before loading: the checkpoint's tensors land in the stacked storage
     load_weights(model, TensorReader(path), load_file(str(path / BIAS_FILE)) if use_bias else None, dtype)
     model.eval()
     composed = Composed(model, load_tokenizer(path), names, meta)
+    composed.install_default_routing()
     composed.set_experts(include, exclude)
     return composed
 
@@ -99,19 +144,16 @@ def load_weights(model, reader: TensorReader, biases: dict | None, dtype: torch.
             p.fill_(float(biases[f"{layer_prefix}.bias"][e]) if biases is not None else 0.0)
     if "lm_head.weight" not in reader and getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
-    # Non-persistent buffers (rotary tables, masks) were left empty by to_empty(): rebuild them.
+    # Non-persistent buffers (rotary tables) were left empty by to_empty(): rebuild them.
     device = model.model.embed_tokens.weight.device
-    for m in model.modules():
-        if isinstance(m, FlexMoEBlock):
-            m.mask = torch.ones(m.num_experts, dtype=torch.bool, device=device)
     rotary = model.model.rotary_emb
     model.model.rotary_emb = type(rotary)(rotary.config).to(device)
 
 
-def set_experts(
-    model, names: list[str], include: Sequence[str] | None, exclude: Sequence[str] | None
-) -> None:
-    """Mask experts out of routing. ``include`` keeps the public expert plus the named ones."""
+def expert_mask(
+    names: list[str], include: Sequence[str] | None, exclude: Sequence[str] | None
+) -> torch.Tensor:
+    """``[E]`` bool mask of the routable experts. ``include`` keeps the public expert plus the named ones."""
     unknown = sorted((set(include or []) | set(exclude or [])) - set(names))
     if unknown:
         raise FlexmoeError(f"Unknown expert(s): {', '.join(unknown)}.", f"choose from {', '.join(names)}.")
@@ -122,28 +164,23 @@ def set_experts(
         keep -= set(exclude)
     if not keep:
         raise FlexmoeError("Every expert is excluded.", "keep at least one expert.")
-    mask = torch.tensor([n in keep for n in names])
-    for block in moe_blocks(model):
-        block.mask = mask.to(block.mask.device)
+    return torch.tensor([n in keep for n in names])
+
+
+def shares(names: list[str], totals: torch.Tensor) -> dict[str, float]:
+    """Routing-weight totals ``[E]`` as shares that sum to 1."""
+    totals = totals.double().cpu()
+    totals = totals / totals.sum().clamp_min(1e-300)
+    return {n: float(v) for n, v in zip(names, totals, strict=True)}
 
 
 @torch.no_grad()
 def routing_shares(composed: Composed, text: str) -> dict[str, float]:
     """Share of routing weight each expert received over all tokens and layers of ``text``."""
-    blocks = moe_blocks(composed.model)
-    for b in blocks:
-        b.record = True
-    try:
-        ids = composed.tokenizer(text, return_tensors="pt")["input_ids"].to(
-            next(composed.model.parameters()).device
-        )
+    ids = composed.tokenizer(text, return_tensors="pt")["input_ids"].to(composed.device)
+    with routing(composed.routing(record=True)) as r:
         composed.model(input_ids=ids)
-        totals = torch.stack([b.last_weights.reshape(-1, b.num_experts).sum(0) for b in blocks]).sum(0)
-    finally:
-        for b in blocks:
-            b.record, b.last_weights = False, None
-    totals = totals / totals.sum()
-    return {n: float(v) for n, v in zip(composed.names, totals, strict=True)}
+    return shares(composed.names, r.weights.reshape(-1, len(composed.names)).sum(0))
 
 
 def generate(
@@ -156,10 +193,8 @@ def generate(
     seed: int = 0,
 ) -> str:
     """Generate a continuation (greedy by default); with ``stream`` print tokens as they come."""
-    from transformers import TextStreamer
-
     tok = composed.tokenizer
-    enc = tok(prompt, return_tensors="pt").to(next(composed.model.parameters()).device)
+    enc = tok(prompt, return_tensors="pt").to(composed.device)
     torch.manual_seed(seed)
     out = composed.model.generate(
         **enc,

@@ -10,14 +10,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 
 
 def train_tokenizer(docs: Sequence[str], vocab_size: int = 4096):
     """Train a byte-level BPE on ``docs`` and wrap it as a ``PreTrainedTokenizerFast``."""
-    from transformers import PreTrainedTokenizerFast
-
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -39,8 +38,6 @@ def train_tokenizer(docs: Sequence[str], vocab_size: int = 4096):
 
 def load_tokenizer(path: str | Path):
     """Load the tokenizer saved with an anchor (or any HF tokenizer), making sure it can pad."""
-    from transformers import AutoTokenizer
-
     # Composed Llama-family models carry an auto_map for their modelling file; the tokenizer needs none.
     tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     if tok.pad_token is None:

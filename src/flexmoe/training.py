@@ -1,12 +1,23 @@
-"""The one training loop every flexmoe trainer uses: anchor pretraining, expert training, dense
-baselines and router training differ only in which parameters are trainable and which extra loss
-they add.
+"""The one training loop every flexmoe trainer uses: anchor pretraining, expert training (plain, DP,
+DDP, FSDP2), router training, the baselines, and the post-training stages to come.
 
-What it provides: AdamW with warmup + cosine, gradient clipping and accumulation, periodic evaluation,
-a progress display (loss, tokens/s, ETA), checkpoints that resume bit-identically, bf16 autocast on
-GPUs, and data parallelism through ``torchrun`` (DDP, or FSDP2 sharding with ``fsdp``; gloo on CPU, NCCL
-on GPU), optionally with activation checkpointing. Checkpoints hold only
-trainable tensors and optimiser state, in safetensors + JSON: nothing is ever unpickled.
+What differs between trainers is passed in as small named pieces (``Stage``):
+
+- a **selector**: which parameters train, in which optimiser groups (``trainable_params``,
+  ``decay_groups``, or any function of the model);
+- a **step strategy**: how a step turns a batch into gradients (``LMStep``: a loss function such as
+  LM loss + router z-loss, gradient accumulation, clipping; DP-SGD's per-sample clipping and noise is
+  ``flexmoe.expert.privacy.DPStep``, the same loop with another strategy);
+- a **batch source**: the data stream (``PackedBlocks``: packed token blocks; ``LabeledRows``: token
+  ids with labels, ``IGNORE`` masking positions that carry no loss, e.g. chat SFT's user turns);
+- a **schedule**: ``TrainConfig.schedule`` (warmup + cosine, warmup + linear to zero, constant).
+
+The loop provides AdamW (fused on GPUs), periodic evaluation with early stopping on validation loss
+(the best trainable weights are kept and restored), a progress display (loss, tokens/s, ETA),
+checkpoints that resume bit-identically, bf16 autocast on GPUs with frozen weights stored in bf16,
+per-decoder-layer ``torch.compile``, and data parallelism through ``torchrun`` (DDP, or FSDP2 sharding
+with ``fsdp``; gloo on CPU, NCCL on GPU), optionally with activation checkpointing. Checkpoints hold
+only trainable tensors and optimiser state, in safetensors + JSON: nothing is ever unpickled.
 """
 
 from __future__ import annotations
@@ -20,20 +31,26 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
+from rich.console import Console
 from safetensors.torch import load_file, save_file
+from torch.nn.parallel import DistributedDataParallel
 
 from flexmoe import parallel
 from flexmoe.errors import FlexmoeError
 from flexmoe.fileio import atomic_dir, read_json, write_json
 from flexmoe.parallel import as_like, full, load_full_
 
+IGNORE = -100  # label of positions that carry no loss (padding, prompts); cross_entropy's ignore_index
+SCHEDULES = ("cosine", "linear", "constant")
+
 
 @dataclass
 class TrainConfig:
-    """Optimisation settings; serialised into checkpoints and manifests."""
+    """The loop's optimisation settings; serialised into checkpoints and manifests."""
 
     steps: int = 100
     batch_size: int = 8  # sequences per optimiser step, summed over ranks and accumulation
@@ -52,25 +69,46 @@ class TrainConfig:
     seed: int = 0
     fsdp: bool = False  # shard with FSDP2 (flexmoe.parallel) instead of replicating with DDP
     activation_checkpointing: bool = False
+    schedule: str = "cosine"  # after warmup: "cosine" to lr * min_lr_ratio, "linear" to 0, "constant"
+    early_stop: int = 0  # stop after this many evaluations without a better validation loss (0: off)
+    compile: bool | None = None  # torch.compile each decoder layer; None: on CUDA only
+    frozen_bf16: bool = True  # on CUDA, store frozen (non-trainable) weights in bf16
+    fused: bool | None = None  # fused AdamW; None: on CUDA when not sharded
 
     def lr_at(self, step: int) -> float:
-        """Linear warmup to ``lr``, then cosine decay to ``lr * min_lr_ratio`` at the last step."""
+        """Linear warmup to ``lr``, then the schedule's decay over the remaining steps."""
         if step < self.warmup_steps:
             return self.lr * (step + 1) / self.warmup_steps
-        progress = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
-        cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        progress = min(1.0, (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps))
+        if self.schedule == "constant":
+            return self.lr
+        if self.schedule == "linear":
+            return self.lr * (1 - progress)
+        cosine = 0.5 * (1 + math.cos(math.pi * progress))
         return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * cosine)
+
+    def validate(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise FlexmoeError(f"Unknown schedule {self.schedule!r}.", f"use one of {', '.join(SCHEDULES)}.")
+        if self.early_stop < 0:
+            raise FlexmoeError(
+                f"Early-stopping patience {self.early_stop} is negative.", "use 0 (off) or more."
+            )
 
 
 @dataclass
 class TrainResult:
-    """What a run did: losses over time, tokens consumed, wall time."""
+    """What a run did: losses over time, tokens consumed, wall time, and the best evaluation."""
 
     history: list[dict] = field(default_factory=list)
     tokens_seen: int = 0
     seconds: float = 0.0
     final_valid_loss: float | None = None
     initial_valid_loss: float | None = None
+    best_step: int | None = None  # with early stopping: the step whose weights were kept
+    best_valid_loss: float | None = None
+    stopped_early: bool = False
+    record: dict | None = None  # what the step strategy reports (DP: the privacy record)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -101,8 +139,8 @@ def is_main() -> bool:
 
 
 # --------------------------------------------------------------------------------------------------
-# Batches: a seeded permutation per epoch, so the batch at step s is a pure function of (seed, s).
-# That is what makes resume bit-identical and lets each rank take its own slice of the global batch.
+# Batch sources: a seeded permutation per epoch, so the batch at step s is a pure function of
+# (seed, s). That is what makes resume bit-identical and lets each rank take its own slice.
 
 
 def batch_indices(n_blocks: int, batch_size: int, step: int, seed: int) -> torch.Tensor:
@@ -116,16 +154,102 @@ def batch_indices(n_blocks: int, batch_size: int, step: int, seed: int) -> torch
     return perm[pos * batch_size : (pos + 1) * batch_size]
 
 
-def micro_batches(blocks: torch.Tensor, cfg: TrainConfig, step: int) -> Iterator[torch.Tensor]:
-    """This rank's micro-batches of the global batch at ``step``."""
+def _my_chunks(n: int, cfg: TrainConfig, step: int) -> list[torch.Tensor]:
+    """This rank's micro-batch indices of the global batch at ``step``."""
     rank, world = dist_info()
-    idx = batch_indices(len(blocks), cfg.batch_size, step, cfg.seed)
+    idx = batch_indices(n, cfg.batch_size, step, cfg.seed)
     mine = idx.view(world, -1)[rank] if len(idx) % world == 0 else idx[rank::world]
-    yield from (blocks[chunk] for chunk in mine.chunk(cfg.grad_accum))
+    return list(mine.chunk(cfg.grad_accum))
+
+
+Batch = torch.Tensor | tuple[torch.Tensor, torch.Tensor]  # packed ids (labels = ids), or (ids, labels)
+
+
+@dataclass
+class PackedBlocks:
+    """Packed token blocks ``[n, seq_len]``: every position is predicted (pretraining, expert training)."""
+
+    blocks: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def seq_len(self) -> int:
+        return self.blocks.shape[1]
+
+    def micro_batches(self, cfg: TrainConfig, step: int) -> list[torch.Tensor]:
+        return [self.blocks[c] for c in _my_chunks(len(self.blocks), cfg, step)]
+
+
+@dataclass
+class LabeledRows:
+    """Rows of token ids with their labels; label ``IGNORE`` marks positions without loss (chat SFT:
+    everything but the assistant's turns, and padding)."""
+
+    ids: torch.Tensor
+    labels: torch.Tensor
+
+    def __post_init__(self):
+        if self.ids.shape != self.labels.shape:
+            raise FlexmoeError(
+                f"Token ids {tuple(self.ids.shape)} and labels {tuple(self.labels.shape)} differ in shape.",
+                "give one label per token (IGNORE for positions without loss).",
+            )
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def seq_len(self) -> int:
+        return self.ids.shape[1]
+
+    def micro_batches(self, cfg: TrainConfig, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(self.ids[c], self.labels[c]) for c in _my_chunks(len(self.ids), cfg, step)]
+
+
+class BatchSource(Protocol):
+    def __len__(self) -> int: ...
+
+    def micro_batches(self, cfg: TrainConfig, step: int) -> list[Batch]: ...
+
+
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    if isinstance(batch, tuple):
+        return tuple(t.to(device, non_blocking=True) for t in batch)
+    return batch.to(device, non_blocking=True)
+
+
+def rows_in(batch: Batch) -> int:
+    return len(batch[0]) if isinstance(batch, tuple) else len(batch)
 
 
 # --------------------------------------------------------------------------------------------------
-# Checkpoints: trainable tensors + AdamW state in safetensors, the rest in JSON.
+# Selectors: which parameters train, as optimiser groups.
+
+Selector = Callable[[torch.nn.Module], list[dict]]
+
+
+def trainable_params(model: torch.nn.Module) -> list[dict]:
+    """Every parameter with ``requires_grad``, in one group."""
+    return [{"params": [p for p in model.parameters() if p.requires_grad]}]
+
+
+def decay_groups(model: torch.nn.Module) -> list[dict]:
+    """Pretraining: weight decay on matrices, none on embeddings, norms and biases."""
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "embed" in n]
+    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def only(params: list[torch.nn.Parameter]) -> Selector:
+    """Exactly these parameters (e.g. router rows)."""
+    return lambda _model: [{"params": list(params)}]
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints: trainable tensors + AdamW state (+ the best weights so far) in safetensors, the rest
+# in JSON.
 
 
 def _optimizer_to_files(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -153,20 +277,26 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: full(p.detach()).cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(
-    ckpt: Path,
-    model: torch.nn.Module,
-    opt: torch.optim.Optimizer,
-    cfg: TrainConfig,
-    step: int,
-    result,
-    extra: dict | None = None,
-) -> None:
-    """Write a resumable checkpoint atomically (gathered on every rank, written by rank 0).
+def load_trainable_(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    for name, t in tensors.items():
+        load_full_(params[name], t)
 
-    ``extra`` (JSON) is stored in ``state.json`` under ``"extra"``, in the same atomic write as the
-    weights: trainer-specific state such as the DP trainer's accountant inputs.
-    """
+
+@dataclass
+class Snapshot:
+    """What a checkpoint holds besides the model: where the run is and what the strategy keeps."""
+
+    step: int
+    result: TrainResult
+    extra: dict | None = None  # strategy state (JSON), e.g. the DP accountant's inputs
+    best: dict[str, torch.Tensor] | None = None  # early stopping: the best trainable weights so far
+
+
+def save_checkpoint(
+    ckpt: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig, snap: Snapshot
+) -> None:
+    """Write a resumable checkpoint atomically (gathered on every rank, written by rank 0)."""
     opt_tensors, opt_meta = _optimizer_to_files(opt)
     trainable = trainable_state(model)
     if not is_main():
@@ -174,35 +304,44 @@ def save_checkpoint(
     with atomic_dir(ckpt, force=True) as tmp:
         save_file(trainable, str(tmp / "trainable.safetensors"))
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-        write_json(
-            tmp / "state.json",
-            {"step": step, "config": asdict(cfg), "optimizer": opt_meta, "result": asdict(result)}
-            | ({"extra": extra} if extra is not None else {}),
-        )
+        if snap.best is not None:
+            save_file(snap.best, str(tmp / "best.safetensors"))
+        state = {
+            "step": snap.step,
+            "config": asdict(cfg),
+            "optimizer": opt_meta,
+            "result": asdict(snap.result),
+        }
+        write_json(tmp / "state.json", state | ({"extra": snap.extra} if snap.extra is not None else {}))
+
+
+def checkpoint_extra(ckpt: Path) -> dict | None:
+    """The strategy state stored with a checkpoint (None: there is none, or no checkpoint)."""
+    state = Path(ckpt) / "state.json"
+    return read_json(state).get("extra") if state.is_file() else None
 
 
 def load_checkpoint(
     ckpt: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig
-) -> tuple[int, TrainResult]:
+) -> Snapshot:
     """Restore trainable tensors and optimiser state; refuse a checkpoint made with other settings."""
     state = read_json(ckpt / "state.json")
     saved = state["config"]
     saved["betas"] = tuple(saved["betas"])
     if saved != asdict(cfg):
-        diff = sorted(k for k in saved if saved[k] != asdict(cfg).get(k))
+        diff = sorted(k for k in set(saved) | set(asdict(cfg)) if saved.get(k) != asdict(cfg).get(k))
         raise FlexmoeError(
             f"Checkpoint {ckpt} was made with different settings ({', '.join(diff)}).",
             "resume with the original settings, or pass --force to start over.",
         )
-    params = dict(model.named_parameters())
-    for name, t in load_file(str(ckpt / "trainable.safetensors")).items():
-        load_full_(params[name], t)
+    load_trainable_(model, load_file(str(ckpt / "trainable.safetensors")))
     saved_opt = _optimizer_from_files(load_file(str(ckpt / "optimizer.safetensors")), state["optimizer"])
     ordered = [p for g in opt.param_groups for p in g["params"]]
     for idx, st in saved_opt["state"].items():  # sharded parameters need sharded moments
         st.update({k: as_like(ordered[idx], v) for k, v in st.items() if torch.is_tensor(v)})
     opt.load_state_dict(saved_opt)
-    return state["step"], TrainResult(**state["result"])
+    best = load_file(str(ckpt / "best.safetensors")) if (ckpt / "best.safetensors").is_file() else None
+    return Snapshot(state["step"], TrainResult(**state["result"]), state.get("extra"), best)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -213,8 +352,6 @@ class Progress:
     """Prints step, loss, tokens/s, learning rate and ETA."""
 
     def __init__(self, desc: str, total: int, quiet: bool):
-        from rich.console import Console
-
         self.desc, self.total, self.quiet = desc, total, quiet or not is_main()
         self.console = Console(stderr=True, highlight=False)
         self.t0 = time.perf_counter()
@@ -240,14 +377,15 @@ class Progress:
 
 
 # --------------------------------------------------------------------------------------------------
+# Losses, precision, evaluation, optimiser.
+
+LossFn = Callable[[torch.nn.Module, Batch], torch.Tensor]
 
 
-LossFn = Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]
-
-
-def lm_loss(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy of a batch of packed blocks (HF models shift labels themselves)."""
-    return model(input_ids=batch, labels=batch).loss
+def lm_loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    """Next-token cross-entropy (HF models shift labels themselves); ``IGNORE`` labels carry no loss."""
+    ids, labels = batch if isinstance(batch, tuple) else (batch, batch)
+    return model(input_ids=ids, labels=labels).loss
 
 
 def autocast(device: torch.device):
@@ -257,40 +395,49 @@ def autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
+def _valid_batches(valid: Batch, batch_size: int) -> Iterator[Batch]:
+    ids, labels = valid if isinstance(valid, tuple) else (valid, None)
+    for start in range(0, len(ids), batch_size):
+        sl = slice(start, start + batch_size)
+        yield ids[sl] if labels is None else (ids[sl], labels[sl])
+
+
 @torch.no_grad()
 def evaluate(
     model: torch.nn.Module,
-    blocks: torch.Tensor,
+    valid: Batch,
     batch_size: int,
     max_batches: int | None = None,
     loss_fn: LossFn = lm_loss,
 ) -> float:
-    """Mean next-token loss over (a prefix of) ``blocks``; every block has the same token count."""
+    """Mean loss per row over (a prefix of) ``valid``: packed blocks, or ``(ids, labels)`` rows."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     total, n = 0.0, 0
-    for i, start in enumerate(range(0, len(blocks), batch_size)):
+    for i, b in enumerate(_valid_batches(valid, batch_size)):
         if max_batches is not None and i >= max_batches:
             break
-        b = blocks[start : start + batch_size].to(device)
         with autocast(device):
-            total += loss_fn(model, b).float().item() * len(b)
-        n += len(b)
+            total += loss_fn(model, to_device(b, device)).float().item() * rows_in(b)
+        n += rows_in(b)
     model.train(was_training)
     return total / max(n, 1)
 
 
-def make_optimizer(groups: list[dict], cfg: TrainConfig) -> torch.optim.AdamW:
+def make_optimizer(groups: list[dict], cfg: TrainConfig, fused: bool = False) -> torch.optim.AdamW:
     """AdamW over explicit parameter groups. Frozen parameters are never handed to the optimiser,
-    so weight decay cannot touch them (Ai2's code decays "frozen" weights whose grads are zeroed)."""
+    so weight decay cannot touch them (Ai2's code decays "frozen" weights whose grads are zeroed).
+    ``fused`` (CUDA): one kernel for every parameter; otherwise the per-parameter loop, whose
+    results on CPU are the reference the loss-curve test holds the loop to."""
     for g in groups:
         g.setdefault("weight_decay", cfg.weight_decay)
         g["params"] = [p for p in g["params"] if p.requires_grad]
     groups = [g for g in groups if g["params"]]
     if not groups:
         raise FlexmoeError("Nothing to train: every parameter is frozen.", "this is a bug; please report it.")
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, foreach=False)
+    kind = {"fused": True} if fused else {"foreach": False}
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, **kind)
     for g in opt.param_groups:  # each group's own peak, scaled by the schedule in set_lr_
         g["base_lr"] = g["lr"]
     return opt
@@ -302,116 +449,320 @@ def set_lr_(opt: torch.optim.Optimizer, cfg: TrainConfig, step: int) -> None:
         g["lr"] = g["base_lr"] / cfg.lr * cfg.lr_at(step)
 
 
-def train(
-    model: torch.nn.Module,
-    train_blocks: torch.Tensor,
-    valid_blocks: torch.Tensor,
-    cfg: TrainConfig,
-    *,
-    param_groups: list[dict] | None = None,
-    loss_fn: LossFn = lm_loss,
-    checkpoint_dir: Path | None = None,
-    resume: bool = False,
-    stop_after: int | None = None,
-    after_step: Callable[[], None] | None = None,
-    desc: str = "train",
-    quiet: bool = False,
-    device: torch.device | None = None,
-) -> TrainResult:
-    """Train ``model`` in place.
+# --------------------------------------------------------------------------------------------------
+# GPU-side model preparation: per-layer compile, bf16 frozen weights.
 
-    ``param_groups`` selects what trains (default: every parameter with ``requires_grad``).
-    ``checkpoint_dir`` enables checkpoints; with ``resume`` the run continues from the last one.
-    ``stop_after`` ends the run after that many steps of this call (used to test interruption).
-    ``after_step`` runs after every optimiser step (e.g. projecting router biases onto b <= 0).
-    """
-    device = device or next(model.parameters()).device
-    rank, world = dist_info()
+
+def compile_layers_(model: torch.nn.Module, backend: str = "inductor") -> None:
+    """``torch.compile`` each decoder layer (in place). Per layer rather than the whole model: one
+    graph reused by every layer compiles fast, and it was faster than whole-model compile on GPUs."""
+    for layer in parallel.decoder_layers(model):
+        layer.compile(backend=backend)
+
+
+def frozen_to_bf16_(model: torch.nn.Module) -> int:
+    """Store frozen floating-point weights in bf16 (autocast computes in bf16 anyway); returns how
+    many tensors changed. Trainable weights keep their fp32 master copies."""
+    n = 0
+    for p in model.parameters():
+        if not p.requires_grad and p.is_floating_point() and p.dtype != torch.bfloat16:
+            p.data = p.data.to(torch.bfloat16)
+            n += 1
+    return n
+
+
+# --------------------------------------------------------------------------------------------------
+# Step strategies: how a step turns a batch into gradients.
+
+
+@dataclass
+class LoopState:
+    """What a strategy sees of the loop it runs in."""
+
+    model: torch.nn.Module
+    opt: torch.optim.Optimizer
+    cfg: TrainConfig
+    device: torch.device
+    params: list[torch.nn.Parameter]
+
+
+@dataclass
+class StepOut:
+    loss: float  # the step's training loss (shown; recorded unless the strategy says otherwise)
+    tokens: int
+
+
+class StepStrategy(Protocol):
+    record_train_loss: bool  # DP: the training loss is not privatised, so it is shown, never recorded
+    supports_compile: bool
+    loss_fn: LossFn  # also the validation loss
+
+    def bind(self, loop: LoopState, source: BatchSource) -> None: ...
+    def check_resume(self, ckpt: Path, extra: dict | None) -> None: ...
+    def start(self) -> None: ...
+    def last_step(self) -> int: ...
+    def describe(self) -> str | None: ...
+    def gradients(self, step: int) -> StepOut: ...
+    def optimizer(self) -> torch.optim.Optimizer: ...
+    def log_extra(self, step: int) -> str: ...
+    def extra(self, step: int) -> dict | None: ...
+    def close(self) -> None: ...
+    def finish(self, step: int, result: TrainResult) -> dict | None: ...
+
+
+class LMStep:
+    """Plain training: ``loss_fn`` (default: LM loss) over this rank's micro-batches, gradients
+    accumulated (and averaged over ranks by DDP or FSDP2), clipped to ``cfg.grad_clip``."""
+
+    record_train_loss = True
+    supports_compile = True
+
+    def __init__(self, loss_fn: LossFn = lm_loss):
+        self.loss_fn = loss_fn
+
+    def bind(self, loop: LoopState, source: BatchSource) -> None:
+        self.loop, self.source, self.ddp = loop, source, loop.model
+
+    def check_resume(self, ckpt: Path, extra: dict | None) -> None:
+        if (extra or {}).get("dp") is not None:  # continuing without DP would lose its accounting
+            raise FlexmoeError(
+                f"Checkpoint {ckpt} belongs to a DP run.",
+                "resume with the same --dp-* options, or pass --force to start over.",
+            )
+
+    def start(self) -> None:
+        loop = self.loop
+        if dist_info()[1] > 1 and not loop.cfg.fsdp:
+            ids = [loop.device.index] if loop.device.type == "cuda" else None
+            self.ddp = DistributedDataParallel(loop.model, device_ids=ids)
+
+    def last_step(self) -> int:
+        return self.loop.cfg.steps
+
+    def describe(self) -> str | None:
+        return None
+
+    def gradients(self, step: int) -> StepOut:
+        loop = self.loop
+        step_loss = torch.zeros((), device=loop.device)
+        mbs = self.source.micro_batches(loop.cfg, step)
+        for i, mb in enumerate(mbs):
+            sync = i == len(mbs) - 1
+            parallel.set_gradient_sync(loop.model, sync)
+            no_sync = self.ddp is not loop.model and not sync
+            ctx = self.ddp.no_sync() if no_sync else contextlib.nullcontext()
+            with ctx, autocast(loop.device):
+                loss = self.loss_fn(self.ddp, to_device(mb, loop.device)) / len(mbs)
+            with ctx:
+                loss.backward()
+            step_loss += loss.detach()
+        if loop.cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(loop.params, loop.cfg.grad_clip)
+        if dist_info()[1] > 1:
+            dist.all_reduce(step_loss, op=dist.ReduceOp.AVG)
+        return StepOut(step_loss.item(), loop.cfg.batch_size * self.source.seq_len)
+
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.loop.opt
+
+    def log_extra(self, step: int) -> str:
+        return ""
+
+    def extra(self, step: int) -> dict | None:
+        return None
+
+    def close(self) -> None:
+        pass
+
+    def finish(self, step: int, result: TrainResult) -> dict | None:
+        return None
+
+
+# --------------------------------------------------------------------------------------------------
+# The loop.
+
+
+@dataclass
+class Stage:
+    """What one trainer plugs into the loop."""
+
+    source: BatchSource  # training batches
+    valid: Batch  # validation rows: packed blocks, or (ids, labels)
+    strategy: StepStrategy = field(default_factory=LMStep)
+    select: Selector = trainable_params
+    after_step: Callable[[], None] | None = None  # e.g. projecting router biases onto b <= 0
+    desc: str = "train"
+
+
+@dataclass
+class RunOptions:
+    """How this call runs (not part of the training settings: never in checkpoints or manifests)."""
+
+    checkpoint_dir: Path | None = None
+    resume: bool = False
+    stop_after: int | None = None  # end after this many steps of this call (tests of interruption)
+    quiet: bool = False
+    device: torch.device | None = None
+
+
+class EarlyStopping:
+    """Keeps the best trainable weights by validation loss; says when ``patience`` evaluations in a
+    row brought no improvement."""
+
+    def __init__(self, patience: int, result: TrainResult, best: dict[str, torch.Tensor] | None):
+        self.patience, self.result, self.best = patience, result, best
+
+    def observe(self, model: torch.nn.Module, step: int, loss: float) -> bool:
+        """Record an evaluation; True when training should stop."""
+        if not self.patience:
+            return False
+        r = self.result
+        if r.best_valid_loss is None or loss < r.best_valid_loss:
+            # A copy: on CPU, trainable_state's tensors share storage with the live parameters.
+            best = {n: t.clone() for n, t in trainable_state(model).items()}
+            r.best_step, r.best_valid_loss, self.best = step, loss, best
+            return False
+        since = [h for h in r.history if "valid_loss" in h and h["step"] > r.best_step]
+        return len(since) >= self.patience
+
+    def restore(self, model: torch.nn.Module, step: int) -> None:
+        if self.best is not None and self.result.best_step != step:
+            load_trainable_(model, self.best)
+
+
+def _prepare(model: torch.nn.Module, cfg: TrainConfig, stage: Stage, device: torch.device) -> LoopState:
+    """Model transforms (activation checkpointing, compile, bf16 frozen weights, FSDP2), then AdamW."""
+    cfg.validate()
+    world = dist_info()[1]
     if cfg.batch_size % (world * cfg.grad_accum) != 0:
         raise FlexmoeError(
             f"batch size {cfg.batch_size} is not divisible by world size x grad accumulation "
             f"({world} x {cfg.grad_accum}).",
             "choose --batch-size as a multiple of both.",
         )
-    groups = param_groups or [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    groups = stage.select(model)
     if cfg.activation_checkpointing:
         parallel.activation_checkpointing_(model)
+    use_compile = cfg.compile if cfg.compile is not None else device.type == "cuda"
+    if use_compile and not stage.strategy.supports_compile:
+        if cfg.compile:
+            raise FlexmoeError("This training step does not support torch.compile.", "drop --compile.")
+        use_compile = False
+    if use_compile:
+        compile_layers_(model)
+    if device.type == "cuda" and cfg.frozen_bf16 and not cfg.fsdp:
+        frozen_to_bf16_(model)
     if cfg.fsdp:  # shard before the optimiser exists: it must hold the sharded parameters
         groups = parallel.shard(model, groups, bf16=device.type == "cuda")
-    opt = make_optimizer(groups, cfg)
+    fused = cfg.fused if cfg.fused is not None else device.type == "cuda" and not cfg.fsdp
+    opt = make_optimizer(groups, cfg, fused=fused)
     params = [p for g in opt.param_groups for p in g["params"]]
+    return LoopState(model, opt, cfg, device, params)
 
-    step, result = 0, TrainResult()
-    ckpt = Path(checkpoint_dir) if checkpoint_dir else None
-    if ckpt and (ckpt / "state.json").exists():
-        if not resume:
-            raise FlexmoeError(
-                f"An interrupted run left a checkpoint in {ckpt}.",
-                "pass --resume to continue it, or --force to start over.",
-            )
-        step, result = load_checkpoint(ckpt, model, opt, cfg)
 
-    ddp_model = model
-    if world > 1 and not cfg.fsdp:
-        from torch.nn.parallel import DistributedDataParallel as DDP
+def _restore(loop: LoopState, strategy: StepStrategy, run: RunOptions) -> Snapshot:
+    """The checkpoint to continue from, or a fresh start."""
+    ckpt = Path(run.checkpoint_dir) if run.checkpoint_dir else None
+    if not (ckpt and (ckpt / "state.json").exists()):
+        return Snapshot(0, TrainResult())
+    if not run.resume:
+        raise FlexmoeError(
+            f"An interrupted run left a checkpoint in {ckpt}.",
+            "pass --resume to continue it, or --force to start over.",
+        )
+    strategy.check_resume(ckpt, checkpoint_extra(ckpt))
+    return load_checkpoint(ckpt, loop.model, loop.opt, loop.cfg)
 
-        ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    progress = Progress(desc, cfg.steps, quiet)
-    if step == 0:
-        result.initial_valid_loss = evaluate(model, valid_blocks, cfg.batch_size, None, loss_fn)
-        progress.note(f"{desc}: initial validation loss {result.initial_valid_loss:.4f}")
+def _start_note(loop: LoopState, stage: Stage, snap: Snapshot, progress: Progress, last: int) -> None:
+    desc = stage.desc
+    if snap.step == 0:
+        v = evaluate(loop.model, stage.valid, loop.cfg.batch_size, None, stage.strategy.loss_fn)
+        snap.result.initial_valid_loss = v
+        progress.note(f"{desc}: initial validation loss {v:.4f}")
     else:
-        progress.note(f"{desc}: resuming at step {step}/{cfg.steps}")
+        progress.note(f"{desc}: resuming at step {snap.step}/{last}")
+    if (text := stage.strategy.describe()) is not None:
+        progress.note(f"{desc}: {text}")
+
+
+def train(
+    model: torch.nn.Module, cfg: TrainConfig, stage: Stage, run: RunOptions | None = None
+) -> TrainResult:
+    """Train ``model`` in place with ``stage``'s pieces and return what happened.
+
+    ``run.checkpoint_dir`` enables checkpoints; with ``run.resume`` the run continues from the last
+    one. The result's ``final_valid_loss`` is None when the run stopped before its end (``stop_after``).
+    """
+    run = run or RunOptions()
+    device = run.device or next(model.parameters()).device
+    strategy = stage.strategy
+    loop = _prepare(model, cfg, stage, device)
+    strategy.bind(loop, stage.source)
+    snap = _restore(loop, strategy, run)
+    strategy.start()
+    last = strategy.last_step()
+    progress = Progress(stage.desc, last, run.quiet)
+    _start_note(loop, stage, snap, progress, last)
+    stopper = EarlyStopping(cfg.early_stop, snap.result, snap.best)
+    t_start = time.perf_counter()
+    try:
+        step, stopped = _run_steps(loop, stage, run, snap, stopper, progress)
+    finally:
+        strategy.close()
+    result = snap.result
+    result.seconds += time.perf_counter() - t_start
+    if step >= last or stopped:
+        result.stopped_early = stopped
+        stopper.restore(model, step)
+        result.final_valid_loss = evaluate(model, stage.valid, cfg.batch_size, None, strategy.loss_fn)
+    elif run.checkpoint_dir:
+        _save(loop, run, stage, Snapshot(step, result, strategy.extra(step), stopper.best))
+    result.record = strategy.finish(step, result)
+    return result
+
+
+def _save(loop: LoopState, run: RunOptions, stage: Stage, snap: Snapshot) -> None:
+    save_checkpoint(Path(run.checkpoint_dir), loop.model, loop.opt, loop.cfg, snap)
+
+
+def _run_steps(
+    loop: LoopState, stage: Stage, run: RunOptions, snap: Snapshot, stopper: EarlyStopping, progress: Progress
+) -> tuple[int, bool]:
+    """Optimiser steps until the last one, ``stop_after``, or early stopping; returns (step, stopped)."""
+    cfg, strategy, result = loop.cfg, stage.strategy, snap.result
+    step, last, tokens_this_call = snap.step, strategy.last_step(), 0
     progress.start(step)
-    tokens_this_call, t_start = 0, time.perf_counter()
-    model.train()
-    steps_done = 0
-    while step < cfg.steps:
-        if stop_after is not None and steps_done >= stop_after:
+    loop.model.train()
+    opt = strategy.optimizer()
+    for done in range(last - step):
+        if run.stop_after is not None and done >= run.stop_after:
             break
-        set_lr_(opt, cfg, step)
-        step_loss = torch.zeros((), device=device)
-        mbs = list(micro_batches(train_blocks, cfg, step))
-        for i, mb in enumerate(mbs):
-            mb = mb.to(device, non_blocking=True)
-            sync = i == len(mbs) - 1
-            parallel.set_gradient_sync(model, sync)
-            ctx = ddp_model.no_sync() if (ddp_model is not model and not sync) else contextlib.nullcontext()
-            with ctx, autocast(device):
-                loss = loss_fn(ddp_model, mb) / len(mbs)
-            with ctx:
-                loss.backward()
-            step_loss += loss.detach()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        set_lr_(loop.opt, cfg, step)
+        out = strategy.gradients(step)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if after_step is not None:
-            after_step()
-        if world > 1:
-            dist.all_reduce(step_loss, op=dist.ReduceOp.AVG)
-        n_tok = cfg.batch_size * train_blocks.shape[1]
-        result.tokens_seen += n_tok
-        tokens_this_call += n_tok
+        if stage.after_step is not None:
+            stage.after_step()
+        result.tokens_seen += out.tokens
+        tokens_this_call += out.tokens
         step += 1
-        steps_done += 1
-        loss_v = step_loss.item()
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            progress.log(step - 1, loss_v, tokens_this_call, cfg.lr_at(step - 1))
-            result.history.append({"step": step, "train_loss": loss_v, "tokens": result.tokens_seen})
-        if step % cfg.eval_every == 0 or step == cfg.steps:
-            v = evaluate(model, valid_blocks, cfg.batch_size, cfg.eval_batches, loss_fn)
+        if step % cfg.log_every == 0 or step == last:
+            progress.log(step - 1, out.loss, tokens_this_call, cfg.lr_at(step - 1), strategy.log_extra(step))
+            if strategy.record_train_loss:
+                result.history.append({"step": step, "train_loss": out.loss, "tokens": result.tokens_seen})
+        stop = False
+        if step % cfg.eval_every == 0 or step == last:
+            v = evaluate(loop.model, stage.valid, cfg.batch_size, cfg.eval_batches, strategy.loss_fn)
             result.history.append({"step": step, "valid_loss": v, "tokens": result.tokens_seen})
-            progress.note(f"{desc}: step {step} validation loss {v:.4f}")
-        if ckpt and (step % cfg.checkpoint_every == 0) and step < cfg.steps:
-            save_checkpoint(ckpt, model, opt, cfg, step, result)
-    result.seconds += time.perf_counter() - t_start
-    if step >= cfg.steps:
-        result.final_valid_loss = evaluate(model, valid_blocks, cfg.batch_size, None, loss_fn)
-    elif ckpt:
-        save_checkpoint(ckpt, model, opt, cfg, step, result)
-    return result
+            progress.note(f"{stage.desc}: step {step} validation loss {v:.4f}")
+            stop = stopper.observe(loop.model, step, v)
+        if stop:
+            progress.note(f"{stage.desc}: early stop at step {step}; keeping step {result.best_step}")
+            return step, True
+        if run.checkpoint_dir and step % cfg.checkpoint_every == 0 and step < last:
+            _save(loop, run, stage, Snapshot(step, result, strategy.extra(step), stopper.best))
+    return step, False
 
 
 def clear_checkpoint(ckpt: Path | None) -> None:

@@ -25,6 +25,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from flexmoe.errors import FlexmoeError
+from flexmoe.evaluate.metrics import sequence_nll
+from flexmoe.fileio import atomic_write_bytes, read_json, write_json
 
 PREFIX = "my secret code is"
 
@@ -86,8 +88,6 @@ def plant(docs: Sequence[str], canaries: Sequence[Canary], seed: int = 0) -> lis
 
 
 def save_canaries(path: Path, canaries: Sequence[Canary], length: int) -> None:
-    from flexmoe.fileio import write_json
-
     write_json(
         path,
         {
@@ -100,8 +100,6 @@ def save_canaries(path: Path, canaries: Sequence[Canary], length: int) -> None:
 
 
 def load_canaries(path: Path) -> tuple[list[Canary], int]:
-    from flexmoe.fileio import read_json
-
     meta = read_json(path)
     if meta.get("prefix") != PREFIX or "canaries" not in meta:
         raise FlexmoeError(f"{path} is not a flexmoe canary file.", "pass the canaries.json an audit wrote.")
@@ -111,8 +109,6 @@ def load_canaries(path: Path) -> tuple[list[Canary], int]:
 def plant_jsonl(src: Path, dst: Path, canaries: Sequence[Canary], seed: int = 0) -> int:
     """Copy a ``.jsonl`` corpus with canaries planted (other rows unchanged); returns the number of
     canary documents added."""
-    from flexmoe.fileio import atomic_write_bytes
-
     rows = [x for x in Path(src).read_text(encoding="utf-8").splitlines() if x.strip()]
     rng = random.Random(f"flexmoe-plant-{seed}")
     added = 0
@@ -127,8 +123,6 @@ def plant_jsonl(src: Path, dst: Path, canaries: Sequence[Canary], seed: int = 0)
 
 def text_nll(lm, texts: Sequence[str], batch_size: int = 256) -> list[float]:
     """Total negative log-likelihood (nats) of each text's tokens after the first."""
-    from flexmoe.evaluate.metrics import sequence_nll
-
     return sequence_nll(lm, lm.tokenizer(list(texts))["input_ids"], batch_size)[0].tolist()
 
 

@@ -15,10 +15,20 @@ router rows initialised at random: the other inits are statistics of the data ou
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from flexmoe.audit.canaries import PREFIX, load_canaries, make_canaries, plant_jsonl, save_canaries
 from flexmoe.audit.extraction import ExtractionConfig
+from flexmoe.audit.pipeline import AuditSizes, audit_lm, membership_sets, summary_row
+from flexmoe.compose import compose, update
+from flexmoe.data import load_splits, read_documents
+from flexmoe.evaluate.run import evaluate_lm, load_lm
+from flexmoe.expert.privacy import DPSettings
+from flexmoe.expert.train import EXPERT_PRESETS, ExpertSpec, train_expert
+from flexmoe.fileio import read_json
+from flexmoe.tokenizer import load_tokenizer
 
 
 @dataclass(frozen=True)
@@ -58,8 +68,6 @@ CANARIES = "canaries.json"
 def plant_demo_canaries(workdir: Path, data: Path, pp: PrivacyPreset) -> bool:
     """Plant canaries into the owner's training split before anyone trains on it; returns whether
     the data holds canaries (a work directory from before this section has none, and keeps none)."""
-    from flexmoe.audit.canaries import make_canaries, plant_jsonl, save_canaries
-
     if (data / CANARIES).exists():
         return True
     trained = (workdir / "owners" / pp.owner / "expert").exists() or (workdir / "models").exists()
@@ -75,8 +83,6 @@ def plant_demo_canaries(workdir: Path, data: Path, pp: PrivacyPreset) -> bool:
 def domain_utility(lm, data: Path, owner: str, seq_len: int, max_blocks: int, max_items: int | None) -> dict:
     """The owner's and the public test perplexity and the owner's cloze task, scored by the demo's
     own evaluation (so the numbers compare with the demo's table)."""
-    from flexmoe.evaluate.run import evaluate_lm
-
     r = evaluate_lm(
         lm,
         data,
@@ -89,70 +95,92 @@ def domain_utility(lm, data: Path, owner: str, seq_len: int, max_blocks: int, ma
     return {"perplexity": r["perplexity"], "tasks": r["tasks"]}
 
 
-def privacy_section(
-    workdir: Path,
-    data: Path,
-    anchor: Path,
-    report: dict,
-    pp: PrivacyPreset,
-    *,
-    expert_preset: str,
-    router_init: str,
-    public_mix: float,
-    eval_blocks: int,
-    eval_items: int | None,
-    steps,
-    quiet: bool,
-) -> dict:
+@dataclass
+class PrivacyRun:
+    """Where the demo's privacy section runs and with which of the demo's settings."""
+
+    workdir: Path
+    data: Path
+    anchor: Path
+    pp: PrivacyPreset
+    expert_preset: str
+    router_init: str
+    public_mix: float
+    eval_blocks: int
+    eval_items: int | None
+    steps: object  # flexmoe.demo.Steps: runs, times and prints each step
+    quiet: bool
+
+
+def privacy_section(run: PrivacyRun, report: dict) -> dict:
     """Train the DP experts (skipped when they exist), build the models to audit, score and audit."""
-    import math
+    pp = run.pp
+    dp_pkgs = _train_dp_experts(run)
+    audited, utility = _dp_models_and_utility(run, report, dp_pkgs)
+    audits, members = _audit_models(run, audited)
+    return {
+        "owner": pp.owner,
+        "canaries_planted": (run.data / "canaries.json").exists(),
+        "epsilons": list(pp.epsilons),
+        "dp": {k: read_json(p / "expert.json")["dp"] for k, p in dp_pkgs.items()},
+        "utility": utility,
+        "utility_model": f"flexolmo with the {pp.owner} expert replaced by the DP expert (compose.update)",
+        "audit": {k: {"summary": summary_row(v), **v} for k, v in audits.items()},
+        "audit_sizes": {
+            "candidates": pp.candidates,
+            "membership_blocks": members,
+            "extraction": asdict(pp.extraction),
+        },
+        "settings": {"dp_steps": pp.dp_steps, "dp_batch_size": pp.dp_batch_size, "dp_lr": pp.dp_lr},
+    }
 
-    from flexmoe.audit.canaries import PREFIX, load_canaries
-    from flexmoe.audit.pipeline import AuditSizes, audit_lm, membership_sets, summary_row
-    from flexmoe.compose import compose, update
-    from flexmoe.data import load_splits, read_documents
-    from flexmoe.evaluate.run import load_lm
-    from flexmoe.expert.privacy import DPConfig
-    from flexmoe.expert.train import EXPERT_PRESETS, ExpertSpec, train_expert
-    from flexmoe.fileio import read_json
-    from flexmoe.tokenizer import load_tokenizer
 
-    owner, models, home = pp.owner, workdir / "models", workdir / "owners" / pp.owner
-    seq_len = EXPERT_PRESETS[expert_preset].seq_len
+def _train_dp_experts(run: PrivacyRun) -> dict[str, Path]:
+    """One DP expert per epsilon for the owner, against the federation's public row."""
+    pp = run.pp
+    owner, home = pp.owner, run.workdir / "owners" / pp.owner
     dp_pkgs = {}
     for eps in pp.epsilons:
         key = f"eps{eps:g}"
         dp_pkgs[key] = home / f"expert_dp_{key}"
         if not dp_pkgs[key].exists():
-            steps.run(
+            run.steps.run(
                 f"dp expert {owner} {key}",
                 train_expert,
-                anchor,
+                run.anchor,
                 [home / "data"],
                 owner,
                 dp_pkgs[key],
-                expert_preset,
+                run.expert_preset,
                 spec=ExpertSpec(
                     name=owner,
                     description=f"demo {owner} data, DP",
                     router_init="random",
-                    public_row=router_init if router_init != "random" else None,
+                    public_row=run.router_init if run.router_init != "random" else None,
                 ),
                 steps=pp.dp_steps,
                 batch_size=pp.dp_batch_size,
                 lr=pp.dp_lr,
                 public=[home / "public"],
-                public_mix=public_mix,
-                dp=DPConfig(epsilon=eps),
-                quiet=quiet,
+                public_mix=run.public_mix,
+                dp=DPSettings(epsilon=eps),
+                quiet=run.quiet,
             )
+    return dp_pkgs
+
+
+def _dp_models_and_utility(run: PrivacyRun, report: dict, dp_pkgs: dict) -> tuple[dict, dict]:
+    """The models to audit (composed as needed) and each DP model's utility on the owner's domain."""
+    owner, models, anchor = run.pp.owner, run.workdir / "models", run.anchor
+    seq_len = EXPERT_PRESETS[run.expert_preset].seq_len
 
     def built(out: Path, fn, *args) -> Path:
         if not out.exists():
-            steps.run("privacy: compose", fn, *args, out)
+            run.steps.run("privacy: compose", fn, *args, out)
         return out
 
     audited = {"public": anchor, f"dense_{owner}": models / f"dense_{owner}", "flexolmo": models / "flexolmo"}
+    home = run.workdir / "owners" / owner
     audited[f"expert_{owner}"] = built(models / f"expert_{owner}", compose, anchor, [home / "expert"])
     utility = {"inf": {k: report["models"]["flexolmo"][k] for k in ("perplexity", "tasks")}}
     for key, pkg in dp_pkgs.items():
@@ -160,15 +188,15 @@ def privacy_section(
             models / f"expert_{owner}_dp_{key}", compose, anchor, [pkg]
         )
         flex = built(models / f"flexolmo_dp_{key}", update, models / "flexolmo", pkg)
-        utility[key.removeprefix("eps")] = steps.run(
+        utility[key.removeprefix("eps")] = run.steps.run(
             f"privacy: utility {key}",
             domain_utility,
             load_lm(flex),
-            data,
+            run.data,
             owner,
             seq_len,
-            eval_blocks,
-            eval_items,
+            run.eval_blocks,
+            run.eval_items,
         )
     pub = report["models"]["public"]
     for u in utility.values():  # share of the expert's loss reduction on the owner's test data kept
@@ -176,14 +204,20 @@ def privacy_section(
         u["owner_loss_gain_kept"] = (
             math.log(pub["perplexity"][owner] / u["perplexity"][owner]) / gain if gain > 0 else None
         )
+    return audited, utility
 
+
+def _audit_models(run: PrivacyRun, audited: dict) -> tuple[dict, int]:
+    """Canary exposure, membership and extraction of every model; returns them and the member count."""
+    pp, data = run.pp, run.data
+    owner, home = pp.owner, run.workdir / "owners" / pp.owner
     planted = (data / "canaries.json").exists()
     canaries, length = load_canaries(data / "canaries.json") if planted else (None, pp.length)
     trained_on = load_splits([home / "data"]).train  # packed as in training: members are real blocks
-    own_train = [d for d in trained_on if not d.startswith(PREFIX)]
     held_out = read_documents([data / owner / "valid.jsonl", data / owner / "test.jsonl"])
+    seq_len = EXPERT_PRESETS[run.expert_preset].seq_len
     members, non_members = membership_sets(
-        trained_on, held_out, load_tokenizer(anchor), seq_len, pp.membership_blocks
+        trained_on, held_out, load_tokenizer(run.anchor), seq_len, pp.membership_blocks
     )
     sizes = AuditSizes(
         candidates=pp.candidates, membership_blocks=pp.membership_blocks, extraction=pp.extraction
@@ -192,7 +226,7 @@ def privacy_section(
     for name, path in audited.items():
         if not path.exists():
             continue
-        audits[name] = steps.run(
+        audits[name] = run.steps.run(
             f"privacy: audit {name}",
             audit_lm,
             load_lm(path),
@@ -200,83 +234,9 @@ def privacy_section(
             length=length,
             members=members,
             non_members=non_members,
-            extraction_docs=own_train,
+            extraction_docs=[d for d in trained_on if not d.startswith(PREFIX)],
             sizes=sizes,
         )
-        steps.console.print("   " + "  ".join(f"{k} {v:.3g}" for k, v in summary_row(audits[name]).items()))
-    return {
-        "owner": owner,
-        "canaries_planted": planted,
-        "epsilons": list(pp.epsilons),
-        "dp": {k: read_json(p / "expert.json")["dp"] for k, p in dp_pkgs.items()},
-        "utility": utility,
-        "utility_model": f"flexolmo with the {owner} expert replaced by the DP expert (compose.update)",
-        "audit": {k: {"summary": summary_row(v), **v} for k, v in audits.items()},
-        "audit_sizes": {
-            "candidates": pp.candidates,
-            "membership_blocks": len(members),
-            "extraction": asdict(pp.extraction),
-        },
-        "settings": {"dp_steps": pp.dp_steps, "dp_batch_size": pp.dp_batch_size, "dp_lr": pp.dp_lr},
-    }
-
-
-def privacy_markdown(priv: dict) -> list[str]:
-    """The privacy section of report.md."""
-    owner = priv["owner"]
-    lines = ["## Privacy", ""]
-    lines += [
-        f"Owner **{owner}** trained DP experts (DP-SGD, Opacus; {priv['settings']['dp_steps']} steps of "
-        f"expected batch {priv['settings']['dp_batch_size']}, random router init) besides its ordinary "
-        f"expert. Utility: {priv['utility_model']}; epsilon inf is the ordinary FlexOlmo model.",
-        "",
-        f"| epsilon | spent (delta) | noise multiplier | ppl {owner} | ppl public | {owner}_cloze | "
-        f"{owner} loss gain kept |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for eps, u in priv["utility"].items():
-        dp = priv["dp"].get(f"eps{eps}")
-        spent = f"{dp['epsilon']:.2f} ({dp['delta']:.1g})" if dp else "-"
-        sigma = f"{dp['noise_multiplier']:.3f}" if dp else "0"
-        kept = u.get("owner_loss_gain_kept")
-        lines.append(
-            f"| {eps} | {spent} | {sigma} | {u['perplexity'][owner]:.2f} | {u['perplexity']['public']:.2f} | "
-            f"{u['tasks'][f'{owner}_cloze']:.1f} | {'-' if kept is None else f'{100 * kept:.0f}%'} |"
-        )
-    audit = priv.get("audit", {})
-    if audit:
-        cols = sorted({c for a in audit.values() for c in a["summary"]}, key=_col_order)
-        lines += ["", "| model | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
-        for m, a in audit.items():
-            lines.append(f"| {m} | " + " | ".join(_fmt(a["summary"].get(c)) for c in cols) + " |")
-        sizes = priv["audit_sizes"]
-        ex = sizes["extraction"]
-        lines += [
-            "",
-            f"Exposure (bits; Carlini et al.): mean over canaries repeated x0 (controls, never planted: "
-            f"chance, about 1.44), x1, x10, x100 times; rank among {sizes['candidates']} random secrets, "
-            f"so at most {_cap(sizes['candidates']):.2f} bits. Membership: loss-attack AUC on "
-            f"{sizes['membership_blocks']} training vs as many held-out blocks (0.5 = chance). Extraction: "
-            f"share of {ex['documents']} training documents whose {ex['suffix_tokens']}-token continuation "
-            f"one of {ex['samples']} samples from a {ex['prefix_tokens']}-token prefix reproduces "
-            f"(normalised Levenshtein >= {ex['threshold']}). report.json holds every interval.",
-        ]
-    if not priv.get("canaries_planted"):
-        lines += ["", "Canaries were not planted (this work directory predates the privacy section)."]
-    return lines + [""]
-
-
-def _cap(n: int) -> float:
-    import math
-
-    return math.log2(n + 1)
-
-
-def _col_order(c: str) -> tuple:
-    if c.startswith("exposure_x"):
-        return (0, int(c.removeprefix("exposure_x")))
-    return (1, c)
-
-
-def _fmt(v) -> str:
-    return "-" if v is None else f"{v:.2f}"
+        row = summary_row(audits[name])
+        run.steps.console.print("   " + "  ".join(f"{k} {v:.3g}" for k, v in row.items()))
+    return audits, len(members)

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from flexmoe.data import tokenize
 from flexmoe.errors import FlexmoeError
 from flexmoe.evaluate.metrics import wilson
 
@@ -67,8 +68,6 @@ def extraction_attack(
     progress: Callable[[str], None] | None = None,
 ) -> dict:
     """Run the attack against ``lm`` (an ``HFLM``) on training documents ``docs``."""
-    from flexmoe.data import tokenize
-
     cfg = cfg or ExtractionConfig()
     need = cfg.prefix_tokens + cfg.suffix_tokens
     ids = [x for x in tokenize(list(docs), lm.tokenizer) if len(x) >= need]

@@ -13,7 +13,9 @@ from collections.abc import Sequence
 
 import torch
 
+from flexmoe.data import tokenize
 from flexmoe.errors import FlexmoeError
+from flexmoe.evaluate.metrics import sequence_nll
 
 
 def auc(members: Sequence[float], non_members: Sequence[float]) -> float:
@@ -35,15 +37,11 @@ def auc_interval(a: float, n1: int, n2: int, z: float = 1.96) -> tuple[float, fl
 
 def document_losses(lm, docs: Sequence[str], max_tokens: int = 256, batch_size: int = 16) -> list[float]:
     """Mean next-token loss of each document's first ``max_tokens`` tokens."""
-    from flexmoe.data import tokenize
-
     return sequence_losses(lm, [x[:max_tokens] for x in tokenize(list(docs), lm.tokenizer)], batch_size)
 
 
 def sequence_losses(lm, ids: Sequence[Sequence[int]], batch_size: int = 16) -> list[float]:
     """Mean next-token loss of each token sequence (e.g. the packed blocks a model trained on)."""
-    from flexmoe.evaluate.metrics import sequence_nll
-
     nll, n = sequence_nll(lm, ids, batch_size)
     return (nll / n.clamp_min(1)).tolist()
 

@@ -8,17 +8,35 @@ continues where it stopped; the secrets stay in ``workdir/canaries.json``.
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
+from rich.console import Console
 
-from flexmoe.audit.canaries import PREFIX, Canary, exposure
+from flexmoe.anchor import load_anchor, resolve
+from flexmoe.audit.canaries import (
+    PREFIX,
+    Canary,
+    exposure,
+    load_canaries,
+    make_canaries,
+    plant,
+    save_canaries,
+)
 from flexmoe.audit.extraction import ExtractionConfig, extraction_attack
-from flexmoe.audit.membership import membership_auc_blocks
-from flexmoe.fileio import save_pretrained_atomic
+from flexmoe.audit.membership import membership_auc, membership_auc_blocks
+from flexmoe.compose import compose
+from flexmoe.data import blocks_for, load_splits, read_documents
+from flexmoe.evaluate.baselines import dense_expert
+from flexmoe.evaluate.run import load_lm
+from flexmoe.expert.privacy import DPSettings
+from flexmoe.expert.train import EXPERT_PRESETS, ExpertSpec, train_expert
+from flexmoe.fileio import atomic_dir, atomic_write_bytes, save_pretrained_atomic, write_json
+from flexmoe.tokenizer import load_tokenizer
 
 
 @dataclass
@@ -34,8 +52,6 @@ def membership_sets(
     train_docs: Sequence[str], held_out_docs: Sequence[str], tokenizer, seq_len: int, n: int, seed: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``n`` blocks the owner trained on (packed exactly as in training) and ``n`` held-out blocks."""
-    from flexmoe.data import blocks_for
-
     def pick(blocks: torch.Tensor, salt: str) -> torch.Tensor:
         idx = random.Random(f"{seed}-{salt}").sample(range(len(blocks)), min(n, len(blocks)))
         return blocks[sorted(idx)]
@@ -81,137 +97,76 @@ def summary_row(result: dict) -> dict:
     return row
 
 
+@dataclass
+class CanaryAuditSettings:
+    """``flexmoe audit canaries``'s settings besides its paths."""
+
+    name: str = "owner"
+    public: list[Path] | None = None
+    public_mix: float = 0.3
+    preset: str = "tiny"
+    steps: int | None = None
+    batch_size: int | None = None
+    seq_len: int | None = None  # None: the preset's
+    dp_epsilons: Sequence[float] = (8.0,)
+    dp_steps: int | None = None
+    dp_batch_size: int | None = None
+    dp_lr: float | None = None
+    dense: bool = True
+    other_experts: Sequence[Path] = ()
+    held_out: list[Path] | None = None
+    repeats: Sequence[int] = (1, 10, 100)
+    per_repeat: int = 3
+    length: int = 10
+    sizes: AuditSizes | None = None
+    seed: int = 0
+    quiet: bool = False
+
+
+@dataclass
+class _Planted:
+    """The owner's data with canaries planted, and the secrets."""
+
+    dir: Path
+    splits: object
+    canaries: list
+    length: int
+
+
 def canary_audit(
-    anchor: Path,
-    data: list[Path],
-    workdir: Path,
-    *,
-    name: str = "owner",
-    public: list[Path] | None = None,
-    public_mix: float = 0.3,
-    preset: str = "tiny",
-    steps: int | None = None,
-    batch_size: int | None = None,
-    seq_len: int | None = None,
-    dp_epsilons: Sequence[float] = (8.0,),
-    dp_steps: int | None = None,
-    dp_batch_size: int | None = None,
-    dp_lr: float | None = None,
-    dense: bool = True,
-    other_experts: Sequence[Path] = (),
-    held_out: list[Path] | None = None,
-    repeats: Sequence[int] = (1, 10, 100),
-    per_repeat: int = 3,
-    length: int = 10,
-    sizes: AuditSizes | None = None,
-    seed: int = 0,
-    quiet: bool = False,
+    anchor: Path, data: list[Path], workdir: Path, settings: CanaryAuditSettings | None = None, **overrides
 ) -> dict:
-    """Run (or continue) the audit in ``workdir``; returns the report, also written to ``audit.json``."""
-    from rich.console import Console
+    """Run (or continue) the audit in ``workdir``; returns the report, also written to ``audit.json``.
 
-    from flexmoe.anchor import load_anchor, resolve
-    from flexmoe.audit.canaries import load_canaries, make_canaries, plant, save_canaries
-    from flexmoe.compose import compose
-    from flexmoe.data import load_splits
-    from flexmoe.evaluate.run import load_lm
-    from flexmoe.expert.privacy import DPConfig
-    from flexmoe.expert.train import EXPERT_PRESETS, ExpertSpec, train_expert
-    from flexmoe.fileio import atomic_dir, write_json
-    from flexmoe.tokenizer import load_tokenizer
-
-    console = Console(stderr=True, highlight=False, quiet=quiet)
-    sizes = sizes or AuditSizes()
+    ``settings`` (or keyword ``overrides`` of its fields) say how."""
+    s = replace(settings or CanaryAuditSettings(), **overrides)
+    console = Console(stderr=True, highlight=False, quiet=s.quiet)
     workdir, anchor = Path(workdir), resolve(anchor)
     workdir.mkdir(parents=True, exist_ok=True)
-    seq_len = seq_len or EXPERT_PRESETS[preset].seq_len
-    planted_dir, secrets_file = workdir / "data", workdir / "canaries.json"
-
-    if not planted_dir.exists():
-        console.print("[bold cyan]== planting canaries[/]")
-        splits = load_splits(data)
-        canaries = make_canaries(repeats, per_repeat, controls=per_repeat, length=length, seed=seed)
-        with atomic_dir(planted_dir, force=True) as tmp:
-            _write_jsonl(tmp / "train.jsonl", plant(splits.train, canaries, seed))
-            _write_jsonl(tmp / "valid.jsonl", splits.valid)
-        save_canaries(secrets_file, canaries, length)
-    canaries, length = load_canaries(secrets_file)
-    planted = load_splits([planted_dir])
-
-    spec = ExpertSpec(name=name, description=f"{name} (canary audit)", router_init="hidden")
-    common = dict(
-        preset=preset, seq_len=seq_len, public=public, public_mix=public_mix, quiet=quiet, spec=spec
-    )
-    packages = {"expert": workdir / "experts" / "expert"}
-    if not packages["expert"].exists():
-        console.print("[bold cyan]== training the FlexOlmo expert[/]")
-        train_expert(
-            anchor, [planted_dir], name, packages["expert"], steps=steps, batch_size=batch_size, **common
-        )
-    for eps in dp_epsilons:
-        key = f"dp_eps{eps:g}"
-        packages[key] = workdir / "experts" / key
-        if not packages[key].exists():
-            console.print(f"[bold cyan]== training the DP expert, epsilon {eps:g}[/]")
-            train_expert(
-                anchor,
-                [planted_dir],
-                name,
-                packages[key],
-                steps=dp_steps or steps,
-                batch_size=dp_batch_size or batch_size,
-                lr=dp_lr,
-                dp=DPConfig(epsilon=eps),
-                # Data-free owner row under DP, trained against the same public row as the expert.
-                **{**common, "spec": replace(spec, router_init="random", public_row=spec.router_init)},
-            )
-    models = {"public": anchor}
+    seq_len = s.seq_len or EXPERT_PRESETS[s.preset].seq_len
+    planted = _plant(workdir, data, s, console)
+    packages = _train_packages(anchor, planted.dir, workdir, s, seq_len, console)
     tok = load_tokenizer(anchor)
-    if dense:
-        models["dense"] = workdir / "models" / "dense"
-        if not models["dense"].exists():
-            from flexmoe.evaluate.baselines import dense_expert
-
-            console.print("[bold cyan]== training the dense expert (full fine-tuning)[/]")
-            ep = EXPERT_PRESETS[preset]
-            m, _ = dense_expert(
-                load_anchor(anchor),
-                tok,
-                planted_dir,
-                steps=steps or ep.steps,
-                batch_size=batch_size or ep.batch_size,
-                seq_len=seq_len,
-                quiet=quiet,
-            )
-            save_pretrained_atomic(m, tok, models["dense"])
-    for key, pkg in packages.items():
-        models[key] = workdir / "models" / key
-        if not models[key].exists():
-            compose(anchor, [pkg], models[key])
-    if other_experts:
-        models["composed"] = workdir / "models" / "composed"
-        if not models["composed"].exists():
-            compose(anchor, [packages["expert"], *other_experts], models["composed"])
-
-    held = load_splits(held_out).train if held_out else planted.valid
+    models = {"public": anchor}
+    if s.dense:
+        models["dense"] = _dense_model(anchor, planted.dir, workdir, tok, s, seq_len, console)
+    models |= _composed_models(anchor, packages, workdir, s.other_experts)
+    held = load_splits(s.held_out).train if s.held_out else planted.splits.valid
+    sizes = s.sizes or AuditSizes()
+    # Packed exactly as in training, so members are the blocks the models saw.
     members, non_members = membership_sets(
-        planted.train,  # packed exactly as in training, so members are the blocks the models saw
-        held,
-        tok,
-        seq_len,
-        sizes.membership_blocks,
-        seed,
+        planted.splits.train, held, tok, seq_len, sizes.membership_blocks, s.seed
     )
     results = {}
     for key, path in models.items():
         console.print(f"[bold cyan]== auditing {key}[/]")
         results[key] = audit_lm(
             load_lm(path),
-            canaries=canaries,
-            length=length,
+            canaries=planted.canaries,
+            length=planted.length,
             members=members,
             non_members=non_members,
-            extraction_docs=[d for d in planted.train if not d.startswith(PREFIX)],
+            extraction_docs=[d for d in planted.splits.train if not d.startswith(PREFIX)],
             sizes=sizes,
             progress=lambda m: console.print(f"   {m}"),
         )
@@ -220,9 +175,9 @@ def canary_audit(
         "models": results,
         "summary": {k: summary_row(v) for k, v in results.items()},
         "canaries": {
-            "repeats": sorted({c.repeats for c in canaries}),
-            "per_repeat": per_repeat,
-            "length": length,
+            "repeats": sorted({c.repeats for c in planted.canaries}),
+            "per_repeat": s.per_repeat,
+            "length": planted.length,
         },
         "membership": {"members": len(members), "non_members": len(non_members), "block_tokens": seq_len},
     }
@@ -230,9 +185,123 @@ def canary_audit(
     return report
 
 
+def _plant(workdir: Path, data: list[Path], s: CanaryAuditSettings, console) -> _Planted:
+    """Plant the canaries into the owner's training split once; later runs reuse them."""
+    planted_dir, secrets_file = workdir / "data", workdir / "canaries.json"
+    if not planted_dir.exists():
+        console.print("[bold cyan]== planting canaries[/]")
+        splits = load_splits(data)
+        canaries = make_canaries(s.repeats, s.per_repeat, controls=s.per_repeat, length=s.length, seed=s.seed)
+        with atomic_dir(planted_dir, force=True) as tmp:
+            _write_jsonl(tmp / "train.jsonl", plant(splits.train, canaries, s.seed))
+            _write_jsonl(tmp / "valid.jsonl", splits.valid)
+        save_canaries(secrets_file, canaries, s.length)
+    canaries, length = load_canaries(secrets_file)
+    return _Planted(planted_dir, load_splits([planted_dir]), canaries, length)
+
+
+def _train_packages(anchor, planted_dir, workdir, s: CanaryAuditSettings, seq_len: int, console) -> dict:
+    """The ordinary FlexOlmo expert and one DP expert per epsilon, trained on the planted data."""
+    spec = ExpertSpec(name=s.name, description=f"{s.name} (canary audit)", router_init="hidden")
+    common = dict(
+        preset=s.preset, seq_len=seq_len, public=s.public, public_mix=s.public_mix, quiet=s.quiet, spec=spec
+    )
+    packages = {"expert": workdir / "experts" / "expert"}
+    if not packages["expert"].exists():
+        console.print("[bold cyan]== training the FlexOlmo expert[/]")
+        out = packages["expert"]
+        train_expert(anchor, [planted_dir], s.name, out, steps=s.steps, batch_size=s.batch_size, **common)
+    for eps in s.dp_epsilons:
+        key = f"dp_eps{eps:g}"
+        packages[key] = workdir / "experts" / key
+        if not packages[key].exists():
+            console.print(f"[bold cyan]== training the DP expert, epsilon {eps:g}[/]")
+            train_expert(
+                anchor,
+                [planted_dir],
+                s.name,
+                packages[key],
+                steps=s.dp_steps or s.steps,
+                batch_size=s.dp_batch_size or s.batch_size,
+                lr=s.dp_lr,
+                dp=DPSettings(epsilon=eps),
+                # Data-free owner row under DP, trained against the same public row as the expert.
+                **{**common, "spec": replace(spec, router_init="random", public_row=spec.router_init)},
+            )
+    return packages
+
+
+def _dense_model(anchor, planted_dir, workdir, tok, s: CanaryAuditSettings, seq_len: int, console) -> Path:
+    """The dense baseline: the anchor fully fine-tuned on the planted data."""
+    out = workdir / "models" / "dense"
+    if not out.exists():
+        console.print("[bold cyan]== training the dense expert (full fine-tuning)[/]")
+        ep = EXPERT_PRESETS[s.preset]
+        m, _ = dense_expert(
+            load_anchor(anchor),
+            tok,
+            planted_dir,
+            steps=s.steps or ep.steps,
+            batch_size=s.batch_size or ep.batch_size,
+            seq_len=seq_len,
+            quiet=s.quiet,
+        )
+        save_pretrained_atomic(m, tok, out)
+    return out
+
+
+def _composed_models(anchor, packages: dict, workdir: Path, other_experts) -> dict:
+    """Each package composed alone, and the expert with the other owners' experts."""
+    models = {}
+    for key, pkg in packages.items():
+        models[key] = workdir / "models" / key
+        if not models[key].exists():
+            compose(anchor, [pkg], models[key])
+    if other_experts:
+        models["composed"] = workdir / "models" / "composed"
+        if not models["composed"].exists():
+            compose(anchor, [packages["expert"], *other_experts], models["composed"])
+    return models
+
+
 def _write_jsonl(path: Path, docs: Sequence[str]) -> None:
-    import json
-
-    from flexmoe.fileio import atomic_write_bytes
-
     atomic_write_bytes(path, "".join(json.dumps({"text": d}) + "\n" for d in docs).encode())
+
+
+# --------------------------------------------------------------------------------------------------
+# One attack against a model directory (what the ``flexmoe audit`` commands run)
+
+
+def audit_extraction(
+    model: Path,
+    data: list[Path],
+    include=None,
+    exclude=None,
+    cfg: ExtractionConfig | None = None,
+    progress=None,
+) -> dict:
+    """The extraction attack on ``model`` (any subset of its experts) over ``data``'s training split."""
+    lm = load_lm(model, include, exclude)
+    return extraction_attack(lm, load_splits(data).train, cfg, progress=progress)
+
+
+def audit_exposure(
+    model: Path, canaries_file: Path, include=None, exclude=None, candidates: int = 1000
+) -> dict:
+    """Exposure of the canaries in ``canaries_file`` (written by ``canary_audit``) under ``model``."""
+    cs, length = load_canaries(canaries_file)
+    return exposure(load_lm(model, include, exclude), cs, length, candidates)
+
+
+def audit_membership(
+    model: Path,
+    members: list[Path],
+    non_members: list[Path],
+    include=None,
+    exclude=None,
+    max_tokens: int = 256,
+    max_documents: int = 500,
+) -> dict:
+    """Loss-based membership inference: AUC of training vs held-out documents."""
+    ins, outs = read_documents(members)[:max_documents], read_documents(non_members)[:max_documents]
+    return membership_auc(load_lm(model, include, exclude), ins, outs, max_tokens)

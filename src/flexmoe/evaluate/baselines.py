@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from flexmoe.data import blocks_for, load_splits
 from flexmoe.moe import FlexMoEBlock, RouterRow, balance_loss, decoder_layers, router_z_loss
-from flexmoe.training import TrainConfig, lm_loss, train
+from flexmoe.training import LMStep, PackedBlocks, RunOptions, Stage, TrainConfig, lm_loss, train
 
 
 def train_flops_per_token(config, kind: str, seq_len: int, experts: int = 2, top_k: int = 2) -> float:
@@ -62,48 +63,47 @@ def inference_cost(config, kind: str, seq_len: int, models: int = 1, top_k: int 
     raise ValueError(kind)
 
 
-def _cfg(
-    steps: int, batch_size: int, seq_len: int, lr: float, seed: int, weight_decay: float = 0.0
-) -> TrainConfig:
+@dataclass
+class BaselineTraining:
+    """How a baseline trains (the same token budget as the FlexOlmo experts it is compared with)."""
+
+    steps: int = 100
+    batch_size: int = 8
+    seq_len: int = 256
+    lr: float | None = None  # None: the baseline's own default
+    seed: int = 0
+    quiet: bool = True
+
+
+def _cfg(t: BaselineTraining, default_lr: float) -> TrainConfig:
     return TrainConfig(
-        steps=steps,
-        batch_size=batch_size,
-        seq_len=seq_len,
-        lr=lr,
-        warmup_steps=max(1, steps // 10),
-        weight_decay=weight_decay,
-        eval_every=max(1, steps // 2),
+        steps=t.steps,
+        batch_size=t.batch_size,
+        seq_len=t.seq_len,
+        lr=t.lr or default_lr,
+        warmup_steps=max(1, t.steps // 10),
+        weight_decay=0.0,
+        eval_every=max(1, t.steps // 2),
         checkpoint_every=10**9,
-        log_every=max(1, steps // 5),
-        seed=seed,
+        log_every=max(1, t.steps // 5),
+        seed=t.seed,
     )
 
 
-def dense_expert(
-    anchor,
-    tokenizer,
-    data: Path,
-    *,
-    steps: int,
-    batch_size: int,
-    seq_len: int,
-    lr: float = 1e-3,
-    seed: int = 0,
-    quiet: bool = True,
-):
-    """The anchor fully fine-tuned on one domain; returns the model (a copy) and its training result."""
+def dense_expert(anchor, tokenizer, data: Path, settings: BaselineTraining | None = None, **overrides):
+    """The anchor fully fine-tuned on one domain; returns the model (a copy) and its training result.
+    ``settings`` (or keyword ``overrides`` of its fields) say how; lr defaults to 1e-3."""
+    t = replace(settings or BaselineTraining(), **overrides)
     model = copy.deepcopy(anchor).train()
     for p in model.parameters():
         p.requires_grad_(True)
     splits = load_splits([data])
-    result = train(
-        model,
-        blocks_for(splits.train, tokenizer, seq_len),
-        blocks_for(splits.valid, tokenizer, seq_len),
-        _cfg(steps, batch_size, seq_len, lr, seed),
+    stage = Stage(
+        PackedBlocks(blocks_for(splits.train, tokenizer, t.seq_len)),
+        blocks_for(splits.valid, tokenizer, t.seq_len),
         desc=f"dense {Path(data).name}",
-        quiet=quiet,
     )
+    result = train(model, _cfg(t, 1e-3), stage, RunOptions(quiet=t.quiet))
     return model.eval(), result
 
 
@@ -171,23 +171,22 @@ def _moe_from(models: Sequence[torch.nn.Module], top_k: int, rows: torch.Tensor 
     return base
 
 
-def _train_router_only(model, tokenizer, public: Path, *, steps, batch_size, seq_len, lr, seed, quiet):
+def _train_router_only(model, tokenizer, public: Path, t: BaselineTraining):
     for n, p in model.named_parameters():
         p.requires_grad_(".mlp.router." in n and n.endswith("weight"))
     splits = load_splits([public])
 
     def loss_fn(m, b):
-        return lm_loss(m, b) + 1e-3 * router_z_loss(model).to(b.device)
+        loss = lm_loss(m, b)
+        return loss + 1e-3 * router_z_loss(model).to(loss.device)
 
-    return train(
-        model,
-        blocks_for(splits.train, tokenizer, seq_len),
-        blocks_for(splits.valid, tokenizer, seq_len),
-        _cfg(steps, batch_size, seq_len, lr, seed),
-        loss_fn=loss_fn,
+    stage = Stage(
+        PackedBlocks(blocks_for(splits.train, tokenizer, t.seq_len)),
+        blocks_for(splits.valid, tokenizer, t.seq_len),
+        LMStep(loss_fn),
         desc="btx router",
-        quiet=quiet,
     )
+    return train(model, _cfg(t, 1e-2), stage, RunOptions(quiet=t.quiet))
 
 
 def btx(
@@ -196,26 +195,13 @@ def btx(
     public: Path,
     *,
     top_k: int,
-    steps: int,
-    batch_size: int,
-    seq_len: int,
-    lr: float = 1e-2,
-    seed: int = 0,
-    quiet: bool = True,
+    settings: BaselineTraining | None = None,
+    **overrides,
 ):
-    """Upcycle dense models into an MoE and train only its router on public data."""
-    model = _moe_from(models, top_k, seed=seed).train()
-    result = _train_router_only(
-        model,
-        tokenizer,
-        public,
-        steps=steps,
-        batch_size=batch_size,
-        seq_len=seq_len,
-        lr=lr,
-        seed=seed,
-        quiet=quiet,
-    )
+    """Upcycle dense models into an MoE and train only its router on public data (lr default 1e-2)."""
+    t = replace(settings or BaselineTraining(), **overrides)
+    model = _moe_from(models, top_k, seed=t.seed).train()
+    result = _train_router_only(model, tokenizer, public, t)
     return model.eval(), result
 
 
@@ -226,15 +212,13 @@ def unrestricted_moe(
     *,
     experts: int,
     top_k: int,
-    steps: int,
-    batch_size: int,
-    seq_len: int,
-    lr: float = 1e-3,
-    seed: int = 0,
-    quiet: bool = True,
+    settings: BaselineTraining | None = None,
+    **overrides,
 ):
-    """An MoE from the anchor trained on all data pooled, everything trainable (needs data sharing)."""
-    model = _moe_from([anchor] * experts, top_k, seed=seed).train()
+    """An MoE from the anchor trained on all data pooled, everything trainable (needs data sharing;
+    lr default 1e-3)."""
+    t = replace(settings or BaselineTraining(), **overrides)
+    model = _moe_from([anchor] * experts, top_k, seed=t.seed).train()
     for p in model.parameters():
         p.requires_grad_(True)
     docs_train, docs_valid = [], []
@@ -244,17 +228,14 @@ def unrestricted_moe(
         docs_valid += s.valid
 
     def loss_fn(m, b):
-        return (
-            lm_loss(m, b) + 1e-3 * router_z_loss(model).to(b.device) + 1e-2 * balance_loss(model).to(b.device)
-        )
+        loss = lm_loss(m, b)
+        return loss + 1e-3 * router_z_loss(model).to(loss.device) + 1e-2 * balance_loss(model).to(loss.device)
 
-    result = train(
-        model,
-        blocks_for(docs_train, tokenizer, seq_len),
-        blocks_for(docs_valid, tokenizer, seq_len),
-        _cfg(steps, batch_size, seq_len, lr, seed),
-        loss_fn=loss_fn,
+    stage = Stage(
+        PackedBlocks(blocks_for(docs_train, tokenizer, t.seq_len)),
+        blocks_for(docs_valid, tokenizer, t.seq_len),
+        LMStep(loss_fn),
         desc="unrestricted moe",
-        quiet=quiet,
     )
+    result = train(model, _cfg(t, 1e-3), stage, RunOptions(quiet=t.quiet))
     return model.eval(), result

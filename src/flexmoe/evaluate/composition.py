@@ -27,15 +27,23 @@ denominator, a non-finite perplexity) is ``None`` (JSON null), never a made-up n
 from __future__ import annotations
 
 import math
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from flexmoe.anchor import load_anchor
+from flexmoe.compose import PUBLIC, compose, package_expert, read_tensor
 from flexmoe.data import read_documents
 from flexmoe.errors import FlexmoeError
+from flexmoe.evaluate.metrics import HFLM, perplexity
+from flexmoe.evaluate.run import find_domains
+from flexmoe.expert.package import MANIFEST, TENSOR_FILE
 from flexmoe.fileio import read_json
+from flexmoe.moe import moe_blocks
+from flexmoe.runtime import from_pretrained
 
 #: the name of the routing when nothing else is said: the composed model's own router rows
 DEFAULT_ROUTING = "router"
@@ -149,7 +157,6 @@ class CompositionSetup:
 
 def _bias_switch(model) -> Callable[[bool], None]:
     """Turn the learned router biases (loaded with ``use_bias``) on and off in place."""
-    from flexmoe.moe import moe_blocks
 
     rows = [row for block in moe_blocks(model) for row in block.router]
     saved = [row.bias_raw.detach().clone() for row in rows]
@@ -165,8 +172,6 @@ def _bias_switch(model) -> Callable[[bool], None]:
 def alone_is_restricted(composed, packages: Sequence[Path]) -> dict[str, bool]:
     """Per package: whether the composed model restricted to {public, d} with d's bias is exactly the
     2-expert model d trained (same public row, d's row and bias unaltered, at least top-2)."""
-    from flexmoe.compose import package_expert
-    from flexmoe.moe import moe_blocks
 
     blocks = moe_blocks(composed.model)
     out = {}
@@ -187,14 +192,11 @@ def alone_is_restricted(composed, packages: Sequence[Path]) -> dict[str, bool]:
 
 
 def package_tensor(package: Path, name: str) -> torch.Tensor:
-    from flexmoe.compose import read_tensor
-    from flexmoe.expert.package import TENSOR_FILE
 
     return read_tensor(Path(package) / TENSOR_FILE, name)
 
 
 def _owners(setup: CompositionSetup, names: Sequence[str], domains: Sequence[str]) -> list[str]:
-    from flexmoe.compose import PUBLIC
 
     experts = [n for n in names if n != PUBLIC]
     if setup.owners is None:
@@ -217,9 +219,6 @@ def _owners(setup: CompositionSetup, names: Sequence[str], domains: Sequence[str
 
 def _separate_alone(setup: CompositionSetup, package: Path, tmp: Path, anchor: Path):
     """The 2-expert model an owner trained, composed from its package alone (with its bias)."""
-    from flexmoe.compose import compose
-    from flexmoe.evaluate.metrics import HFLM
-    from flexmoe.runtime import from_pretrained
 
     out = tmp / Path(package).name
     compose(anchor, [package], out, top_k=2)
@@ -231,8 +230,6 @@ class _Bench:
     """One loaded composed model (biases loaded, switchable), the test documents, the growing table."""
 
     def __init__(self, setup: CompositionSetup, docs: dict[str, list[str]], progress=None):
-        from flexmoe.evaluate.metrics import HFLM
-        from flexmoe.runtime import from_pretrained
 
         self.setup, self.docs, self.progress = setup, docs, progress
         self.c = from_pretrained(setup.model, use_bias=True, device=setup.device)
@@ -242,7 +239,6 @@ class _Bench:
         self.table: dict[str, dict[str, float]] = {}
 
     def score(self, key: str, lm, domains: Sequence[str]) -> None:
-        from flexmoe.evaluate.metrics import perplexity
 
         for d in domains:
             r = perplexity(lm, self.docs[d], self.setup.seq_len, max_blocks=self.setup.max_blocks)
@@ -271,11 +267,6 @@ def composition_perplexities(setup: CompositionSetup, progress=None) -> tuple[di
     """``(ppl, info)``: the perplexity table ``composition_metrics`` takes, measured with one loaded
     composed model whose experts are switched by masks (masking equals physical removal), and notes on
     how each model key was obtained."""
-    import tempfile
-
-    from flexmoe.anchor import load_anchor
-    from flexmoe.evaluate.metrics import HFLM
-    from flexmoe.evaluate.run import find_domains
 
     found = find_domains(setup.data)
     if setup.public not in found:
@@ -306,7 +297,6 @@ def composition_perplexities(setup: CompositionSetup, progress=None) -> tuple[di
 
 
 def package_expert_name(package: Path) -> str:
-    from flexmoe.expert.package import MANIFEST
 
     return read_json(Path(package) / MANIFEST)["name"]
 

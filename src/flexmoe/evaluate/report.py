@@ -3,8 +3,12 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
+from rich.table import Table
+
+from flexmoe.evaluate.composition import meets_target
 from flexmoe.fileio import atomic_write_bytes, write_json
 
 # FlexOlmo paper (arXiv 2507.07024), 4 data sets / 24 tasks, averages (reference/flexolmo-method.md).
@@ -47,8 +51,6 @@ def _fmt(name: str, value) -> str:
 
 
 def _mark(name: str, value) -> str:
-    from flexmoe.evaluate.composition import meets_target
-
     ok = meets_target(name, value)
     return "" if ok is None else (" ok" if ok else " MISS")
 
@@ -72,8 +74,6 @@ COMPOSITION_TARGETS = (
 
 def composition_table(block: dict):
     """The composition block as a rich table (for the terminal)."""
-    from rich.table import Table
-
     t = Table(title=f"Composition (routing: {block.get('routing')})", caption=COMPOSITION_TARGETS)
     for c in ("owner", *COMPOSITION_COLUMNS):
         t.add_column(c.replace("_", " "), justify="left" if c == "owner" else "right")
@@ -239,8 +239,6 @@ def markdown(report: dict) -> str:
         if report.get(key):
             lines += [f"## {key.replace('_', '-').capitalize()}", ""] + [f"- {x}" for x in report[key]] + [""]
     if report.get("privacy"):
-        from flexmoe.audit.demo import privacy_markdown
-
         lines += privacy_markdown(report["privacy"])
     if report.get("seconds"):
         lines += ["## Time per step (seconds)", "", "| step | seconds |", "|---|---|"]
@@ -303,3 +301,66 @@ def write_report(report: dict, workdir: Path) -> None:
     )
     atomic_write_bytes(workdir / "report.md", markdown(slim).encode())
     plot(slim, workdir / "report.png")
+
+
+# --------------------------------------------------------------------------------------------------
+# The privacy section (flexmoe.audit.demo computes it)
+
+
+def privacy_markdown(priv: dict) -> list[str]:
+    """The privacy section of report.md."""
+    owner = priv["owner"]
+    lines = ["## Privacy", ""]
+    lines += [
+        f"Owner **{owner}** trained DP experts (DP-SGD, Opacus; {priv['settings']['dp_steps']} steps of "
+        f"expected batch {priv['settings']['dp_batch_size']}, random router init) besides its ordinary "
+        f"expert. Utility: {priv['utility_model']}; epsilon inf is the ordinary FlexOlmo model.",
+        "",
+        f"| epsilon | spent (delta) | noise multiplier | ppl {owner} | ppl public | {owner}_cloze | "
+        f"{owner} loss gain kept |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for eps, u in priv["utility"].items():
+        dp = priv["dp"].get(f"eps{eps}")
+        spent = f"{dp['epsilon']:.2f} ({dp['delta']:.1g})" if dp else "-"
+        sigma = f"{dp['noise_multiplier']:.3f}" if dp else "0"
+        kept = u.get("owner_loss_gain_kept")
+        lines.append(
+            f"| {eps} | {spent} | {sigma} | {u['perplexity'][owner]:.2f} | {u['perplexity']['public']:.2f} | "
+            f"{u['tasks'][f'{owner}_cloze']:.1f} | {'-' if kept is None else f'{100 * kept:.0f}%'} |"
+        )
+    audit = priv.get("audit", {})
+    if audit:
+        cols = sorted({c for a in audit.values() for c in a["summary"]}, key=_col_order)
+        lines += ["", "| model | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+        for m, a in audit.items():
+            lines.append(f"| {m} | " + " | ".join(_fmt(a["summary"].get(c)) for c in cols) + " |")
+        sizes = priv["audit_sizes"]
+        ex = sizes["extraction"]
+        lines += [
+            "",
+            f"Exposure (bits; Carlini et al.): mean over canaries repeated x0 (controls, never planted: "
+            f"chance, about 1.44), x1, x10, x100 times; rank among {sizes['candidates']} random secrets, "
+            f"so at most {_cap(sizes['candidates']):.2f} bits. Membership: loss-attack AUC on "
+            f"{sizes['membership_blocks']} training vs as many held-out blocks (0.5 = chance). Extraction: "
+            f"share of {ex['documents']} training documents whose {ex['suffix_tokens']}-token continuation "
+            f"one of {ex['samples']} samples from a {ex['prefix_tokens']}-token prefix reproduces "
+            f"(normalised Levenshtein >= {ex['threshold']}). report.json holds every interval.",
+        ]
+    if not priv.get("canaries_planted"):
+        lines += ["", "Canaries were not planted (this work directory predates the privacy section)."]
+    return lines + [""]
+
+
+def _cap(n: int) -> float:
+    return math.log2(n + 1)
+
+
+def _col_order(c: str) -> tuple:
+    if c.startswith("exposure_x"):
+        return (0, int(c.removeprefix("exposure_x")))
+    return (1, c)
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else f"{v:.2f}"

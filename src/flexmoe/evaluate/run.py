@@ -5,11 +5,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+from transformers import AutoModelForCausalLM
+
+from flexmoe.compose import FLEXMOE_JSON
 from flexmoe.data import SUFFIXES, read_documents
 from flexmoe.errors import FlexmoeError
 from flexmoe.evaluate.metrics import HFLM, exact_match, multiple_choice, perplexity
 from flexmoe.evaluate.tasks import load_tasks
 from flexmoe.fileio import read_json
+from flexmoe.runtime import from_pretrained
+from flexmoe.tokenizer import load_tokenizer
 
 DOMAINS = ("public", "code", "math", "legal")
 HEADLINE = {"cloze": "acc_norm", "answer": "exact_match"}  # the one number per task that averages
@@ -112,25 +118,18 @@ def load_lm(
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
     use_bias: bool = False,
-    device: str = "cpu",
+    device: str | None = None,
 ):
     """An ``HFLM`` for a flexmoe composed model (with expert choice) or any HF causal LM directory."""
-    from flexmoe.compose import FLEXMOE_JSON
-
     model = Path(model)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")  # the GPU when there is one
     if (model / FLEXMOE_JSON).is_file():
-        from flexmoe.runtime import from_pretrained
-
         c = from_pretrained(model, include=include, exclude=exclude, use_bias=use_bias, device=device)
         return HFLM(c.model, c.tokenizer)
     if include or exclude:
         raise FlexmoeError(
             f"{model} is not a flexmoe model; --include/--exclude need one.", "drop those options."
         )
-    from transformers import AutoModelForCausalLM
-
-    from flexmoe.tokenizer import load_tokenizer
-
     return HFLM(AutoModelForCausalLM.from_pretrained(str(model)).to(device), load_tokenizer(model))
 
 

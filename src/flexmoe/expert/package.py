@@ -18,11 +18,13 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from flexmoe import __version__
 from flexmoe.errors import FlexmoeError
 from flexmoe.fileio import atomic_dir, read_json, sha256_file, write_json
+from flexmoe.moe import moe_blocks
+from flexmoe.parallel import full
 
 TENSOR_FILE = "expert.safetensors"
 MANIFEST = "expert.json"
@@ -32,9 +34,6 @@ FFN = ("gate_proj", "up_proj", "down_proj")
 
 def expert_tensors(model) -> dict[str, torch.Tensor]:
     """Collect the owner expert (index 1 of every 2-expert block) from a trained expert model."""
-    from flexmoe.moe import moe_blocks
-    from flexmoe.parallel import full
-
     out: dict[str, torch.Tensor] = {}
     for i, block in enumerate(moe_blocks(model)):
         expert, row, public = block.experts[1], block.router[1], block.router[0]
@@ -104,8 +103,6 @@ def verify(path: Path) -> dict:
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     """All tensors of a verified package."""
-    from safetensors.torch import load_file
-
     verify(path)
     return load_file(str(Path(path) / TENSOR_FILE))
 

@@ -27,7 +27,6 @@ import contextlib
 import functools
 import math
 import secrets
-import time
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -37,7 +36,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flexmoe.data import tokenize
 from flexmoe.errors import FlexmoeError
+from flexmoe.moe import RouterRow, moe_blocks
+from flexmoe.router_init import load_published
+from flexmoe.training import StepOut, autocast, dist_info
 
 UNITS = ("sequence", "document")
 ACCOUNTANTS = ("rdp", "prv")
@@ -46,7 +49,7 @@ IGNORE = -100  # label of padding positions (document units); cross_entropy's de
 
 
 @dataclass
-class DPConfig:
+class DPSettings:
     """What the owner asks for; serialised into checkpoints and (resolved) into the manifest."""
 
     epsilon: float
@@ -80,6 +83,9 @@ class DPConfig:
             raise FlexmoeError(f"Noise multiplier {self.noise_multiplier} must be > 0.", "use e.g. 1.0.")
         if self.physical_batch_size is not None and self.physical_batch_size < 1:
             raise FlexmoeError("The physical batch size must be at least 1.", "use e.g. 8.")
+
+
+DPConfig = DPSettings  # the name before the settings were unified (kept for callers)
 
 
 def require_opacus():
@@ -177,30 +183,15 @@ def epsilon_after(
         return float(acc.get_epsilon(delta=delta, **accountant_kwargs(accountant)))
 
 
-def make_plan(dp: DPConfig, *, private_units: int, sampled_units: int, batch_size: int, steps: int) -> DPPlan:
+def make_plan(
+    dp: DPSettings, *, private_units: int, sampled_units: int, batch_size: int, steps: int
+) -> DPPlan:
     """Derive sigma for (epsilon, delta) over ``steps`` steps at rate ``batch_size / sampled_units``;
     refuse settings that cannot train (too small an epsilon, a batch larger than the data)."""
     require_opacus()
     from opacus.accountants.utils import get_noise_multiplier
 
-    dp.validate()
-    if private_units < 1:
-        raise FlexmoeError("There are no privacy units in the training data.", "add training data.")
-    if not 1 <= batch_size <= sampled_units:
-        raise FlexmoeError(
-            f"Expected batch size {batch_size} is incompatible with the data: Poisson sampling draws each "
-            f"of the {sampled_units} {dp.unit}s with probability batch/units, which must be in (0, 1].",
-            f"use --batch-size between 1 and {sampled_units} (or add data).",
-        )
-    if steps < 1:
-        raise FlexmoeError("DP training needs at least one step.", "use --steps 1 or more.")
-    delta = dp.delta if dp.delta is not None else default_delta(private_units)
-    if delta >= 1.0 / private_units:
-        raise FlexmoeError(
-            f"--dp-delta {delta:g} is not below 1/N = {1 / private_units:g} ({private_units} {dp.unit}s): "
-            "such a delta allows a mechanism that publishes some units verbatim.",
-            f"use --dp-delta {default_delta(private_units):.1g} or smaller (the default).",
-        )
+    delta = _check_plan(dp, private_units, sampled_units, batch_size, steps)
     q = batch_size / sampled_units
     too_small = FlexmoeError(
         f"--dp-epsilon {dp.epsilon:g} is too small for even one training step at sampling rate {q:.3g} "
@@ -239,6 +230,29 @@ def make_plan(dp: DPConfig, *, private_units: int, sampled_units: int, batch_siz
         sampled_units=sampled_units,
         expected_batch_size=batch_size,
     )
+
+
+def _check_plan(dp: DPSettings, private_units: int, sampled_units: int, batch_size: int, steps: int) -> float:
+    """Refuse settings that cannot train; returns delta (the default: 1 / (10 N))."""
+    dp.validate()
+    if private_units < 1:
+        raise FlexmoeError("There are no privacy units in the training data.", "add training data.")
+    if not 1 <= batch_size <= sampled_units:
+        raise FlexmoeError(
+            f"Expected batch size {batch_size} is incompatible with the data: Poisson sampling draws each "
+            f"of the {sampled_units} {dp.unit}s with probability batch/units, which must be in (0, 1].",
+            f"use --batch-size between 1 and {sampled_units} (or add data).",
+        )
+    if steps < 1:
+        raise FlexmoeError("DP training needs at least one step.", "use --steps 1 or more.")
+    delta = dp.delta if dp.delta is not None else default_delta(private_units)
+    if delta >= 1.0 / private_units:
+        raise FlexmoeError(
+            f"--dp-delta {delta:g} is not below 1/N = {1 / private_units:g} ({private_units} {dp.unit}s): "
+            "such a delta allows a mechanism that publishes some units verbatim.",
+            f"use --dp-delta {default_delta(private_units):.1g} or smaller (the default).",
+        )
+    return delta
 
 
 def _max_steps(accountant: str, sigma: float, q: float, steps: int, delta: float, epsilon: float) -> int:
@@ -328,7 +342,6 @@ def register_grad_samplers() -> None:
     require_opacus()
     from opacus.grad_sample.utils import register_grad_sampler
 
-    from flexmoe.moe import RouterRow
 
     @register_grad_sampler(RouterRow)
     def _router_row(layer: RouterRow, activations: list[torch.Tensor], backprops: torch.Tensor):
@@ -346,8 +359,6 @@ def register_grad_samplers() -> None:
 def check_trainable_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Every module that owns trainable tensors must be one flexmoe has a checked per-sample rule for,
     and own no buffers (Opacus cannot privatise buffers). Returns those modules."""
-    from flexmoe.moe import RouterRow
-
     found = []
     for name, m in model.named_modules():
         if not any(p.requires_grad for p in m.parameters(recurse=False)):
@@ -385,11 +396,13 @@ def check_batch_axis(model: nn.Module, modules: list[tuple[str, nn.Module]], ids
 
         return hook
 
+
     handles = [m.register_forward_pre_hook(record(n)) for n, m in modules]
     was_training = model.training
     model.train()
     try:
-        model(input_ids=ids, use_cache=False)
+        with autocast(ids.device):  # frozen weights may be bf16 on GPUs
+            model(input_ids=ids, use_cache=False)
     finally:
         model.train(was_training)
         for h in handles:
@@ -408,8 +421,6 @@ def check_batch_axis(model: nn.Module, modules: list[tuple[str, nn.Module]], ids
 
 def per_sample_loss(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor, z_loss: float) -> torch.Tensor:
     """``[B]``: each row's mean next-token loss (padding ignored) plus its router z-loss."""
-    from flexmoe.moe import moe_blocks
-
     logits = model(input_ids=ids, use_cache=False).logits[:, :-1]
     tgt = labels[:, 1:].to(logits.device)
     nll = F.cross_entropy(logits.float().transpose(1, 2), tgt, ignore_index=IGNORE, reduction="none")
@@ -434,174 +445,130 @@ def resolve_clipping(mode: str, device: torch.device, trainable: int, rows: int)
 
 
 # --------------------------------------------------------------------------------------------------
-# The DP training loop: the shared loop's helpers, with Poisson batches and Opacus' optimiser.
+# DP-SGD as a step strategy of the one training loop (flexmoe.training.train).
 
 
-def train_dp(
-    model: nn.Module,
-    units: Units,
-    valid_blocks: torch.Tensor,
-    cfg,
-    dp: DPConfig,
-    plan: DPPlan,
-    *,
-    z_loss: float,
-    eval_loss: Callable,
-    checkpoint_dir: Path | None = None,
-    resume: bool = False,
-    stop_after: int | None = None,
-    after_step: Callable[[], None] | None = None,
-    desc: str = "train",
-    quiet: bool = False,
-    device: torch.device | None = None,
-):
-    """Train ``model`` in place with DP-SGD; returns ``(TrainResult, dp record for the manifest)``.
+class DPStep:
+    """One DP-SGD step: a Poisson batch of privacy units, per-unit clipped gradients (Opacus hooks,
+    or ghost clipping), Gaussian noise, and the accountant's limit on the number of steps.
 
-    Same checkpoints (with the accountant's inputs and the secret seed in ``state.json``), learning-rate
-    schedule, evaluation and progress display as ``flexmoe.training.train``; a resumed run continues
-    the same random streams, so it equals an uninterrupted one.
+    The loop gives it the same checkpoints (with the accountant's inputs and the secret seed in
+    ``state.json``), schedule, evaluation, early stopping and progress display as plain training; a
+    resumed run continues the same random streams, so it equals an uninterrupted one.
     """
-    opacus = require_opacus()
-    from opacus.grad_sample import GradSampleHooks, GradSampleHooksFastGradientClipping
-    from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 
-    from flexmoe.fileio import read_json
-    from flexmoe.training import (
-        Progress,
-        TrainResult,
-        dist_info,
-        evaluate,
-        load_checkpoint,
-        make_optimizer,
-        save_checkpoint,
-        set_lr_,
-    )
+    record_train_loss = False  # shown to the owner, never recorded: it is not privatised
+    supports_compile = False  # per-sample gradient hooks must see every layer's own forward
 
-    device = device or next(model.parameters()).device
-    if dist_info()[1] > 1:
-        raise FlexmoeError(
-            "DP training runs in one process: several processes would each need their own share of "
-            "the noise and of the sampling, which flexmoe does not implement.",
-            "run without torchrun (one GPU or CPU).",
-        )
-    if getattr(cfg, "fsdp", False) or getattr(cfg, "activation_checkpointing", False):
-        raise FlexmoeError(
-            "DP training does not combine with FSDP or activation checkpointing (recomputed forwards "
-            "would be seen twice by the per-sample gradient hooks).",
-            "drop --fsdp / --activation-checkpointing.",
-        )
-    modules = check_trainable_modules(model)
-    check_batch_axis(model, modules, units.rows[:2].to(device))
-    register_grad_samplers()
-    params = [p for p in model.parameters() if p.requires_grad]
-    physical = dp.physical_batch_size or plan.expected_batch_size
-    mode = resolve_clipping(dp.clipping, device, sum(p.numel() for p in params), physical)
+    def __init__(self, dp: DPSettings, plan: DPPlan, z_loss: float, eval_loss: Callable):
+        self.dp, self.plan, self.z_loss, self.loss_fn = dp, plan, z_loss, eval_loss
+        self.secret = dp.noise_seed if dp.noise_seed is not None else secrets.randbits(62)
 
-    opt = make_optimizer([{"params": params}], cfg)
-    secret = dp.noise_seed if dp.noise_seed is not None else secrets.randbits(62)
-
-    step, result = 0, TrainResult()
-    ckpt = Path(checkpoint_dir) if checkpoint_dir else None
-    if ckpt and (ckpt / "state.json").exists():
-        if not resume:
+    def bind(self, loop, source) -> None:
+        if dist_info()[1] > 1:
             raise FlexmoeError(
-                f"An interrupted run left a checkpoint in {ckpt}.",
-                "pass --resume to continue it, or --force to start over.",
+                "DP training runs in one process: several processes would each need their own share of "
+                "the noise and of the sampling, which flexmoe does not implement.",
+                "run without torchrun (one GPU or CPU).",
             )
-        saved = (read_json(ckpt / "state.json").get("extra") or {}).get("dp")
-        if saved is None or saved["plan"] != asdict(plan) or saved["config"] != _config_key(dp):
+        if loop.cfg.fsdp or loop.cfg.activation_checkpointing:
+            raise FlexmoeError(
+                "DP training does not combine with FSDP or activation checkpointing (recomputed forwards "
+                "would be seen twice by the per-sample gradient hooks).",
+                "drop --fsdp / --activation-checkpointing.",
+            )
+        if not isinstance(source, Units):
+            raise FlexmoeError("DP training samples privacy units.", "this is a bug; please report it.")
+        modules = check_trainable_modules(loop.model)
+        check_batch_axis(loop.model, modules, source.rows[:2].to(loop.device))
+        register_grad_samplers()
+        self.loop, self.units = loop, source
+        physical = self.dp.physical_batch_size or self.plan.expected_batch_size
+        n = sum(p.numel() for p in loop.params)
+        self.physical, self.mode = physical, resolve_clipping(self.dp.clipping, loop.device, n, physical)
+
+    def check_resume(self, ckpt: Path, extra: dict | None) -> None:
+        saved = (extra or {}).get("dp")
+        if saved is None or saved["plan"] != asdict(self.plan) or saved["config"] != _config_key(self.dp):
             raise FlexmoeError(
                 f"Checkpoint {ckpt} was made without DP or with other DP settings; its privacy "
                 "accounting does not carry over.",
                 "resume with the original --dp-* settings, or pass --force to start over.",
             )
-        step, result = load_checkpoint(ckpt, model, opt, cfg)
-        secret = saved["secret"]
+        self.secret = saved["secret"]
 
-    hooks_cls = GradSampleHooksFastGradientClipping if mode == "ghost" else GradSampleHooks
-    hook_kw = {"max_grad_norm": dp.max_grad_norm, "use_ghost_clipping": True} if mode == "ghost" else {}
-    hooks = hooks_cls(
-        model,
-        batch_first=True,
-        loss_reduction="mean",
-        strict=True,
-        force_functorch=mode == "functorch",
-        **hook_kw,
-    )
-    noise_gen = torch.Generator(device=device)
-    opt_cls = DPOptimizerFastGradientClipping if mode == "ghost" else DPOptimizer
-    dp_opt = opt_cls(
-        opt,
-        noise_multiplier=plan.noise_multiplier,
-        max_grad_norm=dp.max_grad_norm,
-        expected_batch_size=plan.expected_batch_size,
-        loss_reduction="mean",
-        generator=noise_gen,
-    )
-    last = min(cfg.steps, plan.max_steps)
+    def start(self) -> None:
+        from opacus.grad_sample import GradSampleHooks, GradSampleHooksFastGradientClipping
+        from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 
-    def extra(at: int) -> dict:
-        return {"dp": {"secret": secret, "plan": asdict(plan), "config": _config_key(dp), "steps": at}}
-
-    progress = Progress(desc, last, quiet)
-    if step == 0:
-        result.initial_valid_loss = evaluate(model, valid_blocks, cfg.batch_size, None, eval_loss)
-        progress.note(f"{desc}: initial validation loss {result.initial_valid_loss:.4f}")
-    else:
-        progress.note(f"{desc}: resuming at step {step}/{last}")
-    progress.note(
-        f"{desc}: DP-SGD target epsilon {plan.epsilon:g}, delta {plan.delta:.2g}, noise multiplier "
-        f"{plan.noise_multiplier:.3f}, sampling rate {plan.sample_rate:.4g}, {last} steps, "
-        f"clipping {dp.max_grad_norm:g} per {dp.unit} ({mode})"
-    )
-    progress.start(step)
-    model.train()
-    tokens_this_call, t_start, steps_done = 0, time.perf_counter(), 0
-    try:
-        with _quiet_opacus():
-            while step < last:
-                if stop_after is not None and steps_done >= stop_after:
-                    break
-                set_lr_(opt, cfg, step)
-                sampler = torch.Generator().manual_seed(_seed(secret, step, 0))
-                ids, labels = poisson_batch(units, plan.sample_rate, sampler)
-                loss_sum = _dp_backward(
-                    model, hooks, dp_opt, ids, labels, physical, z_loss, mode, device, params
-                )
-                noise_gen.manual_seed(_seed(secret, step, 1))
-                dp_opt.step()
-                dp_opt.zero_grad(set_to_none=True)
-                if after_step is not None:
-                    after_step()
-                n_tok = len(ids) * units.rows.shape[1]
-                result.tokens_seen += n_tok
-                tokens_this_call += n_tok
-                step += 1
-                steps_done += 1
-                if step % cfg.log_every == 0 or step == last:
-                    # The training loss is shown to the owner, never recorded: it is not privatised.
-                    shown, lr = loss_sum / max(1, len(ids)), cfg.lr_at(step - 1)
-                    progress.log(step - 1, shown, tokens_this_call, lr, f"eps {plan.spent(step):.2f}")
-                if step % cfg.eval_every == 0 or step == last:
-                    v = evaluate(model, valid_blocks, cfg.batch_size, cfg.eval_batches, eval_loss)
-                    result.history.append({"step": step, "valid_loss": v, "tokens": result.tokens_seen})
-                    progress.note(f"{desc}: step {step} validation loss {v:.4f}")
-                if ckpt and step % cfg.checkpoint_every == 0 and step < last:
-                    save_checkpoint(ckpt, model, opt, cfg, step, result, extra=extra(step))
-    finally:
-        hooks.cleanup()
-    result.seconds += time.perf_counter() - t_start
-    if step >= last:
-        result.final_valid_loss = evaluate(model, valid_blocks, cfg.batch_size, None, eval_loss)
-    elif ckpt:
-        save_checkpoint(ckpt, model, opt, cfg, step, result, extra=extra(step))
-    spent = plan.spent(step)
-    if spent > plan.epsilon * (1 + 1e-9):
-        raise FlexmoeError(
-            f"Privacy accounting error: epsilon {spent:.4f} exceeds the target {plan.epsilon}.",
-            "this is a bug in flexmoe; please report it and do not publish this expert.",
+        ghost = self.mode == "ghost"
+        hook_kw = {"max_grad_norm": self.dp.max_grad_norm, "use_ghost_clipping": True} if ghost else {}
+        hooks_cls = GradSampleHooksFastGradientClipping if ghost else GradSampleHooks
+        self.hooks = hooks_cls(
+            self.loop.model,
+            batch_first=True,
+            loss_reduction="mean",
+            strict=True,
+            force_functorch=self.mode == "functorch",
+            **hook_kw,
         )
-    record = {
+        self.noise_gen = torch.Generator(device=self.loop.device)
+        self.dp_opt = (DPOptimizerFastGradientClipping if ghost else DPOptimizer)(
+            self.loop.opt,
+            noise_multiplier=self.plan.noise_multiplier,
+            max_grad_norm=self.dp.max_grad_norm,
+            expected_batch_size=self.plan.expected_batch_size,
+            loss_reduction="mean",
+            generator=self.noise_gen,
+        )
+
+    def last_step(self) -> int:
+        return min(self.loop.cfg.steps, self.plan.max_steps)
+
+    def describe(self) -> str:
+        plan = self.plan
+        return (
+            f"DP-SGD target epsilon {plan.epsilon:g}, delta {plan.delta:.2g}, noise multiplier "
+            f"{plan.noise_multiplier:.3f}, sampling rate {plan.sample_rate:.4g}, {self.last_step()} steps, "
+            f"clipping {self.dp.max_grad_norm:g} per {self.dp.unit} ({self.mode})"
+        )
+
+    def gradients(self, step: int):
+        sampler = torch.Generator().manual_seed(_seed(self.secret, step, 0))
+        ids, labels = poisson_batch(self.units, self.plan.sample_rate, sampler)
+        with _quiet_opacus():
+            loss_sum = _dp_backward(self, ids, labels)
+        self.noise_gen.manual_seed(_seed(self.secret, step, 1))
+        return StepOut(loss_sum / max(1, len(ids)), len(ids) * self.units.rows.shape[1])
+
+    def optimizer(self):
+        return self.dp_opt
+
+    def log_extra(self, step: int) -> str:
+        return f"eps {self.plan.spent(step):.2f}"
+
+    def extra(self, step: int) -> dict:
+        plan, config = asdict(self.plan), _config_key(self.dp)
+        return {"dp": {"secret": self.secret, "plan": plan, "config": config, "steps": step}}
+
+    def close(self) -> None:
+        if hasattr(self, "hooks"):
+            self.hooks.cleanup()
+
+    def finish(self, step: int, result) -> dict:
+        """Check the budget and describe the mechanism for the manifest."""
+        spent = self.plan.spent(step)
+        if spent > self.plan.epsilon * (1 + 1e-9):
+            raise FlexmoeError(
+                f"Privacy accounting error: epsilon {spent:.4f} exceeds the target {self.plan.epsilon}.",
+                "this is a bug in flexmoe; please report it and do not publish this expert.",
+            )
+        return dp_record(self.dp, self.plan, step, spent, self.mode, step >= self.last_step())
+
+
+def dp_record(dp: DPSettings, plan: DPPlan, step: int, spent: float, mode: str, reached_last: bool) -> dict:
+    """The manifest's privacy record: the mechanism, what was spent, and what it does not cover."""
+    return {
         "mechanism": "DP-SGD: Poisson-subsampled Gaussian mechanism, per-unit clipping (Opacus)",
         "epsilon": spent,
         "target_epsilon": plan.epsilon,
@@ -612,35 +579,34 @@ def train_dp(
         "expected_batch_size": plan.expected_batch_size,
         "steps": step,
         "planned_steps": plan.planned_steps,
-        "stopped_at_budget": plan.max_steps < plan.planned_steps and step >= last,
+        "stopped_at_budget": plan.max_steps < plan.planned_steps and reached_last,
         "max_grad_norm": dp.max_grad_norm,
         "unit": dp.unit,
         "private_units": plan.private_units,
         "sampled_units": plan.sampled_units,
         "clipping": mode,
-        "opacus_version": opacus.__version__,
+        "opacus_version": require_opacus().__version__,
         "not_covered": [
             "valid_loss and history: losses on the owner's held-out (validation) data",
             "data: document count and the SHA-256 fingerprint of the training data",
             f"a secret repeated in k {dp.unit}s is protected only at about k x epsilon (group privacy)",
         ],
     }
-    return result, record
 
 
-def _config_key(dp: DPConfig) -> dict:
+def _config_key(dp: DPSettings) -> dict:
     """The settings a resumed run must share (the seed is stored separately, as the secret)."""
     return {k: v for k, v in asdict(dp).items() if k not in ("noise_seed", "physical_batch_size")}
 
 
-def _dp_backward(model, hooks, dp_opt, ids, labels, physical, z_loss, mode, device, params) -> float:
-    """Forward and backward over one Poisson batch in chunks of ``physical`` rows; leaves what
+def _dp_backward(step: DPStep, ids: torch.Tensor, labels: torch.Tensor) -> float:
+    """Forward and backward over one Poisson batch in chunks of ``step.physical`` rows; leaves what
     ``dp_opt.step()`` needs (per-sample gradients, or clipped sums for ghost clipping). Returns the
     summed loss, for display only."""
     from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 
-    from flexmoe.training import autocast
 
+    params, mode, device = step.loop.params, step.mode, step.loop.device
     if len(ids) == 0:  # an empty Poisson batch is still a step: the update is pure noise
         for p in params:
             if mode == "ghost":
@@ -650,13 +616,13 @@ def _dp_backward(model, hooks, dp_opt, ids, labels, physical, z_loss, mode, devi
         return 0.0
     total = 0.0
     ghost_sum = [torch.zeros_like(p) for p in params] if mode == "ghost" else None
-    for mb_ids, mb_labels in zip(ids.split(physical), labels.split(physical), strict=True):
+    for mb_ids, mb_labels in zip(ids.split(step.physical), labels.split(step.physical), strict=True):
         with autocast(device):
-            loss = per_sample_loss(model, mb_ids.to(device), mb_labels.to(device), z_loss)
+            loss = per_sample_loss(step.loop.model, mb_ids.to(device), mb_labels.to(device), step.z_loss)
         total += float(loss.detach().sum())
         if mode == "ghost":
             # Two backward passes: per-sample norms, then the clipped sum into p.grad (zeroed first).
-            DPTensorFastGradientClipping(hooks, dp_opt, loss, "mean").backward()
+            DPTensorFastGradientClipping(step.hooks, step.dp_opt, loss, "mean").backward()
             for acc, p in zip(ghost_sum, params, strict=True):
                 if p.grad is not None:
                     acc += p.grad
@@ -669,7 +635,7 @@ def _dp_backward(model, hooks, dp_opt, ids, labels, physical, z_loss, mode, devi
 
 
 def units_for(
-    dp: DPConfig,
+    dp: DPSettings,
     train_blocks: torch.Tensor,
     own_blocks: int,
     own_docs: list[str],
@@ -681,7 +647,6 @@ def units_for(
     """The privacy units of an expert's training set (public data, if mixed in, joins the pool)."""
     if dp.unit == "sequence":
         return sequence_units(train_blocks, own_blocks)
-    from flexmoe.data import tokenize
 
     own = tokenize(own_docs, tokenizer)
     docs = list(own)
@@ -708,8 +673,6 @@ def public_row(anchor_dir: Path, method: str | None) -> torch.Tensor:
     """The published public router row to train a DP expert against. Experts compose only if they
     share it; a random owner row does not say which one the federation uses, so: ``method``, or the
     "embed" row when the anchor publishes one (the default router init of ordinary experts)."""
-    from flexmoe.router.embed import load_published
-
     pub, _ = load_published(Path(anchor_dir))
     method = method or ("embed" if "embed.public" in pub else "hidden")
     if f"{method}.public" not in pub:
@@ -718,15 +681,3 @@ def public_row(anchor_dir: Path, method: str | None) -> torch.Tensor:
             "use --public-row hidden (or the method the other experts were trained with).",
         )
     return pub[f"{method}.public"]
-
-
-def refuse_dp_checkpoint(ckpt: Path) -> None:
-    """A DP run's checkpoint must not be continued without DP (its accounting would be lost)."""
-    from flexmoe.fileio import read_json
-
-    state = Path(ckpt) / "state.json"
-    if state.is_file() and (read_json(state).get("extra") or {}).get("dp") is not None:
-        raise FlexmoeError(
-            f"Checkpoint {ckpt} belongs to a DP run.",
-            "resume with the same --dp-* options, or pass --force to start over.",
-        )

@@ -35,6 +35,7 @@ folded into HF weights (no direction of the residual stream is constant enough).
 
 from __future__ import annotations
 
+import functools
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
@@ -42,10 +43,15 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
+from flexmoe.compose import CALIBRATION_FILE, Calibrator, load_meta, training_seq_len
+from flexmoe.data import blocks_for, load_splits
 from flexmoe.errors import FlexmoeError
+from flexmoe.moe import moe_blocks, routing_weights
+from flexmoe.router_init import sample_docs
+from flexmoe.runtime import from_pretrained
 
-CALIBRATION_FILE = "flexmoe_calibration.safetensors"
 METHOD = "public-row: anchor share on public text matched to the owners' 2-expert training"
 BLOCKS = 8  # 2,048 tokens at the demo's length: one number per layer is pinned down well
 BISECT_STEPS = 40
@@ -54,9 +60,6 @@ LOG_RANGE = 3.0  # a_l within [e^-3, e^3]
 
 def calibration_blocks(public: Sequence[Path], tokenizer, seq_len: int, n: int = BLOCKS) -> torch.Tensor:
     """A fixed sample of public training blocks: documents spread evenly over the corpus."""
-    from flexmoe.data import blocks_for, load_splits
-    from flexmoe.router.embed import sample_docs
-
     if not public:
         raise FlexmoeError("--calibrate needs public data.", "pass --public PATH (the public corpus).")
     docs = load_splits(public).train
@@ -107,8 +110,6 @@ def router_inputs(model, blocks, x: torch.Tensor, layer: int, batch: int = 8) ->
 
 def anchor_share(logits: torch.Tensor, top_k: int) -> float:
     """The anchor's (expert 0's) fraction of the routing weight that was handed out."""
-    from flexmoe.moe import routing_weights
-
     w = routing_weights(logits, top_k)
     return float(w[:, 0].sum() / w.sum())
 
@@ -143,15 +144,10 @@ def solve_scale(base: torch.Tensor, target: float, top_k: int) -> float:
 @torch.no_grad()
 def solve(model_dir: Path, public: Sequence[Path], *, n_blocks: int = BLOCKS) -> tuple[list[float], dict]:
     """Per-layer public-row scales for an (uncalibrated) composed model, and the record to keep."""
-    from flexmoe.compose import load_meta
-    from flexmoe.moe import moe_blocks
-    from flexmoe.router.train import _training_seq_len
-    from flexmoe.runtime import from_pretrained
-
     torch.manual_seed(0)
     c = from_pretrained(model_dir, use_bias=False)
     meta = load_meta(model_dir)
-    x = calibration_blocks(public, c.tokenizer, _training_seq_len(meta), n_blocks)
+    x = calibration_blocks(public, c.tokenizer, training_seq_len(meta), n_blocks)
     blocks = moe_blocks(c.model)
     names, top_k = c.names, blocks[0].top_k
     rows = [torch.cat([r.weight.double() for r in b.router]) for b in blocks]  # [E, H] per layer
@@ -219,8 +215,6 @@ def write_calibrated(
     then the final one with the public row scaled. Both rows pass through the model's dtype first, so
     the result does not depend on whether the trained row came from a package or from a checkpoint.
     """
-    from safetensors.torch import save_file
-
     scratch = Path(tempfile.mkdtemp(prefix=".calibrate-", dir=Path(tmp).parent))
     try:
         write_model(scratch, shared, experts, anchor_config, top_k, meta, source_dir, max_shard_bytes)
@@ -249,12 +243,7 @@ def write_calibrated(
     return out
 
 
-def trained_public_row(model: Path) -> Callable[[int], torch.Tensor] | None:
-    """The public row before calibration, if ``model`` is calibrated."""
-    f = Path(model) / CALIBRATION_FILE
-    if not f.is_file():
-        return None
-    from safetensors.torch import load_file
-
-    rows = load_file(str(f))
-    return lambda i: rows[f"model.layers.{i}.mlp.gate.trained_public_row"]
+def calibrator(public: Sequence[Path]) -> Calibrator:
+    """What ``compose``, ``add``, ``update`` and ``remove`` take as ``calibrate=``: recalibrate the
+    router on ``public`` (documents) for the experts being written."""
+    return functools.partial(write_calibrated, public=list(public))

@@ -30,8 +30,20 @@ from pathlib import Path
 import torch
 
 from flexmoe import __version__
+from flexmoe.anchor import default_embedder
+from flexmoe.data import data_fingerprint, read_file, read_training_documents, training_files
 from flexmoe.errors import FlexmoeError
-from flexmoe.fileio import atomic_dir, atomic_write_bytes, read_json, sha256_file, write_json
+from flexmoe.expert.package import MANIFEST, verify
+from flexmoe.fileio import (
+    atomic_dir,
+    atomic_write_bytes,
+    check_output_dir,
+    read_json,
+    sha256_file,
+    write_json,
+)
+from flexmoe.router_init import embed_documents, sample_docs
+from flexmoe.training import Progress
 
 PROXY_JSON = "proxy.json"
 PROXY_DOCS = "proxy.jsonl"
@@ -54,8 +66,6 @@ def read_public(paths: Sequence[Path]) -> list[tuple[str, str]]:
     """``(id, text)`` of every public training-usable document (never a test split); ``.jsonl`` rows
     keep their ``id`` field when they have one (the demo corpora do), anything else is named by a hash
     of its text. Duplicates are dropped."""
-    from flexmoe.data import read_file, training_files
-
     out: dict[str, str] = {}
     for p in paths:
         for f in training_files([Path(p)]):
@@ -108,8 +118,6 @@ def ngram_features(docs: Sequence[str], dim: int = NGRAM_DIM) -> torch.Tensor:
 def resolve_features(method: str, embedder: str | None = None) -> tuple[str, str | None]:
     """``(features, embedder)`` actually used: ``auto`` means the shipped embedder when installed,
     hashed n-grams otherwise."""
-    from flexmoe.anchor import default_embedder
-
     if method not in FEATURES:
         raise FlexmoeError(f"Unknown proxy features {method!r}.", f"use one of {', '.join(FEATURES)}.")
     if method == "ngram":
@@ -127,8 +135,6 @@ def resolve_features(method: str, embedder: str | None = None) -> tuple[str, str
 
 def featurize(docs: Sequence[str], features: str, embedder: str | None) -> torch.Tensor:
     if features == "embed":
-        from flexmoe.router.embed import embed_documents
-
         emb = embed_documents(docs, embedder or "")
         return emb / emb.norm(dim=1, keepdim=True).clamp_min(1e-12)
     return ngram_features(docs)
@@ -229,11 +235,6 @@ def select_proxy(
     ``proxy.json`` (counts, method, held-out accuracy, SHA-256 of ``proxy.jsonl``). With ``package``
     the same record goes into that expert package's manifest. Returns ``proxy.json``.
     """
-    from flexmoe.data import data_fingerprint, read_training_documents
-    from flexmoe.fileio import check_output_dir
-    from flexmoe.router.embed import sample_docs
-    from flexmoe.training import Progress
-
     if not 0.0 < fraction <= 0.5:
         raise FlexmoeError(
             f"--fraction {fraction} is not in (0, 0.5].", "use e.g. 0.05 (5% of the public pool)."
@@ -241,8 +242,6 @@ def select_proxy(
     check_output_dir(Path(out), force)
     manifest = None
     if package is not None:
-        from flexmoe.expert.package import verify
-
         manifest = verify(package)
         if name not in (None, manifest["name"]):
             raise FlexmoeError(
@@ -317,8 +316,6 @@ def record_in_package(package: Path, record: dict) -> dict:
     The package's hashes cover the tensor file, which stays untouched, so ``verify`` still passes;
     a tampered package is refused before anything is written.
     """
-    from flexmoe.expert.package import MANIFEST, verify
-
     manifest = verify(package)
     if record.get("name") not in (None, manifest["name"]):
         raise FlexmoeError(

@@ -20,16 +20,55 @@ record, including the experts present at the time, next to the removal in its hi
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
 from flexmoe.checkpoint import DEFAULT_SHARD_BYTES
+from flexmoe.compose import _current, _event, _rewrite, load_meta, trained_public_row, training_seq_len
+from flexmoe.data import blocks_for, data_fingerprint, load_splits
 from flexmoe.errors import FlexmoeError
+from flexmoe.expert.train import mixed_public_blocks
+from flexmoe.fileio import check_output_dir
+from flexmoe.moe import moe_blocks, router_z_loss
+from flexmoe.router.proxy import load_proxy
+from flexmoe.runtime import from_pretrained
+from flexmoe.training import (
+    LMStep,
+    PackedBlocks,
+    RunOptions,
+    Stage,
+    TrainConfig,
+    clear_checkpoint,
+    init_distributed,
+    is_main,
+    lm_loss,
+    only,
+    train,
+)
 
 VALID_BLOCKS = 16  # validation only reports progress; a fixed small set keeps it cheap
 DEFAULTS = {"steps": 40, "batch_size": 8, "lr": 2e-3, "weight_decay": 0.1, "warmup_steps": 4}
+
+
+@dataclass
+class RouterTrainSettings:
+    """``flexmoe router train``'s settings besides its paths (recorded in ``flexmoe.json``)."""
+
+    steps: int = DEFAULTS["steps"]
+    batch_size: int = DEFAULTS["batch_size"]
+    seq_len: int | None = None  # None: the owners' training length
+    lr: float = DEFAULTS["lr"]
+    weight_decay: float = DEFAULTS["weight_decay"]
+    proxy_share: float = 0.5
+    z_loss: float = 1e-3
+    seed: int = 0
+    compile: bool | None = None  # per-decoder-layer torch.compile; None: on CUDA only
+    resume: bool = False
+    force: bool = False
+    quiet: bool = False
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES
 
 
 def router_parameters(model) -> list[torch.nn.Parameter]:
@@ -37,8 +76,6 @@ def router_parameters(model) -> list[torch.nn.Parameter]:
 
     The public row stays as published: it is the fixed point every owner trained against, and an owner
     who joins later must share it (``flexmoe add`` checks that)."""
-    from flexmoe.moe import moe_blocks
-
     return [row.weight for block in moe_blocks(model) for row in block.router[1:]]
 
 
@@ -71,9 +108,6 @@ def training_blocks(
 ) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Training and validation blocks: proxy text making up ``proxy_share`` of the training blocks,
     the rest public; validation = the public corpus's held-out split."""
-    from flexmoe.data import blocks_for, data_fingerprint, load_splits
-    from flexmoe.expert.train import mixed_public_blocks
-
     pub = load_splits(public)
     pub_train = blocks_for(pub.train, tokenizer, seq_len)
     valid = blocks_for(pub.valid, tokenizer, seq_len)[:VALID_BLOCKS]
@@ -91,47 +125,73 @@ def train_router(
     proxies: list[Path],
     public: list[Path],
     out: Path,
-    *,
-    steps: int = DEFAULTS["steps"],
-    batch_size: int = DEFAULTS["batch_size"],
-    seq_len: int | None = None,
-    lr: float = DEFAULTS["lr"],
-    weight_decay: float = DEFAULTS["weight_decay"],
-    proxy_share: float = 0.5,
-    z_loss: float = 1e-3,
-    seed: int = 0,
-    resume: bool = False,
-    force: bool = False,
-    quiet: bool = False,
-    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    settings: RouterTrainSettings | None = None,
+    **overrides,
 ) -> dict:
     """Train the router rows of composed ``model`` on proxy sets + public data; write ``out``.
 
-    Returns the new ``flexmoe.json``.
+    ``settings`` (or keyword ``overrides`` of its fields) say how. Returns the new ``flexmoe.json``.
     """
-    from flexmoe.compose import _current, _event, _rewrite, load_meta
-    from flexmoe.fileio import check_output_dir
-    from flexmoe.moe import moe_blocks, router_z_loss
-    from flexmoe.router.calibrate import trained_public_row
-    from flexmoe.router.proxy import load_proxy
-    from flexmoe.runtime import from_pretrained
-    from flexmoe.training import TrainConfig, clear_checkpoint, init_distributed, is_main, lm_loss, train
-
+    s = replace(settings or RouterTrainSettings(), **overrides)
     model, out = Path(model), Path(out)
+    _check_inputs(model, public, out, s)
+    work = out.parent / f".{out.name}.work"
+    if not s.resume:
+        check_output_dir(out, s.force)
+        if s.force:
+            clear_checkpoint(work)
+    meta = load_meta(model)
+    records, docs = _load_proxies(proxies)
+    device = init_distributed()
+    torch.manual_seed(s.seed)
+    composed = from_pretrained(model, use_bias=False, device=device)
+    net = composed.model
+    _start_from_trained_rows(net, model)
+    seq_len = s.seq_len or training_seq_len(meta)
+    share = s.proxy_share if docs else 0.0
+    train_blocks, valid_blocks, data_info = training_blocks(docs, public, composed.tokenizer, seq_len, share)
+    rows = freeze_all_but_router_rows(net)
+    before = frozen_digest(net)
+    cfg = _router_config(s, seq_len)
+
+    def loss_fn(m, batch):
+        loss = lm_loss(m, batch)
+        return loss + s.z_loss * router_z_loss(net).to(loss.device)
+
+    stage = Stage(PackedBlocks(train_blocks), valid_blocks, LMStep(loss_fn), only(rows), desc="router")
+    t0 = time.perf_counter()
+    result = train(net, cfg, stage, RunOptions(work / "checkpoint", s.resume, quiet=s.quiet, device=device))
+    check_frozen(net, before)
+    record = {
+        "method": "proxy-lm: next-token loss through the mixture, router rows only (FlexOlmo RT)",
+        "experts": composed.names,
+        "proxies": records,
+        "data": {**data_info, "proxy_share": share},
+        "config": {**asdict(cfg), "z_loss": s.z_loss},
+        "tokens_seen": result.tokens_seen,
+        "valid_loss": {"before": result.initial_valid_loss, "after": result.final_valid_loss},
+        "seconds": time.perf_counter() - t0,
+        "trainable": "the owners' router rows; the public row, biases, experts and shared weights frozen",
+    }
+    new = _write_trained(model, out, net, composed.names, record, s, [r["name"] for r in records])
+    if is_main():
+        clear_checkpoint(work)
+    return new
+
+
+def _check_inputs(model: Path, public: list[Path], out: Path, s: RouterTrainSettings) -> None:
     if out.resolve() == model.resolve():
         raise FlexmoeError(
             "--out is the input model.", "write to a new directory; the input stays untouched."
         )
     if not public:
         raise FlexmoeError("No public data given.", "pass --public PATH (the public corpus).")
-    if not 0.0 <= proxy_share < 1.0:
-        raise FlexmoeError(f"--proxy-share {proxy_share} is not in [0, 1).", "use e.g. 0.5.")
-    work = out.parent / f".{out.name}.work"
-    if not resume:
-        check_output_dir(out, force)
-        if force:
-            clear_checkpoint(work)
-    meta = load_meta(model)
+    if not 0.0 <= s.proxy_share < 1.0:
+        raise FlexmoeError(f"--proxy-share {s.proxy_share} is not in [0, 1).", "use e.g. 0.5.")
+
+
+def _load_proxies(proxies: list[Path]) -> tuple[list[dict], list[str]]:
+    """The proxy sets' records (for flexmoe.json) and their documents."""
     records, docs = [], []
     for p in proxies:
         rec, d = load_proxy(p)
@@ -142,57 +202,39 @@ def train_router(
         docs += d
     if proxies and not docs:
         raise FlexmoeError("The proxy sets hold no documents.", "re-run 'flexmoe expert proxy'.")
+    return records, docs
 
-    device = init_distributed()
-    torch.manual_seed(seed)
-    composed = from_pretrained(model, use_bias=False, device=device)
-    net = composed.model
-    # A calibration holds only for the rows it was solved for: train from the rows as trained.
+
+def _start_from_trained_rows(net, model: Path) -> None:
+    """A calibration holds only for the rows it was solved for: train from the rows as trained."""
     trained_public = trained_public_row(model)
     if trained_public is not None:
         with torch.no_grad():
             for i, block in enumerate(moe_blocks(net)):
                 block.router[0].weight.copy_(trained_public(i).view(1, -1))
-    seq_len = seq_len or _training_seq_len(meta)
-    train_blocks, valid_blocks, data_info = training_blocks(
-        docs, public, composed.tokenizer, seq_len, proxy_share if docs else 0.0
-    )
-    rows = freeze_all_but_router_rows(net)
-    before = frozen_digest(net)
-    cfg = TrainConfig(
-        steps=steps,
-        batch_size=batch_size,
+
+
+def _router_config(s: RouterTrainSettings, seq_len: int) -> TrainConfig:
+    return TrainConfig(
+        steps=s.steps,
+        batch_size=s.batch_size,
         seq_len=seq_len,
-        lr=lr,
-        warmup_steps=min(DEFAULTS["warmup_steps"], max(1, steps // 10)),
-        weight_decay=weight_decay,
-        eval_every=max(1, steps // 2),
+        lr=s.lr,
+        warmup_steps=min(DEFAULTS["warmup_steps"], max(1, s.steps // 10)),
+        weight_decay=s.weight_decay,
+        eval_every=max(1, s.steps // 2),
         eval_batches=4,
-        checkpoint_every=max(1, steps // 4),
-        log_every=max(1, steps // 10),
-        seed=seed,
+        checkpoint_every=max(1, s.steps // 4),
+        log_every=max(1, s.steps // 10),
+        seed=s.seed,
+        compile=s.compile,
+        frozen_bf16=False,  # the frozen tensors are checked bit for bit after training
     )
 
-    def loss_fn(m, batch):
-        return lm_loss(m, batch) + z_loss * router_z_loss(net).to(batch.device)
 
-    t0 = time.perf_counter()
-    result = train(
-        net,
-        train_blocks,
-        valid_blocks,
-        cfg,
-        param_groups=[{"params": rows}],
-        loss_fn=loss_fn,
-        checkpoint_dir=work / "checkpoint",
-        resume=resume,
-        desc="router",
-        quiet=quiet,
-        device=device,
-    )
-    check_frozen(net, before)
+def _write_trained(model: Path, out: Path, net, names: list[str], record: dict, s, proxies) -> dict:
+    """Write ``out`` with compose's streaming writer: trained owner rows, everything else as it was."""
     layers = [[row.weight.detach().view(-1).cpu() for row in block.router] for block in moe_blocks(net)]
-    names = composed.names
     _, meta, experts = _current(model)
     if [e.name for e in experts] != names:
         raise FlexmoeError(f"{model} changed during router training.", "run it again.")
@@ -200,29 +242,9 @@ def train_router(
     trained = experts[:1] + [
         replace(ex, row=lambda i, e=e: layers[i][e]) for e, ex in enumerate(experts) if e
     ]
-    record = {
-        "method": "proxy-lm: next-token loss through the mixture, router rows only (FlexOlmo RT)",
-        "experts": names,
-        "proxies": records,
-        "data": {**data_info, "proxy_share": proxy_share if docs else 0.0},
-        "config": {**asdict(cfg), "z_loss": z_loss},
-        "tokens_seen": result.tokens_seen,
-        "valid_loss": {"before": result.initial_valid_loss, "after": result.final_valid_loss},
-        "seconds": time.perf_counter() - t0,
-        "trainable": "the owners' router rows; the public row, biases, experts and shared weights frozen",
-    }
-    event = _event("router-train", proxies=[r["name"] for r in records], steps=steps)
+    event = _event("router-train", proxies=proxies, steps=s.steps)
     if not is_main():
         return {}
     # The output was checked to be free above (or --force/--resume given): replace it atomically.
-    new = _rewrite(
-        model, out, trained, {**meta, "router_training": record}, event, None, True, max_shard_bytes
-    )
-    clear_checkpoint(work)
-    return new
-
-
-def _training_seq_len(meta: dict, default: int = 256) -> int:
-    """The sequence length the owners trained with (the longest, if they differ)."""
-    lens = [e["manifest"].get("training", {}).get("seq_len") for e in meta["experts"][1:]]
-    return max([x for x in lens if x] or [default])
+    meta = {**meta, "router_training": record}
+    return _rewrite(model, out, trained, meta, event, None, True, s.max_shard_bytes)

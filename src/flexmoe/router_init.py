@@ -1,4 +1,4 @@
-"""Router-row initialisation from domain embeddings.
+"""Router-row initialisation from domain embeddings (published with the anchor, used by every owner).
 
 Three methods, selectable per owner:
 
@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from flexmoe.errors import FlexmoeError
 from flexmoe.fileio import atomic_write_bytes, read_json, write_json
+from flexmoe.parallel import decoder_layers
 
 METHODS = ("embed", "hidden", "random")
 ROUTER_FILE = "flexmoe_router.safetensors"
@@ -72,8 +73,6 @@ def router_inputs(model, tokenizer, docs: Sequence[str], seq_len: int, batch_siz
     Hooks on ``layer.mlp`` capture the exact router input of both families (OLMo 2: raw residual
     stream; Llama: post-attention-normed stream). Documents are truncated to ``seq_len`` tokens.
     """
-    from flexmoe.moe import decoder_layers
-
     layers = decoder_layers(model)
     captured: list[torch.Tensor] = [None] * len(layers)  # type: ignore[list-item]
     hooks = [
@@ -135,13 +134,13 @@ def publish(
     tokenizer,
     public_docs: Sequence[str],
     *,
+    anchor_fingerprint: str,
     embedder: str | None = DEFAULT_EMBEDDER,
     n_docs: int = 1000,
     seq_len: int = 256,
 ) -> dict:
-    """Compute ``r_pub`` for every method and the embedder projection; write them next to the anchor."""
-    from flexmoe.anchor import fingerprint
-
+    """Compute ``r_pub`` for every method and the embedder projection; write them next to the anchor
+    (whose tensors have ``anchor_fingerprint``, ``flexmoe.anchor.fingerprint``)."""
     docs = sample_docs(public_docs, n_docs)
     hid = router_inputs(model, tokenizer, docs, seq_len)  # [n, L, H]
     norms = hid.norm(dim=-1).mean(0)  # [L]
@@ -150,7 +149,7 @@ def publish(
         "n_docs": len(docs),
         "seq_len": seq_len,
         "methods": ["hidden", "random"],
-        "anchor_fingerprint": fingerprint(anchor_dir),
+        "anchor_fingerprint": anchor_fingerprint,
         "ridge": RIDGE,
     }
     if embedder:
