@@ -44,7 +44,7 @@ ORDER = [
 COMPOSITION_COLUMNS = ("alone_gain", "retention", "oracle_retention", "optout_removed", "max_other_change")
 
 
-def _fmt(name: str, value) -> str:
+def _metric(name: str, value) -> str:
     if value is None:
         return "-"
     return f"{100 * value:.1f}%" if name in ("max_other_change", "public_change") else f"{value:.2f}"
@@ -59,9 +59,9 @@ def composition_rows(block: dict) -> list[list[str]]:
     """One row per owner (each number with "ok"/"MISS" against the issue's target), then public."""
     rows = []
     for owner, m in block["owners"].items():
-        rows.append([owner] + [_fmt(k, m.get(k)) + _mark(k, m.get(k)) for k in COMPOSITION_COLUMNS])
+        rows.append([owner] + [_metric(k, m.get(k)) + _mark(k, m.get(k)) for k in COMPOSITION_COLUMNS])
     pc = block.get("public_change")
-    rows.append(["public change", _fmt("public_change", pc) + _mark("public_change", pc)] + [""] * 4)
+    rows.append(["public change", _metric("public_change", pc) + _mark("public_change", pc)] + [""] * 4)
     return rows
 
 
