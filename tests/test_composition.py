@@ -4,6 +4,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from flexmoe.evaluate.composition import composition_metrics, meets_target, owner_metrics
 
@@ -237,3 +238,29 @@ def test_eval_composition_cli_prints_the_table_and_writes_json(federation, demo_
     assert "(checked" in out["how"]["alone"]["code"] and "unchecked" in out["how"]["alone"]["math"]
     r = CliRunner().invoke(app, [*args, "--owner", "legal"])
     assert r.exit_code == 1 and "legal" in str(r.exception)
+
+
+def test_expert_choice_reaches_every_scoring_path(federation, tmp_path):
+    """Continuation scoring projects only some positions (it calls the decoder directly): the expert
+    choice must reach it too, so a masked model scores exactly like the physically removed one."""
+    from flexmoe.compose import remove
+    from flexmoe.evaluate.run import load_lm
+
+    root, _, _ = federation
+    remove(root / "model", "code", tmp_path / "without_code")
+    masked = load_lm(root / "model", exclude=["code"], device="cpu")
+    removed = load_lm(tmp_path / "without_code", device="cpu")
+    full = load_lm(root / "model", device="cpu")
+    torch.manual_seed(0)
+    ids = torch.randint(3, 300, (2, 16))
+    mask, prefix = torch.ones_like(ids), torch.tensor([5, 9])
+    for split in (True, False):
+        for lm in (masked, removed, full):
+            lm._split = split
+        a, b = masked.token_logprobs(ids, mask, prefix), removed.token_logprobs(ids, mask, prefix)
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(a, full.token_logprobs(ids, mask, prefix))
+        last = torch.tensor([15, 10])
+        torch.testing.assert_close(
+            masked.next_logprobs(ids, mask, last), removed.next_logprobs(ids, mask, last)
+        )

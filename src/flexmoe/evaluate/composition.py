@@ -43,6 +43,7 @@ from flexmoe.evaluate.run import find_domains
 from flexmoe.expert.package import MANIFEST, TENSOR_FILE
 from flexmoe.fileio import read_json
 from flexmoe.moe import moe_blocks
+from flexmoe.moe import routing as moe_routing
 from flexmoe.runtime import from_pretrained
 
 #: the name of the routing when nothing else is said: the composed model's own router rows
@@ -223,7 +224,7 @@ def _separate_alone(setup: CompositionSetup, package: Path, tmp: Path, anchor: P
     out = tmp / Path(package).name
     compose(anchor, [package], out, top_k=2)
     c = from_pretrained(out, use_bias=True, device=setup.device)
-    return HFLM(c.model, c.tokenizer)
+    return HFLM(c.model, c.tokenizer, scope=lambda: moe_routing(c.routing()))
 
 
 class _Bench:
@@ -235,7 +236,7 @@ class _Bench:
         self.c = from_pretrained(setup.model, use_bias=True, device=setup.device)
         self.same = alone_is_restricted(self.c, setup.packages)  # before any bias is switched off
         self.bias = _bias_switch(self.c.model)
-        self.lm = HFLM(self.c.model, self.c.tokenizer)
+        self.lm = HFLM(self.c.model, self.c.tokenizer, scope=lambda: moe_routing(self.c.routing()))
         self.table: dict[str, dict[str, float]] = {}
 
     def score(self, key: str, lm, domains: Sequence[str]) -> None:

@@ -9,6 +9,7 @@ noise.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -24,11 +25,16 @@ class HFLM:
 
     ``token_logprobs`` returns only the log-probability of each actual next token (``[B, T-1]``), and
     ``next_logprobs`` only the last position's distribution: the full ``[B, T, V]`` tensor never
-    leaves the device.
+    leaves the device. ``scope`` (a zero-argument callable returning a context manager) wraps every
+    model call: a flexmoe composed model passes its expert choice this way, because the vocabulary
+    split below calls the decoder, not the model whose hook would otherwise supply it.
     """
 
-    def __init__(self, model, tokenizer):
+    def __init__(
+        self, model, tokenizer, scope: Callable[[], contextlib.AbstractContextManager] | None = None
+    ):
         self.model, self.tokenizer = model.eval(), tokenizer
+        self.scope = scope or contextlib.nullcontext
         self.device = next(model.parameters()).device
         # Scoring a few positions needs the vocabulary projection only there: for small models the
         # [B, T, V] logits and their log-softmax cost as much as the whole transformer. Models whose
@@ -42,12 +48,14 @@ class HFLM:
 
     @torch.no_grad()
     def _logits(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
+        with self.scope():
+            return self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
 
     @torch.no_grad()
     def _logprobs_at(self, ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor):
         """Next-token log-probabilities [N, V] at positions (rows[i], cols[i]) only."""
-        h = self.model.get_decoder()(input_ids=ids.to(self.device), attention_mask=mask.to(self.device))
+        with self.scope():
+            h = self.model.get_decoder()(input_ids=ids.to(self.device), attention_mask=mask.to(self.device))
         h = h.last_hidden_state[rows.to(self.device), cols.to(self.device)]
         return self.model.get_output_embeddings()(h).float().log_softmax(-1)
 

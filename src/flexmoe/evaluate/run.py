@@ -14,6 +14,7 @@ from flexmoe.errors import FlexmoeError
 from flexmoe.evaluate.metrics import HFLM, exact_match, multiple_choice, perplexity
 from flexmoe.evaluate.tasks import load_tasks
 from flexmoe.fileio import read_json
+from flexmoe.moe import routing as moe_routing
 from flexmoe.runtime import from_pretrained
 from flexmoe.tokenizer import load_tokenizer
 
@@ -125,7 +126,7 @@ def load_lm(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")  # the GPU when there is one
     if (model / FLEXMOE_JSON).is_file():
         c = from_pretrained(model, include=include, exclude=exclude, use_bias=use_bias, device=device)
-        return HFLM(c.model, c.tokenizer)
+        return HFLM(c.model, c.tokenizer, scope=lambda: moe_routing(c.routing()))
     if include or exclude:
         raise FlexmoeError(
             f"{model} is not a flexmoe model; --include/--exclude need one.", "drop those options."
