@@ -94,6 +94,7 @@ def test_training_router_and_calibration_read_no_test_split(flat, demo_data, tmp
     from flexmoe.anchor import pretrain
     from flexmoe.compose import compose
     from flexmoe.expert.train import ExpertSpec, train_expert
+    from flexmoe.router.calibrate import calibrator
     from flexmoe.router.proxy import select_proxy
     from flexmoe.router.train import train_router
 
@@ -127,7 +128,7 @@ def test_training_router_and_calibration_read_no_test_split(flat, demo_data, tmp
         )
         pkgs = [tmp_path / "code", tmp_path / "math"]
         select_proxy([flat["code"]], [flat["public"]], tmp_path / "proxy", features="ngram", quiet=True)
-        compose(tiny_anchor, pkgs, tmp_path / "cal", calibrate=[flat["public"]])
+        compose(tiny_anchor, pkgs, tmp_path / "cal", calibrate=calibrator([flat["public"]]))
         train_router(
             tmp_path / "cal", [tmp_path / "proxy"], [flat["public"]], tmp_path / "rt", steps=1, quiet=True
         )
