@@ -26,6 +26,9 @@ ALLOWED: dict[str, str] = {
     "flexmoe.router.calibrate:write_calibrated": "the Calibrator call: the write job's arguments",
     # Proxy selection is being reworked by the routing issue (13); its settings dataclass comes with it.
     "flexmoe.router.proxy:select_proxy": "an entry point awaiting its settings dataclass (issue 13)",
+    # The scoring entry point: model, data, block length, three limits (blocks, documents, items),
+    # progress and two filters; an EvalSettings dataclass is a follow-up (callers in demo, audit, CLI).
+    "flexmoe.evaluate.run:evaluate_lm": "an entry point awaiting its settings dataclass (issue 13)",
 }
 
 

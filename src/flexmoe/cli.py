@@ -21,8 +21,9 @@ from flexmoe.compose import MODEL_KIND, Provenance, add, compose, remove, update
 from flexmoe.corpora import build_demo_corpora
 from flexmoe.demo import run_demo
 from flexmoe.errors import FlexmoeError
+from flexmoe.evaluate.composition import CompositionSetup, evaluate_composition
 from flexmoe.evaluate.harness import GROUP, export_lm_eval
-from flexmoe.evaluate.report import markdown
+from flexmoe.evaluate.report import composition_table, markdown
 from flexmoe.evaluate.run import evaluate_lm, load_lm, seq_len_of
 from flexmoe.expert.package import check, package_bytes, sign_package
 from flexmoe.expert.privacy import DPSettings
@@ -553,7 +554,10 @@ def route_cmd(
 def eval_cmd(
     model: Path = typer.Argument(..., help="A composed flexmoe model or any HF causal LM directory."),
     data: Path = typer.Option(
-        ..., "--data", help="Data directory from 'flexmoe data demo' (test splits + tasks)."
+        ...,
+        "--data",
+        help="A folder of domains each with a test split (test.jsonl/.txt/.parquet; tasks/ optional), "
+        "one such domain folder, or a single .jsonl/.txt/.parquet file.",
     ),
     out: Path = typer.Option(None, "--out", help="Write the full results as JSON here."),
     include: list[str] = typer.Option(None, "--include", help="Only these experts (plus public)."),
@@ -561,19 +565,48 @@ def eval_cmd(
     use_bias: bool = typer.Option(False, help="Apply the learned router biases (flexmoe runtime only)."),
     seq_len: int = typer.Option(None, help="Perplexity block length (default: the model's training length)."),
     max_blocks: int = typer.Option(64, help="Test blocks per domain for perplexity."),
+    limit: int = typer.Option(None, "--limit", help="At most N documents per domain and N items per task."),
+    composition: bool = typer.Option(
+        False, "--composition", help="Composition metrics per owner (retention, opt-out, oracle)."
+    ),
+    anchor: Path = typer.Option(None, "--anchor", help="The dense anchor (for --composition)."),
+    expert: list[Path] = typer.Option(
+        None, "--expert", help="Owner packages (for --composition: checks that 'alone' is what they trained)."
+    ),
+    owner: list[str] = typer.Option(
+        None, "--owner", help="Owner domains (default: the experts with a test split)."
+    ),
+    public: str = typer.Option("public", "--public", help="The public domain's name (for --composition)."),
 ) -> None:
-    """Per-domain perplexity and downstream tasks, with item counts and 95% intervals."""
+    """Perplexity per domain (with bootstrap intervals) and tasks if any; or, with --composition,
+    how much of each owner's gain survives composition and what opt-out removes."""
+    if limit is not None and limit < 1:
+        raise FlexmoeError(f"--limit {limit} is below 1.", "pass a positive number of documents/items.")
+    if composition:
+        setup = CompositionSetup(
+            model, data, _names(owner), public, anchor, expert or (), seq_len or seq_len_of(model),
+            max_blocks, limit,
+        )
+        r = evaluate_composition(setup, progress=lambda m: console.print(f"  {m}"))
+        console.print(composition_table(r["composition"]))
+        if out:
+            write_json(out, r)
+        return
     lm = load_lm(model, _names(include), _names(exclude), use_bias)
     r = evaluate_lm(
         lm,
         data,
         seq_len=seq_len or seq_len_of(model),
         max_blocks=max_blocks,
+        max_items=limit,
+        max_docs=limit,
         progress=lambda m: console.print(f"  {m}"),
     )
-    console.print("perplexity: " + "  ".join(f"{d} {v:.2f}" for d, v in r["perplexity"].items()))
-    console.print("tasks (%):  " + "  ".join(f"{t} {v:.1f}" for t, v in r["tasks"].items()))
-    console.print(f"average {r['average']:.1f}")
+    if r["perplexity"]:
+        console.print("perplexity: " + "  ".join(f"{d} {v:.2f}" for d, v in r["perplexity"].items()))
+    if r["tasks"]:
+        console.print("tasks (%):  " + "  ".join(f"{t} {v:.1f}" for t, v in r["tasks"].items()))
+        console.print(f"average {r['average']:.1f}")
     if out:
         write_json(out, r)
 
