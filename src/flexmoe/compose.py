@@ -282,11 +282,14 @@ def compose(
     force: bool = False,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     calibrate: Sequence[Path] | None = None,
+    routing: str | None = None,
+    routing_bias: str | None = None,
 ) -> dict:
     """Compose the anchor and expert packages into one model at ``out``. Returns ``flexmoe.json``.
 
     ``calibrate`` (public documents) recalibrates the router for this set of experts
-    (``flexmoe.router.calibrate``)."""
+    (``flexmoe.router.calibrate``). ``routing`` names a compose-time routing method
+    (``flexmoe.router.methods``; recorded in ``flexmoe.json`` and recomputed on every later change)."""
     from flexmoe.anchor import resolve
 
     anchor = resolve(anchor)
@@ -314,8 +317,23 @@ def compose(
             _event("compose", experts=[m["name"] for m in manifests], calibrated=calibrate is not None)
         ],
     }
+    request = _routing_request(routing, routing_bias, anchor, packages, manifests)
     with atomic_dir(out, force=force) as tmp:
-        return _write(tmp, reader, experts, config, k, meta, anchor, max_shard_bytes, calibrate)
+        return _write(tmp, reader, experts, config, k, meta, anchor, max_shard_bytes, calibrate, request)
+
+
+def _routing_request(method, bias, anchor: Path | None, packages=(), manifests=(), model: Path | None = None):
+    """What a routing method may read: statistics shipped beside the packages, kept in ``model`` (for
+    later changes) and published with the anchor."""
+    from flexmoe.router import methods
+    from flexmoe.router.stats import load_anchor_stats
+
+    owner, anchor_stats = ({}, None) if model is None else methods.saved(model)[:2]
+    owner = {**owner, **methods.package_stats(packages, [m["name"] for m in manifests])}
+    if anchor is not None and anchor_stats is None:
+        anchor_stats = load_anchor_stats(anchor)
+    methods.parse(method or methods.DEFAULT)
+    return methods.Request(method or methods.DEFAULT, bias, owner, anchor_stats)
 
 
 def _write(
@@ -328,10 +346,15 @@ def _write(
     source_dir: Path,
     max_shard_bytes: int,
     calibrate: Sequence[Path] | None,
+    routing=None,
 ) -> dict:
-    """``write_model``, or with ``calibrate`` (public documents) its calibrated variant."""
+    """``write_model`` with a routing method applied, or with ``calibrate`` (public documents) its
+    calibrated variant."""
     if calibrate is None:
-        return write_model(tmp, shared, experts, config, top_k, meta, source_dir, max_shard_bytes)
+        from flexmoe.router.methods import Request, write_routed
+
+        rest = (source_dir, max_shard_bytes)
+        return write_routed(tmp, write_model, shared, experts, config, top_k, meta, rest, routing or Request())
     from flexmoe.router.calibrate import write_calibrated
 
     return write_calibrated(
@@ -358,6 +381,10 @@ def _current(model: Path) -> tuple[TensorReader, dict, list[Expert]]:
     biases = load_file(str(model / BIAS_FILE))
     experts = [composed_expert(reader, meta, biases, e) for e in range(len(meta["experts"]))]
     from flexmoe.router.calibrate import trained_public_row
+    from flexmoe.router.methods import restore_trained
+
+    # A routing method is recomputed from the rows as trained: start from those.
+    experts = restore_trained(model, experts)[0]
 
     # A calibration holds only for the experts it was solved for: start again from the trained row.
     trained = trained_public_row(model)
@@ -376,7 +403,12 @@ def _rewrite(
     force: bool,
     max_shard_bytes: int,
     calibrate: Sequence[Path] | None = None,
+    routing: str | None = None,
+    joining: tuple = (),
 ) -> dict:
+    """Write the changed expert set; the routing method (the model's own unless ``routing`` names
+    another) is recomputed from the trained rows and the statistics of the experts that remain.
+    ``joining``: (package, manifest) of a package that brings its own statistics."""
     if Path(out).resolve() == Path(model).resolve():
         raise FlexmoeError(
             "--out is the input model.", "write to a new directory; the input stays untouched."
@@ -390,6 +422,15 @@ def _rewrite(
     for key in ("router_training",):
         if key in meta:
             new_meta[key] = meta[key]
+    old = meta.get("routing", {})
+    request = _routing_request(
+        routing or old.get("method"),
+        old.get("bias") if routing is None else None,
+        Path(meta["anchor"]["path"]) if Path(meta["anchor"]["path"]).is_dir() else None,
+        [p for p, _ in joining],
+        [m for _, m in joining],
+        model=Path(model),
+    )
     with atomic_dir(out, force=force) as tmp:
         return _write(
             tmp,
@@ -401,6 +442,7 @@ def _rewrite(
             Path(model),
             max_shard_bytes,
             calibrate,
+            request,
         )
 
 
@@ -413,6 +455,7 @@ def remove(
     force: bool = False,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     calibrate: Sequence[Path] | None = None,
+    routing: str | None = None,
 ) -> dict:
     """Opt-out: a new model without expert ``name`` (no parameter trained on its data remains).
 
@@ -431,7 +474,7 @@ def remove(
     kept = [e for e in experts if e.name != name]
     k = top_k if top_k is not None else min(meta["top_k"], len(kept))
     event = _event("remove", expert=name)
-    return _rewrite(model, out, kept, meta, event, k, force, max_shard_bytes, calibrate)
+    return _rewrite(model, out, kept, meta, event, k, force, max_shard_bytes, calibrate, routing)
 
 
 def add(
@@ -448,9 +491,12 @@ def add(
 
     ``calibrate``: as for ``remove``."""
     reader, meta, experts = _current(model)
-    new = package_expert(package, _check_joining(meta, experts[0], package, {e.name for e in experts}))
+    m = _check_joining(meta, experts[0], package, {e.name for e in experts})
+    new = package_expert(package, m)
     event = _event("add", expert=new.name)
-    return _rewrite(model, out, experts + [new], meta, event, top_k, force, max_shard_bytes, calibrate)
+    return _rewrite(
+        model, out, experts + [new], meta, event, top_k, force, max_shard_bytes, calibrate, None, ((package, m),)
+    )
 
 
 def update(
@@ -473,7 +519,9 @@ def update(
     joining = _check_joining(meta, experts[0], package, set(names) - {name})
     experts[names.index(name)] = package_expert(package, joining)
     event = _event("update", expert=name)
-    return _rewrite(model, out, experts, meta, event, None, force, max_shard_bytes, calibrate)
+    return _rewrite(
+        model, out, experts, meta, event, None, force, max_shard_bytes, calibrate, None, ((package, joining),)
+    )
 
 
 def _check_joining(meta: dict, public: Expert, package: Path, taken: set[str]) -> dict:

@@ -45,6 +45,7 @@ class ExpertSpec:
     bias_init: float = 0.0
     z_loss: float = 1e-3
     public_row: str | None = None  # DP only: which published public row to train against (embed/hidden)
+    router_aux_loss: float = 0.0  # weight of the "mine vs public" routing loss (needs public data)
 
 
 def check_name(name: str) -> None:
@@ -191,8 +192,22 @@ def train_expert(
         activation_checkpointing=activation_checkpointing,
     )
 
+    aux = None
+    if spec.router_aux_loss > 0:
+        from flexmoe.router.aux import MineVsPublic
+
+        if public_docs is None or dp is not None:
+            raise FlexmoeError(
+                "--router-aux-loss needs public data (--public) and no DP.",
+                "pass --public DIR, or drop --router-aux-loss.",
+            )
+        aux = MineVsPublic(model, train_blocks[own_blocks:])
+
     def loss_fn(m, batch):
-        return lm_loss(m, batch) + spec.z_loss * router_z_loss(model).to(batch.device)
+        loss = lm_loss(m, batch) + spec.z_loss * router_z_loss(model).to(batch.device)
+        if aux is not None and model.training:
+            loss = loss + spec.router_aux_loss * aux.loss(batch)
+        return loss
 
     loop = {  # what the plain and the DP training loops share
         "checkpoint_dir": work / "checkpoint",
@@ -217,6 +232,8 @@ def train_expert(
             desc=f"expert {name} (DP)",
             **loop,
         )
+    if aux is not None:
+        aux.close()
     if result.final_valid_loss is None:
         return {"finished": False}
     check_anchor_unchanged(model, anchor_dir)
@@ -237,6 +254,7 @@ def train_expert(
         },
         "router_init": spec.router_init,
         "bias_init": spec.bias_init,
+        "router_aux_loss": spec.router_aux_loss,
         "training": {**asdict(cfg), "preset": preset, "z_loss": spec.z_loss},
         "tokens_seen": result.tokens_seen,
         "seconds": result.seconds,

@@ -197,9 +197,14 @@ def train_router(
     if [e.name for e in experts] != names:
         raise FlexmoeError(f"{model} changed during router training.", "run it again.")
     # The public row did not train: keep it exactly as the checkpoint holds it (before calibration).
-    trained = experts[:1] + [
-        replace(ex, row=lambda i, e=e: layers[i][e]) for e, ex in enumerate(experts) if e
+    # A model composed with another routing method trained from its routed rows: those are now the
+    # trained rows (public row included), and the result is routed as "trained".
+    routed = meta.get("routing", {}).get("method", "trained") != "trained"
+    trained = [
+        replace(ex, row=lambda i, e=e: layers[i][e]) for e, ex in enumerate(experts) if e or routed
     ]
+    if not routed:
+        trained = experts[:1] + trained
     record = {
         "method": "proxy-lm: next-token loss through the mixture, router rows only (FlexOlmo RT)",
         "experts": names,
@@ -216,7 +221,8 @@ def train_router(
         return {}
     # The output was checked to be free above (or --force/--resume given): replace it atomically.
     new = _rewrite(
-        model, out, trained, {**meta, "router_training": record}, event, None, True, max_shard_bytes
+        model, out, trained, {**meta, "router_training": record}, event, None, True, max_shard_bytes,
+        routing="trained",
     )
     clear_checkpoint(work)
     return new
