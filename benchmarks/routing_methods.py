@@ -48,6 +48,13 @@ class Config:
     calibrate: bool = False  # the existing public-row calibration (compose --calibrate)
 
     @property
+    def model_key(self) -> str:
+        """The composed directory: evaluation-time choices (runtime bias, top-k) share it."""
+        if self.calibrate:
+            return f"{self.variant}_public-row-calibrate"
+        return f"{self.variant}_{self.method.replace('+', '_')}_{self.bias or 'default'}"
+
+    @property
     def name(self) -> str:
         s = f"{self.variant}/{self.method}"
         if self.calibrate:
@@ -79,6 +86,8 @@ def prepare(data: Path, work: Path, args) -> tuple[Path, dict[str, dict[str, Pat
         publish_anchor_stats(anchor, [data / "public"])
     packages: dict[str, dict[str, Path]] = {}
     for variant, aux in (("plain", 0.0), ("aux", args.aux)):
+        if variant not in args.variants:
+            continue
         for d in owners_of(data):
             home = work / "owners" / d
             if not (home / "data").exists():  # the owner's machine: its own train/valid, public text
@@ -92,8 +101,17 @@ def prepare(data: Path, work: Path, args) -> tuple[Path, dict[str, dict[str, Pat
                 t = time.perf_counter()
                 spec = ExpertSpec(name=d, router_init=args.router_init, router_aux_loss=aux)
                 train_expert(
-                    anchor, [home / "data"], d, pkg, args.preset, spec=spec, steps=args.expert_steps,
-                    public=[home / "public"], public_mix=0.3, quiet=True,
+                    anchor,
+                    [home / "data"],
+                    d,
+                    pkg,
+                    args.preset,
+                    spec=spec,
+                    steps=args.expert_steps,
+                    public=[home / "public"],
+                    public_mix=0.3,
+                    quiet=True,
+                    force=True,  # a cached interrupted run with other settings starts over
                 )
                 print(f"trained {variant} expert {d} in {time.perf_counter() - t:.0f}s", flush=True)
             if not (pkg / "routing_stats.safetensors").exists():
@@ -122,8 +140,10 @@ def block_losses(model, tok, blocks: torch.Tensor) -> torch.Tensor:
     from flexmoe.evaluate.metrics import HFLM
 
     lm = HFLM(model, tok)
-    out = [-lm.token_logprobs(blocks[s : s + 16], torch.ones_like(blocks[s : s + 16])).mean(1)
-           for s in range(0, len(blocks), 16)]
+    out = [
+        -lm.token_logprobs(blocks[s : s + 16], torch.ones_like(blocks[s : s + 16])).mean(1)
+        for s in range(0, len(blocks), 16)
+    ]
     return torch.cat(out)
 
 
@@ -148,12 +168,9 @@ def run_config(cfg: Config, anchor: Path, packages: dict, work: Path, blocks: di
     from flexmoe.compose import compose, remove
 
     pkgs = [packages[cfg.variant][d] for d in owners]
-    tag = cfg.name.replace("/", "_").replace(" ", "_").replace("[", "_").replace("]", "").replace("+", "_")
-    mdir = work / "models" / tag
+    mdir = work / "models" / cfg.model_key
     public = [anchor.parent / "owners" / owners[0] / "public"]
     kw = {"calibrate": public} if cfg.calibrate else {"routing": cfg.method, "routing_bias": cfg.bias}
-    if cfg.top_k is not None:
-        kw["top_k"] = min(cfg.top_k, len(owners) + 1)
     if not (mdir / "all").exists():
         compose(anchor, pkgs, mdir / "all", **kw)
     out = {"composed": score(load(mdir / "all", cfg), blocks, domains)}
@@ -246,6 +263,7 @@ def configs(args) -> list[Config]:
         cs.append(Config("plain", "trained", "keep", top_k=k, normalize=norm))
     if args.only:
         cs = [c for c in cs if any(s in c.name for s in args.only)]
+    cs = [c for c in cs if c.variant in args.variants]
     return cs
 
 
@@ -255,18 +273,20 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, required=True)
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--anchor-steps", type=int, default=None)
-    ap.add_argument("--expert-steps", type=int, default=150)
+    ap.add_argument("--expert-steps", type=int, default=60)
     ap.add_argument("--router-init", default="embed")
     ap.add_argument("--aux", type=float, default=0.1)
     ap.add_argument("--eval-blocks", type=int, default=32)
     ap.add_argument("--bootstrap", type=int, default=200)
     ap.add_argument("--only", nargs="*", help="substrings of configuration names to run")
     ap.add_argument("--train-only", action="store_true")
+    ap.add_argument("--variants", nargs="*", default=["plain", "aux"], help="expert variants to use")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--md", type=Path)
     ap.add_argument("--png", type=Path)
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     data, work = args.federation, args.workdir
     owners = owners_of(data)
     domains = ["public", *owners]
@@ -280,23 +300,27 @@ def main() -> None:
     blocks = eval_blocks(data, domains, tok, 256, args.eval_blocks)
     base = {"anchor": {k: block_losses(load_anchor(anchor).eval(), tok, b) for k, b in blocks.items()}}
     # Alone: d's 2-expert model exactly as d trained it (its learned bias included).
-    alone_cfg = Config("plain", "trained", "keep", use_bias=True)
+    alone: dict = {}
     results = {}
     for cfg in configs(args):
         t = time.perf_counter()
         L = dict(base)
         L.update(run_config(cfg, anchor, packages, work, blocks, domains, owners))
         ref = Config(cfg.variant, "trained", "keep", use_bias=True)
-        tag = ref.name.replace("/", "_").replace(" ", "_").replace("[", "_").replace("]", "").replace("+", "_")
+        if not (work / "models" / ref.model_key / "all").exists():
+            run_config(ref, anchor, packages, work, {}, [], owners)  # composes only (nothing to score)
         for d in owners:
-            L[f"alone:{d}"] = score(load(work / "models" / tag / "all", ref, include=[d]), blocks, [d])
+            key = f"alone:{d}:{cfg.variant}"
+            if key not in alone:
+                c = load(work / "models" / ref.model_key / "all", ref, include=[d])
+                alone[key] = score(c, blocks, [d])
+            L[f"alone:{d}"] = alone[key]
         results[cfg.name] = {
             split: {"metrics": metrics(L, owners, split), "ci95": bootstrap(L, owners, split, args.bootstrap)}
             for split in SPLITS
         }
         results[cfg.name]["seconds"] = time.perf_counter() - t
         print(row_md(cfg.name, results[cfg.name]["test"]["metrics"], owners), flush=True)
-    del alone_cfg
     report = {
         "federation": str(data),
         "owners": owners,

@@ -42,7 +42,12 @@ def _inputs_from_points(rows, bias, own_points, public_points):
     mu = public_points.mean(0)
     cov = torch.cov(public_points.T, correction=0)
     u, cv = constant_direction(mu, cov)
-    anchor = {"layers.0.mean": mu, "layers.0.cov": cov, "layers.0.const": u, "layers.0.const_cv": torch.tensor(cv)}
+    anchor = {
+        "layers.0.mean": mu,
+        "layers.0.cov": cov,
+        "layers.0.const": u,
+        "layers.0.const_cv": torch.tensor(cv),
+    }
     return M.Inputs(names, [rows], [bias], owner, anchor)
 
 
@@ -138,7 +143,13 @@ def routed(tiny_anchor, demo_data, tmp_path_factory):
     for d in OWNERS:
         spec = ExpertSpec(name=d, router_init="hidden", router_aux_loss=0.1 if d == "code" else 0.0)
         train_expert(
-            tiny_anchor, [demo_data / d], d, root / d, steps=4, quiet=True, spec=spec,
+            tiny_anchor,
+            [demo_data / d],
+            d,
+            root / d,
+            steps=4,
+            quiet=True,
+            spec=spec,
             public=[demo_data / "public"],
         )
         compute_for_package(tiny_anchor, root / d, [demo_data / d], [demo_data / "public"])

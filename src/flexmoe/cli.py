@@ -142,6 +142,33 @@ def anchor_router_init(
     console.print(f"published router init for {', '.join(meta['methods'])} from {meta['n_docs']} documents")
 
 
+@anchor_app.command("routing-stats")
+def anchor_routing_stats(
+    anchor: Path = typer.Argument(..., help="Anchor directory (written into: flexmoe_routing_anchor.*)."),
+    public: list[Path] = typer.Option(..., "--public", help="Public corpus (its training split is used)."),
+) -> None:
+    """Publish the public routing statistics (mean, covariance, constant direction) with the anchor."""
+    from flexmoe.router.stats import publish_anchor_stats
+
+    meta = publish_anchor_stats(anchor, public)
+    spread = ", ".join(f"{v:.3f}" for v in meta["const_cv"])
+    console.print(f"published routing statistics from {meta['tokens']:,} public tokens; fold spread {spread}")
+
+
+@expert_app.command("stats")
+def expert_stats(
+    package: Path = typer.Argument(..., help="Your expert package (statistics are written beside it)."),
+    anchor: str = typer.Option(..., "--anchor", help="The anchor the expert was trained against."),
+    data: list[Path] = typer.Option(..., "--data", help="Your data (its validation split is used)."),
+    public: list[Path] = typer.Option(..., "--public", help="Public corpus (its training split)."),
+) -> None:
+    """Data owner: routing statistics of your expert (a few numbers per layer) to ship with it."""
+    from flexmoe.router.stats import compute_for_package
+
+    rec = compute_for_package(anchor, package, data, public)
+    console.print(f"wrote routing statistics beside {package} ({len(rec['tensors'])} tensors)")
+
+
 @expert_app.command("train")
 def expert_train(
     anchor: str = typer.Option(..., "--anchor", help="Anchor directory or hub id."),
@@ -192,6 +219,9 @@ def expert_train(
         "--dp-clipping",
         help="Per-sample gradients: auto (hooks; ghost clipping on a GPU short of memory), hooks, ghost.",
     ),
+    router_aux_loss: float = typer.Option(
+        0.0, help="Weight of the auxiliary 'mine vs public' routing loss (needs --public; e.g. 0.1)."
+    ),
     resume: bool = typer.Option(False, help="Continue an interrupted run from its last checkpoint."),
     force: bool = typer.Option(False, help="Replace --out (and any interrupted run) if it exists."),
 ) -> None:
@@ -218,6 +248,7 @@ def expert_train(
         router_init=router_init or ("random" if dp else "embed"),
         bias_init=bias_init,
         public_row=public_row,
+        router_aux_loss=router_aux_loss,
     )
     m = train_expert(
         anchor,
@@ -343,6 +374,13 @@ def _summary(meta: dict, out: Path) -> None:
     console.print(f"wrote {out}: {len(meta['experts'])} experts ({names}), top-k {meta['top_k']}")
 
 
+ROUTING_HELP = (
+    "Routing method: trained, phatgoose, calibrated, lda (NAME+prior: public logit + log owners); "
+    "recomputed on every later remove/add/update."
+)
+ROUTING_BIAS_HELP = "fold (into the rows, stock export) or keep (runtime-only bias file)."
+
+
 @app.command("compose")
 def compose_cmd(
     anchor: str = typer.Option(..., "--anchor", help="The anchor every expert was trained against."),
@@ -354,18 +392,27 @@ def compose_cmd(
         False, help="Recalibrate the router for this set of experts on public text (needs --public)."
     ),
     public: list[Path] = typer.Option(None, "--public", help="Public documents for --calibrate."),
+    routing: str = typer.Option(None, help=ROUTING_HELP),
+    routing_bias: str = typer.Option(None, help=ROUTING_BIAS_HELP),
     force: bool = typer.Option(False, help="Replace --out if it exists."),
 ) -> None:
     """Maintainer: compose expert packages into one MoE (HF flex_olmo for OLMo 2 anchors)."""
     from flexmoe.compose import compose
 
     cal = _calibration(calibrate, public)
-    _summary(
-        compose(
-            anchor, expert, out, top_k=top_k, force=force, max_shard_bytes=max_shard_mb << 20, calibrate=cal
-        ),
+    meta = compose(
+        anchor,
+        expert,
         out,
+        top_k=top_k,
+        force=force,
+        max_shard_bytes=max_shard_mb << 20,
+        calibrate=cal,
+        routing=routing,
+        routing_bias=routing_bias,
     )
+    _summary(meta, out)
+
 
 
 def _calibration(calibrate: bool, public: list[Path] | None) -> list[Path] | None:
@@ -424,13 +471,14 @@ def remove_cmd(
         False, help="Recalibrate the router for this set of experts on public text (needs --public)."
     ),
     public: list[Path] = typer.Option(None, "--public", help="Public documents for --calibrate."),
+    routing: str = typer.Option(None, help="Routing method for the rest (default: the model's own)."),
     force: bool = typer.Option(False, help="Replace --out if it exists."),
 ) -> None:
     """Maintainer: physical opt-out; no parameter trained on that owner's data remains."""
     from flexmoe.compose import remove
 
     cal = _calibration(calibrate, public)
-    _summary(remove(model, expert, out, top_k=top_k, force=force, calibrate=cal), out)
+    _summary(remove(model, expert, out, top_k=top_k, force=force, calibrate=cal, routing=routing), out)
 
 
 @router_app.command("train")

@@ -354,7 +354,8 @@ def _write(
         from flexmoe.router.methods import Request, write_routed
 
         rest = (source_dir, max_shard_bytes)
-        return write_routed(tmp, write_model, shared, experts, config, top_k, meta, rest, routing or Request())
+        routing = routing or Request()
+        return write_routed(tmp, write_model, shared, experts, config, top_k, meta, rest, routing)
     from flexmoe.router.calibrate import write_calibrated
 
     return write_calibrated(
@@ -494,8 +495,9 @@ def add(
     m = _check_joining(meta, experts[0], package, {e.name for e in experts})
     new = package_expert(package, m)
     event = _event("add", expert=new.name)
+    joining = ((package, m),)
     return _rewrite(
-        model, out, experts + [new], meta, event, top_k, force, max_shard_bytes, calibrate, None, ((package, m),)
+        model, out, experts + [new], meta, event, top_k, force, max_shard_bytes, calibrate, None, joining
     )
 
 

@@ -178,7 +178,9 @@ def inputs_for(experts: list, owner_stats: dict, anchor_stats: dict | None, laye
     rows = [torch.stack([e.row(i).double() for e in experts]) for i in range(layers)]
     biases = [torch.tensor([e.bias(i) for e in experts], dtype=torch.float64) for i in range(layers)]
     names = [e.name for e in experts]
-    return Inputs(names, rows, biases, {n: owner_stats[n] for n in names[1:] if n in owner_stats}, anchor_stats)
+    return Inputs(
+        names, rows, biases, {n: owner_stats[n] for n in names[1:] if n in owner_stats}, anchor_stats
+    )
 
 
 def package_stats(packages: Sequence[Path], names: Sequence[str]) -> dict[str, dict]:
@@ -240,9 +242,7 @@ def write_routed(
     dtype = shared.get("model.embed_tokens.weight").dtype
     # Rows pass through the model's dtype first, so a recomputation from the stored rows is identical.
     trained_rows = [[e.row(i).to(dtype) for i in range(L)] for e in experts]
-    base = [
-        replace(e, row=lambda i, r=trained_rows[j]: r[i]) for j, e in enumerate(experts)
-    ]
+    base = [replace(e, row=lambda i, r=trained_rows[j]: r[i]) for j, e in enumerate(experts)]
     method, _ = parse(routing.method)
     need_owner, need_anchor = needs(method)
     inp = inputs_for(base, routing.owner if need_owner else {}, routing.anchor, L)

@@ -143,9 +143,10 @@ def load_owner_stats(package: Path) -> dict[str, torch.Tensor] | None:
     if not (package / OWNER_FILE).is_file():
         return None
     rec = read_json(package / OWNER_META)
-    if sha256_file(package / OWNER_FILE) != rec["sha256"] or sha256_file(
-        package / TENSOR_FILE
-    ) != rec["package_sha256"][TENSOR_FILE]:
+    if (
+        sha256_file(package / OWNER_FILE) != rec["sha256"]
+        or sha256_file(package / TENSOR_FILE) != rec["package_sha256"][TENSOR_FILE]
+    ):
         raise FlexmoeError(
             f"{package}: {OWNER_FILE} does not match its record or its package (stale or tampered).",
             "ask the owner to recompute them: flexmoe expert stats PACKAGE --data DIR --public DIR.",
