@@ -5,10 +5,18 @@ Writes, under ``src/flexmoe/assets/``:
 - ``code.jsonl.xz``: CPython standard-library modules of the running interpreter, split into documents
   of a few KB (top-level functions and classes, merged or cut at line boundaries), about 3 MB of text;
 - ``licenses.jsonl.xz``: open-source licence texts from Debian's ``/usr/share/common-licenses``;
-- ``LICENSE-PSF.txt``: the interpreter's own licence file, which covers the code snapshot.
+- ``LICENSE-PSF.txt``: the interpreter's own licence file, which covers the code snapshot;
+- the further sources of the two federations (``flexmoe.corpora.federations``), one ``<name>.jsonl.xz``
+  each, listed in ``EXTRA`` below: pip's own source, the Python language reference (``pydoc_data``),
+  mpmath's function documentation, Debian copyright files, package READMEs and metadata headers,
+  licence files of installed packages, CPython's C API headers, CMake modules, package configuration
+  files and scientific docstrings (SymPy, NetworkX, SciPy).
 
 The package never reads the live Python installation at build time (it differs between Python
 versions); it only decompresses these files, so the demo corpora are identical everywhere.
+
+Every row is ``{"source": ..., "text": ...}``; files are read in sorted order and picked by a hash of
+their path, so a rerun on the same machine reproduces the assets byte for byte.
 
 Usage: ``python scripts/snapshot_corpora.py [--budget-mb 3.0]``
 """
@@ -20,6 +28,7 @@ import ast
 import hashlib
 import json
 import lzma
+import re
 import shutil
 import sys
 import sysconfig
@@ -164,6 +173,250 @@ def write_xz_jsonl(path: Path, rows: list[dict[str, str]]) -> None:
     print(f"{path.name}: {len(rows)} documents, {len(data):,} bytes -> {path.stat().st_size:,} bytes xz")
 
 
+# --- the further sources of the two federations ------------------------------------------------------
+
+SITE = Path(sysconfig.get_paths()["purelib"])
+INCLUDE = Path(sysconfig.get_paths()["include"])
+DOC_DIR = Path("/usr/share/doc")
+CMAKE_DIR = next(iter(sorted(Path("/usr/share").glob("cmake-*/Modules"))), Path("/nonexistent"))
+CONFIG_EXT = {".toml", ".cfg", ".ini", ".yaml", ".yml", ".json", ".mplstyle"}
+
+
+def _rank(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()
+
+
+def _take(rows: list[dict[str, str]], budget: int, key: str = "source") -> list[dict[str, str]]:
+    """Whole files (all rows of one ``key``) in hash order until ``budget`` characters; stored order."""
+    by_file: dict[str, list[dict[str, str]]] = {}
+    for r in rows:
+        by_file.setdefault(r[key], []).append(r)
+    chosen, total = [], 0
+    for name in sorted(by_file, key=_rank):
+        if total >= budget:
+            break
+        chosen.append(name)
+        total += sum(len(r["text"]) for r in by_file[name])
+    keep = set(chosen)
+    return [r for r in rows if r[key] in keep]
+
+
+def _python_rows(root: Path, prefix: str, budget: int) -> list[dict[str, str]]:
+    """Module documents (as for the stdlib snapshot) of the ``.py`` files under ``root``."""
+    files = sorted(
+        (p for p in root.rglob("*.py") if "__pycache__" not in p.parts), key=lambda p: p.as_posix()
+    )
+    rows = []
+    for p in choose_files(root, files, budget):
+        for doc in split_module(p.read_text(encoding="utf-8")):
+            if len(doc) >= MIN_DOC // 2:
+                rows.append({"source": f"{prefix}/{p.relative_to(root).as_posix()}", "text": doc})
+    return rows
+
+
+def pydoc_topic_rows() -> list[dict[str, str]]:
+    """The Python language reference as shipped in ``pydoc_data.topics``, cut at paragraphs."""
+    from pydoc_data.topics import topics  # the running interpreter's reference text
+
+    version = ".".join(map(str, sys.version_info[:3]))
+    return [
+        {"source": f"CPython {version} Lib/pydoc_data/topics.py [{name}]", "text": chunk}
+        for name in sorted(topics)
+        for chunk in license_chunks(topics[name])
+    ]
+
+
+def _string_assignments(path: Path) -> Iterator[tuple[str, str]]:
+    """(name, text) of every module-level ``name = "..."`` string (mpmath keeps its docs that way)."""
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant):
+            if isinstance(node.value.value, str) and isinstance(node.targets[0], ast.Name):
+                yield node.targets[0].id, node.value.value
+
+
+def mpmath_rows() -> list[dict[str, str]]:
+    import mpmath  # dev-time only: the installed mpmath's documentation of its functions
+
+    path = Path(mpmath.__file__).parent / "function_docs.py"
+    rows = []
+    for name, text in _string_assignments(path):
+        for chunk in license_chunks(text.strip("\n")):
+            if len(chunk) >= 200:
+                rows.append(
+                    {"source": f"mpmath {mpmath.__version__} function_docs.py [{name}]", "text": chunk}
+                )
+    return rows
+
+
+def docstring_rows(package: str, budget: int) -> list[dict[str, str]]:
+    """Long docstrings (functions, classes, modules) of an installed package, with the name as a title."""
+    import importlib.metadata
+
+    root = SITE / package
+    version = importlib.metadata.version(package)
+    rows = []
+    for p in sorted(root.rglob("*.py"), key=lambda q: q.as_posix()):
+        if {"tests", "test", "benchmarks"} & set(p.relative_to(root).parts):
+            continue
+        try:
+            tree = ast.parse(p.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef, ast.Module, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc and 400 <= len(doc) <= 12_000:
+                    title = getattr(node, "name", p.stem)
+                    rel = p.relative_to(SITE).as_posix()
+                    for chunk in license_chunks(f"{title}\n\n{doc}"):
+                        rows.append({"source": f"{package} {version} {rel}", "text": chunk})
+    return _take(rows, budget)
+
+
+def debian_copyright_rows(budget: int) -> list[dict[str, str]]:
+    """Debian ``copyright`` files (who holds the rights to a package, under which licences)."""
+    rows = []
+    for p in sorted(DOC_DIR.glob("*/copyright")):
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            continue
+        for chunk in license_chunks(text):
+            rows.append({"source": f"Debian /usr/share/doc/{p.parent.name}/copyright", "text": chunk})
+    return _take(rows, budget)
+
+
+def _dist_infos() -> list[Path]:
+    """Installed distributions, except flexmoe itself (its own README would feed back into its data)."""
+    found = sorted(SITE.glob("*.dist-info"), key=lambda p: p.name.lower())
+    return [p for p in found if not p.name.startswith("flexmoe-")]
+
+
+def metadata_rows() -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """Installed packages' METADATA: (header records, README bodies cut at paragraphs)."""
+    records, readmes = [], []
+    for d in _dist_infos():
+        meta = d / "METADATA"
+        if not meta.is_file():
+            continue
+        head, _, body = meta.read_text(encoding="utf-8").partition("\n\n")
+        name = d.name.removesuffix(".dist-info")
+        # the bare list of extras' dependencies says little; keep the descriptive fields
+        head = "\n".join(line for line in head.splitlines() if not line.startswith("Requires-Dist:"))
+        records.append({"source": f"{name} METADATA header", "text": head.strip() + "\n"})
+        for chunk in license_chunks(body):
+            if len(chunk) >= 200:
+                readmes.append({"source": f"{name} METADATA description", "text": chunk})
+    return records, readmes
+
+
+def package_licence_rows() -> list[dict[str, str]]:
+    """Licence files of installed packages (``*.dist-info/licenses/`` or ``LICENSE*``)."""
+    rows = []
+    for d in _dist_infos():
+        files = sorted(
+            p for p in d.rglob("*") if p.is_file() and re.match(r"(LICEN[CS]E|COPYING|NOTICE)", p.name, re.I)
+        )
+        for p in files:
+            try:
+                text = p.read_text(encoding="utf-8")
+            except UnicodeDecodeError:
+                continue
+            for chunk in license_chunks(text):
+                rows.append({"source": f"{d.name}/{p.relative_to(d).as_posix()}", "text": chunk})
+    return rows
+
+
+def _file_chunks(files: list[Path], root: Path, prefix: str, limit: int = 2500) -> list[dict[str, str]]:
+    rows = []
+    for p in files:
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            continue
+        for piece in _cut_lines(text, limit) if len(text) > limit else [text]:
+            if len(piece.strip()) >= 150:
+                rows.append(
+                    {"source": f"{prefix}/{p.relative_to(root).as_posix()}", "text": piece.strip("\n") + "\n"}
+                )
+    return rows
+
+
+def capi_rows() -> list[dict[str, str]]:
+    files = sorted(INCLUDE.rglob("*.h"), key=lambda p: p.as_posix())
+    version = ".".join(map(str, sys.version_info[:3]))
+    return _file_chunks(files, INCLUDE, f"CPython {version} Include")
+
+
+def cmake_rows(budget: int) -> list[dict[str, str]]:
+    files = sorted(CMAKE_DIR.rglob("*.cmake"), key=lambda p: p.as_posix())
+    return _take(_file_chunks(files, CMAKE_DIR, f"CMake {CMAKE_DIR.parent.name} Modules"), budget)
+
+
+def config_rows() -> list[dict[str, str]]:
+    """Configuration and markup files that installed packages ship (TOML, INI, YAML, JSON, rc files)."""
+    files = [
+        p
+        for p in sorted(SITE.rglob("*"), key=lambda q: q.as_posix())
+        if p.is_file()
+        and (p.suffix in CONFIG_EXT or p.name == "matplotlibrc")
+        and p.stat().st_size < 40_000
+        and ".dist-info" not in p.as_posix()
+        and not {"tests", "test"} & set(p.parts)
+    ]
+    rows = _file_chunks(files, SITE, "site-packages")
+    # Debian's ALSA use-case and topology configurations (BSD-3-Clause) and fontconfig's (MIT-style)
+    system = []
+    for root in (Path("/usr/share/alsa"), Path("/usr/share/fontconfig"), Path("/etc/fonts")):
+        found = sorted(
+            (p for p in root.rglob("*") if p.is_file() and p.stat().st_size < 40_000),
+            key=lambda q: q.as_posix(),
+        )
+        system += _file_chunks(found, root.parent, f"Debian {root.parent.as_posix()}")
+    return rows + _take(system, 900_000)
+
+
+def dpkg_status_rows(path: Path = Path("/var/lib/dpkg/status")) -> list[dict[str, str]]:
+    """Debian's database of installed packages: one record per package, a few records per document."""
+    records = sorted(r.strip("\n") for r in path.read_text(encoding="utf-8").split("\n\n") if r.strip())
+    rows, cur = [], ""
+    for rec in records:
+        cur = f"{cur}\n\n{rec}" if cur else rec
+        if len(cur) >= TARGET_DOC:
+            rows.append({"source": "Debian /var/lib/dpkg/status", "text": cur + "\n"})
+            cur = ""
+    if cur:
+        rows.append({"source": "Debian /var/lib/dpkg/status", "text": cur + "\n"})
+    return rows
+
+
+def write_extra_assets() -> None:
+    """Every further source of the federations (see ``flexmoe.corpora.sources``)."""
+    import pip
+
+    records, readmes = metadata_rows()
+    extra = {
+        "pip": _python_rows(
+            Path(pip.__file__).parent / "_internal", f"pip {pip.__version__} pip/_internal", 1_200_000
+        ),
+        "pydoc_topics": pydoc_topic_rows(),
+        "mpmath_docs": mpmath_rows(),
+        "debian_copyright": debian_copyright_rows(3_500_000),
+        "readmes": readmes,
+        "metadata": records,
+        "dpkg_status": dpkg_status_rows(),
+        "package_licences": package_licence_rows(),
+        "capi": capi_rows(),
+        "cmake": cmake_rows(1_000_000),
+        "configs": config_rows(),
+        "sci_docs": docstring_rows("sympy", 700_000)
+        + docstring_rows("networkx", 500_000)
+        + docstring_rows("scipy", 400_000),
+    }
+    for name, rows in extra.items():
+        write_xz_jsonl(ASSETS / f"{name}.jsonl.xz", rows)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--budget-mb", type=float, default=3.0, help="stdlib source to snapshot, in MB")
@@ -194,6 +447,7 @@ def main() -> None:
         for chunk in license_chunks(path.read_text(encoding="utf-8")):
             lic_rows.append({"source": f"Debian /usr/share/common-licenses/{name}", "text": chunk})
     write_xz_jsonl(ASSETS / "licenses.jsonl.xz", lic_rows)
+    write_extra_assets()
 
 
 if __name__ == "__main__":

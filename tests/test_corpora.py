@@ -18,6 +18,11 @@ import flexmoe
 from flexmoe.corpora import DOMAINS, SPLITS, build_demo_corpora
 from flexmoe.corpora import math as math_problems
 from flexmoe.corpora._rand import Rand
+from flexmoe.corpora.dedup import Deduper
+from flexmoe.corpora.federations import MEASURE
+from flexmoe.corpora.overlap import coverage, overlap_report
+from flexmoe.corpora.sources import ASSETS as ASSET_SOURCES
+from flexmoe.corpora.sources import file_group, rows
 from flexmoe.errors import FlexmoeError
 
 SMALL_MB = 0.2
@@ -154,14 +159,73 @@ def test_each_domain_is_closest_to_itself(small) -> None:
 def test_domain_markers(small) -> None:
     out, _ = small
     texts = {d: [t for s in SPLITS for t in _texts(out, d, s)] for d in DOMAINS}
-    for t in texts["public"]:
-        for marker in ("def ", "Answer:", "Section", "import ", "shall ", " = ", "Agreement"):
-            assert marker not in t, marker
     assert sum("def " in t or "class " in t for t in texts["code"]) > 0.8 * len(texts["code"])
     assert all(t.rstrip("\n").splitlines()[-1].startswith("Answer: ") for t in texts["math"])
-    assert sum("Section" in t or "Agreement" in t or "License" in t for t in texts["legal"]) > 0.9 * len(
-        texts["legal"]
-    )
+    legal = re.compile(r"(?i)section|agreement|licen[cs]e|copyright|shall")
+    assert sum(bool(legal.search(t)) for t in texts["legal"]) > 0.9 * len(texts["legal"])
+
+
+def test_public_pool_holds_every_owners_kind_in_another_style(full) -> None:
+    """Like a web-scale mix: some code, some maths, some licences; but not the owners' own formats."""
+    out, _, _ = full
+    public = [t for s in SPLITS for t in _texts(out, "public", s)]
+    marker = {
+        "code": r"^\s*(def|class|import|from) \w",
+        "math": r"\d+ ?[-+×/=] ?\d+",
+        "legal": r"(?i)licen[cs]e|warrant|permission is hereby granted",
+    }
+    total = sum(map(len, public))
+    for kind, pattern in marker.items():  # share of the public pool's text, by documents' characters
+        share = sum(len(t) for t in public if re.search(pattern, t, re.M)) / total
+        assert share >= 0.05, (kind, share)
+    # the owners' own styles stay with the owners
+    assert not any(re.search(r"^Answer: ", t, re.M) for t in public)
+    assert not any("WHEREAS" in t for t in public)
+
+
+def _norm_key(text: str) -> str:
+    return " ".join(re.findall(r"[^\W_]+", text.lower()))
+
+
+def _grams8(text: str) -> set[tuple[str, ...]]:
+    w = re.findall(r"[^\W_]+", text.lower())
+    return {tuple(w[i : i + 8]) for i in range(len(w) - 7)}
+
+
+def _check_deduplicated(out: Path, domains: list[str]) -> None:
+    """No normalised text twice anywhere; no owner document mostly made of public 8-grams."""
+    where: dict[str, str] = {}
+    for d in domains:
+        for s in SPLITS:
+            for t in _texts(out, d, s):
+                key = _norm_key(t)
+                assert key not in where, f"{d}/{s} repeats a document of {where[key]}"
+                where[key] = f"{d}/{s}"
+    public_grams = set().union(*(_grams8(t) for s in SPLITS for t in _texts(out, "public", s)))
+    for d in domains[1:]:
+        for s in SPLITS:
+            for t in _texts(out, d, s):
+                g = _grams8(t)
+                # the filter samples a quarter of the 8-grams, so allow some slack over its 50% threshold
+                assert not g or len(g & public_grams) < 0.7 * len(g), (d, s, t[:200])
+
+
+def test_deduplicated_across_splits_and_domains(full) -> None:
+    out, _, _ = full
+    _check_deduplicated(out, list(DOMAINS))
+
+
+def test_deduper_drops_exact_and_near_copies() -> None:
+    words = " ".join(f"w{i}" for i in range(400))
+    d = Deduper()
+    assert d.keep(words, "public", within=True)
+    assert not d.keep(words.upper().replace(" ", "  ,"), "code", within=False)  # same normalised text
+    near = words.replace("w7 ", "changed ").replace("w300", "other")
+    assert not d.keep(near, "code", within=False)  # another domain: near copies are dropped
+    assert d.keep(near, "public", within=False)  # own domain, generated text: only exact copies count
+    assert not d.keep(near + " x", "public", within=True)  # own domain, real text: near copies count
+    assert d.keep(" ".join(f"v{i}" for i in range(400)), "code", within=True)
+    assert d.dropped == {"code": 2, "public": 1}
 
 
 # --- math answers -----------------------------------------------------------------------------------
@@ -310,7 +374,8 @@ def test_bad_size_is_refused(tmp_path: Path, size: float) -> None:
 def test_shipped_assets_are_small_and_licensed() -> None:
     sizes = {p.name: p.stat().st_size for p in ASSETS.iterdir() if p.is_file()}
     assert {"code.jsonl.xz", "licenses.jsonl.xz", "LICENSE-PSF.txt"} <= set(sizes)
-    assert sum(sizes.values()) < 3_000_000
+    assert {f"{a}.jsonl.xz" for a in ASSET_SOURCES} <= set(sizes)
+    assert sum(sizes.values()) < 3_500_000
     assert "PYTHON SOFTWARE FOUNDATION LICENSE VERSION 2" in (ASSETS / "LICENSE-PSF.txt").read_text()
 
 
@@ -322,3 +387,75 @@ def test_rand_is_reproducible() -> None:
     assert sorted(items) == list(range(30)) and items != list(range(30))
     picked = Rand(3).picks("abcdef", 6)
     assert picked != list("abcdef") and sorted(picked) == list("abcdef")
+
+
+# --- the measurement federation ---------------------------------------------------------------------
+
+MEASURE_MB = MEASURE.size_mb  # the default size: the overlap between the Python owners needs enough text
+
+
+@pytest.fixture(scope="module")
+def measure(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, dict[str, int]]]:
+    out = tmp_path_factory.mktemp("corpora") / "measure"
+    return out, build_demo_corpora(out, federation="measure")
+
+
+def test_measure_federation_is_deterministic(measure, tmp_path: Path) -> None:
+    first, _ = measure
+    build_demo_corpora(tmp_path / "again", federation="measure")
+    assert _files(first) == _files(tmp_path / "again")
+
+
+def test_measure_federation_layout_and_owners(measure) -> None:
+    out, stats = measure
+    manifest = json.loads((out / "manifest.json").read_text())
+    owners = manifest["owners"]
+    assert manifest["federation"] == "measure" and manifest["domain_order"] == ["public", *owners]
+    assert len(owners) >= 6 and {"py_a", "py_b"} <= set(owners)
+    for d in manifest["domain_order"]:
+        for s in SPLITS:
+            assert manifest["domains"][d][s]["docs"] == len(_texts(out, d, s)) > 0, (d, s)
+        assert (out / "tasks" / f"{d}_cloze.jsonl").is_file()
+        total = sum(stats[d][f"{s}_bytes"] for s in SPLITS)
+        scale = 2 if d == "public" else 1
+        assert total < scale * MEASURE_MB * 1e6 * 1.1, (d, total)
+    _check_deduplicated(out, manifest["domain_order"])
+
+
+def test_measure_python_owners_share_modules_but_no_documents(measure) -> None:
+    out, _ = measure
+    group = {t: file_group(s) for s, t in rows("code")}
+    docs = {d: {t for s in SPLITS for t in _texts(out, d, s)} for d in ("py_a", "py_b")}
+    assert not docs["py_a"] & docs["py_b"]
+    groups = {d: {group[t] for t in docs[d]} for d in docs}
+    shared = groups["py_a"] & groups["py_b"]
+    assert len(shared) >= 0.15 * min(len(g) for g in groups.values()), (len(shared), groups)
+    assert groups["py_a"] - groups["py_b"] and groups["py_b"] - groups["py_a"]  # and each has its own
+
+
+def test_measure_public_pool_holds_some_of_every_owners_kind(measure) -> None:
+    out, _ = measure
+    manifest = json.loads((out / "manifest.json").read_text())
+    public_labels = {s["label"] for s in manifest["domains"]["public"]["sources"].values() if s["docs"]}
+    for d in manifest["owners"]:
+        labels = {s["label"] for s in manifest["domains"][d]["sources"].values()}
+        assert labels <= public_labels, (d, labels)
+    assert MEASURE.owners == tuple(manifest["owners"])
+
+
+def test_overlap_report(small, measure) -> None:
+    assert coverage(["a b c d e"], ["x a b c d"], 4) == 0.5
+    assert coverage(["a b c d"], ["a b c d"], 4) == 1.0 and coverage(["a b"], ["a b"], 4) == 0.0
+    for out, _ in (small, measure):
+        report = overlap_report(out)
+        for d, r in report.items():
+            assert 0 < r["public_kind_share"] < 0.5, (d, r)
+            assert 0.5 < r["word_cov_public"] <= 1.0, (d, r)
+            assert r["ngram_cov_public"] < r["ngram_cov_own"] or d == "legal", (d, r)
+    assert report["py_a"]["closest_owner"] == "py_b"
+
+
+def test_unknown_federation_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(FlexmoeError):
+        build_demo_corpora(tmp_path / "x", federation="nope")
+    assert not (tmp_path / "x").exists()

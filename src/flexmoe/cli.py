@@ -50,13 +50,18 @@ def _print_json(obj) -> None:
 @data_app.command("demo")
 def data_demo(
     out: Path = typer.Option(..., "--out", help="Directory to create (one sub-directory per domain)."),
-    size_mb: float = typer.Option(2.0, help="Approximate megabytes of text per domain."),
+    size_mb: float = typer.Option(
+        None, help="Approximate megabytes of text per domain (default: 2 for demo, 1 for measure)."
+    ),
     force: bool = typer.Option(False, help="Replace --out if it exists."),
+    federation: str = typer.Option(
+        "demo", help="demo (public, code, math, legal) or measure (9 owners; for measurement only)."
+    ),
 ) -> None:
-    """Build the embedded demo corpora (public, code, math, legal), offline and deterministic."""
+    """Build an embedded federation (a broad public pool and owners), offline and deterministic."""
     from flexmoe.corpora import build_demo_corpora
 
-    stats = build_demo_corpora(out, size_mb=size_mb, force=force)
+    stats = build_demo_corpora(out, size_mb=size_mb, force=force, federation=federation)
     for domain, s in stats.items():
         console.print(f"{domain:8s} " + "  ".join(f"{k} {v:,}" for k, v in s.items()))
     console.print(f"wrote {out}")

@@ -1,4 +1,4 @@
-"""The ``public`` domain: general English prose, generated procedurally.
+"""General English prose, generated procedurally: the largest source of the public pools.
 
 Two kinds of documents, in the spirit of TinyStories and of a children's encyclopedia:
 
@@ -8,8 +8,8 @@ Two kinds of documents, in the spirit of TinyStories and of a children's encyclo
   invented towns with history-like chronicles.
 
 Every sentence comes from a hand-written template whose slots are filled from word tables, so the
-text stays grammatical. The domain deliberately contains no program code, no worked arithmetic and no
-legal language: it is the "public" baseline that the other domains' experts specialise away from.
+text stays grammatical. This generator writes no program code, worked arithmetic or legal language;
+the public pools get those kinds of text from other sources (``flexmoe.corpora.federations``).
 """
 
 from __future__ import annotations

@@ -45,12 +45,15 @@ def _segments(text: str, domain: str) -> list[tuple[int, int]]:
     return [(a, b) for a, b in spans if 12 <= len(text[a:b].strip()) <= 200]
 
 
-def cloze_items(docs: list[dict], domain: str, n_items: int) -> list[dict]:
-    """Up to ``n_items`` four-way cloze items from held-out documents, spread over the documents."""
+def cloze_items(docs: list[dict], domain: str, n_items: int, kind: str | None = None) -> list[dict]:
+    """Up to ``n_items`` four-way cloze items from held-out documents, spread over the documents.
+
+    ``kind`` (a key of ``SEGMENT``; the domain's name by default) says how the text is cut into segments.
+    """
     candidates = []
     for d in docs:
         text = d["text"]
-        for a, b in _segments(text, domain):
+        for a, b in _segments(text, kind or domain):
             if a >= MIN_CONTEXT_CHARS and "Answer:" not in text[a:b]:
                 candidates.append((d["id"], text[max(0, a - MAX_CONTEXT_CHARS) : a], text[a:b]))
     candidates.sort(key=lambda c: _rank(f"{c[0]}|{c[2]}"))
@@ -104,14 +107,17 @@ def _read(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def build_tasks(data_dir: Path, n_items: int = 100) -> dict[str, int]:
-    """Write every task of the demo domains under ``data_dir/tasks``; returns items per task."""
+def build_tasks(data_dir: Path, n_items: int = 100, domains: dict[str, str] | None = None) -> dict[str, int]:
+    """Write every task of the domains under ``data_dir/tasks``; returns items per task.
+
+    ``domains`` maps each domain to its kind of text (a key of ``SEGMENT``); by default the demo's four.
+    """
     data_dir = Path(data_dir)
     (data_dir / "tasks").mkdir(exist_ok=True)
     counts = {}
-    for domain in ("public", "code", "math", "legal"):
+    for domain, kind in (domains or {d: d for d in SEGMENT}).items():
         docs = _read(data_dir / domain / "test.jsonl")
-        tasks = {f"{domain}_cloze": cloze_items(docs, domain, n_items)}
+        tasks = {f"{domain}_cloze": cloze_items(docs, domain, n_items, kind)}
         if domain == "math":
             tasks["math_answer"] = math_answer_items(docs, n_items)
         for name, items in tasks.items():
