@@ -240,23 +240,24 @@ def bootstrap(L: dict, owners, split: str, n: int, seed: int = 0) -> dict:
 
 
 def configs(args) -> list[Config]:
+    # In order of priority: a run that is stopped early has the most informative rows.
     cs = [
         Config("plain", "trained", "keep"),
-        Config("plain", "trained", "keep", use_bias=True),
-        Config("plain", "trained+prior", "fold"),
-        Config("plain", "trained", calibrate=True),
-        Config("plain", "phatgoose"),
-        Config("plain", "calibrated", "fold"),
-        Config("plain", "calibrated", "keep", use_bias=True),
-        Config("plain", "calibrated", "keep"),
         Config("plain", "lda", "fold"),
+        Config("plain", "trained+prior", "fold"),
+        Config("plain", "calibrated", "fold"),
         Config("plain", "lda", "keep", use_bias=True),
-        Config("plain", "lda", "keep"),
-        Config("plain", "lda+prior", "fold"),
+        Config("plain", "phatgoose"),
         Config("aux", "trained", "keep"),
+        Config("aux", "lda", "fold"),
+        Config("plain", "lda+prior", "fold"),
+        Config("plain", "trained", "keep", use_bias=True),
+        Config("plain", "calibrated", "keep", use_bias=True),
+        Config("plain", "trained", calibrate=True),
         Config("aux", "trained+prior", "fold"),
         Config("aux", "calibrated", "fold"),
-        Config("aux", "lda", "fold"),
+        Config("plain", "lda", "keep"),
+        Config("plain", "calibrated", "keep"),
     ]
     for k, norm in ((1, False), (2, True), (4, False)):
         cs.append(Config("plain", "lda", "fold", top_k=k, normalize=norm))
@@ -301,8 +302,10 @@ def main() -> None:
     base = {"anchor": {k: block_losses(load_anchor(anchor).eval(), tok, b) for k, b in blocks.items()}}
     # Alone: d's 2-expert model exactly as d trained it (its learned bias included).
     alone: dict = {}
-    results = {}
+    results = json.loads(args.json.read_text())["results"] if args.json and args.json.exists() else {}
     for cfg in configs(args):
+        if cfg.name in results:  # measured by an earlier, interrupted run of the same command
+            continue
         t = time.perf_counter()
         L = dict(base)
         L.update(run_config(cfg, anchor, packages, work, blocks, domains, owners))
@@ -321,6 +324,11 @@ def main() -> None:
         }
         results[cfg.name]["seconds"] = time.perf_counter() - t
         print(row_md(cfg.name, results[cfg.name]["test"]["metrics"], owners), flush=True)
+        write(args, data, owners, results)
+
+
+def write(args, data: Path, owners: list[str], results: dict) -> None:
+    """The report so far (written after every configuration)."""
     report = {
         "federation": str(data),
         "owners": owners,
