@@ -52,7 +52,7 @@ class Config:
         """The composed directory: evaluation-time choices (runtime bias, top-k) share it."""
         if self.calibrate:
             return f"{self.variant}_public-row-calibrate"
-        return f"{self.variant}_{self.method.replace('+', '_')}_{self.bias or 'default'}"
+        return f"{self.variant}_{self.method.replace('+', '_').replace('@', '_')}_{self.bias or 'default'}"
 
     @property
     def name(self) -> str:
@@ -244,6 +244,10 @@ def configs(args) -> list[Config]:
     cs = [
         Config("plain", "trained", "keep"),
         Config("plain", "lda", "fold"),
+        Config("plain", "gated", "fold"),
+        Config("plain", "gated@0.3", "fold"),
+        Config("plain", "gated", "keep", use_bias=True),
+        Config("aux", "gated", "fold"),
         Config("plain", "trained+prior", "fold"),
         Config("plain", "calibrated", "fold"),
         Config("plain", "lda", "keep", use_bias=True),

@@ -96,6 +96,22 @@ def test_lda_rows_equal_the_closed_form():
     torch.testing.assert_close(w[0], torch.linalg.solve(S, means.T).T)
 
 
+def test_gated_keeps_the_trained_margin_at_each_owners_mean_and_lowers_it_elsewhere():
+    rows, bias, own, pub = _points(4)
+    inp = _inputs_from_points(rows, bias, own, pub)
+    g_rows, g_bias, _ = M.plan("gated@0.5", inp, "keep")
+    t_rows, t_bias, _ = M.plan("trained", inp, "keep")
+    for j in (1, 2):
+        h = own[j - 1].mean(0)
+        gated_margin = h @ (g_rows[0][j] - g_rows[0][0]) + g_bias[0][j] - g_bias[0][0]
+        trained_margin = h @ (t_rows[0][j] - t_rows[0][0]) + t_bias[0][j] - t_bias[0][0]
+        assert float(gated_margin) == pytest.approx(float(trained_margin), abs=1e-9)
+        other = own[2 - j].mean(0)  # the other owner's text: this owner's claim goes down
+        g_other = other @ (g_rows[0][j] - g_rows[0][0]) + g_bias[0][j] - g_bias[0][0]
+        t_other = other @ (t_rows[0][j] - t_rows[0][0]) + t_bias[0][j] - t_bias[0][0]
+        assert float(g_other) < float(t_other)
+
+
 def test_folding_a_bias_rides_on_the_nearly_constant_direction():
     rows, bias, own, pub = _points(2)
     inp = _inputs_from_points(rows, bias, own, pub)

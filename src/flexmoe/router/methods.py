@@ -20,6 +20,9 @@ for it):
   affinely so that its mean on the owner's own held-out text and on public text land on the same two
   values for every owner (the owners' averages): ``r_i' = r_pub + a_i (r_i - r_pub)`` (the scale folds
   into the row) and ``b_i' = a_i b_i + c_i`` (the offset is a bias).
+- ``gated`` (``gated@LAMBDA``, default 1): the trained rows plus ``LAMBDA`` times each owner's LDA
+  margin over public, centred so that its mean on the owner's own held-out text is zero: on its own
+  text an owner keeps the weights its FFN was trained to be mixed at; on other text its claim shrinks.
 - ``lda``: Gaussian classes with a shared covariance: ``logit_i = mu_i' S^-1 h - mu_i' S^-1 mu_i / 2``
   with owner means ``mu_i`` (shipped), the public mean ``mu_0`` and covariance ``S`` (published with the
   anchor). Linear in h; the constant is a bias.
@@ -43,7 +46,7 @@ import torch
 
 from flexmoe.errors import FlexmoeError
 
-METHODS = ("trained", "phatgoose", "calibrated", "lda")
+METHODS = ("trained", "phatgoose", "calibrated", "lda", "gated")
 BIAS_MODES = ("fold", "keep")
 DEFAULT = "trained"
 ROUTING_FILE = "flexmoe_routing.safetensors"
@@ -62,9 +65,11 @@ class Inputs:
 
 
 def parse(spec: str) -> tuple[str, bool]:
-    """``"lda+prior"`` -> ``("lda", True)``; refuses unknown names."""
+    """``"lda+prior"`` -> ``("lda", True)``; ``gated@0.5`` -> ``("gated", False)``; refuses unknown
+    names."""
     base, _, extra = spec.partition("+")
-    if base not in METHODS or extra not in ("", "prior"):
+    base = base.split("@")[0]
+    if base not in METHODS or extra not in ("", "prior") or (base != "gated" and "@" in spec):
         raise FlexmoeError(
             f"Unknown routing method {spec!r}.", f"use one of {', '.join(METHODS)} (optionally NAME+prior)."
         )
@@ -73,7 +78,13 @@ def parse(spec: str) -> tuple[str, bool]:
 
 def needs(method: str) -> tuple[bool, bool]:
     """(owner statistics needed, anchor statistics needed)."""
-    return method in ("calibrated", "lda"), method in ("phatgoose", "lda")
+    return method in ("calibrated", "lda", "gated"), method in ("phatgoose", "lda", "gated")
+
+
+def strength(spec: str) -> float:
+    """``gated@0.5`` -> 0.5 (default 1)."""
+    base = spec.partition("+")[0]
+    return float(base.split("@")[1]) if "@" in base else 1.0
 
 
 def _owner(inp: Inputs, name: str, key: str, layer: int) -> torch.Tensor:
@@ -134,11 +145,26 @@ def lda(inp: Inputs, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
     return w, -0.5 * (w * means).sum(1)
 
 
+def gated(inp: Inputs, layer: int, lam: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Trained rows plus ``lam`` times each owner's LDA margin over public, centred on the owner's own
+    mean: on the owner's own text the shift is zero on average, so public and the owner keep the
+    weights they were trained with (which the owner's FFN was trained to be mixed at); elsewhere the
+    margin is negative and the owner's claim shrinks."""
+    rows, bias = inp.rows[layer].double().clone(), inp.biases[layer].double().clone()
+    w, c = lda(inp, layer)
+    for j, n in enumerate(inp.names[1:], start=1):
+        dw, dc = w[j] - w[0], c[j] - c[0]
+        centre = float(dw @ _owner(inp, n, "mean_own", layer)) + float(dc)
+        rows[j] = rows[j] + lam * dw
+        bias[j] = bias[j] + lam * (dc - centre)
+    return rows, bias
+
+
 def trained(inp: Inputs, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
     return inp.rows[layer].double(), inp.biases[layer].double()
 
 
-RULES = {"trained": trained, "phatgoose": phatgoose, "calibrated": calibrated, "lda": lda}
+RULES = {"trained": trained, "phatgoose": phatgoose, "calibrated": calibrated, "lda": lda, "gated": gated}
 
 
 def plan(spec: str, inp: Inputs, bias_mode: str | None = None) -> tuple[list, list, dict]:
@@ -149,7 +175,10 @@ def plan(spec: str, inp: Inputs, bias_mode: str | None = None) -> tuple[list, li
         raise FlexmoeError(f"Unknown --routing-bias {bias_mode!r}.", f"use one of {', '.join(BIAS_MODES)}.")
     rows_out, bias_out, spread = [], [], []
     for layer in range(len(inp.rows)):
-        rows, bias = RULES[method](inp, layer)
+        if method == "gated":
+            rows, bias = gated(inp, layer, strength(spec))
+        else:
+            rows, bias = RULES[method](inp, layer)
         if prior:
             bias = bias.clone()
             bias[0] += math.log(max(1, len(inp.names) - 1))
