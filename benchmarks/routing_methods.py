@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 SPLITS = ("valid", "test")
+MODELS = "models"  # --models-subdir: composed models of another code version must not be reused
 
 
 @dataclass(frozen=True)
@@ -168,7 +169,7 @@ def run_config(cfg: Config, anchor: Path, packages: dict, work: Path, blocks: di
     from flexmoe.compose import compose, remove
 
     pkgs = [packages[cfg.variant][d] for d in owners]
-    mdir = work / "models" / cfg.model_key
+    mdir = work / MODELS / cfg.model_key
     public = [anchor.parent / "owners" / owners[0] / "public"]
     kw = {"calibrate": public} if cfg.calibrate else {"routing": cfg.method, "routing_bias": cfg.bias}
     if not (mdir / "all").exists():
@@ -290,7 +291,10 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     ap.add_argument("--md", type=Path)
     ap.add_argument("--png", type=Path)
+    ap.add_argument("--models-subdir", default=MODELS)
     args = ap.parse_args()
+    global MODELS
+    MODELS = args.models_subdir
     torch.set_num_threads(args.threads)
     data, work = args.federation, args.workdir
     owners = owners_of(data)
@@ -314,12 +318,12 @@ def main() -> None:
         L = dict(base)
         L.update(run_config(cfg, anchor, packages, work, blocks, domains, owners))
         ref = Config(cfg.variant, "trained", "keep", use_bias=True)
-        if not (work / "models" / ref.model_key / "all").exists():
+        if not (work / MODELS / ref.model_key / "all").exists():
             run_config(ref, anchor, packages, work, {}, [], owners)  # composes only (nothing to score)
         for d in owners:
             key = f"alone:{d}:{cfg.variant}"
             if key not in alone:
-                c = load(work / "models" / ref.model_key / "all", ref, include=[d])
+                c = load(work / MODELS / ref.model_key / "all", ref, include=[d])
                 alone[key] = score(c, blocks, [d])
             L[f"alone:{d}"] = alone[key]
         results[cfg.name] = {
