@@ -293,8 +293,7 @@ def main() -> None:
     ap.add_argument("--png", type=Path)
     ap.add_argument("--models-subdir", default=MODELS)
     args = ap.parse_args()
-    global MODELS
-    MODELS = args.models_subdir
+    globals()["MODELS"] = args.models_subdir
     torch.set_num_threads(args.threads)
     data, work = args.federation, args.workdir
     owners = owners_of(data)
