@@ -81,6 +81,15 @@ def test_calibration_maps_each_rows_margin_distribution_onto_the_same_points():
     assert float(b.max()) == 0.0 and rec["method"] == "calibrated" and rec["bias"] == "keep"
 
 
+def test_calibration_bounds_the_scale_of_a_row_that_does_not_separate_its_text():
+    rows, bias, own, pub = _points()
+    inp = _inputs_from_points(rows, bias, own, pub)
+    inp.owner["o1"]["layers.0.margin_own"] = inp.owner["o1"]["layers.0.margin_public"] - 0.5
+    new_rows, _, _ = M.plan("calibrated", inp, "keep")
+    scale = (new_rows[0][1] - new_rows[0][0]).norm() / (rows[1] - rows[0]).norm()
+    assert float(scale) == pytest.approx(M.MAX_SCALE)
+
+
 def test_lda_rows_equal_the_closed_form():
     rows, bias, own, pub = _points(1)
     inp = _inputs_from_points(rows, bias, own, pub)

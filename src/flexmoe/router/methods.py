@@ -50,6 +50,7 @@ METHODS = ("trained", "phatgoose", "calibrated", "lda", "gated")
 BIAS_MODES = ("fold", "keep")
 DEFAULT = "trained"
 ROUTING_FILE = "flexmoe_routing.safetensors"
+MAX_SCALE = 10.0  # calibrated: the most a row's margin is stretched or shrunk
 
 
 @dataclass
@@ -123,10 +124,12 @@ def calibrated(inp: Inputs, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
     owners = inp.names[1:]
     own = torch.stack([_owner(inp, n, "margin_own", layer)[0] for n in owners])
     pub = torch.stack([_owner(inp, n, "margin_public", layer)[0] for n in owners])
-    gap = (own - pub).clamp_min(1e-6)  # a row that does not separate its own text gets a tiny gap
+    gap = own - pub
     target_own, target_pub = own.mean(), pub.mean()
     for j in range(len(owners)):
-        a = (target_own - target_pub) / gap[j]
+        # A row that hardly separates its own text from public (or ranks public higher: measured for
+        # code in BENCHMARKS.md) would need an absurd scale; MAX_SCALE bounds it either way.
+        a = ((target_own - target_pub) / gap[j].clamp_min(1e-6)).clamp(1 / MAX_SCALE, MAX_SCALE)
         c = target_pub - a * pub[j]
         rows[j + 1] = rows[0] + a * (rows[j + 1] - rows[0])
         bias[j + 1] = a * bias[j + 1] + c
