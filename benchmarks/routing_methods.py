@@ -408,6 +408,7 @@ def plot(report: dict, path: Path) -> None:
             ax.axvline(0.9, color="grey", ls="--")
         elif k == "optout_removed":
             ax.axvspan(0.9, 1.1, color="green", alpha=0.1)
+            ax.set_xlim(-1, 3)  # ratios of tiny composed gains run off to +-100: clipped
         else:
             ax.axvline(0.02, color="grey", ls="--")
     axes[0].set_yticks(range(len(names)), names, fontsize=7)
