@@ -270,7 +270,7 @@ def test_aux_loss_pushes_the_margin_towards_mine_and_public(tiny_anchor):
     for _ in range(5):
         model(input_ids=batch)
         loss = aux.loss(batch)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         opt.zero_grad()
         loss.backward()
         opt.step()
