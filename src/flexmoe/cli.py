@@ -225,7 +225,7 @@ def expert_train(
         help="Per-sample gradients: auto (hooks; ghost clipping on a GPU short of memory), hooks, ghost.",
     ),
     router_aux_loss: float = typer.Option(
-        0.0, help="Weight of the auxiliary 'mine vs public' routing loss (needs --public; e.g. 0.1)."
+        None, help="Weight of the 'mine vs public' routing loss (default 0.1 with --public, else 0)."
     ),
     resume: bool = typer.Option(False, help="Continue an interrupted run from its last checkpoint."),
     force: bool = typer.Option(False, help="Replace --out (and any interrupted run) if it exists."),

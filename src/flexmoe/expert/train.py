@@ -33,6 +33,9 @@ EXPERT_PRESETS = {
 }
 
 
+AUX_DEFAULT = 0.1
+
+
 @dataclass
 class ExpertSpec:
     """Who the expert belongs to and how it is initialised; written into the manifest."""
@@ -45,7 +48,9 @@ class ExpertSpec:
     bias_init: float = 0.0
     z_loss: float = 1e-3
     public_row: str | None = None  # DP only: which published public row to train against (embed/hidden)
-    router_aux_loss: float = 0.0  # weight of the "mine vs public" routing loss (needs public data)
+    # Weight of the "mine vs public" routing loss. None: AUX_DEFAULT when public data is mixed in (and
+    # no DP), else 0. Chosen on validation data: BENCHMARKS.md, "Routing methods at compose time".
+    router_aux_loss: float | None = None
 
 
 def check_name(name: str) -> None:
@@ -193,7 +198,10 @@ def train_expert(
     )
 
     aux = None
-    if spec.router_aux_loss > 0:
+    aux_weight = spec.router_aux_loss
+    if aux_weight is None:
+        aux_weight = AUX_DEFAULT if public_docs is not None and dp is None else 0.0
+    if aux_weight > 0:
         from flexmoe.router.aux import MineVsPublic
 
         if public_docs is None or dp is not None:
@@ -206,7 +214,7 @@ def train_expert(
     def loss_fn(m, batch):
         loss = lm_loss(m, batch) + spec.z_loss * router_z_loss(model).to(batch.device)
         if aux is not None and model.training:
-            loss = loss + spec.router_aux_loss * aux.loss(batch)
+            loss = loss + aux_weight * aux.loss(batch)
         return loss
 
     loop = {  # what the plain and the DP training loops share
@@ -254,7 +262,7 @@ def train_expert(
         },
         "router_init": spec.router_init,
         "bias_init": spec.bias_init,
-        "router_aux_loss": spec.router_aux_loss,
+        "router_aux_loss": aux_weight,
         "training": {**asdict(cfg), "preset": preset, "z_loss": spec.z_loss},
         "tokens_seen": result.tokens_seen,
         "seconds": result.seconds,
