@@ -31,7 +31,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("data", ("flexmoe.data", "flexmoe.corpora", "flexmoe.evaluate.tasks")),
     ("anchor", ("flexmoe.anchor", "flexmoe.moe", "flexmoe.router_init")),
     ("expert", ("flexmoe.expert",)),
-    ("compose", ("flexmoe.compose", "flexmoe.runtime")),
+    # Routing methods are applied at compose time (and their statistics read there).
+    ("compose", ("flexmoe.compose", "flexmoe.runtime", "flexmoe.routing_methods", "flexmoe.routing_stats")),
     ("router", ("flexmoe.router",)),
     ("evaluate", ("flexmoe.evaluate",)),
     ("serve/audit", ("flexmoe.serve", "flexmoe.audit")),

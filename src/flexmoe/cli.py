@@ -33,6 +33,7 @@ from flexmoe.router.calibrate import calibrator
 from flexmoe.router.proxy import select_proxy
 from flexmoe.router.train import RouterTrainSettings, train_router
 from flexmoe.router_init import default_router_init
+from flexmoe.routing_stats import compute_for_package, publish_anchor_stats
 from flexmoe.runtime import from_pretrained, generate, routing_shares
 from flexmoe.serve.cli import register as register_serve
 from flexmoe.signing import Trust, generate_keys, load_private_key, sign_dir
@@ -161,6 +162,29 @@ def anchor_router_init(
     console.print(f"published router init for {', '.join(meta['methods'])} from {meta['n_docs']} documents")
 
 
+@anchor_app.command("routing-stats")
+def anchor_routing_stats(
+    anchor: Path = typer.Argument(..., help="Anchor directory (written into: flexmoe_routing_anchor.*)."),
+    public: list[Path] = typer.Option(..., "--public", help="Public corpus (its training split is used)."),
+) -> None:
+    """Publish the public routing statistics (mean, covariance, constant direction) with the anchor."""
+    meta = publish_anchor_stats(anchor, public)
+    spread = ", ".join(f"{v:.3f}" for v in meta["const_cv"])
+    console.print(f"published routing statistics from {meta['tokens']:,} public tokens; fold spread {spread}")
+
+
+@expert_app.command("stats")
+def expert_stats(
+    package: Path = typer.Argument(..., help="Your expert package (statistics are written beside it)."),
+    anchor: str = typer.Option(..., "--anchor", help="The anchor the expert was trained against."),
+    data: list[Path] = typer.Option(..., "--data", help="Your data (its validation split is used)."),
+    public: list[Path] = typer.Option(..., "--public", help="Public corpus (its training split)."),
+) -> None:
+    """Data owner: routing statistics of your expert (a few numbers per layer) to ship with it."""
+    rec = compute_for_package(anchor, package, data, public)
+    console.print(f"wrote routing statistics beside {package} ({len(rec['tensors'])} tensors)")
+
+
 @expert_app.command("train")
 def expert_train(
     anchor: str = typer.Option(..., "--anchor", help="Anchor directory or hub id."),
@@ -220,6 +244,9 @@ def expert_train(
     compile: bool = typer.Option(
         None, "--compile/--no-compile", help="torch.compile each decoder layer (default: on GPUs only)."
     ),
+    router_aux_loss: float = typer.Option(
+        None, help="Weight of the 'mine vs public' routing loss (default 0.1 with --public, else 0)."
+    ),
     resume: bool = typer.Option(False, help="Continue an interrupted run from its last checkpoint."),
     force: bool = typer.Option(False, help="Replace --out (and any interrupted run) if it exists."),
     sign_key: Path = typer.Option(None, "--sign-key", help="Owner's private key: sign the package."),
@@ -245,6 +272,7 @@ def expert_train(
         router_init=router_init or ("random" if dp else default_router_init(resolve(anchor))),
         bias_init=bias_init,
         public_row=public_row,
+        router_aux_loss=router_aux_loss,
     )
     settings = ExpertTrainSettings(
         preset=preset,
@@ -381,6 +409,13 @@ def _provenance(sign_key: Path | None, trust: list[Path] | None, allow_unsigned:
     return Provenance(trust=Trust.from_paths(trust, allow_unsigned=allow_unsigned), sign_key=key)
 
 
+ROUTING_HELP = (
+    "Routing method: trained, phatgoose, calibrated, lda (NAME+prior: public logit + log owners); "
+    "recomputed on every later remove/add/update."
+)
+ROUTING_BIAS_HELP = "fold (into the rows, stock export) or keep (runtime-only bias file)."
+
+
 @app.command("compose")
 def compose_cmd(
     anchor: str = typer.Option(..., "--anchor", help="The anchor every expert was trained against."),
@@ -392,6 +427,8 @@ def compose_cmd(
         False, help="Recalibrate the router for this set of experts on public text (needs --public)."
     ),
     public: list[Path] = typer.Option(None, "--public", help="Public documents for --calibrate."),
+    routing: str = typer.Option(None, help=ROUTING_HELP),
+    routing_bias: str = typer.Option(None, help=ROUTING_BIAS_HELP),
     force: bool = typer.Option(False, help="Replace --out if it exists."),
     sign_key: Path = SIGN_KEY,
     trust: list[Path] = TRUST,
@@ -400,19 +437,20 @@ def compose_cmd(
     """Maintainer: compose expert packages into one MoE (HF flex_olmo for OLMo 2 anchors)."""
     cal = _calibration(calibrate, public)
     prov = _provenance(sign_key, trust, allow_unsigned)
-    _summary(
-        compose(
-            anchor,
-            expert,
-            out,
-            top_k=top_k,
-            force=force,
-            max_shard_bytes=max_shard_mb << 20,
-            calibrate=cal,
-            provenance=prov,
-        ),
+    meta = compose(
+        anchor,
+        expert,
         out,
+        top_k=top_k,
+        force=force,
+        max_shard_bytes=max_shard_mb << 20,
+        calibrate=cal,
+        provenance=prov,
+        routing=routing,
+        routing_bias=routing_bias,
     )
+    _summary(meta, out)
+
 
 
 def _calibration(calibrate: bool, public: list[Path] | None):
@@ -473,12 +511,16 @@ def remove_cmd(
         False, help="Recalibrate the router for this set of experts on public text (needs --public)."
     ),
     public: list[Path] = typer.Option(None, "--public", help="Public documents for --calibrate."),
+    routing: str = typer.Option(None, help="Routing method for the rest (default: the model's own)."),
     force: bool = typer.Option(False, help="Replace --out if it exists."),
     sign_key: Path = SIGN_KEY,
 ) -> None:
     """Maintainer: physical opt-out; no parameter trained on that owner's data remains."""
     cal, prov = _calibration(calibrate, public), _provenance(sign_key, None, True)
-    _summary(remove(model, expert, out, top_k=top_k, force=force, calibrate=cal, provenance=prov), out)
+    _summary(
+        remove(model, expert, out, top_k=top_k, force=force, calibrate=cal, provenance=prov, routing=routing),
+        out,
+    )
 
 
 @router_app.command("train")
