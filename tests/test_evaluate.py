@@ -258,6 +258,15 @@ def test_demo_end_to_end_at_reduced_size(tmp_path):
     )
     assert {"public", "dense_legal", "flexolmo", "expert_legal", "expert_legal_dp_eps8"} <= set(priv["audit"])
     assert "## Privacy" in (tmp_path / "report.md").read_text()
+    comp = rep["composition"]  # issue 13's block, exactly these keys
+    assert set(comp) == {"owners", "public_change", "routing"}
+    assert set(comp["owners"]) == {"code", "math", "legal"}
+    assert all(
+        set(o) == {"alone_gain", "retention", "optout_removed", "max_other_change", "oracle_retention"}
+        for o in comp["owners"].values()
+    )
+    assert rep["headline"]["btm"]["cost"]["forward_passes"] == 4
+    assert "## Composition" in (tmp_path / "report.md").read_text()
     # Running again skips every finished step (resumable) and gives the same report.
     again = run_demo(tmp_path, "test", quiet=True)
     assert "anchor" not in again["seconds"] and "dp expert legal eps8" not in again["seconds"]

@@ -35,7 +35,17 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ),
     ("anchor", ("flexmoe.anchor", "flexmoe.moe", "flexmoe.router_init", "flexmoe.anchor_sft")),
     ("expert", ("flexmoe.expert",)),
-    ("compose", ("flexmoe.compose", "flexmoe.compose_shared", "flexmoe.runtime")),
+    # Routing methods are applied at compose time (and their statistics read there).
+    (
+        "compose",
+        (
+            "flexmoe.compose",
+            "flexmoe.compose_shared",
+            "flexmoe.runtime",
+            "flexmoe.routing_methods",
+            "flexmoe.routing_stats",
+        ),
+    ),
     ("router", ("flexmoe.router",)),
     ("evaluate", ("flexmoe.evaluate",)),
     ("serve/audit", ("flexmoe.serve", "flexmoe.audit")),

@@ -20,7 +20,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, Olmo2Config, Olmo2For
 
 from flexmoe import validate
 from flexmoe.checkpoint import check_run_inputs
-from flexmoe.data import blocks_for, data_fingerprint, load_splits, read_documents
+from flexmoe.data import blocks_for, data_fingerprint, load_splits, read_training_documents
 from flexmoe.errors import FlexmoeError
 from flexmoe.fileio import atomic_dir, check_output_dir, claims_output, read_json
 from flexmoe.formats import read_anchor_meta, write_anchor_meta
@@ -435,5 +435,5 @@ def publish_router_init_for(
     """``publish_router_init`` for an anchor directory, from public documents on disk."""
     model = load_anchor(anchor)
     tok = load_tokenizer(anchor)
-    docs = read_documents(public)
+    docs = read_training_documents(public)
     return publish_router_init(anchor, model, tok, docs, embedder=embedder, seq_len=seq_len, n_docs=n_docs)

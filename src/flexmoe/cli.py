@@ -22,8 +22,9 @@ from flexmoe.compose import MODEL_KIND, Provenance, add, compose, remove, update
 from flexmoe.corpora import build_demo_corpora
 from flexmoe.demo import run_demo
 from flexmoe.errors import FlexmoeError
+from flexmoe.evaluate.composition import CompositionSetup, evaluate_composition
 from flexmoe.evaluate.harness import GROUP, export_lm_eval
-from flexmoe.evaluate.report import markdown
+from flexmoe.evaluate.report import composition_table, markdown
 from flexmoe.evaluate.run import evaluate_lm, load_lm, seq_len_of
 from flexmoe.expert.package import check, package_bytes, sign_package
 from flexmoe.expert.privacy import DPSettings
@@ -35,6 +36,7 @@ from flexmoe.router.calibrate import calibrator
 from flexmoe.router.proxy import select_proxy
 from flexmoe.router.train import RouterTrainSettings, train_router
 from flexmoe.router_init import default_router_init
+from flexmoe.routing_stats import compute_for_package, publish_anchor_stats
 from flexmoe.runtime import from_pretrained, generate, routing_shares
 from flexmoe.serve.cli import register as register_serve
 from flexmoe.signing import Trust, generate_keys, load_private_key, sign_dir
@@ -189,6 +191,29 @@ def anchor_router_init(
     console.print(f"published router init for {', '.join(meta['methods'])} from {meta['n_docs']} documents")
 
 
+@anchor_app.command("routing-stats")
+def anchor_routing_stats(
+    anchor: Path = typer.Argument(..., help="Anchor directory (written into: flexmoe_routing_anchor.*)."),
+    public: list[Path] = typer.Option(..., "--public", help="Public corpus (its training split is used)."),
+) -> None:
+    """Publish the public routing statistics (mean, covariance, constant direction) with the anchor."""
+    meta = publish_anchor_stats(anchor, public)
+    spread = ", ".join(f"{v:.3f}" for v in meta["const_cv"])
+    console.print(f"published routing statistics from {meta['tokens']:,} public tokens; fold spread {spread}")
+
+
+@expert_app.command("stats")
+def expert_stats(
+    package: Path = typer.Argument(..., help="Your expert package (statistics are written beside it)."),
+    anchor: str = typer.Option(..., "--anchor", help="The anchor the expert was trained against."),
+    data: list[Path] = typer.Option(..., "--data", help="Your data (its validation split is used)."),
+    public: list[Path] = typer.Option(..., "--public", help="Public corpus (its training split)."),
+) -> None:
+    """Data owner: routing statistics of your expert (a few numbers per layer) to ship with it."""
+    rec = compute_for_package(anchor, package, data, public)
+    console.print(f"wrote routing statistics beside {package} ({len(rec['tensors'])} tensors)")
+
+
 @expert_app.command("train")
 def expert_train(
     anchor: str = typer.Option(..., "--anchor", help="Anchor directory or hub id."),
@@ -248,6 +273,9 @@ def expert_train(
     compile: bool = typer.Option(
         None, "--compile/--no-compile", help="torch.compile each decoder layer (default: on GPUs only)."
     ),
+    router_aux_loss: float = typer.Option(
+        None, help="Weight of the 'mine vs public' routing loss (default 0.1 with --public, else 0)."
+    ),
     resume: bool = typer.Option(False, help="Continue an interrupted run from its last checkpoint."),
     force: bool = typer.Option(False, help="Replace --out (and any interrupted run) if it exists."),
     stage: str = typer.Option(
@@ -262,9 +290,8 @@ def expert_train(
     key = load_private_key(sign_key) if sign_key else None  # a bad key fails before training
     if stage is not None or from_package is not None or freeze_shared:
         s = settings_for(
-            stage or "mid", freeze_shared=freeze_shared, steps=steps, batch_size=batch_size,
-            seq_len=seq_len, lr=lr, seed=seed, public_mix=public_mix, router_init=router_init,
-        )  # fmt: skip
+            stage or "mid", freeze_shared=freeze_shared, steps=steps, batch_size=batch_size, seq_len=seq_len,
+            lr=lr, seed=seed, public_mix=public_mix, router_init=router_init)  # fmt: skip
         run = StageRun(from_package, public[0] if public else None, resume, force, sign_key=key)
         return _expert_stage(anchor, data[0], name, out, s, run, dp_epsilon)
     dp = None
@@ -286,6 +313,7 @@ def expert_train(
         router_init=router_init or ("random" if dp else default_router_init(resolve(anchor))),
         bias_init=bias_init,
         public_row=public_row,
+        router_aux_loss=router_aux_loss,
     )
     settings = ExpertTrainSettings(
         preset=preset,
@@ -433,6 +461,13 @@ def _provenance(sign_key: Path | None, trust: list[Path] | None, allow_unsigned:
     return Provenance(trust=Trust.from_paths(trust, allow_unsigned=allow_unsigned), sign_key=key)
 
 
+ROUTING_HELP = (
+    "Routing method: trained, phatgoose, calibrated, lda (NAME+prior: public logit + log owners); "
+    "recomputed on every later remove/add/update."
+)
+ROUTING_BIAS_HELP = "fold (into the rows, stock export) or keep (runtime-only bias file)."
+
+
 @app.command("compose")
 def compose_cmd(
     anchor: str = typer.Option(..., "--anchor", help="The anchor every expert was trained against."),
@@ -444,6 +479,8 @@ def compose_cmd(
         False, help="Recalibrate the router for this set of experts on public text (needs --public)."
     ),
     public: list[Path] = typer.Option(None, "--public", help="Public documents for --calibrate."),
+    routing: str = typer.Option(None, help=ROUTING_HELP),
+    routing_bias: str = typer.Option(None, help=ROUTING_BIAS_HELP),
     force: bool = typer.Option(False, help="Replace --out if it exists."),
     shared_merge: str = typer.Option("mean", help="Post-trained shared tensors: mean (BAR) or ties."),
     sign_key: Path = SIGN_KEY,
@@ -453,20 +490,21 @@ def compose_cmd(
     """Maintainer: compose expert packages into one MoE (HF flex_olmo for OLMo 2 anchors)."""
     cal = _calibration(calibrate, public)
     prov = _provenance(sign_key, trust, allow_unsigned)
-    _summary(
-        compose(
-            anchor,
-            expert,
-            out,
-            top_k=top_k,
-            force=force,
-            max_shard_bytes=max_shard_mb << 20,
-            calibrate=cal,
-            shared_merge=shared_merge,
-            provenance=prov,
-        ),
+    meta = compose(
+        anchor,
+        expert,
         out,
+        top_k=top_k,
+        force=force,
+        max_shard_bytes=max_shard_mb << 20,
+        calibrate=cal,
+        shared_merge=shared_merge,
+        provenance=prov,
+        routing=routing,
+        routing_bias=routing_bias,
     )
+    _summary(meta, out)
+
 
 
 def _calibration(calibrate: bool, public: list[Path] | None):
@@ -527,12 +565,16 @@ def remove_cmd(
         False, help="Recalibrate the router for this set of experts on public text (needs --public)."
     ),
     public: list[Path] = typer.Option(None, "--public", help="Public documents for --calibrate."),
+    routing: str = typer.Option(None, help="Routing method for the rest (default: the model's own)."),
     force: bool = typer.Option(False, help="Replace --out if it exists."),
     sign_key: Path = SIGN_KEY,
 ) -> None:
     """Maintainer: physical opt-out; no parameter trained on that owner's data remains."""
     cal, prov = _calibration(calibrate, public), _provenance(sign_key, None, True)
-    _summary(remove(model, expert, out, top_k=top_k, force=force, calibrate=cal, provenance=prov), out)
+    _summary(
+        remove(model, expert, out, top_k=top_k, force=force, calibrate=cal, provenance=prov, routing=routing),
+        out,
+    )
 
 
 @router_app.command("train")
@@ -608,7 +650,10 @@ def route_cmd(
 def eval_cmd(
     model: Path = typer.Argument(..., help="A composed flexmoe model or any HF causal LM directory."),
     data: Path = typer.Option(
-        ..., "--data", help="Data directory from 'flexmoe data demo' (test splits + tasks)."
+        ...,
+        "--data",
+        help="A folder of domains each with a test split (test.jsonl/.txt/.parquet; tasks/ optional), "
+        "one such domain folder, or a single .jsonl/.txt/.parquet file.",
     ),
     out: Path = typer.Option(None, "--out", help="Write the full results as JSON here."),
     include: list[str] = typer.Option(None, "--include", help="Only these experts (plus public)."),
@@ -616,19 +661,48 @@ def eval_cmd(
     use_bias: bool = typer.Option(False, help="Apply the learned router biases (flexmoe runtime only)."),
     seq_len: int = typer.Option(None, help="Perplexity block length (default: the model's training length)."),
     max_blocks: int = typer.Option(64, help="Test blocks per domain for perplexity."),
+    limit: int = typer.Option(None, "--limit", help="At most N documents per domain and N items per task."),
+    composition: bool = typer.Option(
+        False, "--composition", help="Composition metrics per owner (retention, opt-out, oracle)."
+    ),
+    anchor: Path = typer.Option(None, "--anchor", help="The dense anchor (for --composition)."),
+    expert: list[Path] = typer.Option(
+        None, "--expert", help="Owner packages (for --composition: checks that 'alone' is what they trained)."
+    ),
+    owner: list[str] = typer.Option(
+        None, "--owner", help="Owner domains (default: the experts with a test split)."
+    ),
+    public: str = typer.Option("public", "--public", help="The public domain's name (for --composition)."),
 ) -> None:
-    """Per-domain perplexity and downstream tasks, with item counts and 95% intervals."""
+    """Perplexity per domain (with bootstrap intervals) and tasks if any; or, with --composition,
+    how much of each owner's gain survives composition and what opt-out removes."""
+    if limit is not None and limit < 1:
+        raise FlexmoeError(f"--limit {limit} is below 1.", "pass a positive number of documents/items.")
+    if composition:
+        setup = CompositionSetup(
+            model, data, _names(owner), public, anchor, expert or (), seq_len or seq_len_of(model),
+            max_blocks, limit,
+        )
+        r = evaluate_composition(setup, progress=lambda m: console.print(f"  {m}"))
+        console.print(composition_table(r["composition"]))
+        if out:
+            write_json(out, r)
+        return
     lm = load_lm(model, _names(include), _names(exclude), use_bias)
     r = evaluate_lm(
         lm,
         data,
         seq_len=seq_len or seq_len_of(model),
         max_blocks=max_blocks,
+        max_items=limit,
+        max_docs=limit,
         progress=lambda m: console.print(f"  {m}"),
     )
-    console.print("perplexity: " + "  ".join(f"{d} {v:.2f}" for d, v in r["perplexity"].items()))
-    console.print("tasks (%):  " + "  ".join(f"{t} {v:.1f}" for t, v in r["tasks"].items()))
-    console.print(f"average {r['average']:.1f}")
+    if r["perplexity"]:
+        console.print("perplexity: " + "  ".join(f"{d} {v:.2f}" for d, v in r["perplexity"].items()))
+    if r["tasks"]:
+        console.print("tasks (%):  " + "  ".join(f"{t} {v:.1f}" for t, v in r["tasks"].items()))
+        console.print(f"average {r['average']:.1f}")
     if out:
         write_json(out, r)
 

@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from flexmoe import compose_shared as cs
 from flexmoe import formats, signing
+from flexmoe import routing_methods as methods
 from flexmoe.anchor import FAMILIES, fingerprint, fingerprint_tensors, resolve
 from flexmoe.checkpoint import DEFAULT_SHARD_BYTES, ShardWriter, StateReader, TensorReader, weight_hashes
 from flexmoe.errors import FlexmoeError
@@ -39,6 +40,8 @@ from flexmoe.expert import package as pkg
 from flexmoe.fileio import atomic_dir, check_output_dir, claims_output, read_json, write_json
 from flexmoe.moe import decoder_layers
 from flexmoe.router_init import ROUTER_FILE
+from flexmoe.routing_methods import Request, restore_trained, write_routed
+from flexmoe.routing_stats import load_anchor_stats
 
 FLEXMOE_JSON = formats.MODEL_META
 MODEL_KIND = "flexmoe composed model"
@@ -345,6 +348,8 @@ def compose(
     calibrate: Calibrator | None = None,
     shared_merge: str = "mean",
     provenance: Provenance | None = None,
+    routing: str | None = None,
+    routing_bias: str | None = None,
 ) -> dict:
     """Compose the anchor and expert packages into one model at ``out``. Returns ``flexmoe.json``.
 
@@ -352,7 +357,8 @@ def compose(
     this set of experts. ``shared_merge`` (mean or ties) merges the shared tensors that post-trained
     experts changed (``flexmoe.compose_shared``). ``provenance``: signatures accepted and the signing
     key (default: unsigned packages accepted, a signature that does not verify refused; the CLI
-    requires signatures).
+    requires signatures). ``routing`` names a compose-time routing method (``flexmoe.routing_methods``;
+    recorded in ``flexmoe.json`` and recomputed on every later change).
     """
     _check_calibrator(calibrate)
 
@@ -384,8 +390,9 @@ def compose(
         ],
     }
     shared, experts = _merged_shared(reader, experts, meta, shared_merge, anchor, fresh=True)
+    request = _routing_request(routing, routing_bias, anchor, packages, [m for m, _ in checked])
     with atomic_dir(out, force=force) as tmp:
-        meta = _write(tmp, shared, experts, config, k, meta, anchor, max_shard_bytes, calibrate)
+        meta = _write(tmp, shared, experts, config, k, meta, anchor, max_shard_bytes, calibrate, request)
         return _publish(tmp, meta, provenance)
 
 
@@ -403,6 +410,17 @@ def _merged_shared(reader, experts: list[Expert], meta: dict, method: str | None
     return merged, [anchor_expert(merged, experts[0].row, experts[0].manifest)] + experts[1:]
 
 
+def _routing_request(method, bias, anchor: Path | None, packages=(), manifests=(), model: Path | None = None):
+    """What a routing method may read: statistics shipped beside the packages, kept in ``model`` (for
+    later changes) and published with the anchor."""
+    owner, anchor_stats = ({}, None) if model is None else methods.saved(model)[:2]
+    owner = {**owner, **methods.package_stats(packages, [m["name"] for m in manifests])}
+    if anchor is not None and anchor_stats is None:
+        anchor_stats = load_anchor_stats(anchor)
+    methods.parse(method or methods.DEFAULT)
+    return methods.Request(method or methods.DEFAULT, bias, owner, anchor_stats)
+
+
 def _write(
     tmp: Path,
     shared: TensorReader,
@@ -413,11 +431,13 @@ def _write(
     source_dir: Path,
     max_shard_bytes: int,
     calibrate: Calibrator | None,
+    routing: Request | None = None,
 ) -> dict:
-    """``write_model``, or with ``calibrate`` its calibrated variant; then the experts' shared deltas
-    are kept beside the weights (exact opt-out re-merges from them)."""
+    """``write_model`` with a routing method applied, or with ``calibrate`` its calibrated variant;
+    then the experts' shared deltas are kept beside the weights (exact opt-out re-merges from them)."""
     if calibrate is None:
-        meta = write_model(tmp, shared, experts, config, top_k, meta, source_dir, max_shard_bytes)
+        rest, request = (source_dir, max_shard_bytes), routing or Request()
+        meta = write_routed(tmp, write_model, shared, experts, config, top_k, meta, rest, request)
     else:
         meta = calibrate(tmp, write_model, shared, experts, config, top_k, meta, source_dir, max_shard_bytes)
     cs.keep_deltas(tmp, experts[1:])
@@ -487,6 +507,8 @@ def _current(model: Path) -> tuple[TensorReader, dict, list[Expert]]:
     reader = TensorReader(model)
     biases = load_file(str(model / BIAS_FILE))
     experts = [composed_expert(reader, meta, biases, e) for e in range(len(meta["experts"]))]
+    # A routing method is recomputed from the rows as trained: start from those.
+    experts = restore_trained(model, experts)[0]
     # A calibration holds only for the experts it was solved for: start again from the trained row.
     trained = trained_public_row(model)
     if trained is not None:
@@ -506,7 +528,12 @@ def _rewrite(
     max_shard_bytes: int,
     calibrate: Calibrator | None = None,
     provenance: Provenance | None = None,
+    routing: str | None = None,
+    joining: tuple = (),
 ) -> dict:
+    """Write the changed expert set; the routing method (the model's own unless ``routing`` names
+    another) is recomputed from the trained rows and the statistics of the experts that remain.
+    ``joining``: (package, manifest) of a package that brings its own statistics."""
     if Path(out).resolve() == Path(model).resolve():
         raise FlexmoeError(
             "--out is the input model.", "write to a new directory; the input stays untouched."
@@ -519,9 +546,20 @@ def _rewrite(
         meta, {**event, "calibrated": calibrate is not None}, shared_merge=meta.get("shared_merge")
     )
     reader, experts = _merged_shared(reader, experts, new_meta, None, None, fresh=False)
+    old = meta.get("routing", {})
+    request = _routing_request(
+        routing or old.get("method"),
+        old.get("bias") if routing is None else None,
+        Path(meta["anchor"]["path"]) if Path(meta["anchor"]["path"]).is_dir() else None,
+        [p for p, _ in joining],
+        [checked[0] for _, checked in joining],  # (package, (manifest, signer))
+        model=Path(model),
+    )
     with atomic_dir(out, force=force) as tmp:
         cfg = meta["anchor"]["config"]
-        new_meta = _write(tmp, reader, experts, cfg, k, new_meta, Path(model), max_shard_bytes, calibrate)
+        new_meta = _write(
+            tmp, reader, experts, cfg, k, new_meta, Path(model), max_shard_bytes, calibrate, request
+        )
         return _publish(tmp, new_meta, provenance)
 
 
@@ -536,6 +574,7 @@ def remove(
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     calibrate: Calibrator | None = None,
     provenance: Provenance | None = None,
+    routing: str | None = None,
 ) -> dict:
     """Opt-out: a new model without expert ``name`` (no parameter trained on its data remains).
 
@@ -555,7 +594,9 @@ def remove(
     kept = [e for e in experts if e.name != name]
     k = top_k if top_k is not None else min(meta["top_k"], len(kept))
     event = _event("remove", expert=name)
-    return _rewrite(model, out, kept, meta, event, k, force, max_shard_bytes, calibrate, provenance)
+    return _rewrite(
+        model, out, kept, meta, event, k, force, max_shard_bytes, calibrate, provenance, routing=routing
+    )
 
 
 @claims_output("out")
@@ -580,7 +621,8 @@ def add(
     new = package_expert(package, joining)
     event = _event("add", expert=new.name)
     return _rewrite(
-        model, out, experts + [new], meta, event, top_k, force, max_shard_bytes, calibrate, provenance
+        model, out, experts + [new], meta, event, top_k, force, max_shard_bytes, calibrate, provenance,
+        joining=((package, joining),),
     )
 
 
@@ -616,7 +658,10 @@ def update(
         )
     experts[names.index(name)] = package_expert(package, joining)
     event = _event("update", expert=name)
-    return _rewrite(model, out, experts, meta, event, None, force, max_shard_bytes, calibrate, provenance)
+    return _rewrite(
+        model, out, experts, meta, event, None, force, max_shard_bytes, calibrate, provenance,
+        joining=((package, joining),),
+    )
 
 
 def _check_joining(

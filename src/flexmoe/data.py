@@ -119,6 +119,34 @@ def describe_read(summary: dict) -> str:
         f"{k}: {v['files']} file(s), {v['documents']} documents ({how.get(k, '')}), {v['chars']:,} chars"
         for k, v in sorted(summary.items())
     )
+TEST_SPLIT = "test"  # held-out evaluation data: test.jsonl/.txt/.parquet, or anything under a test/ folder
+
+
+def is_test_split(path: Path, root: Path | None = None) -> bool:
+    """Whether ``path`` is test-split data (folders are judged below ``root`` only)."""
+    folders = Path(path).relative_to(root).parts[:-1] if root is not None else ()
+    return Path(path).stem == TEST_SPLIT or TEST_SPLIT in folders
+
+
+def training_files(paths: Sequence[Path | str]) -> list[Path]:
+    """The files that training, proxy selection, router initialisation and calibration may read: every
+    data file of the given paths except test splits. This is the only reader of training-usable data,
+    so no training path can see evaluation text; a test split named directly is refused."""
+    files = []
+    for p in map(Path, paths):
+        if p.is_file() and is_test_split(p):
+            raise FlexmoeError(
+                f"{p} is a test split; training, proxy selection and calibration never read test data.",
+                "pass the train split (rename the file if it is not held-out test data).",
+            )
+        files += [f for f in _files_in(p) if not is_test_split(f, p if p.is_dir() else None)]
+    return files
+
+
+def read_training_documents(paths: Sequence[Path | str], summary: dict | None = None) -> list[str]:
+    """All non-empty documents of ``training_files(paths)``, in a stable order (``summary`` as for
+    ``read_documents``)."""
+    return read_documents(training_files(paths), summary)
 
 
 def _split_files(path: Path, split: str) -> list[Path]:
@@ -140,7 +168,7 @@ def load_splits(paths: Sequence[Path | str], valid_fraction: float = 0.05) -> Sp
         valid = read_documents(_split_files(paths[0], "valid"), summary)
     else:
         train, valid = [], []
-        for doc in read_documents(paths, summary):
+        for doc in read_training_documents(paths, summary):
             h = int.from_bytes(hashlib.sha256(doc.encode()).digest()[:8], "big") / 2**64
             (valid if h < valid_fraction else train).append(doc)
     if summary and os.environ.get("RANK", "0") == "0":  # say what was read, once per run

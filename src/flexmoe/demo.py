@@ -18,12 +18,13 @@ from rich.console import Console
 
 from flexmoe.anchor import default_embedder, load_anchor, load_config, pretrain
 from flexmoe.audit.demo import PRIVACY_PRESETS, PrivacyRun, plant_demo_canaries, privacy_section
-from flexmoe.compose import compose, remove
+from flexmoe.compose import compose, load_meta, remove
 from flexmoe.corpora import build_demo_corpora
 from flexmoe.errors import FlexmoeError
 from flexmoe.evaluate import baselines as B
+from flexmoe.evaluate.composition import CompositionSetup, evaluate_composition
 from flexmoe.evaluate.metrics import HFLM
-from flexmoe.evaluate.report import write_report
+from flexmoe.evaluate.report import composition_table, headline, write_report
 from flexmoe.evaluate.run import evaluate_lm, load_lm
 from flexmoe.evaluate.tasks import load_tasks
 from flexmoe.expert.train import EXPERT_PRESETS, ExpertSpec, train_expert
@@ -123,6 +124,7 @@ def run_demo(
     router_variants(models, anchor, data, packages, proxies, p, steps, quiet)
     lms = build_baselines(models, anchor, data, p, steps, quiet)
     report = evaluate_all(models, lms, data, anchor, p, steps)
+    report.update(composition_section(report, models, anchor, data, packages, p, steps))
     if privacy is not None:
         run = PrivacyRun(
             workdir,
@@ -354,6 +356,7 @@ def evaluate_all(models: Path, lms: dict, data: Path, anchor: Path, p: DemoPrese
             seq_len=seq_len,
             max_blocks=p.eval_blocks,
             max_items=p.eval_items,
+            domains=("public", *OWNERS),
         )
         steps.console.print(f"   {name}: average {results[name]['average']:.1f}")
 
@@ -364,6 +367,46 @@ def evaluate_all(models: Path, lms: dict, data: Path, anchor: Path, p: DemoPrese
         "items": items,
         **findings(results),
         "router": router_findings(results),
+    }
+
+
+def composition_section(
+    report: dict, models: Path, anchor: Path, data: Path, packages: list[Path], p: DemoPreset, steps: Steps
+) -> dict:
+    """Issue 13's composition block for the composed model, measured by the one function that
+    ``flexmoe eval --composition`` uses and printed as a table; and the headline comparison of the
+    evaluated ``report`` with intervals and inference cost."""
+    setup = CompositionSetup(
+        models / "flexolmo",
+        data,
+        OWNERS,
+        anchor=anchor,
+        packages=packages,
+        seq_len=EXPERT_PRESETS[p.expert].seq_len,
+        max_blocks=p.eval_blocks,
+        device=device(),
+    )
+    r = steps.run("composition", evaluate_composition, setup)
+    steps.console.print(composition_table(r["composition"]))
+    return {
+        "composition": r["composition"],
+        "composition_detail": {"perplexity": r["perplexity"], "how": r["how"]},
+        "headline": headline(report["models"], inference_costs(anchor, models, p)),
+    }
+
+
+def inference_costs(anchor: Path, models: Path, p: DemoPreset) -> dict:
+    """Inference cost per token of the headline models (BTM runs every dense model)."""
+    config, seq_len = load_config(anchor), EXPERT_PRESETS[p.expert].seq_len
+    inference_cost = B.inference_cost
+    dense = inference_cost(config, "dense", seq_len)
+    return {
+        "public": dense,
+        "model_soup": dense,
+        "btm": inference_cost(config, "ensemble", seq_len, models=1 + len(OWNERS)),
+        "btx": inference_cost(config, "moe", seq_len, top_k=2),
+        "unrestricted_moe": inference_cost(config, "moe", seq_len, top_k=2),
+        "flexolmo": inference_cost(config, "moe", seq_len, top_k=load_meta(models / "flexolmo")["top_k"]),
     }
 
 

@@ -46,6 +46,23 @@ def train_flops_per_token(config, kind: str, seq_len: int, experts: int = 2, top
     raise ValueError(kind)
 
 
+def inference_cost(config, kind: str, seq_len: int, models: int = 1, top_k: int = 1) -> dict:
+    """Inference cost per token: dense forward passes and matmul FLOPs (same shape model as above).
+
+    dense / soup: one dense pass. moe (FlexOlmo, BTX, unrestricted): one pass through top_k FFNs.
+    ensemble (BTM): ``models`` full dense passes, since the ensemble weights need every model's
+    likelihood of the context."""
+    fwd_one = train_flops_per_token(config, "dense", seq_len) / 3
+    ffn = 2 * 3 * config.hidden_size * config.intermediate_size * config.num_hidden_layers
+    if kind == "dense":
+        return {"forward_passes": 1, "flops": fwd_one}
+    if kind == "moe":
+        return {"forward_passes": 1, "flops": fwd_one + ffn * (top_k - 1)}
+    if kind == "ensemble":
+        return {"forward_passes": models, "flops": models * fwd_one}
+    raise ValueError(kind)
+
+
 @dataclass
 class BaselineTraining:
     """How a baseline trains (the same token budget as the FlexOlmo experts it is compared with)."""

@@ -9,6 +9,7 @@ noise.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from flexmoe.data import blocks_for
+from flexmoe.data import pack, tokenize
 
 
 class HFLM:
@@ -24,11 +25,16 @@ class HFLM:
 
     ``token_logprobs`` returns only the log-probability of each actual next token (``[B, T-1]``), and
     ``next_logprobs`` only the last position's distribution: the full ``[B, T, V]`` tensor never
-    leaves the device.
+    leaves the device. ``scope`` (a zero-argument callable returning a context manager) wraps every
+    model call: a flexmoe composed model passes its expert choice this way, because the vocabulary
+    split below calls the decoder, not the model whose hook would otherwise supply it.
     """
 
-    def __init__(self, model, tokenizer):
+    def __init__(
+        self, model, tokenizer, scope: Callable[[], contextlib.AbstractContextManager] | None = None
+    ):
         self.model, self.tokenizer = model.eval(), tokenizer
+        self.scope = scope or contextlib.nullcontext
         self.device = next(model.parameters()).device
         # Scoring a few positions needs the vocabulary projection only there: for small models the
         # [B, T, V] logits and their log-softmax cost as much as the whole transformer. Models whose
@@ -42,12 +48,14 @@ class HFLM:
 
     @torch.no_grad()
     def _logits(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
+        with self.scope():
+            return self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
 
     @torch.no_grad()
     def _logprobs_at(self, ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor):
         """Next-token log-probabilities [N, V] at positions (rows[i], cols[i]) only."""
-        h = self.model.get_decoder()(input_ids=ids.to(self.device), attention_mask=mask.to(self.device))
+        with self.scope():
+            h = self.model.get_decoder()(input_ids=ids.to(self.device), attention_mask=mask.to(self.device))
         h = h.last_hidden_state[rows.to(self.device), cols.to(self.device)]
         return self.model.get_output_embeddings()(h).float().log_softmax(-1)
 
@@ -127,46 +135,90 @@ def sequence_nll(lm, ids: Sequence[Sequence[int]], batch_size: int = 16) -> tupl
     return torch.cat(totals), torch.cat(counts)
 
 
+def _packed_with_owners(docs: Sequence[str], tokenizer, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``blocks_for`` plus, for every token, the index of the document it came from."""
+    token_lists = tokenize(docs, tokenizer)
+    blocks = pack(token_lists, seq_len)
+    owner = torch.repeat_interleave(
+        torch.arange(len(token_lists)), torch.tensor([len(t) for t in token_lists])
+    )
+    return blocks, owner[: blocks.numel()].view_as(blocks)
+
+
+def bootstrap_ppl(nll: torch.Tensor, tokens: torch.Tensor, n: int = 1000, seed: int = 0) -> list[float]:
+    """95% percentile bootstrap interval of perplexity, resampling documents (per-document summed NLL
+    and token counts): documents, not tokens, are the independent units of a test split."""
+    keep = tokens > 0
+    nll, tokens = nll[keep].double(), tokens[keep].double()
+    if len(nll) < 2:
+        mean = float(nll.sum() / tokens.sum().clamp_min(1))
+        return [math.exp(mean), math.exp(mean)]
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(len(nll), (n, len(nll)), generator=g)
+    means = nll[idx].sum(1) / tokens[idx].sum(1)
+    lo, hi = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return [math.exp(lo), math.exp(hi)]
+
+
 @torch.no_grad()
 def perplexity(
     lm, docs: Sequence[str], seq_len: int, batch_size: int = 16, max_blocks: int | None = 64
 ) -> dict:
-    """Token-level perplexity of packed held-out documents (mean NLL over every predicted token)."""
-    blocks = blocks_for(docs, lm.tokenizer, seq_len)[:max_blocks]
-    nll, n = 0.0, 0
-    per_block = []
+    """Token-level perplexity of packed held-out documents (mean NLL over every predicted token), with
+    a bootstrap interval over documents."""
+    blocks, owner = _packed_with_owners(docs, lm.tokenizer, seq_len)
+    blocks, owner = blocks[:max_blocks], owner[:max_blocks]
+    doc_nll = torch.zeros(len(docs), dtype=torch.float64)
+    doc_tokens = torch.zeros(len(docs), dtype=torch.float64)
     for start in range(0, len(blocks), batch_size):
         b = blocks[start : start + batch_size]
-        tok_nll = -lm.token_logprobs(b, torch.ones_like(b))
-        per_block += tok_nll.mean(1).tolist()
-        nll += float(tok_nll.sum())
-        n += tok_nll.numel()
-    mean = nll / n
-    sd = float(torch.tensor(per_block).std()) if len(per_block) > 1 else 0.0
-    half = 1.96 * sd / math.sqrt(len(per_block))  # interval over blocks, in loss, mapped to perplexity
+        tok_nll = -lm.token_logprobs(b, torch.ones_like(b)).double()
+        who = owner[start : start + batch_size, 1:].reshape(-1)  # each predicted token's document
+        doc_nll.index_add_(0, who, tok_nll.reshape(-1))
+        doc_tokens.index_add_(0, who, torch.ones_like(tok_nll.reshape(-1)))
+    n = int(doc_tokens.sum())
+    mean = float(doc_nll.sum()) / n
     return {
         "perplexity": math.exp(mean),
         "loss": mean,
         "tokens": n,
-        "blocks": len(per_block),
-        "ci95": [math.exp(mean - half), math.exp(mean + half)],
+        "blocks": len(blocks),
+        "documents": int((doc_tokens > 0).sum()),
+        "ci95": bootstrap_ppl(doc_nll, doc_tokens),
     }
+
+
+def split_choice(context: str, choice: str) -> tuple[str, str]:
+    """lm-evaluation-harness convention: trailing whitespace of the context belongs to the continuation,
+    so "the cat " + "sat" is scored as "the cat" + " sat" (the way the text tokenises as a whole)."""
+    n = len(context) - len(context.rstrip())
+    return (context[:-n], context[-n:] + choice) if n else (context, choice)
+
+
+def choice_tokens(tok, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """Context ids and continuation ids: context and continuation are tokenised together, and the
+    continuation is every token beyond the context's own encoding (lm-evaluation-harness)."""
+    ctx = tok(context)["input_ids"]
+    whole = tok(context + continuation)["input_ids"]
+    return ctx, whole[len(ctx) :]
 
 
 @torch.no_grad()
 def multiple_choice(lm, items: Sequence[dict], batch_size: int = 32) -> dict[str, Score]:
-    """Accuracy by summed log-likelihood of each choice (``acc``) and per byte (``acc_norm``)."""
+    """Accuracy by summed log-likelihood of each choice's continuation tokens (``acc``) and by that sum
+    per character of the continuation (``acc_norm``), both as lm-evaluation-harness computes them."""
     tok = lm.tokenizer
     rows = []  # (item index, choice index, context ids, continuation ids)
+    nchars = torch.ones((len(items), len(items[0]["choices"]) if items else 0))
     for i, it in enumerate(items):
-        ctx = tok(it["context"])["input_ids"]
         for j, choice in enumerate(it["choices"]):
-            cont = (
-                tok(it["context"] + choice)["input_ids"][len(ctx) :]
-                or tok(choice, add_special_tokens=False)["input_ids"]
-            )
+            context, continuation = split_choice(it["context"], choice)
+            ctx, cont = choice_tokens(tok, context, continuation)
+            if not cont:  # the choice merged into the context's last token: no way to score it alone
+                cont = tok(continuation, add_special_tokens=False)["input_ids"]
             rows.append((i, j, ctx, cont))
-    scores = torch.full((len(items), len(items[0]["choices"]) if items else 0), float("-inf"))
+            nchars[i, j] = max(1, len(continuation))
+    scores = torch.full(nchars.shape, float("-inf"))
     rows.sort(key=lambda r: len(r[2]) + len(r[3]))  # similar lengths per batch: little padding
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
@@ -176,11 +228,8 @@ def multiple_choice(lm, items: Sequence[dict], batch_size: int = 32) -> dict[str
         for r, (i, j, c, d) in enumerate(chunk):
             scores[i, j] = lp[r, len(c) - 1 : len(c) + len(d) - 1].sum()
     answers = torch.tensor([it["answer"] for it in items])
-    nbytes = torch.tensor(
-        [[max(1, len(c.encode())) for c in it["choices"]] for it in items], dtype=torch.float
-    )
     out = {}
-    for name, s in (("acc", scores), ("acc_norm", scores / nbytes)):
+    for name, s in (("acc", scores), ("acc_norm", scores / nchars)):
         k = int((s.argmax(1) == answers).sum())
         out[name] = Score(k / len(items), len(items), *wilson(k, len(items)))
     return out

@@ -6,6 +6,9 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from rich.table import Table
+
+from flexmoe.evaluate.composition import meets_target
 from flexmoe.fileio import atomic_write_bytes, write_json
 
 # FlexOlmo paper (arXiv 2507.07024), 4 data sets / 24 tasks, averages (reference/flexolmo-method.md).
@@ -36,6 +39,156 @@ ORDER = [
     "flexolmo_rt_without_legal",
     "flexolmo_calibrated_without_legal",
 ]
+
+
+COMPOSITION_COLUMNS = ("alone_gain", "retention", "oracle_retention", "optout_removed", "max_other_change")
+
+
+def _metric(name: str, value) -> str:
+    if value is None:
+        return "-"
+    return f"{100 * value:.1f}%" if name in ("max_other_change", "public_change") else f"{value:.2f}"
+
+
+def _mark(name: str, value) -> str:
+    ok = meets_target(name, value)
+    return "" if ok is None else (" ok" if ok else " MISS")
+
+
+def composition_rows(block: dict) -> list[list[str]]:
+    """One row per owner (each number with "ok"/"MISS" against the issue's target), then public."""
+    rows = []
+    for owner, m in block["owners"].items():
+        rows.append([owner] + [_metric(k, m.get(k)) + _mark(k, m.get(k)) for k in COMPOSITION_COLUMNS])
+    pc = block.get("public_change")
+    rows.append(["public change", _metric("public_change", pc) + _mark("public_change", pc)] + [""] * 4)
+    return rows
+
+
+COMPOSITION_TARGETS = (
+    "Targets: retention >= 0.90; opt-out removed 0.90-1.10; max other change <= 2%; public change <= 2%. "
+    "alone gain = log ppl(anchor) - log ppl(anchor + own expert) on the owner's test split; oracle: "
+    "tokens routed by hand to public + own expert."
+)
+
+
+def composition_table(block: dict):
+    """The composition block as a rich table (for the terminal)."""
+    t = Table(title=f"Composition (routing: {block.get('routing')})", caption=COMPOSITION_TARGETS)
+    for c in ("owner", *COMPOSITION_COLUMNS):
+        t.add_column(c.replace("_", " "), justify="left" if c == "owner" else "right")
+    for row in composition_rows(block):
+        t.add_row(*row)
+    return t
+
+
+def composition_markdown(block: dict) -> list[str]:
+    lines = [f"## Composition (routing: {block.get('routing')})", ""]
+    lines += ["| owner | " + " | ".join(c.replace("_", " ") for c in COMPOSITION_COLUMNS) + " |"]
+    lines += ["|" + "---|" * (1 + len(COMPOSITION_COLUMNS))]
+    lines += ["| " + " | ".join(r) + " |" for r in composition_rows(block)]
+    return lines + ["", COMPOSITION_TARGETS, ""]
+
+
+def plot_composition(ax, block: dict) -> None:
+    """Per owner: retention, opt-out removed and max other change, with the targets as lines."""
+    owners = list(block["owners"])
+    metrics = (("retention", "tab:green"), ("optout_removed", "tab:blue"), ("max_other_change", "tab:red"))
+    width = 0.8 / len(metrics)
+    for j, (m, color) in enumerate(metrics):
+        vals = [block["owners"][o].get(m) for o in owners]
+        xs = [i + j * width for i in range(len(owners))]
+        heights = [v if v is not None else 0.0 for v in vals]
+        ax.bar(xs, heights, width, color=color, label=m.replace("_", " "))
+        for x, h, v in zip(xs, heights, vals, strict=True):
+            ax.text(x, h, "n/a" if v is None else f"{v:.2f}", ha="center", fontsize=7)
+    targets = (
+        (0.9, "--", "retention / opt-out >= 0.90"),
+        (1.1, ":", "opt-out <= 1.10"),
+        (0.02, "-.", "other change <= 2%"),
+    )
+    for y, style, label in targets:
+        ax.axhline(y, color="black", ls=style, lw=0.8, label=label)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(owners))], owners)
+    pc = block.get("public_change")
+    pc_text = "n/a" if pc is None else f"{100 * pc:+.1f}%"
+    ax.set_title(f"Composition ({block.get('routing')}); public change {pc_text}")
+    ax.legend(fontsize=7)
+
+
+HEADLINE_MODELS = ("public", "model_soup", "btm", "btx", "unrestricted_moe", "flexolmo")
+
+
+def task_average(details: dict) -> dict:
+    """The average of the headline task scores (%) with a 95% interval: each task's Wilson-sized
+    binomial variance, combined as for a mean of independent tasks."""
+    ps, var = [], 0.0
+    for scores in details.values():
+        s = scores.get("acc_norm") or scores.get("exact_match")
+        p, n = s["value"], max(1, s["n"])
+        ps.append(p)
+        var += p * (1 - p) / n
+    if not ps:
+        return {"value": None, "ci95": None, "tasks": 0}
+    mean, half = sum(ps) / len(ps), 1.96 * var**0.5 / len(ps)
+    ci = [100 * max(0.0, mean - half), 100 * min(1.0, mean + half)]
+    return {"value": 100 * mean, "ci95": ci, "tasks": len(ps)}
+
+
+def headline(models: dict, costs: dict) -> dict:
+    """FlexOlmo against the public model and the baselines: task average and per-task accuracy with
+    intervals (Wilson), per-domain perplexity with bootstrap intervals over documents, and inference
+    cost per token (``costs[model] = {"forward_passes": k, "flops": f}``)."""
+    out = {}
+    for m in HEADLINE_MODELS:
+        if m not in models or "details" not in models[m]:
+            continue
+        d = models[m]["details"]
+        out[m] = {
+            "average": task_average(d["tasks"]),
+            "tasks": {
+                t: (s.get("acc_norm") or s.get("exact_match")) for t, s in d["tasks"].items()
+            },
+            "perplexity": {k: {"value": v["perplexity"], "ci95": v["ci95"], "documents": v.get("documents")}
+                           for k, v in d["perplexity"].items()},
+            "cost": costs.get(m),
+        }
+    return out
+
+
+def _interval(value, ci, fmt: str, scale: float = 1.0) -> str:
+    if value is None:
+        return "-"
+    return f"{scale * value:{fmt}} [{scale * ci[0]:{fmt}}, {scale * ci[1]:{fmt}}]"
+
+
+def headline_markdown(h: dict) -> list[str]:
+    first = next(iter(h.values()))
+    domains, tasks = list(first["perplexity"]), list(first["tasks"])
+    lines = ["## Headline comparison (95% intervals)", ""]
+    lines += ["| model | average | " + " | ".join(f"ppl {d}" for d in domains) + " | "
+              + " | ".join(tasks) + " | forward passes / token | GFLOPs / token |"]
+    lines += ["|" + "---|" * (4 + len(domains) + len(tasks))]
+    for m, r in h.items():
+        a = r["average"]
+        cells = [_interval(a["value"], a["ci95"], ".1f")]
+        cells += [_interval(p["value"], p["ci95"], ".2f") for p in r["perplexity"].values()]
+        cells += [_interval(s["value"], s["ci95"], ".1f", 100) for s in r["tasks"].values()]
+        c = r.get("cost") or {}
+        cells += [str(c.get("forward_passes", "-")),
+                  f"{c['flops'] / 1e9:.4f}" if c.get("flops") is not None else "-"]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    n_items = {t: s["n"] for t, s in first["tasks"].items()}
+    docs = {d: p.get("documents") for d, p in first["perplexity"].items()}
+    lines += [
+        "",
+        "Average: mean of the task scores (cloze acc_norm, math exact match), interval from each task's "
+        "binomial variance. Tasks: Wilson intervals. Perplexity: percentile bootstrap over test documents. "
+        f"Items per task: {n_items}; test documents per domain: {docs}. Cost: dense forward passes and "
+        "matmul FLOPs per generated token (BTM runs every dense model on every token).",
+        "",
+    ]
+    return lines
 
 
 def _ordered(models: dict) -> list[str]:
@@ -78,6 +231,10 @@ def markdown(report: dict) -> str:
             f"+/-{98 / min(n.values()) ** 0.5:.0f} points; see report.json for every interval.",
             "",
         ]
+    if report.get("composition"):
+        lines += composition_markdown(report["composition"])
+    if report.get("headline"):
+        lines += headline_markdown(report["headline"])
     for key in ("findings", "opt_out", "router"):
         if report.get(key):
             lines += [f"## {key.replace('_', '-').capitalize()}", ""] + [f"- {x}" for x in report[key]] + [""]
@@ -98,7 +255,8 @@ def plot(report: dict, path: Path) -> None:
 
     models, domains = report["models"], report["domains"]
     names = _ordered(models)
-    fig, axes = plt.subplots(1, 2, figsize=(14, 5.2))
+    block = report.get("composition")
+    fig, axes = plt.subplots(1, 3 if block else 2, figsize=(21 if block else 14, 5.2))
     width = 0.8 / len(names)
     ax = axes[0]
     for j, m in enumerate(names):
@@ -119,6 +277,8 @@ def plot(report: dict, path: Path) -> None:
     for i, v in enumerate(avgs):
         ax.text(v, i, f" {v:.1f}", va="center")
     axes[0].legend(fontsize=7, ncol=2)
+    if block:
+        plot_composition(axes[2], block)
     fig.suptitle(f"flexmoe demo ({report['preset']} preset): FlexOlmo vs baselines and opt-out")
     fig.tight_layout()
     tmp = Path(path).with_suffix(".tmp.png")

@@ -9,16 +9,50 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from flexmoe.compose import FLEXMOE_JSON
-from flexmoe.data import read_documents
+from flexmoe.data import SUFFIXES, read_documents
 from flexmoe.errors import FlexmoeError
 from flexmoe.evaluate.metrics import HFLM, exact_match, multiple_choice, perplexity
 from flexmoe.evaluate.tasks import load_tasks
 from flexmoe.fileio import read_json
+from flexmoe.moe import routing as moe_routing
 from flexmoe.runtime import from_pretrained
 from flexmoe.tokenizer import load_tokenizer
 
 DOMAINS = ("public", "code", "math", "legal")
 HEADLINE = {"cloze": "acc_norm", "answer": "exact_match"}  # the one number per task that averages
+
+
+def test_files(folder: Path) -> list[Path]:
+    """The test split of one domain folder (``test.jsonl``, ``test.txt`` or ``test.parquet``)."""
+    return [folder / f"test{s}" for s in SUFFIXES if (folder / f"test{s}").is_file()]
+
+
+def find_domains(data: Path) -> dict[str, list[Path]]:
+    """What a data path offers for perplexity, by domain name: a single file is one domain (its
+    stem); a folder with a test split is one domain; otherwise every sub-folder with a test split is
+    one (``public`` first, then by name)."""
+    data = Path(data)
+    if data.is_file():
+        if data.suffix not in SUFFIXES:
+            raise FlexmoeError(f"{data} has unsupported type {data.suffix!r}.", f"use {', '.join(SUFFIXES)}.")
+        return {data.stem: [data]}
+    if not data.is_dir():
+        raise FlexmoeError(f"{data} does not exist.", "pass a data directory or a .jsonl/.txt/.parquet file.")
+    if test_files(data):
+        return {data.name: test_files(data)}
+    found = {p.name: test_files(p) for p in sorted(data.iterdir()) if p.is_dir() and test_files(p)}
+    return dict(sorted(found.items(), key=lambda kv: kv[0] != "public"))
+
+
+def test_documents(data: Path, domain: str) -> list[str]:
+    """The test documents of one domain of a data path (see ``find_domains``)."""
+    files = find_domains(data).get(domain)
+    if not files:
+        raise FlexmoeError(
+            f"{data} has no test split for domain {domain!r}.",
+            f"add {Path(data) / domain / 'test.jsonl'} or choose from {', '.join(find_domains(data))}.",
+        )
+    return read_documents(files)
 
 
 def evaluate_lm(
@@ -29,25 +63,31 @@ def evaluate_lm(
     max_blocks: int | None = 64,
     max_items: int | None = None,
     progress=None,
-    domains: Sequence[str] = DOMAINS,
+    domains: Sequence[str] | None = None,
     only_tasks: Sequence[str] | None = None,
+    max_docs: int | None = None,
 ) -> dict:
     """Scores of one model: ``{"perplexity": {domain: float}, "tasks": {task: float}, "average": float,
-    "details": {...}}``; task scores and the average are percentages. ``domains`` and ``only_tasks``
-    narrow what is scored (default: every demo domain and task present)."""
-    data_dir = Path(data_dir)
-    domains = [d for d in domains if (data_dir / d / "test.jsonl").is_file()]
+    "details": {...}}``; task scores and the average are percentages. ``data_dir`` is a folder of
+    domains (each with a test split, optionally ``tasks/``), one domain folder, or one file.
+    ``domains`` and ``only_tasks`` narrow what is scored (default: everything found); ``max_docs`` and
+    ``max_items`` limit documents per domain and items per task. Nothing to score is an error."""
+    found = find_domains(data_dir)
     ppl, tasks, details = {}, {}, {"perplexity": {}, "tasks": {}}
-    for d in domains:
-        r = perplexity(lm, read_documents([data_dir / d / "test.jsonl"]), seq_len, max_blocks=max_blocks)
+    for d in [d for d in (domains if domains is not None else found) if d in found]:
+        docs = read_documents(found[d])[:max_docs]
+        r = perplexity(lm, docs, seq_len, max_blocks=max_blocks)
         ppl[d] = r["perplexity"]
         details["perplexity"][d] = r
         if progress:
-            progress(f"perplexity {d} {r['perplexity']:.2f}")
-    for name, items in load_tasks(data_dir).items():
+            progress(f"perplexity {d} {r['perplexity']:.2f} (95% CI {r['ci95'][0]:.2f}-{r['ci95'][1]:.2f})")
+    all_tasks = load_tasks(data_dir) if (Path(data_dir) / "tasks").is_dir() else {}
+    for name, items in all_tasks.items():
         if only_tasks is not None and name not in only_tasks:
             continue
         items = items[:max_items] if max_items else items
+        if not items:
+            continue
         if name.endswith("_cloze"):
             s = multiple_choice(lm, items)
             details["tasks"][name] = {k: v.as_dict() for k, v in s.items()}
@@ -58,10 +98,18 @@ def evaluate_lm(
             tasks[name] = 100 * s.value
         if progress:
             progress(f"{name} {tasks[name]:.1f}")
+    if not ppl and not tasks:
+        raise FlexmoeError(
+            f"Nothing to score in {data_dir}: no domain with a test split and no tasks"
+            + (f" among {', '.join(domains)}" if domains is not None else "")
+            + ".",
+            "pass a folder of domains each with test.jsonl/test.txt/test.parquet, one such folder, "
+            "or a single .jsonl/.txt/.parquet file.",
+        )
     return {
         "perplexity": ppl,
         "tasks": tasks,
-        "average": sum(tasks.values()) / max(1, len(tasks)),
+        "average": sum(tasks.values()) / len(tasks) if tasks else None,
         "details": details,
     }
 
@@ -78,13 +126,11 @@ def load_lm(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")  # the GPU when there is one
     if (model / FLEXMOE_JSON).is_file():
         c = from_pretrained(model, include=include, exclude=exclude, use_bias=use_bias, device=device)
-        return HFLM(c.model, c.tokenizer)
+        return HFLM(c.model, c.tokenizer, scope=lambda: moe_routing(c.routing()))
     if include or exclude:
         raise FlexmoeError(
             f"{model} is not a flexmoe model; --include/--exclude need one.", "drop those options."
         )
-
-
     return HFLM(AutoModelForCausalLM.from_pretrained(str(model)).to(device), load_tokenizer(model))
 
 

@@ -20,6 +20,7 @@ from flexmoe.errors import FlexmoeError
 from flexmoe.expert import privacy
 from flexmoe.expert.package import expert_tensors, write_package
 from flexmoe.expert.privacy import DPSettings
+from flexmoe.expert.router_aux import MineVsPublic
 from flexmoe.fileio import check_output_dir, claims_output
 from flexmoe.moe import anchor_state, anchored_expert_model, project_biases_, router_z_loss
 from flexmoe.router_init import init_rows
@@ -54,6 +55,9 @@ EXPERT_PRESETS = {
 }
 
 
+AUX_DEFAULT = 0.1
+
+
 @dataclass
 class ExpertSpec:
     """Who the expert belongs to and how it is initialised; written into the manifest."""
@@ -66,6 +70,9 @@ class ExpertSpec:
     bias_init: float = 0.0
     z_loss: float = 1e-3
     public_row: str | None = None  # DP only: which published public row to train against (embed/hidden)
+    # Weight of the "mine vs public" routing loss. None: AUX_DEFAULT when public data is mixed in (and
+    # no DP), else 0. Chosen on validation data: BENCHMARKS.md, "Routing methods at compose time".
+    router_aux_loss: float | None = None
 
 
 @dataclass
@@ -272,12 +279,32 @@ def _expert_model(anchor_dir: Path, name: str, spec: ExpertSpec, s: ExpertTrainS
     return anchored_expert_model(model, r_pub.to(device), r_own.to(device), spec.bias_init)
 
 
+def aux_loss_weight(spec: ExpertSpec, s: ExpertTrainSettings) -> float:
+    """The "mine vs public" routing loss weight: as given, else AUX_DEFAULT when public data is mixed in
+    and there is no DP (DP would need it inside the per-sample gradients), else 0."""
+    w = spec.router_aux_loss
+    if w is None:
+        return AUX_DEFAULT if s.public and s.dp is None else 0.0
+    if w > 0 and (not s.public or s.dp is not None):
+        raise FlexmoeError(
+            "--router-aux-loss needs public data (--public) and no DP.",
+            "pass --public DIR, or drop --router-aux-loss.",
+        )
+    return w
+
+
 def _stage(model, spec: ExpertSpec, s: ExpertTrainSettings, d: _Data, plan: _Plan, name: str) -> Stage:
-    """LM loss + router z-loss (plain), or DP-SGD over privacy units; biases projected onto b <= 0."""
+    """LM loss + router z-loss (+ the "mine vs public" routing loss when public data is mixed in), or
+    DP-SGD over privacy units; biases projected onto b <= 0."""
+    aux_weight = aux_loss_weight(spec, s)
+    # Hooks on the MoE blocks record router inputs; they stay for the model's (training) lifetime.
+    aux = MineVsPublic(model, d.train[d.own_blocks :]) if aux_weight > 0 else None
 
     def loss_fn(m, batch):
-        loss = lm_loss(m, batch)
-        return loss + spec.z_loss * router_z_loss(model).to(loss.device)
+        loss = lm_loss(m, batch) + spec.z_loss * router_z_loss(model).to(batch.device)
+        if aux is not None and model.training:
+            loss = loss + aux_weight * aux.loss(batch)
+        return loss
 
     if s.dp is None:
         strategy, source, desc = LMStep(loss_fn), PackedBlocks(d.train), f"expert {name}"
@@ -305,6 +332,7 @@ def _manifest(name, spec, s, config, anchor_dir, d: _Data, cfg: TrainConfig, res
         },
         "router_init": spec.router_init,
         "bias_init": spec.bias_init,
+        "router_aux_loss": aux_loss_weight(spec, s),
         "training": {**asdict(cfg), "preset": s.preset, "z_loss": spec.z_loss},
         "settings": s.record(),
         "tokens_seen": result.tokens_seen,

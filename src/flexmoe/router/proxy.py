@@ -31,7 +31,7 @@ import torch
 
 from flexmoe import __version__
 from flexmoe.anchor import default_embedder
-from flexmoe.data import _files_in, data_fingerprint, read_documents, read_file
+from flexmoe.data import data_fingerprint, read_file, read_training_documents, training_files
 from flexmoe.errors import FlexmoeError
 from flexmoe.expert.package import verify
 from flexmoe.fileio import (
@@ -64,11 +64,12 @@ def _doc_id(text: str) -> str:
 
 
 def read_public(paths: Sequence[Path]) -> list[tuple[str, str]]:
-    """``(id, text)`` of every public document; ``.jsonl`` rows keep their ``id`` field when they have
-    one (the demo corpora do), anything else is named by a hash of its text. Duplicates are dropped."""
+    """``(id, text)`` of every public training-usable document (never a test split); ``.jsonl`` rows
+    keep their ``id`` field when they have one (the demo corpora do), anything else is named by a hash
+    of its text. Duplicates are dropped."""
     out: dict[str, str] = {}
     for p in paths:
-        for f in _files_in(Path(p)):
+        for f in training_files([Path(p)]):
             if f.suffix == ".jsonl":
                 rows = [
                     json.loads(line) for line in f.read_text(encoding="utf-8").splitlines() if line.strip()
@@ -253,7 +254,7 @@ def select_proxy(
     feats, emb_name = resolve_features(features, embedder)
     if features == "auto" and feats == "ngram":
         progress.note("proxy: no sentence embedder installed (flexmoe[embed]); using hashed word n-grams")
-    priv_docs = read_documents(private)
+    priv_docs = read_training_documents(private)
     if not priv_docs:
         raise FlexmoeError("No private documents found.", "point --private at the owner's data.")
     priv_docs = sample_docs(priv_docs, max_private)

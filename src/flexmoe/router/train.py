@@ -240,12 +240,15 @@ def _write_trained(model: Path, out: Path, net, names: list[str], record: dict, 
     if [e.name for e in experts] != names:
         raise FlexmoeError(f"{model} changed during router training.", "run it again.")
     # The public row did not train: keep it exactly as the checkpoint holds it (before calibration).
-    trained = experts[:1] + [
-        replace(ex, row=lambda i, e=e: layers[i][e]) for e, ex in enumerate(experts) if e
+    # A model composed with another routing method trained from its routed rows: those are now the
+    # trained rows (public row included), and the result is routed as "trained".
+    routed = meta.get("routing", {}).get("method", "trained") != "trained"
+    trained = [
+        replace(ex, row=lambda i, e=e: layers[i][e]) for e, ex in enumerate(experts) if e or routed
     ]
     event = _event("router-train", proxies=proxies, steps=s.steps)
     if not is_main():
         return {}
     # The output was checked to be free above (or --force/--resume given): replace it atomically.
     meta = {**meta, "router_training": record}
-    return _rewrite(model, out, trained, meta, event, None, True, s.max_shard_bytes)
+    return _rewrite(model, out, trained, meta, event, None, True, s.max_shard_bytes, routing="trained")

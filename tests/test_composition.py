@@ -1,0 +1,266 @@
+"""Composition metrics on hand-computed cases (issue 13's definitions, natural log, fractions)."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from flexmoe.evaluate.composition import composition_metrics, meets_target, owner_metrics
+
+E = math.e
+
+
+def _table():
+    # Perplexities chosen as powers of e so the log-differences are whole numbers by hand:
+    # code: anchor e^5, alone e^1 (gain 4), composed e^2 (kept 3 of 4), without e^4.5 (removes 2.5 of 3),
+    #       oracle e^1.5 (kept 3.5 of 4).
+    # math: anchor e^4, alone e^2 (gain 2), composed e^3 (kept 1 of 2), without e^4 (removes 1 of 1).
+    return {
+        "anchor": {"public": 10.0, "code": E**5, "math": E**4},
+        "composed": {"public": 10.5, "code": E**2, "math": E**3},
+        "alone:code": {"code": E**1},
+        "alone:math": {"math": E**2},
+        "without:code": {"public": 10.5 * 1.01, "code": E**4.5, "math": E**3 * 0.9},
+        "without:math": {"public": 10.5, "code": E**2 * 1.05, "math": E**4},
+        "oracle:code": {"code": E**1.5},
+    }
+
+
+def test_per_owner_numbers_match_hand_computation():
+    out = composition_metrics(_table(), ["code", "math"], routing="router")
+    code, maths = out["owners"]["code"], out["owners"]["math"]
+    assert code["alone_gain"] == pytest.approx(4.0)
+    assert code["retention"] == pytest.approx(3.0 / 4.0)
+    assert code["optout_removed"] == pytest.approx(2.5 / 3.0)
+    # other domains for code: public (+1%) and math (-10%) -> the largest absolute change is 0.10
+    assert code["max_other_change"] == pytest.approx(0.10)
+    assert code["oracle_retention"] == pytest.approx(3.5 / 4.0)
+    assert maths["alone_gain"] == pytest.approx(2.0)
+    assert maths["retention"] == pytest.approx(0.5)
+    assert maths["optout_removed"] == pytest.approx(1.0)
+    assert maths["max_other_change"] == pytest.approx(0.05)
+    assert out["public_change"] == pytest.approx(0.05)
+    assert out["routing"] == "router"
+
+
+def test_exact_block_shape_and_json_round_trip():
+    out = composition_metrics(_table(), ["code", "math"])
+    assert set(out) == {"owners", "public_change", "routing"}
+    for d in ("code", "math"):
+        assert set(out["owners"][d]) == {
+            "alone_gain",
+            "retention",
+            "optout_removed",
+            "max_other_change",
+            "oracle_retention",
+        }
+    assert json.loads(json.dumps(out)) == out
+
+
+def test_missing_optional_runs_give_null_not_numbers():
+    out = composition_metrics(_table(), ["code", "math", "legal"])
+    assert out["owners"]["math"]["oracle_retention"] is None  # no oracle run for math
+    legal = out["owners"]["legal"]  # an owner nothing was measured for
+    assert all(v is None for v in legal.values())
+    no_public = composition_metrics({"anchor": {}, "composed": {}}, ["code"])
+    assert no_public["public_change"] is None
+
+
+def test_zero_denominators_and_bad_values_are_null():
+    table = {
+        "anchor": {"code": 8.0, "public": 5.0},
+        "composed": {"code": 8.0, "public": float("nan")},
+        "alone:code": {"code": 8.0},
+        "without:code": {"code": 9.0},
+    }
+    m = owner_metrics(table, "code")
+    assert m["alone_gain"] == pytest.approx(0.0)
+    assert m["retention"] is None  # gain 0: retention undefined
+    assert m["optout_removed"] is None  # composed equals anchor: nothing to remove
+    assert m["max_other_change"] is None  # the only other domain has a NaN composed perplexity
+    assert composition_metrics(table, ["code"])["public_change"] is None
+
+
+def test_negative_gain_keeps_sign():
+    # an expert that hurts its own domain alone: the gain is negative and retention keeps the sign maths
+    table = {"anchor": {"d": E**2}, "alone:d": {"d": E**3}, "composed": {"d": E**1}}
+    m = owner_metrics(table, "d")
+    assert m["alone_gain"] == pytest.approx(-1.0)
+    assert m["retention"] == pytest.approx(-1.0)
+
+
+def test_targets():
+    assert meets_target("retention", 0.95) is True
+    assert meets_target("retention", 0.5) is False
+    assert meets_target("optout_removed", 1.05) is True
+    assert meets_target("optout_removed", 1.75) is False
+    assert meets_target("max_other_change", 0.019) is True
+    assert meets_target("max_other_change", 0.98) is False
+    assert meets_target("public_change", -0.10) is True
+    assert meets_target("public_change", 0.03) is False
+    assert meets_target("alone_gain", 1.0) is None
+    assert meets_target("retention", None) is None
+
+
+# --------------------------------------------------------------------------------------------------
+# Measured on a tiny composed model: masks stand for the separate models they replace
+
+
+@pytest.fixture(scope="module")
+def federation(demo_data, tmp_path_factory):
+    """A random tiny anchor (no pretraining: fast) and two owners' experts trained a few steps."""
+    from conftest import make_anchor_dir
+
+    from flexmoe.compose import compose
+    from flexmoe.data import read_documents
+    from flexmoe.expert.train import ExpertSpec, train_expert
+
+    root = tmp_path_factory.mktemp("composition")
+    anchor = make_anchor_dir(
+        root / "anchor", "olmo2", read_documents([demo_data / "public" / "train.jsonl"])[:80]
+    )
+    pkgs = []
+    for d in ("code", "math"):
+        spec = ExpertSpec(name=d, router_init="hidden")
+        train_expert(anchor, [demo_data / d], d, root / d, steps=3, seq_len=32, quiet=True, spec=spec)
+        pkgs.append(root / d)
+    compose(anchor, pkgs, root / "model", top_k=2)
+    return root, pkgs, anchor
+
+
+def _ppl(model_dir, data, domain, use_bias=False, **kw):
+    from flexmoe.evaluate.metrics import HFLM, perplexity
+    from flexmoe.evaluate.run import test_documents
+    from flexmoe.runtime import from_pretrained
+
+    c = from_pretrained(model_dir, use_bias=use_bias, **kw)
+    return perplexity(HFLM(c.model, c.tokenizer), test_documents(data, domain), 32, max_blocks=4)[
+        "perplexity"
+    ]
+
+
+def test_measured_table_equals_the_separate_models(federation, demo_data, tmp_path):
+    from flexmoe.compose import compose, remove
+    from flexmoe.evaluate.composition import CompositionSetup, composition_perplexities
+
+    root, pkgs, tiny_anchor = federation
+    setup = CompositionSetup(
+        root / "model", demo_data, anchor=tiny_anchor, packages=pkgs, seq_len=32, max_blocks=4
+    )
+    table, info = composition_perplexities(setup)
+    assert info["owners"] == ["code", "math"]
+    assert set(table) == {"anchor", "composed"} | {
+        f"{k}:{d}" for k in ("alone", "without", "oracle") for d in ("code", "math")
+    }
+    assert set(table["without:code"]) == {"public", "code", "math"} and set(table["oracle:math"]) == {"math"}
+    # opt-out by mask == the physically removed model, on every domain
+    remove(root / "model", "code", tmp_path / "without_code")
+    for d in ("public", "math", "code"):
+        assert table["without:code"][d] == pytest.approx(
+            _ppl(tmp_path / "without_code", demo_data, d), rel=1e-4
+        )
+    # alone by mask (with the owner's bias) == the owner's package composed alone, as it trained
+    assert "(checked" in info["alone"]["math"]
+    compose(tiny_anchor, [pkgs[1]], tmp_path / "alone_math", top_k=2)
+    alone = _ppl(tmp_path / "alone_math", demo_data, "math", use_bias=True)
+    assert table["alone:math"]["math"] == pytest.approx(alone, rel=1e-4)
+    # the anchor == the composed model with only the public expert routed
+    only_public = _ppl(root / "model", demo_data, "code", exclude=["code", "math"])
+    assert table["anchor"]["code"] == pytest.approx(only_public, rel=1e-4)
+    # and the whole block comes out of the table
+    block = composition_metrics(table, info["owners"])
+    assert all(math.isfinite(v) for o in block["owners"].values() for v in o.values())
+    assert math.isfinite(block["public_change"])
+
+
+# --------------------------------------------------------------------------------------------------
+# The report: json, markdown table and the plot panel
+
+
+def _model(ppl: float, acc: float) -> dict:
+    task = {"value": acc, "n": 50, "ci95": [acc - 0.1, acc + 0.1]}
+    return {
+        "perplexity": {"public": ppl, "code": ppl},
+        "tasks": {"public_cloze": 100 * acc},
+        "average": 100 * acc,
+        "details": {
+            "perplexity": {
+                d: {"perplexity": ppl, "ci95": [ppl - 1, ppl + 1], "documents": 9} for d in ("public", "code")
+            },
+            "tasks": {"public_cloze": {"acc": task, "acc_norm": task}},
+        },
+    }
+
+
+def test_report_carries_the_composition_block_and_headline(tmp_path):
+    from flexmoe.evaluate.report import headline, write_report
+
+    block = composition_metrics(_table(), ["code", "math"], routing="router")
+    models = {"public": _model(20.0, 0.5), "flexolmo": _model(10.0, 0.7), "btm": _model(9.0, 0.6)}
+    costs = {"btm": {"forward_passes": 4, "flops": 4e6}, "flexolmo": {"forward_passes": 1, "flops": 1.5e6}}
+    report = {
+        "preset": "test",
+        "domains": ["public", "code"],
+        "models": models,
+        "composition": block,
+        "headline": headline(models, costs),
+    }
+    write_report(report, tmp_path)
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert saved["composition"] == block
+    h = saved["headline"]
+    assert set(h) == {"public", "btm", "flexolmo"} and h["btm"]["cost"]["forward_passes"] == 4
+    # one task at p=0.7, n=50: the average's interval is that task's binomial interval
+    half = 1.96 * (0.7 * 0.3 / 50) ** 0.5
+    assert h["flexolmo"]["average"]["ci95"] == pytest.approx([100 * (0.7 - half), 100 * (0.7 + half)])
+    md = (tmp_path / "report.md").read_text()
+    assert "## Composition (routing: router)" in md and "## Headline comparison" in md
+    code_row = next(line for line in md.splitlines() if line.startswith("| code |"))
+    assert "0.75 MISS" in code_row and "0.88" in code_row  # retention 3/4 misses 0.90; oracle 3.5/4
+    assert "| public change | 5.0% MISS |" in md
+    assert (tmp_path / "report.png").stat().st_size > 10_000
+
+
+def test_eval_composition_cli_prints_the_table_and_writes_json(federation, demo_data, tmp_path):
+    from typer.testing import CliRunner
+
+    from flexmoe.cli import app
+
+    root, pkgs, anchor = federation
+    args = ["eval", str(root / "model"), "--composition", "--data", str(demo_data), "--anchor", str(anchor)]
+    args += ["--expert", str(pkgs[0]), "--max-blocks", "2", "--seq-len", "32", "--limit", "5"]
+    r = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "c.json")])
+    assert r.exit_code == 0, r.output
+    assert "Composition (routing: router)" in r.output and "public change" in r.output
+    out = json.loads((tmp_path / "c.json").read_text())
+    assert set(out["composition"]["owners"]) == {"code", "math"}  # every expert with a test split
+    assert "(checked" in out["how"]["alone"]["code"] and "unchecked" in out["how"]["alone"]["math"]
+    r = CliRunner().invoke(app, [*args, "--owner", "legal"])
+    assert r.exit_code == 1 and "legal" in str(r.exception)
+
+
+def test_expert_choice_reaches_every_scoring_path(federation, tmp_path):
+    """Continuation scoring projects only some positions (it calls the decoder directly): the expert
+    choice must reach it too, so a masked model scores exactly like the physically removed one."""
+    from flexmoe.compose import remove
+    from flexmoe.evaluate.run import load_lm
+
+    root, _, _ = federation
+    remove(root / "model", "code", tmp_path / "without_code")
+    masked = load_lm(root / "model", exclude=["code"], device="cpu")
+    removed = load_lm(tmp_path / "without_code", device="cpu")
+    full = load_lm(root / "model", device="cpu")
+    torch.manual_seed(0)
+    ids = torch.randint(3, 300, (2, 16))
+    mask, prefix = torch.ones_like(ids), torch.tensor([5, 9])
+    for split in (True, False):
+        for lm in (masked, removed, full):
+            lm._split = split
+        a, b = masked.token_logprobs(ids, mask, prefix), removed.token_logprobs(ids, mask, prefix)
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(a, full.token_logprobs(ids, mask, prefix))
+        last = torch.tensor([15, 10])
+        torch.testing.assert_close(
+            masked.next_logprobs(ids, mask, last), removed.next_logprobs(ids, mask, last)
+        )

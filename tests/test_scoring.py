@@ -1,0 +1,102 @@
+"""Scoring: multiple choice with lm-evaluation-harness conventions (hand-tokenised cases with the
+project's byte-level BPE tokenizer) and perplexity intervals over documents."""
+
+import pytest
+import torch
+
+from flexmoe.evaluate.metrics import choice_tokens, multiple_choice, split_choice
+from flexmoe.tokenizer import train_tokenizer
+
+DOCS = ["Answer: 42\n", "the cat sat on the mat.", "a dog ran far away", "zz yy xx"] * 20
+
+
+class UnigramLM:
+    """The same next-token distribution at every position: a choice's score is the sum of its tokens'."""
+
+    def __init__(self, tokenizer, logp):
+        self.tokenizer, self.logp = tokenizer, logp
+
+    def token_logprobs(self, ids, mask, prefix_len=None):
+        return self.logp[ids[:, 1:]]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_tokenizer(DOCS, vocab_size=300)
+
+
+def test_trailing_whitespace_moves_onto_the_continuation():
+    assert split_choice("the cat ", "sat") == ("the cat", " sat")
+    assert split_choice("x = 1\n", "y = 2") == ("x = 1", "\ny = 2")
+    assert split_choice("a \n\t", "b") == ("a", " \n\tb")
+    assert split_choice("the cat", " sat") == ("the cat", " sat")
+
+
+def test_continuation_keeps_its_first_word(tok):
+    # By hand: "the cat sat on the mat." is <bos> the Ġcat Ġsat Ġon Ġthe Ġmat . ; "the cat " alone ends
+    # in a lone "Ġ" token, so cutting "the cat " + choice at len(enc("the cat ")) dropped "Ġsat".
+    names = tok.convert_ids_to_tokens
+    assert names(tok("the cat ")["input_ids"]) == ["<|bos|>", "the", "Ġcat", "Ġ"]
+    ctx, cont = choice_tokens(tok, *split_choice("the cat ", "sat on the mat."))
+    assert names(ctx) == ["<|bos|>", "the", "Ġcat"]
+    assert names(cont) == ["Ġsat", "Ġon", "Ġthe", "Ġmat", "."]
+    assert ctx + cont == tok("the cat sat on the mat.")["input_ids"]
+    # A newline boundary (code and maths contexts end with one): the newline is scored with the line.
+    ctx, cont = choice_tokens(tok, *split_choice("the cat\n", "sat"))
+    assert names(ctx) == ["<|bos|>", "the", "Ġcat"] and names(cont) == ["Ċ", "sat"]
+
+
+def test_first_word_decides_the_answer(tok):
+    # Two choices that differ only in their first word: cut at the wrong boundary they tie.
+    V = len(tok)
+    logp = torch.full((V,), -5.0)
+    sat, zz = tok.convert_tokens_to_ids(["Ġsat", "Ġzz"])
+    logp[sat], logp[zz] = -0.1, -9.0
+    lm = UnigramLM(tok, logp)
+    item = {"context": "the cat ", "choices": ["zz on the mat.", "sat on the mat."], "answer": 1}
+    s = multiple_choice(lm, [item])
+    assert s["acc"].value == 1.0 and s["acc_norm"].value == 1.0
+
+
+def test_scores_are_sums_of_continuation_logprobs_and_norm_is_per_character(tok):
+    V = len(tok)
+    logp = torch.full((V,), -50.0)
+    a = choice_tokens(tok, "the cat", " éé")[1]  # 3 characters, 5 bytes
+    b = choice_tokens(tok, "the cat", " zzz")[1]  # 4 characters, 4 bytes
+    shared = set(a) & set(b)  # the leading "Ġ" of both: free, so the sums below are exact
+    only_a, only_b = [t for t in a if t not in shared], [t for t in b if t not in shared]
+    assert not set(only_a) & set(only_b)
+    logp[list(shared)] = 0.0
+    logp[only_a] = -3.0 / len(only_a)  # the sum over " éé" is -3.0
+    logp[only_b] = -3.3 / len(only_b)  # the sum over " zzz" is -3.3
+    lm = UnigramLM(tok, logp)
+    # acc (sum): " éé" wins. Per character: -1.0 vs -0.825, " zzz" wins (per byte " éé" would: -0.6).
+    item = {"context": "the cat ", "choices": ["éé", "zzz"], "answer": 1}
+    s = multiple_choice(lm, [item])
+    assert s["acc"].value == 0.0 and s["acc_norm"].value == 1.0
+    assert s["acc"].n == 1
+
+
+def test_bootstrap_interval_over_documents():
+    from flexmoe.evaluate.metrics import bootstrap_ppl
+
+    # Identical documents: no spread, the interval collapses onto the point.
+    lo, hi = bootstrap_ppl(torch.full((20,), 10.0), torch.full((20,), 5.0))
+    assert lo == pytest.approx(7.389056, rel=1e-5) and hi == pytest.approx(lo)
+    # Two kinds of document (loss 1 and 3 per token): the interval lies strictly between e^1 and e^3
+    # and contains the pooled point e^2; documents with no scored token are ignored.
+    nll = torch.tensor([1.0, 3.0] * 50 + [0.0])
+    tokens = torch.tensor([1.0, 1.0] * 50 + [0.0])
+    lo, hi = bootstrap_ppl(nll, tokens)
+    assert 2.718 < lo < 7.389 < hi < 20.09
+
+
+def test_perplexity_counts_documents(tok):
+    from flexmoe.evaluate.metrics import perplexity
+
+    V = len(tok)
+    lm = UnigramLM(tok, torch.full((V,), -torch.log(torch.tensor(float(V)))))
+    r = perplexity(lm, DOCS, seq_len=8)
+    assert r["perplexity"] == pytest.approx(V, rel=1e-5)
+    assert r["ci95"][0] == pytest.approx(V, rel=1e-4) and r["ci95"][1] == pytest.approx(V, rel=1e-4)
+    assert 1 < r["documents"] <= len(DOCS) and r["tokens"] == r["blocks"] * 7
