@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from flexmoe.compose import FLEXMOE_JSON, compose, remove
 from flexmoe.errors import FlexmoeError
-from flexmoe.router import methods as M
+from flexmoe import routing_methods as M
 from flexmoe.routing_stats import (
     OWNER_FILE,
     compute_for_package,
