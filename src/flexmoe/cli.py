@@ -16,6 +16,7 @@ from rich.markup import escape
 from flexmoe import validate
 from flexmoe.anchor import AnchorTrainSettings, inspect, pretrain, publish_router_init_for, resolve
 from flexmoe.anchor_sft import sft_anchor
+from flexmoe.audit import pipeline as audit_api
 from flexmoe.audit.extraction import ExtractionConfig
 from flexmoe.audit.pipeline import AuditSizes, canary_audit
 from flexmoe.compose import MODEL_KIND, Provenance, add, compose, remove, update
@@ -750,7 +751,7 @@ def audit_extraction(
         seed=seed,
     )
     progress = lambda m: console.print(f"  {m}")  # noqa: E731
-    r = audit_extraction(model, data, _names(include), _names(exclude), cfg, progress)
+    r = audit_api.audit_extraction(model, data, _names(include), _names(exclude), cfg, progress)
     lo, hi = r["ci95"]
     console.print(
         f"extracted {r['extracted']} of {r['documents']} documents: rate {100 * r['rate']:.1f}% "
@@ -832,7 +833,7 @@ def audit_exposure(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Exposure (bits) of planted canaries under a model; controls show chance level."""
-    r = audit_exposure(model, canaries, _names(include), _names(exclude), candidates)
+    r = audit_api.audit_exposure(model, canaries, _names(include), _names(exclude), candidates)
     if as_json:
         _print_json(r)
         return
@@ -855,7 +856,7 @@ def audit_membership(
     max_documents: int = typer.Option(500, help="Documents per side."),
 ) -> None:
     """Loss-based membership inference: AUC of training vs held-out documents (0.5 = chance)."""
-    r = audit_membership(
+    r = audit_api.audit_membership(
         model, members, non_members, _names(include), _names(exclude), max_tokens, max_documents
     )
     lo, hi = r["ci95"]
