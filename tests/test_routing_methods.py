@@ -9,9 +9,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from flexmoe import routing_methods as M
 from flexmoe.compose import FLEXMOE_JSON, compose, remove
 from flexmoe.errors import FlexmoeError
-from flexmoe import routing_methods as M
 from flexmoe.routing_stats import (
     OWNER_FILE,
     compute_for_package,
