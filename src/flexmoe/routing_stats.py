@@ -38,14 +38,14 @@ from safetensors.torch import load_file, save_file
 from flexmoe.anchor import fingerprint, load_anchor, resolve
 from flexmoe.data import blocks_for, data_fingerprint, load_splits
 from flexmoe.errors import FlexmoeError
-from flexmoe.expert.package import MANIFEST, TENSOR_FILE, load_tensors
+from flexmoe.expert.package import MANIFEST, STATS_FILE, STATS_META, TENSOR_FILE, load_tensors
 from flexmoe.fileio import read_json, sha256_file, write_json
 from flexmoe.moe import anchored_expert_model, decoder_layers, moe_blocks
 from flexmoe.router_init import sample_docs
 from flexmoe.tokenizer import load_tokenizer
 
-OWNER_FILE = "routing_stats.safetensors"
-OWNER_META = "routing_stats.json"
+OWNER_FILE = STATS_FILE
+OWNER_META = STATS_META
 ANCHOR_FILE = "flexmoe_routing_anchor.safetensors"
 MIN_TOKENS = 1024  # no statistic is published from fewer tokens than this
 MAX_BLOCKS = 64

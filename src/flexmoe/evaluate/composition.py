@@ -41,6 +41,7 @@ from flexmoe.errors import FlexmoeError
 from flexmoe.evaluate.metrics import HFLM, perplexity
 from flexmoe.evaluate.run import find_domains
 from flexmoe.expert.package import MANIFEST, TENSOR_FILE
+from flexmoe.expert.package import check as check_package
 from flexmoe.fileio import read_json
 from flexmoe.moe import moe_blocks
 from flexmoe.moe import routing as moe_routing
@@ -177,7 +178,7 @@ def alone_is_restricted(composed, packages: Sequence[Path]) -> dict[str, bool]:
     blocks = moe_blocks(composed.model)
     out = {}
     for p in packages:
-        ex = package_expert(Path(p))
+        ex = package_expert(Path(p), check_package(Path(p)))
         if ex.name not in composed.names:
             continue
         e = composed.names.index(ex.name)

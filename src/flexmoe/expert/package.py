@@ -13,6 +13,7 @@ Tensor names inside ``expert.safetensors``::
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -32,6 +33,10 @@ SHARED_FILE = "shared_delta.safetensors"  # post-training: shared tensors' chang
 MANIFEST = formats.EXPERT_MANIFEST
 FORMAT = formats.EXPERT_FORMAT
 KIND = "flexmoe expert package"
+# The owner's routing statistics (flexmoe.routing_stats), written beside a package after it is built:
+# not in the manifest (the package is unchanged), but bound to it by their own record's hashes.
+STATS_FILE = "routing_stats.safetensors"
+STATS_META = "routing_stats.json"
 FFN = ("gate_proj", "up_proj", "down_proj")
 
 
@@ -109,7 +114,7 @@ def check(path: Path, trust: signing.Trust | None = None) -> tuple[dict, str | N
         for p in path.rglob("*")
         if p.name not in (MANIFEST, signing.SIGNATURE) and not p.is_dir()
     }
-    unlisted = sorted(present - set(manifest["files"]))
+    unlisted = sorted(present - set(manifest["files"]) - _check_side_files(path, present))
     if unlisted:
         raise FlexmoeError(
             f"{path}: file(s) not listed in {MANIFEST}: {', '.join(unlisted)}.",
@@ -136,6 +141,30 @@ def check(path: Path, trust: signing.Trust | None = None) -> tuple[dict, str | N
     if manifest.get("dp"):
         check_dp_claim(path, manifest["dp"])
     return manifest, signer
+
+
+def _check_side_files(path: Path, present: set[str]) -> set[str]:
+    """The routing statistics beside a package, if any: both files, their record's hashes matching the
+    statistics and this package's tensors (stale or tampered ones are refused). Returns their names."""
+    side = {STATS_FILE, STATS_META} & present
+    if not side:
+        return set()
+    try:
+        rec = json.loads((path / STATS_META).read_text(encoding="utf-8"))
+        ok = (
+            side == {STATS_FILE, STATS_META}
+            and sha256_file(path / STATS_FILE) == rec["sha256"]
+            and sha256_file(path / TENSOR_FILE) == rec["package_sha256"][TENSOR_FILE]
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        ok = False
+    if not ok:
+        raise FlexmoeError(
+            f"{path}: its routing statistics ({STATS_META}, {STATS_FILE}) are incomplete or do not match "
+            "their record or this package (stale or tampered).",
+            "delete them, or ask the owner to recompute them: flexmoe expert stats PACKAGE --data DIR.",
+        )
+    return side
 
 
 def _check_tensors(path: Path, manifest: dict) -> None:
