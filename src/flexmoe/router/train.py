@@ -244,7 +244,7 @@ def _write_trained(model: Path, out: Path, net, names: list[str], record: dict, 
     # trained rows (public row included), and the result is routed as "trained".
     routed = meta.get("routing", {}).get("method", "trained") != "trained"
     trained = [
-        replace(ex, row=lambda i, e=e: layers[i][e]) for e, ex in enumerate(experts) if e or routed
+        replace(ex, row=lambda i, e=e: layers[i][e]) if e or routed else ex for e, ex in enumerate(experts)
     ]
     event = _event("router-train", proxies=proxies, steps=s.steps)
     if not is_main():
