@@ -1,6 +1,7 @@
 """Router: proxy selection (owner side), router-only training and data-free calibration (maintainer)."""
 
 import json
+import re
 import shutil
 
 import pytest
@@ -21,6 +22,7 @@ from flexmoe.router.train import train_router
 from flexmoe.runtime import from_pretrained
 
 OWNERS = ("code", "legal")
+LEGALISH = re.compile(r"licen[cs]e|warrant|copyright", re.I)
 
 
 def _jsonl(path, rows):
@@ -142,7 +144,10 @@ def test_embedder_features(demo_data, tmp_path):
     if default_embedder() is None:
         pytest.skip("flexmoe[embed] not installed")
     legal = read_documents([demo_data / "legal" / "train.jsonl"])
-    pool = [{"id": f"p{i}", "text": t} for i, t in enumerate(read_documents([demo_data / "public"])[:40])]
+    # The public corpus carries licence files (legal text, rightly picked as legal proxies): the
+    # distractors are the public documents that are not legal text.
+    public = [t for t in read_documents([demo_data / "public"]) if not LEGALISH.search(t)]
+    pool = [{"id": f"p{i}", "text": t} for i, t in enumerate(public[:40])]
     pool += [{"id": f"planted-{i}", "text": t} for i, t in enumerate(legal[30:34])]
     _jsonl(tmp_path / "pub.jsonl", pool)
     _jsonl(tmp_path / "priv.jsonl", [{"text": t} for t in legal[:24]])
