@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from flexmoe import validate
+from flexmoe import signing, validate
 from flexmoe.anchor import AnchorTrainSettings, inspect, pretrain, publish_router_init_for, resolve
 from flexmoe.anchor_sft import sft_anchor
 from flexmoe.audit import pipeline as audit_api
@@ -213,6 +213,9 @@ def expert_stats(
     """Data owner: routing statistics of your expert (a few numbers per layer) to ship with it."""
     rec = compute_for_package(anchor, package, data, public)
     console.print(f"wrote routing statistics beside {package} ({len(rec['tensors'])} tensors)")
+    if (Path(package) / signing.SIGNATURE).is_file():
+        # The signature covers every file of the package directory, the statistics included.
+        console.print("the package was signed: sign it again ('flexmoe expert sign') before sending it")
 
 
 @expert_app.command("train")
