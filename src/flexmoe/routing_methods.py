@@ -284,6 +284,13 @@ def write_routed(
     out = write_model(tmp, shared, routed, config, top_k, {**meta, "routing": record}, *rest)
     keep = {}
     for j, e in enumerate(base):
+        # Kept only where the model's row or bias is not the trained one: otherwise the model holds
+        # it already (and router training, which changes only rows, changes no other file).
+        if all(
+            torch.equal(rows[i][j].to(dtype), trained_rows[j][i]) and float(biases[i][j]) == e.bias(i)
+            for i in range(L)
+        ):
+            continue
         for i in range(L):
             keep[f"trained/{e.name}/layers.{i}.row"] = trained_rows[j][i].contiguous()
             keep[f"trained/{e.name}/layers.{i}.bias"] = torch.tensor(e.bias(i), dtype=torch.float32)
