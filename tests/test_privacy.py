@@ -3,6 +3,7 @@ resume, bad input."""
 
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -193,7 +194,9 @@ def test_empty_poisson_batch_is_a_noise_only_step(anchor):
         torch.optim.SGD(params, lr=1.0), noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=4
     )
     empty = torch.zeros((0, 8), dtype=torch.long)
-    P._dp_backward(model, hooks, opt, empty, empty, 4, 0.0, "hooks", torch.device("cpu"), params)
+    loop = SimpleNamespace(params=params, device=torch.device("cpu"), model=model)
+    step = SimpleNamespace(loop=loop, mode="hooks", physical=4, z_loss=0.0, hooks=hooks, dp_opt=opt)
+    assert P._dp_backward(step, empty, empty) == 0.0
     opt.step()
     hooks.cleanup()
     moved = [(p - b).abs().max().item() for p, b in zip(params, before, strict=True)]
