@@ -224,16 +224,17 @@ def test_every_supported_family_trains(model_type, demo_data, tmp_path):
 
 
 def test_frozen_tensor_change_is_caught(tiny_anchor, demo_data, tmp_path, monkeypatch):
-    import flexmoe.moe as moe
+    import flexmoe.expert.train as expert_train
 
-    real = moe.project_biases_
+    real = expert_train.project_biases_
 
     def corrupt(model):
         real(model)
         with torch.no_grad():
             model.model.norm.weight.add_(1e-3)  # a frozen tensor
 
-    monkeypatch.setattr(moe, "project_biases_", corrupt)
+    # patched where the training stage looks it up (its after-step hook, called every step)
+    monkeypatch.setattr(expert_train, "project_biases_", corrupt)
     with pytest.raises(FlexmoeError, match="Frozen anchor tensors changed"):
         train_expert(
             tiny_anchor,

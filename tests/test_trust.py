@@ -350,7 +350,7 @@ def test_unwritable_output_is_refused_before_work(kit, tmp_path):
 
 
 def test_resume_never_overwrites_and_refuses_other_data(trust_root, tmp_path):
-    from flexmoe.expert.train import ExpertSpec, train_expert
+    from flexmoe.expert.train import ExpertSpec, ExpertTrainSettings, train_expert
 
     a = trust_root / "anchor"
     (tmp_path / "code.txt").write_text("\n\n".join(f"def f{i}(x): return x + {i}" for i in range(200)))
@@ -365,6 +365,8 @@ def test_resume_never_overwrites_and_refuses_other_data(trust_root, tmp_path):
     before = sha256_file(out / "expert.safetensors")
     with pytest.raises(FlexmoeError, match="already finished"):
         train_expert(a, [tmp_path / "code.txt"], "code", out, resume=True, **kw)
+    with pytest.raises(FlexmoeError, match="already finished"):  # the same through the settings
+        train_expert(a, [tmp_path / "code.txt"], "code", out, settings=ExpertTrainSettings(resume=True, **kw))
     assert sha256_file(out / "expert.safetensors") == before
     shutil.rmtree(out)
 

@@ -168,6 +168,7 @@ def claims_output(param: str = "out") -> Callable:
 
     def wrap(fn: Callable) -> Callable:
         sig = inspect.signature(fn)
+        var_kw = next((n for n, p in sig.parameters.items() if p.kind is p.VAR_KEYWORD), None)
 
         @functools.wraps(fn)
         def run(*args, **kwargs):
@@ -175,9 +176,11 @@ def claims_output(param: str = "out") -> Callable:
             bound.apply_defaults()
             out = Path(bound.arguments[param])
             # resume/force are arguments of their own or fields of the entry point's settings dataclass
+            # (a keyword override of a settings field, in the entry point's **kwargs, wins over both)
             settings = bound.arguments.get("settings")
-            resume = bound.arguments.get("resume", getattr(settings, "resume", None))
-            force = bound.arguments.get("force", getattr(settings, "force", None))
+            extra = bound.arguments.get(var_kw, {}) if var_kw else {}
+            resume = extra.get("resume", bound.arguments.get("resume", getattr(settings, "resume", None)))
+            force = extra.get("force", bound.arguments.get("force", getattr(settings, "force", None)))
             with output_lock(out):
                 if resume and not force and out.exists():
                     raise FlexmoeError(
