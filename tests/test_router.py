@@ -360,6 +360,7 @@ def test_cli_smoke(model, packages, demo_data, tmp_path):
             str(packages / "legal"),
             "--out",
             str(tmp_path / "add"),
+            "--allow-unsigned",  # the test package is unsigned; the CLI refuses those by default
             "--calibrate",
             *pub,
         ],
