@@ -309,7 +309,9 @@ def routing_name(meta: dict) -> str:
     named = meta.get("routing")
     if isinstance(named, dict):
         named = named.get("method")
-    if isinstance(named, str) and named:
+    # "trained" (the routing methods' name for the rows as trained) is told apart below from the
+    # router-trained and calibrated models, which record it too.
+    if isinstance(named, str) and named and named != "trained":
         return named
     history = meta.get("history", [])
     if any(e.get("op") == "router-train" for e in history):
