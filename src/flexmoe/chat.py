@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from flexmoe import validate
 from flexmoe.errors import FlexmoeError
 from flexmoe.training import IGNORE, LabeledRows
 
@@ -71,17 +72,17 @@ def check_conversation(row, where: str) -> Conversation:
 
 def read_chat_file(path: Path) -> list[Conversation]:
     convs = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise FlexmoeError(
-                    f"{path}:{lineno} is not valid JSON ({e.msg}).", "write one JSON object per line."
-                ) from e
-            convs.append(check_conversation(row, f"{path}:{lineno}"))
+    # the same streamed, UTF-8-checked line reader as plain JSONL corpora (data._read_jsonl)
+    for lineno, line in validate.utf8_lines(path):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise FlexmoeError(
+                f"{path}:{lineno} is not valid JSON ({e.msg}).", "write one JSON object per line."
+            ) from e
+        convs.append(check_conversation(row, f"{path}:{lineno}"))
     return convs
 
 
