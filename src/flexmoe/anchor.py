@@ -22,7 +22,7 @@ from flexmoe import validate
 from flexmoe.checkpoint import check_run_inputs
 from flexmoe.data import blocks_for, data_fingerprint, load_splits, read_training_documents
 from flexmoe.errors import FlexmoeError
-from flexmoe.fileio import atomic_dir, check_output_dir, claims_output, read_json
+from flexmoe.fileio import atomic_dir, claims_output, read_json
 from flexmoe.formats import read_anchor_meta, write_anchor_meta
 from flexmoe.router_init import DEFAULT_EMBEDDER, publish
 from flexmoe.tokenizer import load_tokenizer, train_tokenizer
@@ -31,6 +31,7 @@ from flexmoe.training import (
     RunOptions,
     Stage,
     TrainConfig,
+    claim_work_dir,
     clear_checkpoint,
     decay_groups,
     init_distributed,
@@ -319,11 +320,7 @@ def pretrain(
     out = Path(out)
     # Work files of an unfinished run live beside the output: the tokenizer (trained once, so that a
     # resumed run tokenises identically) and the latest checkpoint.
-    work = out.parent / f".{out.name}.work"
-    if not s.resume:
-        check_output_dir(out, s.force)
-        if s.force:
-            clear_checkpoint(work)
+    work = claim_work_dir(out, s.resume, s.force)
     p = preset(s.preset)
     splits = load_splits([data])
     check_run_inputs(work, s.resume, data=data_fingerprint(splits.train), preset=s.preset)

@@ -17,9 +17,9 @@ from flexmoe.anchor import ANCHOR_META, fingerprint, load_anchor, publish_router
 from flexmoe.chat import add_chat_template, chat_rows, chat_splits
 from flexmoe.data import data_fingerprint
 from flexmoe.errors import FlexmoeError
-from flexmoe.fileio import atomic_dir, check_output_dir, read_json, write_json
+from flexmoe.fileio import atomic_dir, read_json, write_json
 from flexmoe.tokenizer import load_tokenizer
-from flexmoe.training import RunOptions, Stage, TrainConfig, clear_checkpoint, train
+from flexmoe.training import RunOptions, Stage, TrainConfig, claim_work_dir, clear_checkpoint, train
 
 
 @dataclass
@@ -60,11 +60,7 @@ def sft_anchor(
     ``overrides``: fields of ``AnchorSFTSettings`` (e.g. ``steps=3``)."""
     s = replace(settings or AnchorSFTSettings(), **overrides)
     out = Path(out)
-    work = out.parent / f".{out.name}.work"
-    if not s.resume:
-        check_output_dir(out, s.force)
-        if s.force:
-            clear_checkpoint(work)
+    work = claim_work_dir(out, s.resume, s.force)
     base = resolve(anchor)
     train_convs, valid_convs = chat_splits(chat)
     torch.manual_seed(s.seed)

@@ -41,7 +41,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from flexmoe import parallel
 from flexmoe.errors import FlexmoeError
-from flexmoe.fileio import atomic_dir, read_json, write_json
+from flexmoe.fileio import atomic_dir, check_output_dir, read_json, write_json
 from flexmoe.parallel import as_like, full, load_full_
 
 IGNORE = -100  # label of positions that carry no loss (padding, prompts); cross_entropy's ignore_index
@@ -766,6 +766,18 @@ def _run_steps(
         if run.checkpoint_dir and step % cfg.checkpoint_every == 0 and step < last:
             _save(loop, run, stage, Snapshot(step, result, strategy.extra(step), stopper.best))
     return step, False
+
+
+def claim_work_dir(out: Path, resume: bool, force: bool) -> Path:
+    """The work directory of a run writing ``out`` (``.<out>.work`` beside it). A fresh run checks that
+    ``out`` is free (or ``force``) and, with ``force``, drops an interrupted run's checkpoint."""
+    out = Path(out)
+    work = out.parent / f".{out.name}.work"
+    if not resume:
+        check_output_dir(out, force)
+        if force:
+            clear_checkpoint(work)
+    return work
 
 
 def clear_checkpoint(ckpt: Path | None) -> None:

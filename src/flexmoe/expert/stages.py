@@ -38,7 +38,6 @@ from flexmoe.errors import FlexmoeError
 from flexmoe.expert import package as pkg
 from flexmoe.expert.grpo import GRPOConfig, GRPOLoss, GRPOStep
 from flexmoe.expert.train import check_dense_anchor, check_name, mixed_public_blocks
-from flexmoe.fileio import check_output_dir
 from flexmoe.moe import anchored_expert_model, moe_blocks, project_biases_, router_z_loss
 from flexmoe.router_init import init_rows
 from flexmoe.tokenizer import load_tokenizer
@@ -49,6 +48,7 @@ from flexmoe.training import (
     RunOptions,
     Stage,
     TrainConfig,
+    claim_work_dir,
     clear_checkpoint,
     lm_loss,
     train,
@@ -278,11 +278,8 @@ def train_stage(
     ``sign_key``)."""
     s, r = settings, StageRun(**options)
     check_name(name)
-    out, work = Path(out), Path(out).parent / f".{Path(out).name}.work"
-    if not r.resume:
-        check_output_dir(out, r.force)
-        if r.force:
-            clear_checkpoint(work)
+    out = Path(out)
+    work = claim_work_dir(out, r.resume, r.force)
     anchor_dir = resolve(anchor)
     config = load_config(anchor_dir)
     check_dense_anchor(config)

@@ -21,7 +21,7 @@ from flexmoe.expert import privacy
 from flexmoe.expert.package import expert_tensors, write_package
 from flexmoe.expert.privacy import DPSettings
 from flexmoe.expert.router_aux import MineVsPublic
-from flexmoe.fileio import check_output_dir, claims_output
+from flexmoe.fileio import claims_output
 from flexmoe.moe import anchor_state, anchored_expert_model, project_biases_, router_z_loss
 from flexmoe.router_init import init_rows
 from flexmoe.tokenizer import load_tokenizer
@@ -31,6 +31,7 @@ from flexmoe.training import (
     RunOptions,
     Stage,
     TrainConfig,
+    claim_work_dir,
     clear_checkpoint,
     init_distributed,
     is_main,
@@ -171,11 +172,7 @@ def train_expert(
     spec = s.spec or ExpertSpec(name=name)
     check_name(name)
     out = Path(out)
-    work = out.parent / f".{out.name}.work"
-    if not s.resume:
-        check_output_dir(out, s.force)
-        if s.force:
-            clear_checkpoint(work)
+    work = claim_work_dir(out, s.resume, s.force)
     anchor_dir = resolve(anchor)
     config = load_config(anchor_dir)
     check_dense_anchor(config)

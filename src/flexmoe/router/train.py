@@ -30,7 +30,7 @@ from flexmoe.compose import _current, _event, _rewrite, load_meta, trained_publi
 from flexmoe.data import blocks_for, data_fingerprint, load_splits
 from flexmoe.errors import FlexmoeError
 from flexmoe.expert.train import mixed_public_blocks
-from flexmoe.fileio import check_output_dir, claims_output
+from flexmoe.fileio import claims_output
 from flexmoe.moe import moe_blocks, router_z_loss
 from flexmoe.router.proxy import load_proxy
 from flexmoe.runtime import from_pretrained
@@ -40,6 +40,7 @@ from flexmoe.training import (
     RunOptions,
     Stage,
     TrainConfig,
+    claim_work_dir,
     clear_checkpoint,
     init_distributed,
     is_main,
@@ -136,11 +137,7 @@ def train_router(
     s = replace(settings or RouterTrainSettings(), **overrides)
     model, out = Path(model), Path(out)
     _check_inputs(model, public, out, s)
-    work = out.parent / f".{out.name}.work"
-    if not s.resume:
-        check_output_dir(out, s.force)
-        if s.force:
-            clear_checkpoint(work)
+    work = claim_work_dir(out, s.resume, s.force)
     meta = load_meta(model)
     records, docs = _load_proxies(proxies)
     device = init_distributed()
