@@ -150,6 +150,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--bandwidth", type=float, default=4800.0, help="GB/s of device memory")
     ap.add_argument("--no-static", action="store_true", help="skip the static-cache + compiled runs")
+    ap.add_argument("--static-only", action="store_true", help="skip the eager (dynamic cache) runs")
     ap.add_argument("--methods", default="stock,flexmoe", help="comma-separated subset of stock,flexmoe")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -158,7 +159,7 @@ def main() -> None:
     shape = SHAPES[args.preset]
     torch.manual_seed(0)
     results = []
-    settings = [False] if args.no_static else [False, True]
+    settings = [False] if args.no_static else [True] if args.static_only else [False, True]
     builders = {"stock": stock_model, "flexmoe": flexmoe_model}
     for name, build in ((m, builders[m]) for m in args.methods.split(",")):
         model = build(shape, args.experts, args.top_k, device, dtype)

@@ -172,6 +172,20 @@ def test_grouped_and_dense_paths_agree():
     torch.testing.assert_close(b(x), dense, atol=1e-6, rtol=1e-6)
 
 
+def test_fused_router_equals_the_rows():
+    """Inference stacks the router rows into one matrix; logits (biases included) stay the same and
+    the rows stay views of it (an in-place edit such as calibration reaches both)."""
+    b = _block(4, 2).eval()
+    for i, row in enumerate(b.router):
+        row.bias_raw.data.fill_(-0.1 * i)
+    x = torch.randn(2, 5, H)
+    before = b.router_logits(x)
+    b.fuse_experts_()
+    torch.testing.assert_close(b.router_logits(x), before)
+    b.router[0].weight.data.mul_(2.0)
+    assert torch.equal(b.fused_router[0], b.router[0].weight[0])
+
+
 def test_anchored_model_starts_as_the_anchor_and_freezes_it():
     torch.manual_seed(0)
     cfg = Olmo2Config(

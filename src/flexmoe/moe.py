@@ -164,6 +164,10 @@ class FlexMoEBlock(nn.Module):
         self.balance_loss: torch.Tensor | None = None
         # Views of the experts' weights stacked [E, out, in] (inference only, see fuse_experts_).
         self.fused: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        # The router rows stacked [E, hidden] the same way: one matmul instead of one per expert (at
+        # batch-1 decode, 8 separate row matmuls per layer cost more than the grouped expert matmuls;
+        # a gather of the chosen experts' weights was slower still: benchmarks/decode_profile.py).
+        self.fused_router: torch.Tensor | None = None
 
     @property
     def num_experts(self) -> int:
@@ -171,7 +175,11 @@ class FlexMoEBlock(nn.Module):
 
     def router_logits(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """fp32 router logits ``[..., E]`` including biases and the mask (if given)."""
-        logits = torch.cat([row(x) for row in self.router], dim=-1)
+        if self.fused_router is not None and not self.training:
+            bias = torch.cat([row.bias_raw for row in self.router]).clamp(max=0.0)
+            logits = F.linear(x.float(), self.fused_router) + bias
+        else:
+            logits = torch.cat([row(x) for row in self.router], dim=-1)
         if mask is not None:
             logits = logits.masked_fill(~_mask_for(mask, logits), float("-inf"))
         return logits
@@ -190,7 +198,9 @@ class FlexMoEBlock(nn.Module):
         self.balance_loss = self._balance(logits, weights) if self.training else None
         if r is not None and r.record:
             r.add(weights)
-        if self.top_k >= self.num_experts or self.fused is None or not _grouped_mm_ok(x):
+        if self.top_k >= self.num_experts or self.fused is None:
+            return self._dense(x, weights)
+        if not _grouped_mm_ok(x):
             return self._dense(x, weights)
         return self._grouped(x, weights)
 
@@ -246,6 +256,10 @@ class FlexMoEBlock(nn.Module):
                 lin.weight = nn.Parameter(stacked[e], requires_grad=lin.weight.requires_grad)
             stacks.append(stacked)
         self.fused = tuple(stacks)
+        rows = torch.cat([row.weight for row in self.router])
+        for e, row in enumerate(self.router):
+            row.weight = nn.Parameter(rows[e : e + 1], requires_grad=row.weight.requires_grad)
+        self.fused_router = rows
 
 
 # --------------------------------------------------------------------------------------------------
