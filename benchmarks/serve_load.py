@@ -56,10 +56,14 @@ async def one(client: httpx.AsyncClient, model: str, prompt: str, n: int) -> tup
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line[6:])
+            if "error" in chunk:
+                raise SystemExit(f"the server answered an error under load: {chunk['error']}")
             if first is None and chunk["choices"][0]["text"]:
                 first = time.perf_counter() - t0
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
+    if tokens != n:  # ignore_eos: every request must make exactly n tokens
+        raise SystemExit(f"a request made {tokens} of {n} tokens: the load result would be meaningless")
     return time.perf_counter() - t0, first or 0.0, tokens
 
 

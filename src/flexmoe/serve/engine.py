@@ -8,6 +8,7 @@ share every forward. Routing weights are recorded per row for attribution.
 
 from __future__ import annotations
 
+import inspect
 import queue
 import threading
 from collections.abc import Callable
@@ -138,9 +139,10 @@ class Engine:
 
     @torch.no_grad()
     def _forward(self, jobs, ids, attn, pos, cache):
+        kv = {cache_argument(self.composed.model): cache}
         with routing(Routing(mask=self._masks(jobs), record=True)) as r:
             out = self.composed.model(
-                input_ids=ids, attention_mask=attn, position_ids=pos, cache=cache, use_cache=True
+                input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, **kv
             )
         return out.logits[:, -1], cache, r.weights[:, -1]
 
@@ -250,6 +252,12 @@ def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None)
         p[cut] = 0
         probs = torch.zeros_like(probs).scatter(-1, idx, p)
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def cache_argument(model) -> str:
+    """The forward's KV-cache keyword: ``cache`` since transformers 5.2x, ``past_key_values`` before.
+    A cache under a name the model does not take is swallowed by ``**kwargs`` and silently unused."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def merge(cache, attn, c_new, a_new):
