@@ -167,11 +167,12 @@ def score(c, blocks: dict, domains) -> dict:
 def run_config(cfg: Config, anchor: Path, packages: dict, work: Path, blocks: dict, domains, owners) -> dict:
     """Losses per (split, domain) for composed, without:d and oracle:d."""
     from flexmoe.compose import compose, remove
+    from flexmoe.router.calibrate import calibrator
 
     pkgs = [packages[cfg.variant][d] for d in owners]
     mdir = work / MODELS / cfg.model_key
     public = [anchor.parent / "owners" / owners[0] / "public"]
-    kw = {"calibrate": public} if cfg.calibrate else {"routing": cfg.method, "routing_bias": cfg.bias}
+    kw = {"calibrate": calibrator(public)} if cfg.calibrate else {"routing": cfg.method, "routing_bias": cfg.bias}
     if not (mdir / "all").exists():
         compose(anchor, pkgs, mdir / "all", **kw)
     out = {"composed": score(load(mdir / "all", cfg), blocks, domains)}
@@ -180,7 +181,7 @@ def run_config(cfg: Config, anchor: Path, packages: dict, work: Path, blocks: di
         out[f"oracle:{d}"] = score(c, blocks, [d])
         wd = mdir / f"without_{d}"
         if not wd.exists():
-            rkw = {"calibrate": public} if cfg.calibrate else {}
+            rkw = {"calibrate": calibrator(public)} if cfg.calibrate else {}
             remove(mdir / "all", d, wd, **rkw)
         out[f"without:{d}"] = score(load(wd, cfg), blocks, domains)
     return out

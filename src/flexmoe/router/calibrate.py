@@ -8,20 +8,23 @@ three owners the anchor keeps far less of public text than any owner trained wit
 is what the anchor's FFN models best (in the tiny demo every 2-expert model has a higher public
 perplexity than the anchor alone). Adding experts makes this worse; removing one changes it again.
 
-The fix: scale the public (anchor) router row of each layer by a factor ``a_l`` so that, on public
-calibration text, the anchor's share of the routing weight in the composed model (with its top-k, not
-renormalised) equals the anchor's share the owners trained with, ``mean_i(1 - s_i)``. Each ``s_i`` is
-measured on the same public text in the 2-expert model rebuilt from the composed checkpoint itself
-(the anchor FFN, expert ``i`` and their rows, every other expert masked), so nothing is needed from
-the owners. The public row is the anchor's mean router input over public text, so its logit is large
-on public-looking tokens and small elsewhere: raising it acts like a bias towards the anchor that is
-strongest exactly where the experts steal public tokens, and leaves the experts' competition on their
-own domains nearly untouched. Only one number per layer is fitted, so a few thousand public tokens
+The fix: move the public (anchor) router row of each layer along ``u_l``, the unit direction of the
+mean router input over public calibration text, by ``alpha_l``, so that on that text the anchor's share
+of the routing weight in the composed model (with its top-k, not renormalised) equals the anchor's share
+the owners trained with, ``mean_i(1 - s_i)``. Each ``s_i`` is measured on the same public text in the
+2-expert model rebuilt from the composed checkpoint itself (the anchor FFN, expert ``i`` and their rows,
+every other expert masked), so nothing is needed from the owners. Router inputs share a large common
+component, so ``u_l . x`` is positive on almost every token and largest on public-looking ones: adding
+``alpha u_l`` acts like a bias towards (or away from) the anchor that is strongest exactly where the
+experts steal public tokens, and the anchor's share rises monotonically with ``alpha``. (The first
+version scaled the row by ``a_l`` instead; that is monotone only while the row's logit is positive on
+public text, which stopped holding once rows were trained against public negatives, and the bisection
+then moved the share the wrong way.) Only one number per layer is fitted, so a few thousand public tokens
 pin it down; and it lives in the router weights, so stock transformers computes the calibrated model
 exactly (the HF format has no slot for a bias).
 
 The layers are solved in order (a layer's input depends on the layers below it) by bisection on
-``log a_l`` with a fixed number of steps in float64 over a fixed sample of public blocks: the same
+``alpha_l`` with a fixed number of steps in float64 over a fixed sample of public blocks: the same
 inputs give the same bytes. The row before calibration is kept in ``flexmoe_calibration.safetensors``,
 so the calibration of a model is always recomputed from its trained rows: ``add``/``remove``/``update``
 with ``--calibrate`` give exactly what ``compose --calibrate`` gives for the new set of experts, and
@@ -52,10 +55,10 @@ from flexmoe.moe import moe_blocks, routing_weights
 from flexmoe.router_init import sample_docs
 from flexmoe.runtime import from_pretrained
 
-METHOD = "public-row: anchor share on public text matched to the owners' 2-expert training"
+METHOD = "public-row shift: anchor share on public text matched to the owners' 2-expert training"
 BLOCKS = 8  # 2,048 tokens at the demo's length: one number per layer is pinned down well
 BISECT_STEPS = 40
-LOG_RANGE = 3.0  # a_l within [e^-3, e^3]
+SHIFT_RANGE = 20.0  # |alpha_l * mean(u_l . x)| within 20 logits: far past any share in (0, 1)
 
 
 def calibration_blocks(public: Sequence[Path], tokenizer, seq_len: int, n: int = BLOCKS) -> torch.Tensor:
@@ -114,36 +117,37 @@ def anchor_share(logits: torch.Tensor, top_k: int) -> float:
     return float(w[:, 0].sum() / w.sum())
 
 
-def solve_scale(base: torch.Tensor, target: float, top_k: int) -> float:
-    """``a`` with anchor_share(logits with column 0 scaled by a) == target, by bisection on log a.
+def solve_shift(base: torch.Tensor, along: torch.Tensor, target: float, top_k: int) -> float:
+    """``alpha`` with anchor_share(logits with ``alpha * along`` added to column 0) == target, by
+    bisection; ``along`` (``[tokens]``) is positive on almost every token, so the share rises with
+    ``alpha``. If the target is out of reach the nearer end is returned."""
 
-    Raising ``a`` raises the anchor's logit wherever the public row points along the input, which on
-    public text is almost every token; if the target is out of reach the nearer end is returned.
-    """
-
-    def share(log_a: float) -> float:
+    def share(alpha: float) -> float:
         lg = base.clone()
-        lg[:, 0] *= torch.tensor(log_a, dtype=torch.float64).exp()
+        lg[:, 0] += alpha * along
         return anchor_share(lg, top_k)
 
-    lo, hi = -LOG_RANGE, LOG_RANGE
-    s_lo, s_hi = share(lo), share(hi)
-    if s_lo >= target:
-        return float(torch.tensor(lo).exp())
-    if s_hi <= target:
-        return float(torch.tensor(hi).exp())
+    reach = SHIFT_RANGE / max(float(along.abs().mean()), 1e-12)
+    lo, hi = -reach, reach
+    if share(lo) >= target:
+        return lo
+    if share(hi) <= target:
+        return hi
     for _ in range(BISECT_STEPS):
         mid = (lo + hi) / 2
         if share(mid) < target:
             lo = mid
         else:
             hi = mid
-    return float(torch.tensor((lo + hi) / 2, dtype=torch.float64).exp())
+    return (lo + hi) / 2
 
 
 @torch.no_grad()
-def solve(model_dir: Path, public: Sequence[Path], *, n_blocks: int = BLOCKS) -> tuple[list[float], dict]:
-    """Per-layer public-row scales for an (uncalibrated) composed model, and the record to keep."""
+def solve(
+    model_dir: Path, public: Sequence[Path], *, n_blocks: int = BLOCKS
+) -> tuple[list[torch.Tensor], dict]:
+    """Per-layer public-row shifts (``[hidden]`` float64) for an (uncalibrated) composed model, and the
+    record to keep."""
     torch.manual_seed(0)
     c = from_pretrained(model_dir, use_bias=False)
     meta = load_meta(model_dir)
@@ -172,29 +176,32 @@ def solve(model_dir: Path, public: Sequence[Path], *, n_blocks: int = BLOCKS) ->
     for b in blocks:
         b.top_k = top_k
     c.set_experts()
-    scales, before, after, targets = [], [], [], []
+    shifts, alphas, before, after, targets = [], [], [], [], []
     for layer, block in enumerate(blocks):
         h = router_inputs(c.model, blocks, x, layer)  # depends on the layers already calibrated
         base = h @ rows[layer].T
+        u = h.mean(0)
+        u = u / u.norm().clamp_min(1e-12)
         target = sum(1 - owner_share[n][layer] for n in names[1:]) / max(1, len(names) - 1)
-        a = solve_scale(base, target, top_k)
+        alpha = solve_shift(base, h @ u, target, top_k)
         lg = base.clone()
-        lg[:, 0] *= a
+        lg[:, 0] += alpha * (h @ u)
         before.append(anchor_share(base, top_k))
         after.append(anchor_share(lg, top_k))
         targets.append(target)
-        scales.append(a)
-        block.router[0].weight.mul_(a)
+        alphas.append(alpha)
+        shifts.append(alpha * u)
+        block.router[0].weight.add_((alpha * u).to(block.router[0].weight.dtype))
     record = {
         "method": METHOD,
         "experts": names,
-        "public_row_scale": scales,
+        "public_row_shift": alphas,  # alpha_l along the unit mean public router input
         "anchor_share_on_public": {"before": before, "after": after, "target": targets},
         "owner_share_on_public_2expert": owner_share,
         "data": {"blocks": len(x), "seq_len": x.shape[1]},
         "top_k": top_k,
     }
-    return scales, record
+    return shifts, record
 
 
 def write_calibrated(
@@ -218,13 +225,13 @@ def write_calibrated(
     scratch = Path(tempfile.mkdtemp(prefix=".calibrate-", dir=Path(tmp).parent))
     try:
         write_model(scratch, shared, experts, anchor_config, top_k, meta, source_dir, max_shard_bytes)
-        scales, record = solve(scratch, public)
+        shifts, record = solve(scratch, public)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     dtype = shared.get("model.embed_tokens.weight").dtype
     pub = experts[0]
-    trained = [pub.row(i).to(dtype) for i in range(len(scales))]
-    calibrated = replace(pub, row=lambda i: (trained[i].double() * scales[i]).to(dtype))
+    trained = [pub.row(i).to(dtype) for i in range(len(shifts))]
+    calibrated = replace(pub, row=lambda i: (trained[i].double() + shifts[i].view_as(trained[i])).to(dtype))
     out = write_model(
         tmp,
         shared,
