@@ -110,7 +110,7 @@ def prepare(data: Path, work: Path, args) -> tuple[Path, dict[str, dict[str, Pat
                     spec=spec,
                     steps=args.expert_steps,
                     public=[home / "public"],
-                    public_mix=0.3,
+                    public_mix=args.public_mix,
                     quiet=True,
                     force=True,  # a cached interrupted run with other settings starts over
                 )
@@ -260,6 +260,7 @@ def configs(args) -> list[Config]:
         Config("plain", "trained", "keep", use_bias=True),
         Config("plain", "calibrated", "keep", use_bias=True),
         Config("plain", "trained", calibrate=True),
+        Config("aux", "trained", calibrate=True),
         Config("aux", "trained+prior", "fold"),
         Config("aux", "calibrated", "fold"),
         Config("plain", "lda", "keep"),
@@ -283,6 +284,7 @@ def main() -> None:
     ap.add_argument("--expert-steps", type=int, default=60)
     ap.add_argument("--router-init", default="embed")
     ap.add_argument("--aux", type=float, default=0.1)
+    ap.add_argument("--public-mix", type=float, default=0.3, help="share of public sequences in training")
     ap.add_argument("--eval-blocks", type=int, default=32)
     ap.add_argument("--bootstrap", type=int, default=200)
     ap.add_argument("--only", nargs="*", help="substrings of configuration names to run")

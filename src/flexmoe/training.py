@@ -368,7 +368,8 @@ class Progress:
         eta = elapsed / max(1, done) * (self.total - step - 1)
         self.console.print(
             f"[bold]{self.desc}[/] step {step + 1}/{self.total}  loss {loss:.4f}  "
-            f"{tokens / max(elapsed, 1e-9):,.0f} tok/s  lr {lr:.2e}  ETA {eta:4.0f}s {extra}"
+            f"{tokens / max(elapsed, 1e-9):,.0f} tok/s  lr {lr:.2e}  ETA {eta:4.0f}s {extra}",
+            soft_wrap=True,  # one line per step in logs too (a non-terminal console is 80 columns)
         )
 
     def note(self, msg: str) -> None:
