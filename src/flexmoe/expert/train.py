@@ -297,9 +297,23 @@ def _stage(model, spec: ExpertSpec, s: ExpertTrainSettings, d: _Data, plan: _Pla
     # Hooks on the MoE blocks record router inputs; they stay for the model's (training) lifetime.
     aux = MineVsPublic(model, d.train[d.own_blocks :]) if aux_weight > 0 else None
 
+    public_weight = float(__import__("os").environ.get("FLEXMOE_PUBLIC_LM_WEIGHT", "1"))
+    if aux is None and public_weight != 1.0 and s.public and s.dp is None:
+        aux = MineVsPublic(model, d.train[d.own_blocks :])  # only its labels are used
+
+    def weighted_lm(m, batch):
+        if public_weight == 1.0 or aux is None or not model.training:
+            return lm_loss(m, batch)
+        logits = m(input_ids=batch).logits[:, :-1].float()
+        tok = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="none"
+        ).view(batch.shape[0], -1)
+        w = torch.where(aux.labels(batch) < 0.5, public_weight, 1.0)
+        return (tok.mean(-1) * w).sum() / w.sum()
+
     def loss_fn(m, batch):
-        loss = lm_loss(m, batch) + spec.z_loss * router_z_loss(model).to(batch.device)
-        if aux is not None and model.training:
+        loss = weighted_lm(m, batch) + spec.z_loss * router_z_loss(model).to(batch.device)
+        if aux is not None and aux_weight > 0 and model.training:
             loss = loss + aux_weight * aux.loss(batch)
         return loss
 
