@@ -77,7 +77,7 @@ def owners_of(data: Path) -> list[str]:
 
 def prepare(data: Path, work: Path, args) -> tuple[Path, dict[str, dict[str, Path]]]:
     from flexmoe.anchor import pretrain
-    from flexmoe.expert.train import ExpertSpec, train_expert
+    from flexmoe.expert.train import PUBLIC_MIX, ExpertSpec, train_expert
     from flexmoe.routing_stats import ANCHOR_FILE, compute_for_package, publish_anchor_stats
 
     anchor = work / "anchor"
@@ -110,7 +110,7 @@ def prepare(data: Path, work: Path, args) -> tuple[Path, dict[str, dict[str, Pat
                     spec=spec,
                     steps=args.expert_steps,
                     public=[home / "public"],
-                    public_mix=args.public_mix,
+                    public_mix=PUBLIC_MIX if args.public_mix is None else args.public_mix,
                     quiet=True,
                     force=True,  # a cached interrupted run with other settings starts over
                 )
@@ -172,7 +172,11 @@ def run_config(cfg: Config, anchor: Path, packages: dict, work: Path, blocks: di
     pkgs = [packages[cfg.variant][d] for d in owners]
     mdir = work / MODELS / cfg.model_key
     public = [anchor.parent / "owners" / owners[0] / "public"]
-    kw = {"calibrate": calibrator(public)} if cfg.calibrate else {"routing": cfg.method, "routing_bias": cfg.bias}
+    kw = (
+        {"calibrate": calibrator(public)}
+        if cfg.calibrate
+        else {"routing": cfg.method, "routing_bias": cfg.bias}
+    )
     if not (mdir / "all").exists():
         compose(anchor, pkgs, mdir / "all", **kw)
     out = {"composed": score(load(mdir / "all", cfg), blocks, domains)}
@@ -284,7 +288,9 @@ def main() -> None:
     ap.add_argument("--expert-steps", type=int, default=60)
     ap.add_argument("--router-init", default="embed")
     ap.add_argument("--aux", type=float, default=0.1)
-    ap.add_argument("--public-mix", type=float, default=0.3, help="share of public sequences in training")
+    ap.add_argument(
+        "--public-mix", type=float, default=None, help="share of public sequences (default: flexmoe's)"
+    )
     ap.add_argument("--eval-blocks", type=int, default=32)
     ap.add_argument("--bootstrap", type=int, default=200)
     ap.add_argument("--only", nargs="*", help="substrings of configuration names to run")

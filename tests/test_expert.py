@@ -16,7 +16,7 @@ from flexmoe.cli import app
 from flexmoe.data import read_documents
 from flexmoe.errors import FlexmoeError
 from flexmoe.expert.package import MANIFEST, TENSOR_FILE, package_bytes, verify
-from flexmoe.expert.train import ExpertSpec, train_expert
+from flexmoe.expert.train import PUBLIC_MIX, ExpertSpec, train_expert
 
 STEPS = 30
 
@@ -142,7 +142,7 @@ def test_resume_gives_the_same_expert(tiny_anchor, demo_data, tmp_path):
     first = train_expert(tiny_anchor, [demo_data / "math"], "m", tmp_path / "res", stop_after=3, **kw)
     assert first == {"finished": False} and not (tmp_path / "res").exists()
     m = train_expert(tiny_anchor, [demo_data / "math"], "m", tmp_path / "res", resume=True, **kw)
-    assert m["data"]["public_mix"]["fraction"] == 0.3 and m["data"]["public_mix"]["blocks"] > 0
+    assert m["data"]["public_mix"]["fraction"] == PUBLIC_MIX and m["data"]["public_mix"]["blocks"] > 0
     a = load_file(str(tmp_path / "full" / TENSOR_FILE))
     b = load_file(str(tmp_path / "res" / TENSOR_FILE))
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -30,7 +30,7 @@ from flexmoe.evaluate.run import evaluate_lm, load_lm, seq_len_of
 from flexmoe.expert.package import check, package_bytes, sign_package
 from flexmoe.expert.privacy import DPSettings
 from flexmoe.expert.stages import StageRun, settings_for, train_stage
-from flexmoe.expert.train import ExpertSpec, ExpertTrainSettings, train_expert
+from flexmoe.expert.train import PUBLIC_MIX, ExpertSpec, ExpertTrainSettings, train_expert
 from flexmoe.fileio import write_json
 from flexmoe.posttrain_demo import run_post_train_demo
 from flexmoe.router.calibrate import calibrator
@@ -242,7 +242,7 @@ def expert_train(
     public: list[Path] = typer.Option(
         None, "--public", help="Public documents to mix in (recommended: the router learns mine vs public)."
     ),
-    public_mix: float = typer.Option(0.3, help="Share of training sequences taken from --public."),
+    public_mix: float = typer.Option(PUBLIC_MIX, help="Share of training sequences taken from --public."),
     fsdp: bool = typer.Option(False, help="Shard anchor and expert with FSDP2 (large anchors; torchrun)."),
     activation_checkpointing: bool = typer.Option(
         False, help="Recompute activations in the backward pass (less memory, ~1/3 more compute)."
@@ -510,7 +510,6 @@ def compose_cmd(
     _summary(meta, out)
 
 
-
 def _calibration(calibrate: bool, public: list[Path] | None):
     """A calibrator on the public documents, or None; --public alone is a mistake worth naming."""
     if calibrate and not public:
@@ -684,8 +683,15 @@ def eval_cmd(
         raise FlexmoeError(f"--limit {limit} is below 1.", "pass a positive number of documents/items.")
     if composition:
         setup = CompositionSetup(
-            model, data, _names(owner), public, anchor, expert or (), seq_len or seq_len_of(model),
-            max_blocks, limit,
+            model,
+            data,
+            _names(owner),
+            public,
+            anchor,
+            expert or (),
+            seq_len or seq_len_of(model),
+            max_blocks,
+            limit,
         )
         r = evaluate_composition(setup, progress=lambda m: console.print(f"  {m}"))
         console.print(composition_table(r["composition"]))

@@ -621,7 +621,16 @@ def add(
     new = package_expert(package, joining)
     event = _event("add", expert=new.name)
     return _rewrite(
-        model, out, experts + [new], meta, event, top_k, force, max_shard_bytes, calibrate, provenance,
+        model,
+        out,
+        experts + [new],
+        meta,
+        event,
+        top_k,
+        force,
+        max_shard_bytes,
+        calibrate,
+        provenance,
         joining=((package, joining),),
     )
 
@@ -659,7 +668,16 @@ def update(
     experts[names.index(name)] = package_expert(package, joining)
     event = _event("update", expert=name)
     return _rewrite(
-        model, out, experts, meta, event, None, force, max_shard_bytes, calibrate, provenance,
+        model,
+        out,
+        experts,
+        meta,
+        event,
+        None,
+        force,
+        max_shard_bytes,
+        calibrate,
+        provenance,
         joining=((package, joining),),
     )
 

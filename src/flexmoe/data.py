@@ -119,6 +119,8 @@ def describe_read(summary: dict) -> str:
         f"{k}: {v['files']} file(s), {v['documents']} documents ({how.get(k, '')}), {v['chars']:,} chars"
         for k, v in sorted(summary.items())
     )
+
+
 TEST_SPLIT = "test"  # held-out evaluation data: test.jsonl/.txt/.parquet, or anything under a test/ folder
 
 

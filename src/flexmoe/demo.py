@@ -27,7 +27,7 @@ from flexmoe.evaluate.metrics import HFLM
 from flexmoe.evaluate.report import composition_table, headline, write_report
 from flexmoe.evaluate.run import evaluate_lm, load_lm
 from flexmoe.evaluate.tasks import load_tasks
-from flexmoe.expert.train import EXPERT_PRESETS, ExpertSpec, train_expert
+from flexmoe.expert.train import EXPERT_PRESETS, PUBLIC_MIX, ExpertSpec, train_expert
 from flexmoe.fileio import save_pretrained_atomic
 from flexmoe.router.calibrate import calibrator
 from flexmoe.router.proxy import select_proxy
@@ -52,7 +52,7 @@ class DemoPreset:
     eval_blocks: int
     eval_items: int | None
     router_init: str = "embed"
-    public_mix: float = 0.3  # share of public sequences in each owner's training (router negatives)
+    public_mix: float = PUBLIC_MIX  # share of public sequences in each owner's training (router negatives)
     rt_steps: int = 30  # router training on the proxy sets (flexolmo_rt)
     # Hashed n-grams: the MiniLM embedder needs about 45 s per owner for this pool on 2 CPU cores, and
     # the demo's domains are separable either way (held-out accuracy in the proxy manifests).

@@ -52,6 +52,7 @@ def membership_sets(
     train_docs: Sequence[str], held_out_docs: Sequence[str], tokenizer, seq_len: int, n: int, seed: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``n`` blocks the owner trained on (packed exactly as in training) and ``n`` held-out blocks."""
+
     def pick(blocks: torch.Tensor, salt: str) -> torch.Tensor:
         idx = random.Random(f"{seed}-{salt}").sample(range(len(blocks)), min(n, len(blocks)))
         return blocks[sorted(idx)]

@@ -146,11 +146,11 @@ def headline(models: dict, costs: dict) -> dict:
         d = models[m]["details"]
         out[m] = {
             "average": task_average(d["tasks"]),
-            "tasks": {
-                t: (s.get("acc_norm") or s.get("exact_match")) for t, s in d["tasks"].items()
+            "tasks": {t: (s.get("acc_norm") or s.get("exact_match")) for t, s in d["tasks"].items()},
+            "perplexity": {
+                k: {"value": v["perplexity"], "ci95": v["ci95"], "documents": v.get("documents")}
+                for k, v in d["perplexity"].items()
             },
-            "perplexity": {k: {"value": v["perplexity"], "ci95": v["ci95"], "documents": v.get("documents")}
-                           for k, v in d["perplexity"].items()},
             "cost": costs.get(m),
         }
     return out
@@ -166,8 +166,13 @@ def headline_markdown(h: dict) -> list[str]:
     first = next(iter(h.values()))
     domains, tasks = list(first["perplexity"]), list(first["tasks"])
     lines = ["## Headline comparison (95% intervals)", ""]
-    lines += ["| model | average | " + " | ".join(f"ppl {d}" for d in domains) + " | "
-              + " | ".join(tasks) + " | forward passes / token | GFLOPs / token |"]
+    lines += [
+        "| model | average | "
+        + " | ".join(f"ppl {d}" for d in domains)
+        + " | "
+        + " | ".join(tasks)
+        + " | forward passes / token | GFLOPs / token |"
+    ]
     lines += ["|" + "---|" * (4 + len(domains) + len(tasks))]
     for m, r in h.items():
         a = r["average"]
@@ -175,8 +180,10 @@ def headline_markdown(h: dict) -> list[str]:
         cells += [_interval(p["value"], p["ci95"], ".2f") for p in r["perplexity"].values()]
         cells += [_interval(s["value"], s["ci95"], ".1f", 100) for s in r["tasks"].values()]
         c = r.get("cost") or {}
-        cells += [str(c.get("forward_passes", "-")),
-                  f"{c['flops'] / 1e9:.4f}" if c.get("flops") is not None else "-"]
+        cells += [
+            str(c.get("forward_passes", "-")),
+            f"{c['flops'] / 1e9:.4f}" if c.get("flops") is not None else "-",
+        ]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     n_items = {t: s["n"] for t, s in first["tasks"].items()}
     docs = {d: p.get("documents") for d, p in first["perplexity"].items()}

@@ -342,7 +342,6 @@ def register_grad_samplers() -> None:
     require_opacus()
     from opacus.grad_sample.utils import register_grad_sampler
 
-
     @register_grad_sampler(RouterRow)
     def _router_row(layer: RouterRow, activations: list[torch.Tensor], backprops: torch.Tensor):
         x, g = activations[0].float(), backprops.float()  # x [B, ..., H], g [B, ..., 1]
@@ -395,7 +394,6 @@ def check_batch_axis(model: nn.Module, modules: list[tuple[str, nn.Module]], ids
             seen.setdefault(name, tuple(args[0].shape))
 
         return hook
-
 
     handles = [m.register_forward_pre_hook(record(n)) for n, m in modules]
     was_training = model.training
@@ -604,7 +602,6 @@ def _dp_backward(step: DPStep, ids: torch.Tensor, labels: torch.Tensor) -> float
     ``dp_opt.step()`` needs (per-sample gradients, or clipped sums for ghost clipping). Returns the
     summed loss, for display only."""
     from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
-
 
     params, mode, device = step.loop.params, step.mode, step.loop.device
     if len(ids) == 0:  # an empty Poisson batch is still a step: the update is pure noise
