@@ -391,6 +391,30 @@ def test_ledger_has_every_request_and_reports(server, fed, tmp_path):
     assert "acme" in text and "totals" in text
 
 
+def test_a_client_that_disconnects_mid_stream_is_still_billed(server):
+    """The tokens made before a streaming client went away used the owners' experts: the request is
+    in the ledger (finish reason 'cancelled'), and its row of the batch was freed early."""
+    from sqlalchemy import select
+
+    from flexmoe.serve.ledger import requests
+
+    before = server.state.ledger.count()
+    body = {"model": NAME, "prompt": "The court", "max_tokens": 400, "stream": True, "ignore_eos": True}
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        with c.stream("POST", "/v1/completions", json=body) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: ") and json.loads(line[6:])["choices"][0]["text"]:
+                    break  # one token received: hang up
+    for _ in range(300):
+        if server.state.ledger.count() == before + 1:
+            break
+        time.sleep(0.1)
+    assert server.state.ledger.count() == before + 1
+    with server.state.ledger.engine.connect() as conn:
+        last = conn.execute(select(requests).order_by(requests.c.created.desc()).limit(1)).one()
+    assert last.finish_reason == "cancelled" and 0 < last.completion_tokens < 400
+
+
 def test_ledger_survives_kill_9(fed, tmp_path):
     port = free_port()
     db = tmp_path / "ledger.sqlite"

@@ -118,6 +118,7 @@ class State:
     model_dir: Path
     versions: int = 0
     admin_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    pending: set = field(default_factory=set)  # ledger writes of streams whose client went away
 
 
 def load(settings: Settings, path: Path | None = None) -> Composed:
@@ -382,6 +383,7 @@ def _chunk(kind: str, meta: dict, delta: str | None, reason: str | None, extra: 
 
 
 async def _stream(state: State, job: Job, events: asyncio.Queue, kind: str, meta: dict, request: Request):
+    recorded = False
     try:
         if kind == "chat.completion":
             yield _chunk(kind, meta, "", None).replace('"content": ""', '"role": "assistant", "content": ""')
@@ -400,6 +402,7 @@ async def _stream(state: State, job: Job, events: asyncio.Queue, kind: str, meta
                 return
             else:
                 await _write_ahead(state, meta["model"], kind, p)
+                recorded = True
                 extra = {"usage": _usage(p), "flexmoe": {"attribution": p.attribution}}
                 yield _chunk(
                     kind, meta, None, "stop" if p.finish_reason == "cancelled" else p.finish_reason, extra
@@ -408,6 +411,25 @@ async def _stream(state: State, job: Job, events: asyncio.Queue, kind: str, meta
                 return
     finally:
         job.cancelled.set()  # a client that went away frees its row in the batch
+        if not recorded:
+            # The tokens made before the client went away used the owners' experts: they are billed
+            # once the engine hands back the cancelled job (a task, since this generator is closing).
+            state.pending.add(
+                asyncio.get_running_loop().create_task(_record_when_done(state, job, events, kind, meta))
+            )
+
+
+async def _record_when_done(state: State, job: Job, events: asyncio.Queue, kind: str, meta: dict) -> None:
+    try:
+        while True:
+            k, p = await events.get()
+            if k == "error":
+                return
+            if k == "done":
+                await _write_ahead(state, meta["model"], kind, p)
+                return
+    finally:
+        state.pending.discard(asyncio.current_task())
 
 
 def _governance_routes(app: FastAPI, state: State) -> None:
