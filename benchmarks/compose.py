@@ -209,7 +209,7 @@ def child_baseline() -> None:
 
 
 def child_compose(anchor: str, packages: list[str], out: str, shard_bytes: int) -> None:
-    from flexmoe.compose import compose
+    from flexmoe.compose import UNSIGNED_OK, compose
 
     sampler = RssSampler()
     sampler.sample()
@@ -217,7 +217,13 @@ def child_compose(anchor: str, packages: list[str], out: str, shard_bytes: int) 
     hwm_before = status_kb("VmHWM")
     sampler.start()
     t0 = time.perf_counter()
-    compose(Path(anchor), [Path(p) for p in packages], Path(out), max_shard_bytes=shard_bytes)
+    compose(
+        Path(anchor),
+        [Path(p) for p in packages],
+        Path(out),
+        max_shard_bytes=shard_bytes,
+        provenance=UNSIGNED_OK,
+    )
     seconds = time.perf_counter() - t0
     sampler.stop.set()
     sampler.join()

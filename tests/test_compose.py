@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from flexmoe.cli import app
-from flexmoe.compose import BIAS_FILE, FLEXMOE_JSON, add, compose, default_top_k, remove, update
+from flexmoe.compose import BIAS_FILE, FLEXMOE_JSON, UNSIGNED_OK, add, compose, default_top_k, remove, update
 from flexmoe.data import read_documents
 from flexmoe.errors import FlexmoeError
 from flexmoe.expert.train import ExpertSpec, train_expert
@@ -33,7 +33,7 @@ def experts(tiny_anchor, demo_data, tmp_path_factory):
 @pytest.fixture(scope="module")
 def model(tiny_anchor, experts, tmp_path_factory):
     out = tmp_path_factory.mktemp("models") / "all"
-    compose(tiny_anchor, [experts / d for d in DOMAINS], out, top_k=2)
+    compose(tiny_anchor, [experts / d for d in DOMAINS], out, top_k=2, provenance=UNSIGNED_OK)
     return out
 
 
@@ -78,7 +78,13 @@ def test_flexmoe_json_records_everything(model, tiny_anchor, experts):
 
 def test_remove_equals_compose_without(model, tiny_anchor, experts, tmp_path):
     remove(model, "math", tmp_path / "removed")
-    compose(tiny_anchor, [experts / "code", experts / "legal"], tmp_path / "fresh", top_k=2)
+    compose(
+        tiny_anchor,
+        [experts / "code", experts / "legal"],
+        tmp_path / "fresh",
+        top_k=2,
+        provenance=UNSIGNED_OK,
+    )
     assert _weight_files(tmp_path / "removed") == _weight_files(tmp_path / "fresh")
     assert (tmp_path / "removed" / "config.json").read_bytes() == (
         tmp_path / "fresh" / "config.json"
@@ -90,9 +96,9 @@ def test_remove_equals_compose_without(model, tiny_anchor, experts, tmp_path):
 
 def test_add_and_update_keep_other_experts_identical(model, experts, tiny_anchor, tmp_path):
     remove(model, "legal", tmp_path / "three")
-    add(tmp_path / "three", experts / "legal", tmp_path / "four")
+    add(tmp_path / "three", experts / "legal", tmp_path / "four", provenance=UNSIGNED_OK)
     assert _weight_files(tmp_path / "four") == _weight_files(model)  # same set, same order -> same bytes
-    update(model, experts / "math_v2", tmp_path / "upd")
+    update(model, experts / "math_v2", tmp_path / "upd", provenance=UNSIGNED_OK)
     old, new = (
         load_file(str(model / "model.safetensors")),
         load_file(str(tmp_path / "upd" / "model.safetensors")),
@@ -131,7 +137,12 @@ def test_routing_shares(model):
 
 def test_sharded_output_loads_and_matches(model, tiny_anchor, experts, tmp_path):
     compose(
-        tiny_anchor, [experts / d for d in DOMAINS], tmp_path / "sharded", top_k=2, max_shard_bytes=1 << 20
+        tiny_anchor,
+        [experts / d for d in DOMAINS],
+        tmp_path / "sharded",
+        top_k=2,
+        max_shard_bytes=1 << 20,
+        provenance=UNSIGNED_OK,
     )
     index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
     shards = set(index["weight_map"].values())
@@ -147,10 +158,10 @@ def test_sharded_output_loads_and_matches(model, tiny_anchor, experts, tmp_path)
 def test_default_top_k_rule_and_clamp(tiny_anchor, experts, tmp_path):
     assert [default_top_k(e) for e in (2, 3, 4, 5, 8)] == [2, 2, 2, 3, 4]
     with pytest.warns(UserWarning, match="exceeds"):
-        meta = compose(tiny_anchor, [experts / "code"], tmp_path / "k", top_k=9)
+        meta = compose(tiny_anchor, [experts / "code"], tmp_path / "k", top_k=9, provenance=UNSIGNED_OK)
     assert meta["top_k"] == 2
     with pytest.raises(FlexmoeError, match="below 1"):
-        compose(tiny_anchor, [experts / "code"], tmp_path / "k0", top_k=0)
+        compose(tiny_anchor, [experts / "code"], tmp_path / "k0", top_k=0, provenance=UNSIGNED_OK)
 
 
 def test_bias_is_kept_beside_the_hf_weights(model):
@@ -165,16 +176,16 @@ def test_bad_inputs_leave_everything_untouched(model, tiny_anchor, experts, tmp_
     w["model.norm.weight"] = w["model.norm.weight"] + 1
     save_file(w, str(other / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(FlexmoeError, match="different anchor"):
-        compose(other, [experts / "code"], tmp_path / "x")
+        compose(other, [experts / "code"], tmp_path / "x", provenance=UNSIGNED_OK)
     tampered = tmp_path / "tampered"
     shutil.copytree(experts / "code", tampered)
     raw = bytearray((tampered / "expert.safetensors").read_bytes())
     raw[-5] ^= 1
     (tampered / "expert.safetensors").write_bytes(bytes(raw))
     with pytest.raises(FlexmoeError, match="tampered"):
-        compose(tiny_anchor, [experts / "math", tampered], tmp_path / "x")
+        compose(tiny_anchor, [experts / "math", tampered], tmp_path / "x", provenance=UNSIGNED_OK)
     with pytest.raises(FlexmoeError, match="Duplicate"):
-        compose(tiny_anchor, [experts / "math", experts / "math_v2"], tmp_path / "x")
+        compose(tiny_anchor, [experts / "math", experts / "math_v2"], tmp_path / "x", provenance=UNSIGNED_OK)
     assert not (tmp_path / "x").exists()
     before = _weight_files(model)
     with pytest.raises(FlexmoeError, match="No expert named 'nope'"):
@@ -182,7 +193,7 @@ def test_bad_inputs_leave_everything_untouched(model, tiny_anchor, experts, tmp_
     with pytest.raises(FlexmoeError, match="cannot be removed"):
         remove(model, "public", tmp_path / "y")
     with pytest.raises(FlexmoeError, match="already in the model"):
-        add(model, experts / "code", tmp_path / "y")
+        add(model, experts / "code", tmp_path / "y", provenance=UNSIGNED_OK)
     (tmp_path / "exists").mkdir()
     with pytest.raises(FlexmoeError, match="already exists"):
         remove(model, "code", tmp_path / "exists")
@@ -200,7 +211,7 @@ def test_llama_family_composite_loads_with_remote_code(demo_data, tmp_path):
     train_expert(
         anchor, [demo_data / "code"], "c", tmp_path / "c", steps=2, seq_len=64, quiet=True, spec=spec
     )
-    compose(anchor, [tmp_path / "c"], tmp_path / "m")
+    compose(anchor, [tmp_path / "c"], tmp_path / "m", provenance=UNSIGNED_OK)
     assert (tmp_path / "m" / "modeling_flexmoe.py").is_file()
     hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "m"), trust_remote_code=True).eval()
     ours = from_pretrained(tmp_path / "m")

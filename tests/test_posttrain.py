@@ -343,17 +343,17 @@ def _tensors(model_dir: Path) -> dict[str, bytes]:
 
 @pytest.mark.parametrize("method", ["mean", "ties"])
 def test_opt_out_after_post_training_is_bit_identical(post, tmp_path, method):
-    from flexmoe.compose import compose, remove
+    from flexmoe.compose import UNSIGNED_OK, compose, remove
 
     a, b, c = post["code"], post["math"], post["legal"]
-    full = compose(post["anchor"], [a, b, c], tmp_path / "abc", shared_merge=method)
+    full = compose(post["anchor"], [a, b, c], tmp_path / "abc", shared_merge=method, provenance=UNSIGNED_OK)
     assert full["shared_merge"]["method"] == method and set(full["shared_merge"]["deltas"]) == {
         "code",
         "math",
         "legal",
     }
     remove(tmp_path / "abc", "math", tmp_path / "ac-removed")
-    compose(post["anchor"], [a, c], tmp_path / "ac", shared_merge=method)
+    compose(post["anchor"], [a, c], tmp_path / "ac", shared_merge=method, provenance=UNSIGNED_OK)
     got, want = _tensors(tmp_path / "ac-removed"), _tensors(tmp_path / "ac")
     assert got.keys() == want.keys() and all(got[k] == want[k] for k in want)
     # and the merge really changed shared tensors (so the test could fail)
@@ -365,9 +365,9 @@ def test_opt_out_after_post_training_is_bit_identical(post, tmp_path, method):
 def test_mean_merge_is_the_plain_average_over_anchor_and_experts(post, tmp_path):
     from safetensors.torch import load_file
 
-    from flexmoe.compose import compose
+    from flexmoe.compose import UNSIGNED_OK, compose
 
-    compose(post["anchor"], [post["code"], post["math"]], tmp_path / "m")
+    compose(post["anchor"], [post["code"], post["math"]], tmp_path / "m", provenance=UNSIGNED_OK)
     base = load_file(str(post["anchor"] / "model.safetensors"))["lm_head.weight"]
     deltas = [
         load_file(str(post[d] / "shared_delta.safetensors"))["lm_head.weight"] for d in ("code", "math")
@@ -379,9 +379,9 @@ def test_mean_merge_is_the_plain_average_over_anchor_and_experts(post, tmp_path)
 def test_composed_export_has_a_working_chat_template_in_stock_transformers(post, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from flexmoe.compose import compose
+    from flexmoe.compose import UNSIGNED_OK, compose
 
-    compose(post["anchor"], [post["code"], post["math"]], tmp_path / "m")
+    compose(post["anchor"], [post["code"], post["math"]], tmp_path / "m", provenance=UNSIGNED_OK)
     tok = AutoTokenizer.from_pretrained(str(tmp_path / "m"))
     model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "m"))
     assert type(model).__name__ == "FlexOlmoForCausalLM"
@@ -440,9 +440,11 @@ def test_post_training_block_has_the_issue_schema():
 
 
 def test_remove_refuses_a_tampered_kept_delta(post, tmp_path):
-    from flexmoe.compose import compose, remove
+    from flexmoe.compose import UNSIGNED_OK, compose, remove
 
-    compose(post["anchor"], [post["code"], post["math"], post["legal"]], tmp_path / "m")
+    compose(
+        post["anchor"], [post["code"], post["math"], post["legal"]], tmp_path / "m", provenance=UNSIGNED_OK
+    )
     kept = tmp_path / "m" / "flexmoe_shared" / "code.safetensors"
     with open(kept, "r+b") as f:
         f.seek(-4, 2)

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from flexmoe.cli import app
-from flexmoe.compose import FLEXMOE_JSON, compose
+from flexmoe.compose import FLEXMOE_JSON, UNSIGNED_OK, compose
 from flexmoe.data import read_documents
 from flexmoe.errors import FlexmoeError
 from flexmoe.expert import privacy as P
@@ -257,7 +257,7 @@ def test_dp_manifest_inspect_and_compose(dp_expert, anchor, tmp_path):
     assert all("train_loss" not in h for h in m["history"])  # training losses are not privatised
     r = CliRunner().invoke(app, ["expert", "inspect", str(out)])
     assert r.exit_code == 0 and "DP per sequence" in r.output and "noise multiplier" in r.output
-    meta = compose(anchor, [out], tmp_path / "model")
+    meta = compose(anchor, [out], tmp_path / "model", provenance=UNSIGNED_OK)
     assert meta["experts"][1]["manifest"]["dp"] == dp
     on_disk = json.loads((tmp_path / "model" / FLEXMOE_JSON).read_text())
     assert on_disk["experts"][1]["manifest"]["dp"]["epsilon"] == dp["epsilon"]

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from flexmoe.cli import app
-from flexmoe.compose import BIAS_FILE, CALIBRATION_FILE, FLEXMOE_JSON, compose, remove
+from flexmoe.compose import BIAS_FILE, CALIBRATION_FILE, FLEXMOE_JSON, UNSIGNED_OK, compose, remove
 from flexmoe.data import read_documents
 from flexmoe.errors import FlexmoeError
 from flexmoe.expert.package import TENSOR_FILE, verify, write_package
@@ -80,7 +80,7 @@ def proxies(packages, demo_data, tmp_path_factory):
 @pytest.fixture(scope="module")
 def model(tiny_anchor, packages, tmp_path_factory):
     out = tmp_path_factory.mktemp("rmodels") / "plain"
-    compose(tiny_anchor, [packages / d for d in OWNERS], out)
+    compose(tiny_anchor, [packages / d for d in OWNERS], out, provenance=UNSIGNED_OK)
     return out
 
 
@@ -218,8 +218,8 @@ def test_calibration_is_deterministic_and_recomputed_on_opt_out(
 ):
     pub = [demo_data / "public"]
     pk = [packages / d for d in OWNERS]
-    compose(tiny_anchor, pk, tmp_path / "a", calibrate=calibrator(pub))
-    compose(tiny_anchor, pk, tmp_path / "b", calibrate=calibrator(pub))
+    compose(tiny_anchor, pk, tmp_path / "a", calibrate=calibrator(pub), provenance=UNSIGNED_OK)
+    compose(tiny_anchor, pk, tmp_path / "b", calibrate=calibrator(pub), provenance=UNSIGNED_OK)
     assert _bytes(tmp_path / "a") == _bytes(tmp_path / "b")
     changed = {k for k, v in _weights(model).items() if not torch.equal(v, _weights(tmp_path / "a")[k])}
     assert changed and all(k.endswith(".mlp.gate.weight") for k in changed)
@@ -228,7 +228,7 @@ def test_calibration_is_deterministic_and_recomputed_on_opt_out(
     assert all(abs(a - t) < 1e-3 for a, t in zip(share["after"], share["target"], strict=True))
     # Opt-out recalibrates from the trained rows: the same bytes as calibrating the smaller set.
     remove(tmp_path / "a", "legal", tmp_path / "rm", calibrate=calibrator(pub))
-    compose(tiny_anchor, pk[:1], tmp_path / "fresh", calibrate=calibrator(pub))
+    compose(tiny_anchor, pk[:1], tmp_path / "fresh", calibrate=calibrator(pub), provenance=UNSIGNED_OK)
     assert _bytes(tmp_path / "rm") == _bytes(tmp_path / "fresh")
     # One owner: the composed model is that owner's 2-expert training model, nothing to correct.
     assert rec and all(
@@ -239,7 +239,7 @@ def test_calibration_is_deterministic_and_recomputed_on_opt_out(
     )
     # Without --calibrate a change of experts returns to the trained rows: exactly a plain compose.
     remove(tmp_path / "a", "legal", tmp_path / "plain_rm")
-    compose(tiny_anchor, pk[:1], tmp_path / "plain_fresh")
+    compose(tiny_anchor, pk[:1], tmp_path / "plain_fresh", provenance=UNSIGNED_OK)
     assert _bytes(tmp_path / "plain_rm") == _bytes(tmp_path / "plain_fresh")
     assert not (tmp_path / "plain_rm" / CALIBRATION_FILE).exists()
     # Router training starts from the trained rows, not from a calibration of them.
@@ -276,8 +276,14 @@ def test_calibration_stops_an_over_eager_expert_stealing_public_tokens(
 
     greedy = _greedy_package(packages / "code", tmp_path / "greedy")
     pk = [packages / "legal", greedy]
-    compose(tiny_anchor, pk, tmp_path / "plain")
-    compose(tiny_anchor, pk, tmp_path / "cal", calibrate=calibrator([demo_data / "public"]))
+    compose(tiny_anchor, pk, tmp_path / "plain", provenance=UNSIGNED_OK)
+    compose(
+        tiny_anchor,
+        pk,
+        tmp_path / "cal",
+        calibrate=calibrator([demo_data / "public"]),
+        provenance=UNSIGNED_OK,
+    )
     # Over several held-out public documents: the realistic public pool holds some code, which the
     # code-derived greedy expert may claim on any single document.
     docs = read_documents([demo_data / "public" / "valid.jsonl"])[:8]

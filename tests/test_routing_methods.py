@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from flexmoe import routing_methods as M
-from flexmoe.compose import FLEXMOE_JSON, compose, remove
+from flexmoe.compose import FLEXMOE_JSON, UNSIGNED_OK, compose, remove
 from flexmoe.errors import FlexmoeError
 from flexmoe.routing_stats import (
     OWNER_FILE,
@@ -208,7 +208,14 @@ def test_owner_statistics_come_from_its_own_validation_data_only(routed, tiny_an
 def test_folded_stock_export_equals_runtime_and_opt_out_recomputes(routed, tiny_anchor, tmp_path, method):
     from flexmoe.runtime import from_pretrained
 
-    compose(tiny_anchor, [routed / d for d in OWNERS], tmp_path / "all", routing=method, top_k=2)
+    compose(
+        tiny_anchor,
+        [routed / d for d in OWNERS],
+        tmp_path / "all",
+        routing=method,
+        top_k=2,
+        provenance=UNSIGNED_OK,
+    )
     meta = json.loads((tmp_path / "all" / FLEXMOE_JSON).read_text())
     assert meta["routing"]["method"] == method and meta["routing"]["bias"] == "fold"
     hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "all")).eval()
@@ -217,7 +224,14 @@ def test_folded_stock_export_equals_runtime_and_opt_out_recomputes(routed, tiny_
     torch.testing.assert_close(ours.model(x).logits, hf(x).logits, atol=1e-5, rtol=1e-5)
     # Opt-out recomputes the method from what remains: equal to composing the remaining owners.
     remove(tmp_path / "all", "math", tmp_path / "removed")
-    compose(tiny_anchor, [routed / "code", routed / "legal"], tmp_path / "fresh", routing=method, top_k=2)
+    compose(
+        tiny_anchor,
+        [routed / "code", routed / "legal"],
+        tmp_path / "fresh",
+        routing=method,
+        top_k=2,
+        provenance=UNSIGNED_OK,
+    )
     a = load_file(str(tmp_path / "removed" / "model.safetensors"))
     b = load_file(str(tmp_path / "fresh" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -231,7 +245,14 @@ def test_folded_stock_export_equals_runtime_and_opt_out_recomputes(routed, tiny_
 def test_kept_bias_is_exact_in_the_runtime_and_dropped_by_the_export(routed, tiny_anchor, tmp_path):
     from flexmoe.runtime import from_pretrained
 
-    compose(tiny_anchor, [routed / d for d in OWNERS], tmp_path / "m", routing="lda", routing_bias="keep")
+    compose(
+        tiny_anchor,
+        [routed / d for d in OWNERS],
+        tmp_path / "m",
+        routing="lda",
+        routing_bias="keep",
+        provenance=UNSIGNED_OK,
+    )
     bias = load_file(str(tmp_path / "m" / "flexmoe_bias.safetensors"))
     assert all(float(v.max()) == 0.0 and float(v.min()) < 0 for v in bias.values())
     x = torch.randint(0, 500, (1, 12))

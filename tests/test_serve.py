@@ -27,7 +27,7 @@ import torch
 from typer.testing import CliRunner
 
 from flexmoe.cli import app as cli_app
-from flexmoe.compose import compose, remove
+from flexmoe.compose import UNSIGNED_OK, compose, remove
 from flexmoe.expert.train import train_expert
 
 openai = pytest.importorskip("openai")
@@ -53,7 +53,13 @@ def fed(tiny_anchor, demo_data, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("serve")
     for d in ("code", "legal"):
         train_expert(tiny_anchor, [demo_data / d], d, root / "pkg" / d, steps=3, quiet=True)
-    compose(tiny_anchor, [root / "pkg" / d for d in ("code", "legal")], root / NAME, top_k=2)
+    compose(
+        tiny_anchor,
+        [root / "pkg" / d for d in ("code", "legal")],
+        root / NAME,
+        top_k=2,
+        provenance=UNSIGNED_OK,
+    )
     remove(root / NAME, "legal", root / "removed")
     (root / NAME / "chat_template.jinja").write_text(CHAT_TEMPLATE)  # only the served model has one
     return {"root": root, "model": root / NAME, "removed": root / "removed", "pkg": root / "pkg"}

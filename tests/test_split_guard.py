@@ -92,7 +92,7 @@ def test_training_router_and_calibration_read_no_test_split(flat, demo_data, tmp
     from conftest import make_anchor_dir
 
     from flexmoe.anchor import pretrain
-    from flexmoe.compose import compose
+    from flexmoe.compose import UNSIGNED_OK, compose
     from flexmoe.expert.train import ExpertSpec, train_expert
     from flexmoe.router.calibrate import calibrator
     from flexmoe.router.proxy import select_proxy
@@ -128,7 +128,13 @@ def test_training_router_and_calibration_read_no_test_split(flat, demo_data, tmp
         )
         pkgs = [tmp_path / "code", tmp_path / "math"]
         select_proxy([flat["code"]], [flat["public"]], tmp_path / "proxy", features="ngram", quiet=True)
-        compose(tiny_anchor, pkgs, tmp_path / "cal", calibrate=calibrator([flat["public"]]))
+        compose(
+            tiny_anchor,
+            pkgs,
+            tmp_path / "cal",
+            calibrate=calibrator([flat["public"]]),
+            provenance=UNSIGNED_OK,
+        )
         train_router(
             tmp_path / "cal", [tmp_path / "proxy"], [flat["public"]], tmp_path / "rt", steps=1, quiet=True
         )

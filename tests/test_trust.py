@@ -15,7 +15,7 @@ import torch
 import trustkit
 from safetensors.torch import load_file, save_file
 
-from flexmoe.compose import Provenance, add, compose, load_meta, remove, update
+from flexmoe.compose import UNSIGNED_OK, Provenance, add, compose, load_meta, remove, update
 from flexmoe.errors import FlexmoeError
 from flexmoe.expert import package as pkg
 from flexmoe.fileio import atomic_dir, output_lock, sha256_file
@@ -180,6 +180,14 @@ def test_untrusted_signer_and_unsigned_are_refused_unless_allowed(kit, trust_roo
         compose(kit["anchor"], [unsigned], tmp_path / "o2", provenance=Provenance(Trust()))
     m = compose(kit["anchor"], [unsigned], tmp_path / "o3", provenance=Provenance(Trust(allow_unsigned=True)))
     assert m["experts"][1]["signer"] is None
+    # The Python API refuses unsigned packages by default, as the CLI does; the error names the opt-in.
+    with pytest.raises(FlexmoeError, match="UNSIGNED_OK"):
+        compose(kit["anchor"], [unsigned], tmp_path / "o4")
+    with pytest.raises(FlexmoeError, match="not signed"):
+        add(kit["model"], unsigned, tmp_path / "o5")
+    assert not (tmp_path / "o4").exists() and not (tmp_path / "o5").exists()
+    # A signed package needs no opt-in (any valid signature, trust on first use).
+    assert compose(kit["anchor"], [kit["pkg"]["code"]], tmp_path / "o6")["experts"][1]["signer"]
 
 
 def test_signed_model_records_signers_and_detects_tampering(kit, tmp_path):
@@ -204,7 +212,7 @@ def test_composed_anchor_fingerprint_is_recomputed(kit, tmp_path):
     m["anchor"]["fingerprint"] = "sha256:" + "2" * 64
     (bad / "flexmoe.json").write_text(json.dumps(m))
     with pytest.raises(FlexmoeError, match="do not match the anchor fingerprint"):
-        add(bad, kit["pkg"]["law"], tmp_path / "out")
+        add(bad, kit["pkg"]["law"], tmp_path / "out", provenance=UNSIGNED_OK)
     assert not (tmp_path / "out").exists()
 
 
@@ -291,12 +299,14 @@ def test_second_writer_is_refused_while_first_holds_the_output(kit, tmp_path):
     holder = _hold_lock(out, 60)
     try:
         with pytest.raises(FlexmoeError, match=r"Another flexmoe process \(pid \d+\) is writing"):
-            compose(kit["anchor"], [kit["pkg"]["code"]], out)
+            compose(kit["anchor"], [kit["pkg"]["code"]], out, provenance=UNSIGNED_OK)
         assert not out.exists()
     finally:
         holder.kill()
         holder.wait()
-    compose(kit["anchor"], [kit["pkg"]["code"]], out)  # the lock dies with its holder (kill -9 too)
+    compose(
+        kit["anchor"], [kit["pkg"]["code"]], out, provenance=UNSIGNED_OK
+    )  # the lock dies with its holder (kill -9 too)
     assert out.is_dir() and not list(tmp_path.glob(".model.*"))
 
 
@@ -346,7 +356,7 @@ def test_final_rename_rechecks_the_output(tmp_path):
 def test_unwritable_output_is_refused_before_work(kit, tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(FlexmoeError, match="parent"):
-        compose(kit["anchor"], [kit["pkg"]["code"]], tmp_path / "file" / "model")
+        compose(kit["anchor"], [kit["pkg"]["code"]], tmp_path / "file" / "model", provenance=UNSIGNED_OK)
 
 
 def test_resume_never_overwrites_and_refuses_other_data(trust_root, tmp_path):

@@ -330,6 +330,16 @@ class Provenance:
     sign_key: object | None = None
 
 
+# What a caller passes to accept unsigned packages on purpose (the CLI's --allow-unsigned): tests, the
+# embedded demo, benchmarks. Without it, compose/add/update refuse an unsigned package, as the CLI does.
+UNSIGNED_OK = Provenance(trust=signing.Trust(allow_unsigned=True))
+
+
+def _trust(provenance: Provenance | None) -> signing.Trust:
+    """The signatures accepted: the caller's, else signed packages only (any valid signature)."""
+    return provenance.trust if provenance is not None and provenance.trust is not None else signing.Trust()
+
+
 def _publish(tmp: Path, meta: dict, prov: Provenance | None) -> dict:
     if prov is not None and prov.sign_key is not None:
         signing.sign_dir(tmp, prov.sign_key, MODEL_KIND)
@@ -356,9 +366,10 @@ def compose(
     ``calibrate`` (``flexmoe.router.calibrate.calibrator(public_paths)``) recalibrates the router for
     this set of experts. ``shared_merge`` (mean or ties) merges the shared tensors that post-trained
     experts changed (``flexmoe.compose_shared``). ``provenance``: signatures accepted and the signing
-    key (default: unsigned packages accepted, a signature that does not verify refused; the CLI
-    requires signatures). ``routing`` names a compose-time routing method (``flexmoe.routing_methods``;
-    recorded in ``flexmoe.json`` and recomputed on every later change).
+    key (default: signed packages only, any valid signature, as the CLI; ``UNSIGNED_OK`` accepts
+    unsigned ones on purpose; a signature that does not verify is always refused). ``routing`` names a
+    compose-time routing method (``flexmoe.routing_methods``; recorded in ``flexmoe.json`` and
+    recomputed on every later change).
     """
     _check_calibrator(calibrate)
 
@@ -373,7 +384,7 @@ def compose(
         )
     check_output_dir(Path(out), force)
     anchor_fp = fingerprint(anchor)  # recomputed from the tensors, never read from a manifest
-    checked = check_packages(anchor_fp, config, packages, provenance and provenance.trust)
+    checked = check_packages(anchor_fp, config, packages, _trust(provenance))
     check_published_row(anchor, packages, config["num_hidden_layers"])
     k = resolve_top_k(top_k, len(packages) + 1)
     reader = TensorReader(anchor)
@@ -616,7 +627,7 @@ def add(
     ``calibrate``: as for ``remove``."""
     check_output_dir(Path(out), force)
     reader, meta, experts = _current(model)
-    trust = provenance and provenance.trust
+    trust = _trust(provenance)
     joining = _check_joining(meta, experts[0], package, {e.name for e in experts}, trust)
     new = package_expert(package, joining)
     event = _event("add", expert=new.name)
@@ -651,7 +662,7 @@ def update(
     Trust on first use: an expert recorded as signed by a key must be updated by the same key."""
     check_output_dir(Path(out), force)
     reader, meta, experts = _current(model)
-    trust = provenance and provenance.trust
+    trust = _trust(provenance)
     name = pkg.verify(package, trust)["name"]
     names = [e.name for e in experts]
     if name not in names[1:]:

@@ -18,7 +18,7 @@ from rich.console import Console
 
 from flexmoe.anchor import default_embedder, load_anchor, load_config, pretrain
 from flexmoe.audit.demo import PRIVACY_PRESETS, PrivacyRun, plant_demo_canaries, privacy_section
-from flexmoe.compose import compose, load_meta, remove
+from flexmoe.compose import UNSIGNED_OK, compose, load_meta, remove
 from flexmoe.corpora import build_demo_corpora
 from flexmoe.errors import FlexmoeError
 from flexmoe.evaluate import baselines as B
@@ -188,7 +188,7 @@ def train_owner(
 
 def compose_and_opt_out(models: Path, anchor: Path, packages: list[Path], steps: Steps) -> None:
     if not (models / "flexolmo").exists():
-        steps.run("compose", compose, anchor, packages, models / "flexolmo")
+        steps.run("compose", compose, anchor, packages, models / "flexolmo", provenance=UNSIGNED_OK)
     for d in OWNERS:
         if not (models / f"flexolmo_without_{d}").exists():
             steps.run("opt-out", remove, models / "flexolmo", d, models / f"flexolmo_without_{d}")
@@ -251,7 +251,9 @@ def router_variants(
         # Opt-out after router training: the owner's FFN and row go, the other trained rows stay.
         steps.run("opt-out", remove, rt, REMOVED, models / f"flexolmo_rt_without_{REMOVED}")
     if not cal.exists():
-        steps.run("calibrate", compose, anchor, packages, cal, calibrate=calibrator(public))
+        steps.run(
+            "calibrate", compose, anchor, packages, cal, calibrate=calibrator(public), provenance=UNSIGNED_OK
+        )
     if not (models / f"flexolmo_calibrated_without_{REMOVED}").exists():
         steps.run(
             "calibrate",

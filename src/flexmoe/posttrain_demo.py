@@ -31,7 +31,7 @@ from flexmoe.anchor import load_anchor, pretrain
 from flexmoe.anchor_sft import sft_anchor
 from flexmoe.chat import chat_splits, generate, reply_text, well_formed
 from flexmoe.chat_data import build_chat_sets, correct, read_tasks
-from flexmoe.compose import compose, remove
+from flexmoe.compose import UNSIGNED_OK, compose, remove
 from flexmoe.corpora import build_demo_corpora
 from flexmoe.demo import Steps
 from flexmoe.errors import FlexmoeError
@@ -180,7 +180,16 @@ def compose_all(workdir: Path, pk: dict, p: PostTrainPreset, steps, quiet: bool)
     m, a = workdir / "post" / "models", pk["anchor"]
     prog = [pk[f"{d}-progressive"] for d in OWNERS]
     out = {
-        "merged_mean": _once(m / "merged_mean", steps, "compose (mean)", compose, a, prog, m / "merged_mean"),
+        "merged_mean": _once(
+            m / "merged_mean",
+            steps,
+            "compose (mean)",
+            compose,
+            a,
+            prog,
+            m / "merged_mean",
+            provenance=UNSIGNED_OK,
+        ),
         "merged_ties": _once(
             m / "merged_ties",
             steps,
@@ -190,6 +199,7 @@ def compose_all(workdir: Path, pk: dict, p: PostTrainPreset, steps, quiet: bool)
             prog,
             m / "merged_ties",
             shared_merge="ties",
+            provenance=UNSIGNED_OK,
         ),
         "merged_frozen": _once(
             m / "merged_frozen",
@@ -199,6 +209,7 @@ def compose_all(workdir: Path, pk: dict, p: PostTrainPreset, steps, quiet: bool)
             a,
             [pk[f"{d}-frozen"] for d in OWNERS],
             m / "merged_frozen",
+            provenance=UNSIGNED_OK,
         ),
     }
     out |= router_options(workdir, pk, out["merged_mean"], p, steps, quiet)
@@ -212,7 +223,16 @@ def compose_all(workdir: Path, pk: dict, p: PostTrainPreset, steps, quiet: bool)
         m / "optout_removed",
     )
     never = [pk["code-progressive"], pk["legal-progressive"]]
-    _once(m / "optout_never", steps, "compose without math", compose, a, never, m / "optout_never")
+    _once(
+        m / "optout_never",
+        steps,
+        "compose without math",
+        compose,
+        a,
+        never,
+        m / "optout_never",
+        provenance=UNSIGNED_OK,
+    )
     return out
 
 
@@ -257,6 +277,7 @@ def router_options(workdir: Path, pk: dict, merged: Path, p: PostTrainPreset, st
         prog,
         m / "router_private",
         calibrate=calibrator([pub_text]),
+        provenance=UNSIGNED_OK,
     )
     return out
 

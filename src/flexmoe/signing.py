@@ -160,7 +160,8 @@ def verify_dir(directory: Path, kind: str, trust: Trust) -> str | None:
             return None
         raise FlexmoeError(
             f"{directory} is not signed (no {SIGNATURE}).",
-            "ask its author to sign it ('flexmoe expert sign'), or pass --allow-unsigned to accept it.",
+            "ask its author to sign it ('flexmoe expert sign'), or pass --allow-unsigned to accept it "
+            "(Python: provenance=flexmoe.compose.UNSIGNED_OK).",
         )
     try:
         record = json.loads(sig.read_text(encoding="utf-8"))
