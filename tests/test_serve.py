@@ -121,6 +121,7 @@ def server(fed, keys):
             db=f"sqlite:///{fed['root'] / 'ledger.sqlite'}",
             audit_log=fed["root"] / "audit.jsonl",
             workdir=fed["root"] / "versions",
+            allow_unsigned=True,  # the fixture's packages are unsigned (admin add/update checks them)
         )
     )
     yield s

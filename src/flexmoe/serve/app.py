@@ -34,6 +34,7 @@ from flexmoe.serve.engine import Engine, Job, Result, Sampling
 from flexmoe.serve.ledger import Ledger
 from flexmoe.serve.owners import Registry
 from flexmoe.serve.page import OWNER_PAGE, usage_svg
+from flexmoe.signing import Trust
 
 
 class ApiError(Exception):
@@ -104,6 +105,8 @@ class Settings:
     device: str = "cpu"
     dtype: str = "float32"
     workdir: Path | None = None  # where admin operations write new model versions
+    trust: list[Path] | None = None  # public keys whose packages the admin may add (None: any signer)
+    allow_unsigned: bool = False  # admin add/update of unsigned packages (as compose --allow-unsigned)
 
 
 @dataclass
@@ -499,6 +502,12 @@ async def _switch(state: State, actor: str, expert: str, enabled: bool) -> dict:
 
 
 def _admin_routes(app: FastAPI, state: State, admin) -> None:
+    # Packages the admin adds or updates are checked like `flexmoe add`: signed by a trusted key, or
+    # unsigned only when the server was started with --allow-unsigned.
+    prov = C.Provenance(
+        trust=Trust.from_paths(state.settings.trust, allow_unsigned=state.settings.allow_unsigned)
+    )
+
     async def new_version(op: str, target: str, fn) -> dict:
         async with state.admin_lock:
             root = state.settings.workdir or state.model_dir.parent / f"{state.name}.versions"
@@ -516,14 +525,14 @@ def _admin_routes(app: FastAPI, state: State, admin) -> None:
     async def add_expert(body: PackageBody, request: Request):
         admin(request)
         return await new_version(
-            "add", body.package, lambda out: C.add(state.model_dir, Path(body.package), out)
+            "add", body.package, lambda out: C.add(state.model_dir, Path(body.package), out, provenance=prov)
         )
 
     @app.put("/v1/admin/experts/{expert}")
     async def update_expert(expert: str, body: PackageBody, request: Request):
         admin(request)
         return await new_version(
-            "update", expert, lambda out: C.update(state.model_dir, Path(body.package), out)
+            "update", expert, lambda out: C.update(state.model_dir, Path(body.package), out, provenance=prov)
         )
 
     @app.delete("/v1/admin/experts/{expert}")

@@ -41,6 +41,8 @@ def serve(
     max_batch: int = typer.Option(32, help="Most requests decoded together."),
     device: str = typer.Option(None, help="cpu or cuda (default: cuda when there is one)."),
     dtype: str = typer.Option(None, help="float32, bfloat16 (default: bfloat16 on GPU, float32 on CPU)."),
+    trust: list[Path] = typer.Option(None, "--trust", help="Public keys whose packages the admin may add."),
+    allow_unsigned: bool = typer.Option(False, "--allow-unsigned", help="Admin may add unsigned packages."),
 ) -> None:
     """Serve a composed model over an OpenAI-compatible HTTP API with per-request experts."""
     import uvicorn  # serving only: not needed by any other command
@@ -51,7 +53,18 @@ def serve(
         )
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
-    settings = Settings(model, name, owners or admin_key_file, db, audit_log, max_batch, device, dtype)
+    settings = Settings(
+        model,
+        name,
+        owners or admin_key_file,
+        db,
+        audit_log,
+        max_batch,
+        device,
+        dtype,
+        trust=trust,
+        allow_unsigned=allow_unsigned,
+    )
     app = create_app(settings)
     console.print(
         f"serving {model} as {app.state.flexmoe.name!r} on http://{host}:{port}/v1 "
