@@ -375,6 +375,36 @@ def test_audit_log_chains_and_detects_tampering(server, fed, keys, tmp_path):
     assert CliRunner().invoke(cli_app, ["audit-log", "verify", str(bad)]).exit_code != 0
 
 
+def test_admin_add_refuses_an_unsigned_package_unless_allowed(fed, keys, tmp_path):
+    """The admin's add checks the package like `flexmoe add`: unsigned -> 400 naming the problem."""
+    import asyncio
+
+    from flexmoe.serve.app import Settings, create_app
+
+    app = create_app(
+        Settings(
+            fed["removed"],
+            name="m",
+            owners=keys["file"],
+            db=f"sqlite:///{tmp_path / 'l.sqlite'}",
+            audit_log=tmp_path / "a.jsonl",
+            workdir=tmp_path / "versions",
+        )
+    )
+
+    async def go():
+        t = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=t, base_url="http://t") as h:
+            auth = {"Authorization": f"Bearer {keys['admin']}"}
+            return await h.post(
+                "/v1/admin/experts", json={"package": str(fed["pkg"] / "legal")}, headers=auth
+            )
+
+    r = asyncio.run(go())
+    assert r.status_code == 400 and "not signed" in r.json()["error"]["message"], r.text
+    assert not (tmp_path / "versions").exists() or not any((tmp_path / "versions").iterdir())
+
+
 # ----------------------------------------------------------------------------------------------------
 # Ledger
 
