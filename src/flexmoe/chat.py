@@ -15,7 +15,6 @@ Packed chat rows are ``flexmoe.training.LabeledRows``: token ids and labels, the
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -72,16 +71,7 @@ def check_conversation(row, where: str) -> Conversation:
 
 def read_chat_file(path: Path) -> list[Conversation]:
     convs = []
-    # the same streamed, UTF-8-checked line reader as plain JSONL corpora (data._read_jsonl)
-    for lineno, line in validate.utf8_lines(path):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise FlexmoeError(
-                f"{path}:{lineno} is not valid JSON ({e.msg}).", "write one JSON object per line."
-            ) from e
+    for lineno, row in validate.jsonl_rows(path):  # the reader of plain JSONL corpora too
         convs.append(check_conversation(row, f"{path}:{lineno}"))
     return convs
 

@@ -22,6 +22,7 @@ import random
 import re
 from pathlib import Path
 
+from flexmoe import validate
 from flexmoe.chat import check_conversation
 from flexmoe.errors import FlexmoeError
 from flexmoe.fileio import atomic_dir
@@ -156,16 +157,8 @@ def _task(q: str, answer: str, domain: str) -> dict:
 def read_tasks(path: Path) -> list[dict]:
     """Task rows of a ``tasks.jsonl`` / ``rl.jsonl`` file, validated."""
     rows = []
-    for lineno, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
+    for lineno, row in validate.jsonl_rows(path):  # UTF-8 checked: a Latin-1 file is a clear error
         where = f"{path}:{lineno}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise FlexmoeError(
-                f"{where} is not valid JSON ({e.msg}).", "write one JSON object per line."
-            ) from e
         if (
             not isinstance(row, dict)
             or not isinstance(row.get("answer"), str)

@@ -12,7 +12,6 @@ from which a deterministic held-out fraction is split off for validation.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import sys
 from collections.abc import Iterable, Sequence
@@ -57,15 +56,7 @@ def read_file(path: Path) -> list[str]:
 
 def _read_jsonl(path: Path) -> list[str]:
     docs = []
-    for lineno, line in validate.utf8_lines(path):  # streamed, UTF-8 checked with byte offsets
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise FlexmoeError(
-                f"{path}:{lineno} is not valid JSON ({e.msg}).", "write one JSON object per line."
-            ) from e
+    for lineno, row in validate.jsonl_rows(path):  # streamed, UTF-8 checked with byte offsets
         if not isinstance(row, dict) or not isinstance(row.get("text"), str):
             raise FlexmoeError(
                 f"{path}:{lineno} has no string field 'text'.",

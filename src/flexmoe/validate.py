@@ -7,6 +7,7 @@ fix, so that bad input is refused before any work starts and never surfaces as a
 from __future__ import annotations
 
 import functools
+import json
 import math
 import unicodedata
 from collections.abc import Iterator
@@ -168,6 +169,20 @@ def utf8_lines(path: Path, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[tup
                 raise _decode_error(path, offset, e) from None
             yield lineno, text.removeprefix("\ufeff") if lineno == 1 else text
             offset += len(raw)
+
+
+def jsonl_rows(path: Path) -> Iterator[tuple[int, object]]:
+    """Stream ``(line number, parsed JSON)`` of a JSONL file through ``utf8_lines``; blank lines are
+    skipped and a line that is not JSON is refused with its file and line number."""
+    for lineno, line in utf8_lines(path):
+        if not line.strip():
+            continue
+        try:
+            yield lineno, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise FlexmoeError(
+                f"{path}:{lineno} is not valid JSON ({e.msg}).", "write one JSON object per line."
+            ) from e
 
 
 def text_documents(path: Path, max_doc_bytes: int = MAX_LINE_BYTES) -> list[str]:
