@@ -55,7 +55,7 @@ MAX_BLOCKS = 64
 RIDGE = 0.1
 
 
-class _Capture:
+class RouterInputs:
     """Router inputs of every MoE block (or dense ``mlp``) of the last forward pass."""
 
     def __init__(self, modules):
@@ -73,7 +73,7 @@ class _Capture:
 @torch.no_grad()
 def layer_inputs(model, modules, blocks: torch.Tensor, batch: int = 8):
     """Yield, per batch of ``blocks``, the list of per-layer router inputs ``[tokens, H]`` (float64)."""
-    cap = _Capture(modules)
+    cap = RouterInputs(modules)
     device = next(model.parameters()).device
     try:
         model.eval()

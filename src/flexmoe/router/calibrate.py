@@ -53,6 +53,7 @@ from flexmoe.data import blocks_for, load_splits
 from flexmoe.errors import FlexmoeError
 from flexmoe.moe import moe_blocks, routing_weights
 from flexmoe.router_init import sample_docs
+from flexmoe.routing_stats import RouterInputs
 from flexmoe.runtime import from_pretrained
 
 METHOD = "public-row shift: anchor share on public text matched to the owners' 2-expert training"
@@ -69,21 +70,6 @@ def calibration_blocks(public: Sequence[Path], tokenizer, seq_len: int, n: int =
     blocks = blocks_for(sample_docs(docs, max(4 * n, 64)), tokenizer, seq_len)
     idx = torch.linspace(0, len(blocks) - 1, min(n, len(blocks))).round().long()
     return blocks[idx]
-
-
-class _Inputs:
-    """Captures what each MoE block's router sees during a forward pass."""
-
-    def __init__(self, blocks):
-        self.seen: dict[int, torch.Tensor] = {}
-        self.hooks = [
-            b.register_forward_pre_hook(lambda m, a, i=i: self.seen.__setitem__(i, a[0].detach()))
-            for i, b in enumerate(blocks)
-        ]
-
-    def close(self) -> None:
-        for h in self.hooks:
-            h.remove()
 
 
 class _Stop(Exception):
@@ -163,7 +149,7 @@ def solve(
         for b in blocks:
             b.top_k = len(names)
         sums = [0.0] * len(blocks)
-        cap = _Inputs(blocks)
+        cap = RouterInputs(blocks)
         try:
             for s in range(0, len(x), 8):
                 c.model(input_ids=x[s : s + 8])
