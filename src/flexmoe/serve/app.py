@@ -386,7 +386,7 @@ def _chunk(kind: str, meta: dict, delta: str | None, reason: str | None, extra: 
 
 
 async def _stream(state: State, job: Job, events: asyncio.Queue, kind: str, meta: dict, request: Request):
-    recorded = False
+    settled = False  # the engine's last event (done or error) was taken: nothing left to bill here
     try:
         if kind == "chat.completion":
             yield _chunk(kind, meta, "", None).replace('"content": ""', '"role": "assistant", "content": ""')
@@ -395,6 +395,7 @@ async def _stream(state: State, job: Job, events: asyncio.Queue, kind: str, meta
             if k == "delta":
                 yield _chunk(kind, meta, p, None)
             elif k == "error":
+                settled = True
                 yield (
                     "data: "
                     + json.dumps(
@@ -404,8 +405,8 @@ async def _stream(state: State, job: Job, events: asyncio.Queue, kind: str, meta
                 )
                 return
             else:
+                settled = True
                 await _write_ahead(state, meta["model"], kind, p)
-                recorded = True
                 extra = {"usage": _usage(p), "flexmoe": {"attribution": p.attribution}}
                 yield _chunk(
                     kind, meta, None, "stop" if p.finish_reason == "cancelled" else p.finish_reason, extra
@@ -414,15 +415,15 @@ async def _stream(state: State, job: Job, events: asyncio.Queue, kind: str, meta
                 return
     finally:
         job.cancelled.set()  # a client that went away frees its row in the batch
-        if not recorded:
+        if not settled:
             # The tokens made before the client went away used the owners' experts: they are billed
             # once the engine hands back the cancelled job (a task, since this generator is closing).
             state.pending.add(
-                asyncio.get_running_loop().create_task(_record_when_done(state, job, events, kind, meta))
+                asyncio.get_running_loop().create_task(_record_when_done(state, events, kind, meta))
             )
 
 
-async def _record_when_done(state: State, job: Job, events: asyncio.Queue, kind: str, meta: dict) -> None:
+async def _record_when_done(state: State, events: asyncio.Queue, kind: str, meta: dict) -> None:
     try:
         while True:
             k, p = await events.get()
