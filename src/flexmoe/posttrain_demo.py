@@ -60,11 +60,13 @@ class PostTrainPreset:
     router_steps: int = 30
     max_new_tokens: int = 24
     size_mb: float = 2.0  # demo corpora (only when the workdir has none yet)
+    anchor_preset: str = "tiny"  # the anchor's shape (flexmoe.anchor presets), when pretrained here
 
 
 PRESETS = {
     "tiny": PostTrainPreset(300, 400, 60, 150, 80),
-    "small": PostTrainPreset(300, 2000, 200, 600, 300, seq_len=256, batch_size=32),
+    # A GPU preset: the small anchor shape (hidden 512, 8 layers), so that owners' tasks can be learned.
+    "small": PostTrainPreset(600, 2000, 200, 600, 300, seq_len=256, batch_size=32, anchor_preset="small"),
     "test": PostTrainPreset(
         10, 60, 6, 3, 2, seq_len=64, batch_size=4, router_steps=2, max_new_tokens=6, size_mb=0.3
     ),
@@ -88,7 +90,7 @@ def base_anchor(workdir: Path, p: PostTrainPreset, steps, quiet: bool) -> Path:
         pretrain,
         data / "public",
         workdir / "anchor",
-        "tiny",
+        p.anchor_preset,
         steps=p.anchor_steps,
         quiet=quiet,
         embedder=None,

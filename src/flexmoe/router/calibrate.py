@@ -86,10 +86,11 @@ def router_inputs(model, blocks, x: torch.Tensor, layer: int, batch: int = 8) ->
         raise _Stop
 
     handle = blocks[layer].register_forward_pre_hook(hook)
+    device = next(model.parameters()).device
     try:
         for s in range(0, len(x), batch):
             try:
-                model(input_ids=x[s : s + batch])
+                model(input_ids=x[s : s + batch].to(device))
             except _Stop:
                 pass
         return torch.cat(seen)
@@ -137,7 +138,7 @@ def solve(
     torch.manual_seed(0)
     c = from_pretrained(model_dir, use_bias=False)
     meta = load_meta(model_dir)
-    x = calibration_blocks(public, c.tokenizer, training_seq_len(meta), n_blocks)
+    x = calibration_blocks(public, c.tokenizer, training_seq_len(meta), n_blocks).to(c.device)
     blocks = moe_blocks(c.model)
     names, top_k = c.names, blocks[0].top_k
     rows = [torch.cat([r.weight.double() for r in b.router]) for b in blocks]  # [E, H] per layer
