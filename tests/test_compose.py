@@ -217,3 +217,18 @@ def test_llama_family_composite_loads_with_remote_code(demo_data, tmp_path):
     ours = from_pretrained(tmp_path / "m")
     x = torch.randint(0, 300, (2, 12))
     torch.testing.assert_close(ours.model(x).logits, hf(x).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_export_of_the_runtime_model_gives_its_weights(model, tmp_path):
+    from flexmoe.compose import export, load_meta, runtime_job
+
+    meta = load_meta(model)
+    c = from_pretrained(model)
+    base = {"anchor": meta["anchor"], "history": meta["history"]}
+    names, manifests = [e["name"] for e in meta["experts"]], [e["manifest"] for e in meta["experts"]]
+    job = runtime_job(c.model, names, manifests, meta["anchor"]["config"], model, base)
+    out = export(job, tmp_path / "exported")
+    assert out["top_k"] == meta["top_k"] and [e["name"] for e in out["experts"]] == names
+    assert (
+        _weight_files(tmp_path / "exported")["model.safetensors"] == _weight_files(model)["model.safetensors"]
+    )

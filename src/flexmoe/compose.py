@@ -57,9 +57,6 @@ TOKENIZER_FILES = (
 )
 REMOTE_CODE = Path(__file__).parent / "hf_remote" / "modeling_flexmoe.py"
 CALIBRATION_FILE = "flexmoe_calibration.safetensors"  # the trained public row of a calibrated model
-# Writes a composed model with a recalibrated router: (tmp, write_model, shared, experts, config, top_k,
-# meta, source_dir, max_shard_bytes) -> flexmoe.json. Made by flexmoe.router.calibrate.calibrator.
-Calibrator = Callable[..., dict]
 
 
 def default_top_k(num_experts: int) -> int:
@@ -268,17 +265,30 @@ def portable_tokenizer_config(out: Path) -> None:
     write_json(path, cfg)
 
 
-def write_model(
-    out: Path,
-    shared: TensorReader,
-    experts: list[Expert],
-    anchor_config: dict,
-    top_k: int,
-    meta: dict,
-    source_dir: Path,
-    max_shard_bytes: int,
-) -> dict:
+@dataclass(frozen=True)
+class WriteJob:
+    """What ``write_model`` writes: the shared (non-FFN) tensors, the experts in order (the public one
+    first), the anchor's config, top-k, the base of ``flexmoe.json`` (anchor, history, records), the
+    directory the tokenizer files are copied from, and the largest weight shard. A routing method or
+    the calibrator writes a variant of the job (``dataclasses.replace``: other rows, another record)."""
+
+    shared: TensorReader
+    experts: list[Expert]
+    config: dict
+    top_k: int
+    meta: dict
+    source_dir: Path
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES
+
+
+# Writes a composed model with a recalibrated router: (tmp, write_model, job) -> flexmoe.json, writing
+# with ``write_model`` a variant of ``job``. Made by flexmoe.router.calibrate.calibrator.
+Calibrator = Callable[[Path, Callable[[Path, WriteJob], dict], WriteJob], dict]
+
+
+def write_model(out: Path, job: WriteJob) -> dict:
     """Stream the composed checkpoint into ``out`` (a fresh directory) in canonical (sorted) order."""
+    shared, experts, anchor_config = job.shared, job.experts, job.config
     L = anchor_config["num_hidden_layers"]
     dtype = shared.get("model.embed_tokens.weight").dtype
     getters: dict[str, Callable[[], torch.Tensor]] = {}
@@ -294,7 +304,7 @@ def write_model(
                 getters[f"model.layers.{i}.mlp.experts.{e}.{p}.weight"] = lambda i=i, p=p, ex=ex: ex.ffn(
                     i, p
                 ).to(dtype)
-    writer = ShardWriter(out, max_shard_bytes)
+    writer = ShardWriter(out, job.max_shard_bytes)
     for name in sorted(getters):
         writer.add(name, getters[name]())
     writer.close()
@@ -303,15 +313,19 @@ def write_model(
         for i in range(L)
     }
     save_file(bias, str(out / BIAS_FILE), metadata={"format": "pt"})
-    write_json(out / "config.json", moe_config(anchor_config, len(experts), top_k))
+    write_json(out / "config.json", moe_config(anchor_config, len(experts), job.top_k))
     for f in TOKENIZER_FILES:
-        if (source_dir / f).is_file():
-            shutil.copy2(source_dir / f, out / f)
+        if (job.source_dir / f).is_file():
+            shutil.copy2(job.source_dir / f, out / f)
     portable_tokenizer_config(out)
     if FAMILIES[anchor_config["model_type"]] != "olmo2":
         shutil.copy2(REMOTE_CODE, out / REMOTE_CODE.name)
     meta = formats.new_model_meta(
-        meta, top_k, [(ex.name, ex.manifest, ex.signer) for ex in experts], weight_hashes(out), BIAS_FILE
+        job.meta,
+        job.top_k,
+        [(ex.name, ex.manifest, ex.signer) for ex in experts],
+        weight_hashes(out),
+        BIAS_FILE,
     )
     formats.write_model_meta(out, meta)
     return meta
@@ -403,7 +417,9 @@ def compose(
     shared, experts = _merged_shared(reader, experts, meta, shared_merge, anchor, fresh=True)
     request = _routing_request(routing, routing_bias, anchor, packages, [m for m, _ in checked])
     with atomic_dir(out, force=force) as tmp:
-        meta = _write(tmp, shared, experts, config, k, meta, anchor, max_shard_bytes, calibrate, request)
+        meta = _write(
+            tmp, WriteJob(shared, experts, config, k, meta, anchor, max_shard_bytes), calibrate, request
+        )
         return _publish(tmp, meta, provenance)
 
 
@@ -432,26 +448,14 @@ def _routing_request(method, bias, anchor: Path | None, packages=(), manifests=(
     return methods.Request(method or methods.DEFAULT, bias, owner, anchor_stats)
 
 
-def _write(
-    tmp: Path,
-    shared: TensorReader,
-    experts: list[Expert],
-    config: dict,
-    top_k: int,
-    meta: dict,
-    source_dir: Path,
-    max_shard_bytes: int,
-    calibrate: Calibrator | None,
-    routing: Request | None = None,
-) -> dict:
+def _write(tmp: Path, job: WriteJob, calibrate: Calibrator | None, routing: Request | None = None) -> dict:
     """``write_model`` with a routing method applied, or with ``calibrate`` its calibrated variant;
     then the experts' shared deltas are kept beside the weights (exact opt-out re-merges from them)."""
     if calibrate is None:
-        rest, request = (source_dir, max_shard_bytes), routing or Request()
-        meta = write_routed(tmp, write_model, shared, experts, config, top_k, meta, rest, request)
+        meta = write_routed(tmp, write_model, job, routing or Request())
     else:
-        meta = calibrate(tmp, write_model, shared, experts, config, top_k, meta, source_dir, max_shard_bytes)
-    cs.keep_deltas(tmp, experts[1:])
+        meta = calibrate(tmp, write_model, job)
+    cs.keep_deltas(tmp, job.experts[1:])
     if meta.get("shared_merge"):
         # The shared tensors are the anchor's plus merged deltas: record what they hash to, so a
         # later change of the model (remove, add, update) can still check them.
@@ -567,10 +571,8 @@ def _rewrite(
         model=Path(model),
     )
     with atomic_dir(out, force=force) as tmp:
-        cfg = meta["anchor"]["config"]
-        new_meta = _write(
-            tmp, reader, experts, cfg, k, new_meta, Path(model), max_shard_bytes, calibrate, request
-        )
+        job = WriteJob(reader, experts, meta["anchor"]["config"], k, new_meta, Path(model), max_shard_bytes)
+        new_meta = _write(tmp, job, calibrate, request)
         return _publish(tmp, new_meta, provenance)
 
 
@@ -723,25 +725,21 @@ def runtime_expert(block_of: Callable[[int], object], e: int, name: str, manifes
         manifest,
         lambda i, p: getattr(block_of(i).experts[e], p).weight.detach(),
         lambda i: block_of(i).router[e].weight.detach().view(-1),
-        lambda i: float(block_of(i).router[e].bias),
+        lambda i: float(block_of(i).router[e].bias.detach()),
     )
 
 
-@claims_output("out")
-def export(
+def runtime_job(
     model,
     names: list[str],
     manifests: list[dict],
     anchor_config: dict,
     source_dir: Path,
-    out: Path,
     meta: dict,
-    *,
     top_k: int | None = None,
-    force: bool = False,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-) -> dict:
-    """Write an in-memory flexmoe runtime model (e.g. after router training) as a composed checkpoint.
+) -> WriteJob:
+    """The write job of an in-memory flexmoe runtime model (e.g. after router training), for ``export``.
 
     ``source_dir`` provides the tokenizer files; ``meta`` must hold ``anchor`` and ``history``.
     """
@@ -752,5 +750,11 @@ def export(
         for e, (n, m) in enumerate(zip(names, manifests, strict=True))
     ]
     k = resolve_top_k(top_k if top_k is not None else layers[0].mlp.top_k, len(experts))
+    return WriteJob(shared, experts, anchor_config, k, meta, Path(source_dir), max_shard_bytes)
+
+
+@claims_output("out")
+def export(job: WriteJob, out: Path, *, force: bool = False) -> dict:
+    """Write a composed checkpoint from a write job (``runtime_job``: an in-memory runtime model)."""
     with atomic_dir(out, force=force) as tmp:
-        return write_model(tmp, shared, experts, anchor_config, k, meta, Path(source_dir), max_shard_bytes)
+        return write_model(tmp, job)
