@@ -17,11 +17,6 @@ ALLOWED: dict[str, str] = {
     "flexmoe.corpora.legal:statute": "a text template (data as code)",
     "flexmoe.corpora.math:word_problem": "a text template (data as code)",
     "flexmoe.corpora.public:_story_context": "a text template (data as code)",
-    # compose/remove grew provenance (issue 17) and routing (issue 13) in the same session; a
-    # ComposeSettings dataclass (top_k, force, shard size, calibrator, provenance, routing) is the follow-up.
-    "flexmoe.compose:compose": "an entry point awaiting its ComposeSettings dataclass",
-    "flexmoe.compose:_rewrite": "the change plus the compose options (follow-up: ComposeSettings)",
-    "flexmoe.compose:remove": "an entry point awaiting its ComposeSettings dataclass",
     # Proxy selection is being reworked by the routing issue (13); its settings dataclass comes with it.
     "flexmoe.router.proxy:select_proxy": "an entry point awaiting its settings dataclass (issue 13)",
     # The scoring entry point: model, data, block length, three limits (blocks, documents, items),

@@ -11,7 +11,15 @@ from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from flexmoe.cli import app
-from flexmoe.compose import BIAS_FILE, CALIBRATION_FILE, FLEXMOE_JSON, UNSIGNED_OK, compose, remove
+from flexmoe.compose import (
+    BIAS_FILE,
+    CALIBRATION_FILE,
+    FLEXMOE_JSON,
+    UNSIGNED_OK,
+    ComposeSettings,
+    compose,
+    remove,
+)
 from flexmoe.data import read_documents
 from flexmoe.errors import FlexmoeError
 from flexmoe.expert.package import TENSOR_FILE, verify, write_package
@@ -218,8 +226,12 @@ def test_calibration_is_deterministic_and_recomputed_on_opt_out(
 ):
     pub = [demo_data / "public"]
     pk = [packages / d for d in OWNERS]
-    compose(tiny_anchor, pk, tmp_path / "a", calibrate=calibrator(pub), provenance=UNSIGNED_OK)
-    compose(tiny_anchor, pk, tmp_path / "b", calibrate=calibrator(pub), provenance=UNSIGNED_OK)
+    compose(
+        tiny_anchor, pk, tmp_path / "a", ComposeSettings(calibrate=calibrator(pub)), provenance=UNSIGNED_OK
+    )
+    compose(
+        tiny_anchor, pk, tmp_path / "b", ComposeSettings(calibrate=calibrator(pub)), provenance=UNSIGNED_OK
+    )
     assert _bytes(tmp_path / "a") == _bytes(tmp_path / "b")
     changed = {k for k, v in _weights(model).items() if not torch.equal(v, _weights(tmp_path / "a")[k])}
     assert changed and all(k.endswith(".mlp.gate.weight") for k in changed)
@@ -227,8 +239,14 @@ def test_calibration_is_deterministic_and_recomputed_on_opt_out(
     share = rec["anchor_share_on_public"]
     assert all(abs(a - t) < 1e-3 for a, t in zip(share["after"], share["target"], strict=True))
     # Opt-out recalibrates from the trained rows: the same bytes as calibrating the smaller set.
-    remove(tmp_path / "a", "legal", tmp_path / "rm", calibrate=calibrator(pub))
-    compose(tiny_anchor, pk[:1], tmp_path / "fresh", calibrate=calibrator(pub), provenance=UNSIGNED_OK)
+    remove(tmp_path / "a", "legal", tmp_path / "rm", ComposeSettings(calibrate=calibrator(pub)))
+    compose(
+        tiny_anchor,
+        pk[:1],
+        tmp_path / "fresh",
+        ComposeSettings(calibrate=calibrator(pub)),
+        provenance=UNSIGNED_OK,
+    )
     assert _bytes(tmp_path / "rm") == _bytes(tmp_path / "fresh")
     # One owner: the composed model is that owner's 2-expert training model, nothing to correct.
     assert rec and all(
@@ -281,7 +299,7 @@ def test_calibration_stops_an_over_eager_expert_stealing_public_tokens(
         tiny_anchor,
         pk,
         tmp_path / "cal",
-        calibrate=calibrator([demo_data / "public"]),
+        ComposeSettings(calibrate=calibrator([demo_data / "public"])),
         provenance=UNSIGNED_OK,
     )
     # Over several held-out public documents: the realistic public pool holds some code, which the
@@ -381,7 +399,7 @@ def test_bad_inputs(model, proxies, packages, demo_data, tmp_path):
     assert r.exit_code == 1 and "--calibrate needs public text" in str(r.exception or r.output)
     with pytest.raises(FlexmoeError, match="--calibrate needs public data"):
         # An empty list is not "no calibration".
-        remove(model, "legal", tmp_path / "o", calibrate=calibrator([]))
+        remove(model, "legal", tmp_path / "o", ComposeSettings(calibrate=calibrator([])))
     bad = tmp_path / "bad_proxy"
     shutil.copytree(proxies / "code", bad)
     with open(bad / PROXY_DOCS, "a") as f:

@@ -92,7 +92,7 @@ def test_training_router_and_calibration_read_no_test_split(flat, demo_data, tmp
     from conftest import make_anchor_dir
 
     from flexmoe.anchor import pretrain
-    from flexmoe.compose import UNSIGNED_OK, compose
+    from flexmoe.compose import UNSIGNED_OK, ComposeSettings, compose
     from flexmoe.expert.train import ExpertSpec, train_expert
     from flexmoe.router.calibrate import calibrator
     from flexmoe.router.proxy import select_proxy
@@ -132,7 +132,7 @@ def test_training_router_and_calibration_read_no_test_split(flat, demo_data, tmp
             tiny_anchor,
             pkgs,
             tmp_path / "cal",
-            calibrate=calibrator([flat["public"]]),
+            ComposeSettings(calibrate=calibrator([flat["public"]])),
             provenance=UNSIGNED_OK,
         )
         train_router(

@@ -19,7 +19,7 @@ from flexmoe.anchor_sft import sft_anchor
 from flexmoe.audit import pipeline as audit_api
 from flexmoe.audit.extraction import ExtractionConfig
 from flexmoe.audit.pipeline import AuditSizes, canary_audit
-from flexmoe.compose import MODEL_KIND, Provenance, add, compose, remove, update
+from flexmoe.compose import MODEL_KIND, ComposeSettings, Provenance, add, compose, remove, update
 from flexmoe.corpora import build_demo_corpora
 from flexmoe.demo import run_demo
 from flexmoe.errors import FlexmoeError
@@ -492,22 +492,16 @@ def compose_cmd(
     allow_unsigned: bool = ALLOW_UNSIGNED,
 ) -> None:
     """Maintainer: compose expert packages into one MoE (HF flex_olmo for OLMo 2 anchors)."""
-    cal = _calibration(calibrate, public)
-    prov = _provenance(sign_key, trust, allow_unsigned)
-    meta = compose(
-        anchor,
-        expert,
-        out,
+    how = ComposeSettings(
         top_k=top_k,
-        force=force,
         max_shard_bytes=max_shard_mb << 20,
-        calibrate=cal,
+        calibrate=_calibration(calibrate, public),
         shared_merge=shared_merge,
-        provenance=prov,
         routing=routing,
         routing_bias=routing_bias,
     )
-    _summary(meta, out)
+    prov = _provenance(sign_key, trust, allow_unsigned)
+    _summary(compose(anchor, expert, out, how, force=force, provenance=prov), out)
 
 
 def _calibration(calibrate: bool, public: list[Path] | None):
@@ -535,8 +529,9 @@ def add_cmd(
     allow_unsigned: bool = ALLOW_UNSIGNED,
 ) -> None:
     """Maintainer: add a late-joining owner's expert without retraining anyone."""
-    cal, prov = _calibration(calibrate, public), _provenance(sign_key, trust, allow_unsigned)
-    _summary(add(model, expert, out, top_k=top_k, force=force, calibrate=cal, provenance=prov), out)
+    how = ComposeSettings(top_k=top_k, calibrate=_calibration(calibrate, public))
+    prov = _provenance(sign_key, trust, allow_unsigned)
+    _summary(add(model, expert, out, how, force=force, provenance=prov), out)
 
 
 @app.command("update")
@@ -554,8 +549,9 @@ def update_cmd(
     allow_unsigned: bool = ALLOW_UNSIGNED,
 ) -> None:
     """Maintainer: replace a named expert by a newer package; other experts stay bit-identical."""
-    cal, prov = _calibration(calibrate, public), _provenance(sign_key, trust, allow_unsigned)
-    _summary(update(model, expert, out, force=force, calibrate=cal, provenance=prov), out)
+    how = ComposeSettings(calibrate=_calibration(calibrate, public))
+    prov = _provenance(sign_key, trust, allow_unsigned)
+    _summary(update(model, expert, out, how, force=force, provenance=prov), out)
 
 
 @app.command("remove")
@@ -573,11 +569,9 @@ def remove_cmd(
     sign_key: Path = SIGN_KEY,
 ) -> None:
     """Maintainer: physical opt-out; no parameter trained on that owner's data remains."""
-    cal, prov = _calibration(calibrate, public), _provenance(sign_key, None, True)
-    _summary(
-        remove(model, expert, out, top_k=top_k, force=force, calibrate=cal, provenance=prov, routing=routing),
-        out,
-    )
+    how = ComposeSettings(top_k=top_k, calibrate=_calibration(calibrate, public), routing=routing)
+    prov = _provenance(sign_key, None, True)
+    _summary(remove(model, expert, out, how, force=force, provenance=prov), out)
 
 
 @router_app.command("train")

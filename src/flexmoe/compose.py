@@ -90,6 +90,7 @@ class Expert:
     bias: Callable[[int], float]  # layer -> bias (<= 0)
     signer: str | None = None  # key id that signed the package (None: unsigned)
     delta_file: Path | None = None  # post-trained experts: their shared tensors' deltas (compose_shared)
+    package: Path | None = None  # read from a package (not from a model): its shipped routing statistics
 
 
 def anchor_expert(reader: TensorReader, public_row: Callable[[int], torch.Tensor], manifest: dict) -> Expert:
@@ -123,6 +124,7 @@ def package_expert(path: Path, checked: tuple[dict, str | None]) -> Expert:
         lambda i: float(read_tensor(f, f"layers.{i}.router.bias")),
         signer,
         Path(path) / pkg.SHARED_FILE if manifest.get("shared_deltas") else None,
+        Path(path),
     )
 
 
@@ -360,33 +362,48 @@ def _publish(tmp: Path, meta: dict, prov: Provenance | None) -> dict:
     return meta
 
 
+@dataclass(frozen=True)
+class ComposeSettings:
+    """How ``compose`` builds a model, and how ``add``/``update``/``remove`` rebuild one (what goes in,
+    ``force`` and ``provenance`` are arguments of their own). ``None`` means: for ``compose`` the
+    default, for a change of the expert set what the model has now."""
+
+    top_k: int | None = None  # experts per token; compose: half the experts, at least 2
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES
+    # flexmoe.router.calibrate.calibrator(public_paths): recalibrate the router for this set of experts
+    calibrate: Calibrator | None = None
+    # mean (BAR) or ties: how the shared tensors that post-trained experts changed are merged
+    # (flexmoe.compose_shared); compose: mean
+    shared_merge: str | None = None
+    # a compose-time routing method (flexmoe.routing_methods; recorded in flexmoe.json and recomputed
+    # on every later change); compose: trained
+    routing: str | None = None
+    # fold or keep (routing_methods); a change that names another routing method: that method's default
+    routing_bias: str | None = None
+
+    def __post_init__(self) -> None:
+        _check_calibrator(self.calibrate)
+
+
 @claims_output("out")
 def compose(
     anchor: Path,
     packages: Sequence[Path],
     out: Path,
+    settings: ComposeSettings | None = None,
     *,
-    top_k: int | None = None,
     force: bool = False,
-    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-    calibrate: Calibrator | None = None,
-    shared_merge: str = "mean",
     provenance: Provenance | None = None,
-    routing: str | None = None,
-    routing_bias: str | None = None,
+    **overrides,
 ) -> dict:
     """Compose the anchor and expert packages into one model at ``out``. Returns ``flexmoe.json``.
 
-    ``calibrate`` (``flexmoe.router.calibrate.calibrator(public_paths)``) recalibrates the router for
-    this set of experts. ``shared_merge`` (mean or ties) merges the shared tensors that post-trained
-    experts changed (``flexmoe.compose_shared``). ``provenance``: signatures accepted and the signing
-    key (default: signed packages only, any valid signature, as the CLI; ``UNSIGNED_OK`` accepts
-    unsigned ones on purpose; a signature that does not verify is always refused). ``routing`` names a
-    compose-time routing method (``flexmoe.routing_methods``; recorded in ``flexmoe.json`` and
-    recomputed on every later change).
+    ``settings`` (or keyword ``overrides`` of its fields) say how. ``provenance``: signatures accepted
+    and the signing key (default: signed packages only, any valid signature, as the CLI;
+    ``UNSIGNED_OK`` accepts unsigned ones on purpose; a signature that does not verify is always
+    refused).
     """
-    _check_calibrator(calibrate)
-
+    s = replace(settings or ComposeSettings(), **overrides)
     anchor = resolve(anchor)
     if not packages:
         raise FlexmoeError("No experts given.", "pass at least one --expert PACKAGE.")
@@ -400,7 +417,7 @@ def compose(
     anchor_fp = fingerprint(anchor)  # recomputed from the tensors, never read from a manifest
     checked = check_packages(anchor_fp, config, packages, _trust(provenance))
     check_published_row(anchor, packages, config["num_hidden_layers"])
-    k = resolve_top_k(top_k, len(packages) + 1)
+    k = resolve_top_k(s.top_k, len(packages) + 1)
     reader = TensorReader(anchor)
     pub = anchor_expert(
         reader,
@@ -411,16 +428,14 @@ def compose(
     meta = {
         "anchor": {"fingerprint": anchor_fp, "path": str(anchor), "config": config},
         "history": [
-            _event("compose", experts=[m["name"] for m, _ in checked], calibrated=calibrate is not None)
+            _event("compose", experts=[m["name"] for m, _ in checked], calibrated=s.calibrate is not None)
         ],
     }
-    shared, experts = _merged_shared(reader, experts, meta, shared_merge, anchor, fresh=True)
-    request = _routing_request(routing, routing_bias, anchor, packages, [m for m, _ in checked])
+    shared, experts = _merged_shared(reader, experts, meta, s.shared_merge, anchor, fresh=True)
+    request = _routing_request(s.routing, s.routing_bias, anchor, experts)
     with atomic_dir(out, force=force) as tmp:
-        meta = _write(
-            tmp, WriteJob(shared, experts, config, k, meta, anchor, max_shard_bytes), calibrate, request
-        )
-        return _publish(tmp, meta, provenance)
+        job = WriteJob(shared, experts, config, k, meta, anchor, s.max_shard_bytes)
+        return _publish(tmp, _write(tmp, job, s.calibrate, request), provenance)
 
 
 def _merged_shared(reader, experts: list[Expert], meta: dict, method: str | None, anchor, fresh: bool):
@@ -437,11 +452,12 @@ def _merged_shared(reader, experts: list[Expert], meta: dict, method: str | None
     return merged, [anchor_expert(merged, experts[0].row, experts[0].manifest)] + experts[1:]
 
 
-def _routing_request(method, bias, anchor: Path | None, packages=(), manifests=(), model: Path | None = None):
-    """What a routing method may read: statistics shipped beside the packages, kept in ``model`` (for
-    later changes) and published with the anchor."""
+def _routing_request(method, bias, anchor: Path | None, experts: list[Expert], model: Path | None = None):
+    """What a routing method may read: statistics shipped beside the packages ``experts`` were read
+    from, kept in ``model`` (for later changes) and published with the anchor."""
     owner, anchor_stats = ({}, None) if model is None else methods.saved(model)[:2]
-    owner = {**owner, **methods.package_stats(packages, [m["name"] for m in manifests])}
+    joining = [e for e in experts if e.package is not None]
+    owner = {**owner, **methods.package_stats([e.package for e in joining], [e.name for e in joining])}
     if anchor is not None and anchor_stats is None:
         anchor_stats = load_anchor_stats(anchor)
     methods.parse(method or methods.DEFAULT)
@@ -538,42 +554,37 @@ def _rewrite(
     experts: list[Expert],
     meta: dict,
     event: dict,
-    top_k: int | None,
-    force: bool,
-    max_shard_bytes: int,
-    calibrate: Calibrator | None = None,
+    settings: ComposeSettings,
+    force: bool = False,
     provenance: Provenance | None = None,
-    routing: str | None = None,
-    joining: tuple = (),
 ) -> dict:
-    """Write the changed expert set; the routing method (the model's own unless ``routing`` names
-    another) is recomputed from the trained rows and the statistics of the experts that remain.
-    ``joining``: (package, manifest) of a package that brings its own statistics."""
+    """Write the changed expert set; the routing method (the model's own unless ``settings`` names
+    another) is recomputed from the trained rows and the statistics of the experts that remain, and
+    of the packages that join (experts read from a package bring their own statistics)."""
     if Path(out).resolve() == Path(model).resolve():
         raise FlexmoeError(
             "--out is the input model.", "write to a new directory; the input stays untouched."
         )
-    _check_calibrator(calibrate)
+    s = settings
     check_output_dir(Path(out), force)
     reader = TensorReader(model)
-    k = resolve_top_k(top_k if top_k is not None else meta["top_k"], len(experts))
+    k = resolve_top_k(s.top_k if s.top_k is not None else meta["top_k"], len(experts))
     new_meta = formats.carry_model_meta(
-        meta, {**event, "calibrated": calibrate is not None}, shared_merge=meta.get("shared_merge")
+        meta, {**event, "calibrated": s.calibrate is not None}, shared_merge=meta.get("shared_merge")
     )
-    reader, experts = _merged_shared(reader, experts, new_meta, None, None, fresh=False)
+    reader, experts = _merged_shared(reader, experts, new_meta, s.shared_merge, None, fresh=False)
     old = meta.get("routing", {})
+    if s.routing_bias is not None:
+        bias = s.routing_bias
+    else:
+        bias = old.get("bias") if s.routing is None else None
+    anchor = Path(meta["anchor"]["path"])
     request = _routing_request(
-        routing or old.get("method"),
-        old.get("bias") if routing is None else None,
-        Path(meta["anchor"]["path"]) if Path(meta["anchor"]["path"]).is_dir() else None,
-        [p for p, _ in joining],
-        [checked[0] for _, checked in joining],  # (package, (manifest, signer))
-        model=Path(model),
+        s.routing or old.get("method"), bias, anchor if anchor.is_dir() else None, experts, model=Path(model)
     )
     with atomic_dir(out, force=force) as tmp:
-        job = WriteJob(reader, experts, meta["anchor"]["config"], k, new_meta, Path(model), max_shard_bytes)
-        new_meta = _write(tmp, job, calibrate, request)
-        return _publish(tmp, new_meta, provenance)
+        job = WriteJob(reader, experts, meta["anchor"]["config"], k, new_meta, Path(model), s.max_shard_bytes)
+        return _publish(tmp, _write(tmp, job, s.calibrate, request), provenance)
 
 
 @claims_output("out")
@@ -581,18 +592,18 @@ def remove(
     model: Path,
     name: str,
     out: Path,
+    settings: ComposeSettings | None = None,
     *,
-    top_k: int | None = None,
     force: bool = False,
-    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-    calibrate: Calibrator | None = None,
     provenance: Provenance | None = None,
-    routing: str | None = None,
+    **overrides,
 ) -> dict:
     """Opt-out: a new model without expert ``name`` (no parameter trained on its data remains).
 
-    With ``calibrate`` the router is recalibrated for the remaining experts; without it a calibrated
-    model returns to its trained router rows."""
+    ``settings`` (or keyword ``overrides`` of its fields): with ``calibrate`` the router is
+    recalibrated for the remaining experts; without it a calibrated model returns to its trained
+    router rows. Top-k defaults to the model's, clamped to the experts that remain."""
+    s = replace(settings or ComposeSettings(), **overrides)
     check_output_dir(Path(out), force)
     _, meta, experts = _current(model)
     names = [e.name for e in experts]
@@ -605,11 +616,9 @@ def remove(
     if len(experts) == 2:
         raise FlexmoeError(f"{name!r} is the only owner expert.", "use the anchor itself as the model.")
     kept = [e for e in experts if e.name != name]
-    k = top_k if top_k is not None else min(meta["top_k"], len(kept))
+    k = s.top_k if s.top_k is not None else min(meta["top_k"], len(kept))
     event = _event("remove", expert=name)
-    return _rewrite(
-        model, out, kept, meta, event, k, force, max_shard_bytes, calibrate, provenance, routing=routing
-    )
+    return _rewrite(model, out, kept, meta, event, replace(s, top_k=k), force=force, provenance=provenance)
 
 
 @claims_output("out")
@@ -617,35 +626,23 @@ def add(
     model: Path,
     package: Path,
     out: Path,
+    settings: ComposeSettings | None = None,
     *,
-    top_k: int | None = None,
     force: bool = False,
-    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-    calibrate: Calibrator | None = None,
     provenance: Provenance | None = None,
+    **overrides,
 ) -> dict:
     """A new model with one more expert (an owner joining late); existing experts are untouched.
 
-    ``calibrate``: as for ``remove``."""
+    ``settings`` (or keyword ``overrides`` of its fields): as for ``remove``."""
+    s = replace(settings or ComposeSettings(), **overrides)
     check_output_dir(Path(out), force)
     reader, meta, experts = _current(model)
     trust = _trust(provenance)
     joining = _check_joining(meta, experts[0], package, {e.name for e in experts}, trust)
     new = package_expert(package, joining)
     event = _event("add", expert=new.name)
-    return _rewrite(
-        model,
-        out,
-        experts + [new],
-        meta,
-        event,
-        top_k,
-        force,
-        max_shard_bytes,
-        calibrate,
-        provenance,
-        joining=((package, joining),),
-    )
+    return _rewrite(model, out, experts + [new], meta, event, s, force=force, provenance=provenance)
 
 
 @claims_output("out")
@@ -653,15 +650,17 @@ def update(
     model: Path,
     package: Path,
     out: Path,
+    settings: ComposeSettings | None = None,
     *,
     force: bool = False,
-    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-    calibrate: Calibrator | None = None,
     provenance: Provenance | None = None,
+    **overrides,
 ) -> dict:
     """A new model where the expert of the same name is replaced by a newer package, in place.
 
-    Trust on first use: an expert recorded as signed by a key must be updated by the same key."""
+    ``settings`` (or keyword ``overrides`` of its fields): as for ``remove``. Trust on first use: an
+    expert recorded as signed by a key must be updated by the same key."""
+    s = replace(settings or ComposeSettings(), **overrides)
     check_output_dir(Path(out), force)
     reader, meta, experts = _current(model)
     trust = _trust(provenance)
@@ -680,19 +679,7 @@ def update(
         )
     experts[names.index(name)] = package_expert(package, joining)
     event = _event("update", expert=name)
-    return _rewrite(
-        model,
-        out,
-        experts,
-        meta,
-        event,
-        None,
-        force,
-        max_shard_bytes,
-        calibrate,
-        provenance,
-        joining=((package, joining),),
-    )
+    return _rewrite(model, out, experts, meta, event, s, force=force, provenance=provenance)
 
 
 def _check_joining(

@@ -18,7 +18,7 @@ from rich.console import Console
 
 from flexmoe.anchor import default_embedder, load_anchor, load_config, pretrain
 from flexmoe.audit.demo import PRIVACY_PRESETS, PrivacyRun, plant_demo_canaries, privacy_section
-from flexmoe.compose import UNSIGNED_OK, compose, load_meta, remove
+from flexmoe.compose import UNSIGNED_OK, ComposeSettings, compose, load_meta, remove
 from flexmoe.corpora import build_demo_corpora
 from flexmoe.errors import FlexmoeError
 from flexmoe.evaluate import baselines as B
@@ -252,7 +252,13 @@ def router_variants(
         steps.run("opt-out", remove, rt, REMOVED, models / f"flexolmo_rt_without_{REMOVED}")
     if not cal.exists():
         steps.run(
-            "calibrate", compose, anchor, packages, cal, calibrate=calibrator(public), provenance=UNSIGNED_OK
+            "calibrate",
+            compose,
+            anchor,
+            packages,
+            cal,
+            ComposeSettings(calibrate=calibrator(public)),
+            provenance=UNSIGNED_OK,
         )
     if not (models / f"flexolmo_calibrated_without_{REMOVED}").exists():
         steps.run(
@@ -261,7 +267,7 @@ def router_variants(
             cal,
             REMOVED,
             models / f"flexolmo_calibrated_without_{REMOVED}",
-            calibrate=calibrator(public),
+            ComposeSettings(calibrate=calibrator(public)),
         )
 
 
