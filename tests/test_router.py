@@ -25,7 +25,7 @@ from flexmoe.errors import FlexmoeError
 from flexmoe.expert.package import TENSOR_FILE, verify, write_package
 from flexmoe.expert.train import ExpertSpec, train_expert
 from flexmoe.router.calibrate import calibrator
-from flexmoe.router.proxy import PROXY_DOCS, PROXY_JSON, load_proxy, select_proxy
+from flexmoe.router.proxy import PROXY_DOCS, PROXY_JSON, ProxySettings, load_proxy, select_proxy
 from flexmoe.router.train import train_router
 from flexmoe.runtime import from_pretrained
 
@@ -77,10 +77,8 @@ def proxies(packages, demo_data, tmp_path_factory):
             [demo_data / d / "train.jsonl"],
             [demo_data / "public"],
             root / d,
-            fraction=0.1,
-            features="ngram",
+            ProxySettings(fraction=0.1, features="ngram", quiet=True),
             package=packages / d,
-            quiet=True,
         )
     return root
 
@@ -122,9 +120,7 @@ def test_classifier_selects_planted_lookalikes(demo_data, tmp_path):
         [tmp_path / "priv"],
         [tmp_path / "pub"],
         tmp_path / "proxy",
-        fraction=10 / len(pool),
-        features="ngram",
-        quiet=True,
+        ProxySettings(fraction=10 / len(pool), features="ngram", quiet=True),
     )
     rows = [json.loads(x) for x in (tmp_path / "proxy" / PROXY_DOCS).read_text().splitlines()]
     assert r["count"] == len(rows) == 10
@@ -139,9 +135,7 @@ def test_classifier_selects_planted_lookalikes(demo_data, tmp_path):
         [tmp_path / "priv"],
         [tmp_path / "pub"],
         tmp_path / "again",
-        fraction=10 / len(pool),
-        features="ngram",
-        quiet=True,
+        ProxySettings(fraction=10 / len(pool), features="ngram", quiet=True),
     )
     assert (tmp_path / "again" / PROXY_DOCS).read_bytes() == (tmp_path / "proxy" / PROXY_DOCS).read_bytes()
 
@@ -160,7 +154,10 @@ def test_embedder_features(demo_data, tmp_path):
     _jsonl(tmp_path / "pub.jsonl", pool)
     _jsonl(tmp_path / "priv.jsonl", [{"text": t} for t in legal[:24]])
     r = select_proxy(
-        [tmp_path / "priv.jsonl"], [tmp_path / "pub.jsonl"], tmp_path / "p", fraction=4 / 44, quiet=True
+        [tmp_path / "priv.jsonl"],
+        [tmp_path / "pub.jsonl"],
+        tmp_path / "p",
+        ProxySettings(fraction=4 / 44, quiet=True),
     )
     ids = [json.loads(x)["id"] for x in (tmp_path / "p" / PROXY_DOCS).read_text().splitlines()]
     assert r["method"]["features"] == "embed" and sum(i.startswith("planted-") for i in ids) >= 3
@@ -179,7 +176,13 @@ def test_proxy_recorded_in_manifest_keeps_the_package_valid(packages, proxies, t
     raw[-3] ^= 1
     (tampered / TENSOR_FILE).write_bytes(bytes(raw))
     with pytest.raises(FlexmoeError, match="tampered"):
-        select_proxy([tampered], [tampered], tmp_path / "x", package=tampered, features="ngram", quiet=True)
+        select_proxy(
+            [tampered],
+            [tampered],
+            tmp_path / "x",
+            ProxySettings(features="ngram", quiet=True),
+            package=tampered,
+        )
     assert not (tmp_path / "x").exists()
 
 
@@ -411,15 +414,16 @@ def test_bad_inputs(model, proxies, packages, demo_data, tmp_path):
     with pytest.raises(FlexmoeError, match="input model"):
         train_router(model, [], [demo_data / "public"], model, steps=1)
     with pytest.raises(FlexmoeError, match="fraction"):
-        select_proxy([demo_data / "code"], [demo_data / "public"], tmp_path / "o", fraction=0.0)
+        select_proxy(
+            [demo_data / "code"], [demo_data / "public"], tmp_path / "o", ProxySettings(fraction=0.0)
+        )
     with pytest.raises(FlexmoeError, match="differs from the package"):
         select_proxy(
             [demo_data / "code"],
             [demo_data / "public"],
             tmp_path / "o",
+            ProxySettings(features="ngram", quiet=True),
             name="math",
             package=packages / "code",
-            features="ngram",
-            quiet=True,
         )
     assert not (tmp_path / "o").exists()

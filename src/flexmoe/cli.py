@@ -34,7 +34,7 @@ from flexmoe.expert.train import PUBLIC_MIX, ExpertSpec, ExpertTrainSettings, tr
 from flexmoe.fileio import write_json
 from flexmoe.posttrain_demo import run_post_train_demo
 from flexmoe.router.calibrate import calibrator
-from flexmoe.router.proxy import select_proxy
+from flexmoe.router.proxy import ProxySettings, select_proxy
 from flexmoe.router.train import RouterTrainSettings, train_router
 from flexmoe.router_init import default_router_init
 from flexmoe.routing_stats import compute_for_package, publish_anchor_stats
@@ -427,11 +427,9 @@ def expert_proxy(
         private,
         public,
         out,
-        fraction=fraction,
-        features=features,
+        ProxySettings(fraction=fraction, features=features, max_private=max_private),
         package=package,
         name=name,
-        max_private=max_private,
         force=force,
     )
     console.print(

@@ -30,7 +30,7 @@ from flexmoe.evaluate.tasks import load_tasks
 from flexmoe.expert.train import EXPERT_PRESETS, PUBLIC_MIX, ExpertSpec, train_expert
 from flexmoe.fileio import save_pretrained_atomic
 from flexmoe.router.calibrate import calibrator
-from flexmoe.router.proxy import select_proxy
+from flexmoe.router.proxy import ProxySettings, select_proxy
 from flexmoe.router.train import train_router
 from flexmoe.tokenizer import load_tokenizer
 
@@ -205,11 +205,8 @@ def select_owner_proxy(workdir: Path, domain: str, p: DemoPreset, steps: Steps, 
             [home / "data"],
             [home / "public"],
             out,
-            fraction=p.proxy_fraction,
-            features=p.proxy_features,
-            max_private=500,
+            ProxySettings(fraction=p.proxy_fraction, features=p.proxy_features, max_private=500, quiet=quiet),
             package=home / "expert",
-            quiet=quiet,
         )
     return out
 
