@@ -82,7 +82,7 @@ def main() -> None:
 
     from flexmoe.compose import UNSIGNED_OK, ComposeSettings, compose, remove
     from flexmoe.demo import DEMO_PRESETS, OWNERS
-    from flexmoe.evaluate.run import evaluate_lm, load_lm
+    from flexmoe.evaluate.run import EvalSettings, evaluate_lm, load_lm
     from flexmoe.expert.train import EXPERT_PRESETS
     from flexmoe.router.calibrate import calibrator
     from flexmoe.router.train import train_router
@@ -148,9 +148,7 @@ def main() -> None:
             evaluate_lm,
             load_lm(path),
             data,
-            seq_len=seq_len,
-            max_blocks=p.eval_blocks,
-            max_items=p.eval_items,
+            EvalSettings(seq_len=seq_len, max_blocks=p.eval_blocks, max_items=p.eval_items),
         )
         r.pop("details", None)
         r["anchor_share_on_public"] = anchor_share_on_public(path, data, seq_len)

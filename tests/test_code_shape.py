@@ -17,9 +17,6 @@ ALLOWED: dict[str, str] = {
     "flexmoe.corpora.legal:statute": "a text template (data as code)",
     "flexmoe.corpora.math:word_problem": "a text template (data as code)",
     "flexmoe.corpora.public:_story_context": "a text template (data as code)",
-    # The scoring entry point: model, data, block length, three limits (blocks, documents, items),
-    # progress and two filters; an EvalSettings dataclass is a follow-up (callers in demo, audit, CLI).
-    "flexmoe.evaluate.run:evaluate_lm": "an entry point awaiting its settings dataclass (issue 13)",
 }
 
 

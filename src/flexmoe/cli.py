@@ -26,7 +26,7 @@ from flexmoe.errors import FlexmoeError
 from flexmoe.evaluate.composition import CompositionSetup, evaluate_composition
 from flexmoe.evaluate.harness import GROUP, export_lm_eval
 from flexmoe.evaluate.report import composition_table, markdown
-from flexmoe.evaluate.run import evaluate_lm, load_lm, seq_len_of
+from flexmoe.evaluate.run import EvalSettings, evaluate_lm, load_lm, seq_len_of
 from flexmoe.expert.package import check, package_bytes, sign_package
 from flexmoe.expert.privacy import DPSettings
 from flexmoe.expert.stages import StageRun, settings_for, train_stage
@@ -694,10 +694,9 @@ def eval_cmd(
     r = evaluate_lm(
         lm,
         data,
-        seq_len=seq_len or seq_len_of(model),
-        max_blocks=max_blocks,
-        max_items=limit,
-        max_docs=limit,
+        EvalSettings(
+            seq_len=seq_len or seq_len_of(model), max_blocks=max_blocks, max_items=limit, max_docs=limit
+        ),
         progress=lambda m: console.print(f"  {m}"),
     )
     if r["perplexity"]:

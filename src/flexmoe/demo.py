@@ -25,7 +25,7 @@ from flexmoe.evaluate import baselines as B
 from flexmoe.evaluate.composition import CompositionSetup, evaluate_composition
 from flexmoe.evaluate.metrics import HFLM
 from flexmoe.evaluate.report import composition_table, headline, write_report
-from flexmoe.evaluate.run import evaluate_lm, load_lm
+from flexmoe.evaluate.run import EvalSettings, evaluate_lm, load_lm
 from flexmoe.evaluate.tasks import load_tasks
 from flexmoe.expert.train import EXPERT_PRESETS, PUBLIC_MIX, ExpertSpec, train_expert
 from flexmoe.fileio import save_pretrained_atomic
@@ -358,10 +358,9 @@ def evaluate_all(models: Path, lms: dict, data: Path, anchor: Path, p: DemoPrese
             evaluate_lm,
             make(),
             data,
-            seq_len=seq_len,
-            max_blocks=p.eval_blocks,
-            max_items=p.eval_items,
-            domains=("public", *OWNERS),
+            EvalSettings(
+                seq_len=seq_len, max_blocks=p.eval_blocks, max_items=p.eval_items, domains=("public", *OWNERS)
+            ),
         )
         steps.console.print(f"   {name}: average {results[name]['average']:.1f}")
 
