@@ -209,7 +209,7 @@ def child_baseline() -> None:
 
 
 def child_compose(anchor: str, packages: list[str], out: str, shard_bytes: int) -> None:
-    from flexmoe.compose import UNSIGNED_OK, compose
+    from flexmoe.compose import UNSIGNED_OK, ComposeSettings, compose
 
     sampler = RssSampler()
     sampler.sample()
@@ -221,7 +221,7 @@ def child_compose(anchor: str, packages: list[str], out: str, shard_bytes: int) 
         Path(anchor),
         [Path(p) for p in packages],
         Path(out),
-        max_shard_bytes=shard_bytes,
+        ComposeSettings(max_shard_bytes=shard_bytes),
         provenance=UNSIGNED_OK,
     )
     seconds = time.perf_counter() - t0

@@ -80,9 +80,9 @@ def main() -> None:
     ap.add_argument("--removed", default="legal")
     args = ap.parse_args()
 
-    from flexmoe.compose import UNSIGNED_OK, compose, remove
+    from flexmoe.compose import UNSIGNED_OK, ComposeSettings, compose, remove
     from flexmoe.demo import DEMO_PRESETS, OWNERS
-    from flexmoe.evaluate.run import evaluate_lm, load_lm
+    from flexmoe.evaluate.run import EvalSettings, evaluate_lm, load_lm
     from flexmoe.expert.train import EXPERT_PRESETS
     from flexmoe.router.calibrate import calibrator
     from flexmoe.router.train import train_router
@@ -118,7 +118,7 @@ def main() -> None:
                 anchor,
                 pk,
                 cal,
-                calibrate=calibrator(public),
+                ComposeSettings(calibrate=calibrator(public)),
                 provenance=UNSIGNED_OK,
             )
         if not rt.exists():
@@ -134,10 +134,11 @@ def main() -> None:
         models.update({f"{tag} plain": plain, f"{tag} calibrated": cal, f"{tag} rt": rt})
     full = "+".join(OWNERS)
     tag = f"{full}-without-{args.removed}"
-    for kind, kw in (("plain", {}), ("calibrated", {"calibrate": calibrator(public)}), ("rt", {})):
+    calibrated = ComposeSettings(calibrate=calibrator(public))
+    for kind, how in (("plain", None), ("calibrated", calibrated), ("rt", None)):
         dst = out / f"{tag}-{kind}"
         if not dst.exists():
-            timed(f"remove ({kind})", remove, out / f"{full}-{kind}", args.removed, dst, **kw)
+            timed(f"remove ({kind})", remove, out / f"{full}-{kind}", args.removed, dst, how)
         models[f"{full} - {args.removed} {kind}"] = dst
 
     results = {}
@@ -147,9 +148,7 @@ def main() -> None:
             evaluate_lm,
             load_lm(path),
             data,
-            seq_len=seq_len,
-            max_blocks=p.eval_blocks,
-            max_items=p.eval_items,
+            EvalSettings(seq_len=seq_len, max_blocks=p.eval_blocks, max_items=p.eval_items),
         )
         r.pop("details", None)
         r["anchor_share_on_public"] = anchor_share_on_public(path, data, seq_len)

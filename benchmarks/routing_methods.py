@@ -166,27 +166,26 @@ def score(c, blocks: dict, domains) -> dict:
 
 def run_config(cfg: Config, anchor: Path, packages: dict, work: Path, blocks: dict, domains, owners) -> dict:
     """Losses per (split, domain) for composed, without:d and oracle:d."""
-    from flexmoe.compose import UNSIGNED_OK, compose, remove
+    from flexmoe.compose import UNSIGNED_OK, ComposeSettings, compose, remove
     from flexmoe.router.calibrate import calibrator
 
     pkgs = [packages[cfg.variant][d] for d in owners]
     mdir = work / MODELS / cfg.model_key
     public = [anchor.parent / "owners" / owners[0] / "public"]
-    kw = (
-        {"calibrate": calibrator(public)}
+    how = (
+        ComposeSettings(calibrate=calibrator(public))
         if cfg.calibrate
-        else {"routing": cfg.method, "routing_bias": cfg.bias}
+        else ComposeSettings(routing=cfg.method, routing_bias=cfg.bias)
     )
     if not (mdir / "all").exists():
-        compose(anchor, pkgs, mdir / "all", provenance=UNSIGNED_OK, **kw)
+        compose(anchor, pkgs, mdir / "all", how, provenance=UNSIGNED_OK)
     out = {"composed": score(load(mdir / "all", cfg), blocks, domains)}
     for d in owners:
         c = load(mdir / "all", cfg, include=[d])
         out[f"oracle:{d}"] = score(c, blocks, [d])
         wd = mdir / f"without_{d}"
         if not wd.exists():
-            rkw = {"calibrate": calibrator(public)} if cfg.calibrate else {}
-            remove(mdir / "all", d, wd, **rkw)
+            remove(mdir / "all", d, wd, ComposeSettings(calibrate=how.calibrate))
         out[f"without:{d}"] = score(load(wd, cfg), blocks, domains)
     return out
 

@@ -17,23 +17,6 @@ ALLOWED: dict[str, str] = {
     "flexmoe.corpora.legal:statute": "a text template (data as code)",
     "flexmoe.corpora.math:word_problem": "a text template (data as code)",
     "flexmoe.corpora.public:_story_context": "a text template (data as code)",
-    # The composed-model writer's arguments are one "write job" (shared tensors, experts, config, top-k,
-    # meta, source, shard size) passed down unchanged; bundling them is a follow-up for after the
-    # routing work on compose and calibration (issue 13) has landed, to avoid a conflicting rewrite.
-    "flexmoe.compose:_write": "the write job's arguments plus the calibrator (follow-up: a WriteJob)",
-    "flexmoe.compose:_rewrite": "the write job's arguments plus the calibrator (follow-up: a WriteJob)",
-    "flexmoe.compose:export": "the write job's arguments (follow-up: a WriteJob)",
-    "flexmoe.router.calibrate:write_calibrated": "the Calibrator call: the write job's arguments",
-    "flexmoe.routing_methods:write_routed": "the write job's arguments plus the routing request (WriteJob)",
-    # compose/remove grew provenance (issue 17) and routing (issue 13) in the same session; a
-    # ComposeSettings dataclass (top_k, force, shard size, calibrator, provenance, routing) is the follow-up.
-    "flexmoe.compose:compose": "an entry point awaiting its ComposeSettings dataclass",
-    "flexmoe.compose:remove": "an entry point awaiting its ComposeSettings dataclass",
-    # Proxy selection is being reworked by the routing issue (13); its settings dataclass comes with it.
-    "flexmoe.router.proxy:select_proxy": "an entry point awaiting its settings dataclass (issue 13)",
-    # The scoring entry point: model, data, block length, three limits (blocks, documents, items),
-    # progress and two filters; an EvalSettings dataclass is a follow-up (callers in demo, audit, CLI).
-    "flexmoe.evaluate.run:evaluate_lm": "an entry point awaiting its settings dataclass (issue 13)",
 }
 
 

@@ -11,7 +11,17 @@ from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from flexmoe.cli import app
-from flexmoe.compose import BIAS_FILE, FLEXMOE_JSON, UNSIGNED_OK, add, compose, default_top_k, remove, update
+from flexmoe.compose import (
+    BIAS_FILE,
+    FLEXMOE_JSON,
+    UNSIGNED_OK,
+    ComposeSettings,
+    add,
+    compose,
+    default_top_k,
+    remove,
+    update,
+)
 from flexmoe.data import read_documents
 from flexmoe.errors import FlexmoeError
 from flexmoe.expert.train import ExpertSpec, train_expert
@@ -33,7 +43,9 @@ def experts(tiny_anchor, demo_data, tmp_path_factory):
 @pytest.fixture(scope="module")
 def model(tiny_anchor, experts, tmp_path_factory):
     out = tmp_path_factory.mktemp("models") / "all"
-    compose(tiny_anchor, [experts / d for d in DOMAINS], out, top_k=2, provenance=UNSIGNED_OK)
+    compose(
+        tiny_anchor, [experts / d for d in DOMAINS], out, ComposeSettings(top_k=2), provenance=UNSIGNED_OK
+    )
     return out
 
 
@@ -82,7 +94,7 @@ def test_remove_equals_compose_without(model, tiny_anchor, experts, tmp_path):
         tiny_anchor,
         [experts / "code", experts / "legal"],
         tmp_path / "fresh",
-        top_k=2,
+        ComposeSettings(top_k=2),
         provenance=UNSIGNED_OK,
     )
     assert _weight_files(tmp_path / "removed") == _weight_files(tmp_path / "fresh")
@@ -140,8 +152,7 @@ def test_sharded_output_loads_and_matches(model, tiny_anchor, experts, tmp_path)
         tiny_anchor,
         [experts / d for d in DOMAINS],
         tmp_path / "sharded",
-        top_k=2,
-        max_shard_bytes=1 << 20,
+        ComposeSettings(top_k=2, max_shard_bytes=1 << 20),
         provenance=UNSIGNED_OK,
     )
     index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
@@ -157,6 +168,7 @@ def test_sharded_output_loads_and_matches(model, tiny_anchor, experts, tmp_path)
 
 def test_default_top_k_rule_and_clamp(tiny_anchor, experts, tmp_path):
     assert [default_top_k(e) for e in (2, 3, 4, 5, 8)] == [2, 2, 2, 3, 4]
+    # A keyword override of a ComposeSettings field is the same as passing the settings.
     with pytest.warns(UserWarning, match="exceeds"):
         meta = compose(tiny_anchor, [experts / "code"], tmp_path / "k", top_k=9, provenance=UNSIGNED_OK)
     assert meta["top_k"] == 2
@@ -217,3 +229,18 @@ def test_llama_family_composite_loads_with_remote_code(demo_data, tmp_path):
     ours = from_pretrained(tmp_path / "m")
     x = torch.randint(0, 300, (2, 12))
     torch.testing.assert_close(ours.model(x).logits, hf(x).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_export_of_the_runtime_model_gives_its_weights(model, tmp_path):
+    from flexmoe.compose import export, load_meta, runtime_job
+
+    meta = load_meta(model)
+    c = from_pretrained(model)
+    base = {"anchor": meta["anchor"], "history": meta["history"]}
+    names, manifests = [e["name"] for e in meta["experts"]], [e["manifest"] for e in meta["experts"]]
+    job = runtime_job(c.model, names, manifests, meta["anchor"]["config"], model, base)
+    out = export(job, tmp_path / "exported")
+    assert out["top_k"] == meta["top_k"] and [e["name"] for e in out["experts"]] == names
+    assert (
+        _weight_files(tmp_path / "exported")["model.safetensors"] == _weight_files(model)["model.safetensors"]
+    )

@@ -112,7 +112,7 @@ def federation(demo_data, tmp_path_factory):
     """A random tiny anchor (no pretraining: fast) and two owners' experts trained a few steps."""
     from conftest import make_anchor_dir
 
-    from flexmoe.compose import UNSIGNED_OK, compose
+    from flexmoe.compose import UNSIGNED_OK, ComposeSettings, compose
     from flexmoe.data import read_documents
     from flexmoe.expert.train import ExpertSpec, train_expert
 
@@ -125,7 +125,7 @@ def federation(demo_data, tmp_path_factory):
         spec = ExpertSpec(name=d, router_init="hidden")
         train_expert(anchor, [demo_data / d], d, root / d, steps=3, seq_len=32, quiet=True, spec=spec)
         pkgs.append(root / d)
-    compose(anchor, pkgs, root / "model", top_k=2, provenance=UNSIGNED_OK)
+    compose(anchor, pkgs, root / "model", ComposeSettings(top_k=2), provenance=UNSIGNED_OK)
     return root, pkgs, anchor
 
 
@@ -141,7 +141,7 @@ def _ppl(model_dir, data, domain, use_bias=False, **kw):
 
 
 def test_measured_table_equals_the_separate_models(federation, demo_data, tmp_path):
-    from flexmoe.compose import UNSIGNED_OK, compose, remove
+    from flexmoe.compose import UNSIGNED_OK, ComposeSettings, compose, remove
     from flexmoe.evaluate.composition import CompositionSetup, composition_perplexities
 
     root, pkgs, tiny_anchor = federation
@@ -162,7 +162,7 @@ def test_measured_table_equals_the_separate_models(federation, demo_data, tmp_pa
         )
     # alone by mask (with the owner's bias) == the owner's package composed alone, as it trained
     assert "(checked" in info["alone"]["math"]
-    compose(tiny_anchor, [pkgs[1]], tmp_path / "alone_math", top_k=2, provenance=UNSIGNED_OK)
+    compose(tiny_anchor, [pkgs[1]], tmp_path / "alone_math", ComposeSettings(top_k=2), provenance=UNSIGNED_OK)
     alone = _ppl(tmp_path / "alone_math", demo_data, "math", use_bias=True)
     assert table["alone:math"]["math"] == pytest.approx(alone, rel=1e-4)
     # the anchor == the composed model with only the public expert routed

@@ -18,7 +18,7 @@ from flexmoe.evaluate.metrics import (
     perplexity,
     wilson,
 )
-from flexmoe.evaluate.run import evaluate_lm
+from flexmoe.evaluate.run import EvalSettings, evaluate_lm
 from flexmoe.evaluate.tasks import load_tasks
 from flexmoe.tokenizer import train_tokenizer
 
@@ -223,11 +223,9 @@ def test_evaluate_lm_scores_only_what_is_asked(demo_data, tok):
     r = evaluate_lm(
         lm,
         demo_data,
-        seq_len=8,
-        max_blocks=2,
-        max_items=2,
-        domains=("public", "legal"),
-        only_tasks=("legal_cloze",),
+        EvalSettings(
+            seq_len=8, max_blocks=2, max_items=2, domains=("public", "legal"), only_tasks=("legal_cloze",)
+        ),
     )
     assert list(r["perplexity"]) == ["public", "legal"] and list(r["tasks"]) == ["legal_cloze"]
     assert r["perplexity"]["legal"] == pytest.approx(V, rel=1e-5)  # uniform model: perplexity = V

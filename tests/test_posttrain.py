@@ -343,17 +343,25 @@ def _tensors(model_dir: Path) -> dict[str, bytes]:
 
 @pytest.mark.parametrize("method", ["mean", "ties"])
 def test_opt_out_after_post_training_is_bit_identical(post, tmp_path, method):
-    from flexmoe.compose import UNSIGNED_OK, compose, remove
+    from flexmoe.compose import UNSIGNED_OK, ComposeSettings, compose, remove
 
     a, b, c = post["code"], post["math"], post["legal"]
-    full = compose(post["anchor"], [a, b, c], tmp_path / "abc", shared_merge=method, provenance=UNSIGNED_OK)
+    full = compose(
+        post["anchor"],
+        [a, b, c],
+        tmp_path / "abc",
+        ComposeSettings(shared_merge=method),
+        provenance=UNSIGNED_OK,
+    )
     assert full["shared_merge"]["method"] == method and set(full["shared_merge"]["deltas"]) == {
         "code",
         "math",
         "legal",
     }
     remove(tmp_path / "abc", "math", tmp_path / "ac-removed")
-    compose(post["anchor"], [a, c], tmp_path / "ac", shared_merge=method, provenance=UNSIGNED_OK)
+    compose(
+        post["anchor"], [a, c], tmp_path / "ac", ComposeSettings(shared_merge=method), provenance=UNSIGNED_OK
+    )
     got, want = _tensors(tmp_path / "ac-removed"), _tensors(tmp_path / "ac")
     assert got.keys() == want.keys() and all(got[k] == want[k] for k in want)
     # and the merge really changed shared tensors (so the test could fail)

@@ -11,13 +11,21 @@ from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from flexmoe.cli import app
-from flexmoe.compose import BIAS_FILE, CALIBRATION_FILE, FLEXMOE_JSON, UNSIGNED_OK, compose, remove
+from flexmoe.compose import (
+    BIAS_FILE,
+    CALIBRATION_FILE,
+    FLEXMOE_JSON,
+    UNSIGNED_OK,
+    ComposeSettings,
+    compose,
+    remove,
+)
 from flexmoe.data import read_documents
 from flexmoe.errors import FlexmoeError
 from flexmoe.expert.package import TENSOR_FILE, verify, write_package
 from flexmoe.expert.train import ExpertSpec, train_expert
 from flexmoe.router.calibrate import calibrator
-from flexmoe.router.proxy import PROXY_DOCS, PROXY_JSON, load_proxy, select_proxy
+from flexmoe.router.proxy import PROXY_DOCS, PROXY_JSON, ProxySettings, load_proxy, select_proxy
 from flexmoe.router.train import train_router
 from flexmoe.runtime import from_pretrained
 
@@ -69,10 +77,8 @@ def proxies(packages, demo_data, tmp_path_factory):
             [demo_data / d / "train.jsonl"],
             [demo_data / "public"],
             root / d,
-            fraction=0.1,
-            features="ngram",
+            ProxySettings(fraction=0.1, features="ngram", quiet=True),
             package=packages / d,
-            quiet=True,
         )
     return root
 
@@ -114,9 +120,7 @@ def test_classifier_selects_planted_lookalikes(demo_data, tmp_path):
         [tmp_path / "priv"],
         [tmp_path / "pub"],
         tmp_path / "proxy",
-        fraction=10 / len(pool),
-        features="ngram",
-        quiet=True,
+        ProxySettings(fraction=10 / len(pool), features="ngram", quiet=True),
     )
     rows = [json.loads(x) for x in (tmp_path / "proxy" / PROXY_DOCS).read_text().splitlines()]
     assert r["count"] == len(rows) == 10
@@ -131,9 +135,7 @@ def test_classifier_selects_planted_lookalikes(demo_data, tmp_path):
         [tmp_path / "priv"],
         [tmp_path / "pub"],
         tmp_path / "again",
-        fraction=10 / len(pool),
-        features="ngram",
-        quiet=True,
+        ProxySettings(fraction=10 / len(pool), features="ngram", quiet=True),
     )
     assert (tmp_path / "again" / PROXY_DOCS).read_bytes() == (tmp_path / "proxy" / PROXY_DOCS).read_bytes()
 
@@ -152,7 +154,10 @@ def test_embedder_features(demo_data, tmp_path):
     _jsonl(tmp_path / "pub.jsonl", pool)
     _jsonl(tmp_path / "priv.jsonl", [{"text": t} for t in legal[:24]])
     r = select_proxy(
-        [tmp_path / "priv.jsonl"], [tmp_path / "pub.jsonl"], tmp_path / "p", fraction=4 / 44, quiet=True
+        [tmp_path / "priv.jsonl"],
+        [tmp_path / "pub.jsonl"],
+        tmp_path / "p",
+        ProxySettings(fraction=4 / 44, quiet=True),
     )
     ids = [json.loads(x)["id"] for x in (tmp_path / "p" / PROXY_DOCS).read_text().splitlines()]
     assert r["method"]["features"] == "embed" and sum(i.startswith("planted-") for i in ids) >= 3
@@ -171,7 +176,13 @@ def test_proxy_recorded_in_manifest_keeps_the_package_valid(packages, proxies, t
     raw[-3] ^= 1
     (tampered / TENSOR_FILE).write_bytes(bytes(raw))
     with pytest.raises(FlexmoeError, match="tampered"):
-        select_proxy([tampered], [tampered], tmp_path / "x", package=tampered, features="ngram", quiet=True)
+        select_proxy(
+            [tampered],
+            [tampered],
+            tmp_path / "x",
+            ProxySettings(features="ngram", quiet=True),
+            package=tampered,
+        )
     assert not (tmp_path / "x").exists()
 
 
@@ -218,8 +229,12 @@ def test_calibration_is_deterministic_and_recomputed_on_opt_out(
 ):
     pub = [demo_data / "public"]
     pk = [packages / d for d in OWNERS]
-    compose(tiny_anchor, pk, tmp_path / "a", calibrate=calibrator(pub), provenance=UNSIGNED_OK)
-    compose(tiny_anchor, pk, tmp_path / "b", calibrate=calibrator(pub), provenance=UNSIGNED_OK)
+    compose(
+        tiny_anchor, pk, tmp_path / "a", ComposeSettings(calibrate=calibrator(pub)), provenance=UNSIGNED_OK
+    )
+    compose(
+        tiny_anchor, pk, tmp_path / "b", ComposeSettings(calibrate=calibrator(pub)), provenance=UNSIGNED_OK
+    )
     assert _bytes(tmp_path / "a") == _bytes(tmp_path / "b")
     changed = {k for k, v in _weights(model).items() if not torch.equal(v, _weights(tmp_path / "a")[k])}
     assert changed and all(k.endswith(".mlp.gate.weight") for k in changed)
@@ -227,8 +242,14 @@ def test_calibration_is_deterministic_and_recomputed_on_opt_out(
     share = rec["anchor_share_on_public"]
     assert all(abs(a - t) < 1e-3 for a, t in zip(share["after"], share["target"], strict=True))
     # Opt-out recalibrates from the trained rows: the same bytes as calibrating the smaller set.
-    remove(tmp_path / "a", "legal", tmp_path / "rm", calibrate=calibrator(pub))
-    compose(tiny_anchor, pk[:1], tmp_path / "fresh", calibrate=calibrator(pub), provenance=UNSIGNED_OK)
+    remove(tmp_path / "a", "legal", tmp_path / "rm", ComposeSettings(calibrate=calibrator(pub)))
+    compose(
+        tiny_anchor,
+        pk[:1],
+        tmp_path / "fresh",
+        ComposeSettings(calibrate=calibrator(pub)),
+        provenance=UNSIGNED_OK,
+    )
     assert _bytes(tmp_path / "rm") == _bytes(tmp_path / "fresh")
     # One owner: the composed model is that owner's 2-expert training model, nothing to correct.
     assert rec and all(
@@ -281,7 +302,7 @@ def test_calibration_stops_an_over_eager_expert_stealing_public_tokens(
         tiny_anchor,
         pk,
         tmp_path / "cal",
-        calibrate=calibrator([demo_data / "public"]),
+        ComposeSettings(calibrate=calibrator([demo_data / "public"])),
         provenance=UNSIGNED_OK,
     )
     # Over several held-out public documents: the realistic public pool holds some code, which the
@@ -381,7 +402,7 @@ def test_bad_inputs(model, proxies, packages, demo_data, tmp_path):
     assert r.exit_code == 1 and "--calibrate needs public text" in str(r.exception or r.output)
     with pytest.raises(FlexmoeError, match="--calibrate needs public data"):
         # An empty list is not "no calibration".
-        remove(model, "legal", tmp_path / "o", calibrate=calibrator([]))
+        remove(model, "legal", tmp_path / "o", ComposeSettings(calibrate=calibrator([])))
     bad = tmp_path / "bad_proxy"
     shutil.copytree(proxies / "code", bad)
     with open(bad / PROXY_DOCS, "a") as f:
@@ -393,15 +414,16 @@ def test_bad_inputs(model, proxies, packages, demo_data, tmp_path):
     with pytest.raises(FlexmoeError, match="input model"):
         train_router(model, [], [demo_data / "public"], model, steps=1)
     with pytest.raises(FlexmoeError, match="fraction"):
-        select_proxy([demo_data / "code"], [demo_data / "public"], tmp_path / "o", fraction=0.0)
+        select_proxy(
+            [demo_data / "code"], [demo_data / "public"], tmp_path / "o", ProxySettings(fraction=0.0)
+        )
     with pytest.raises(FlexmoeError, match="differs from the package"):
         select_proxy(
             [demo_data / "code"],
             [demo_data / "public"],
             tmp_path / "o",
+            ProxySettings(features="ngram", quiet=True),
             name="math",
             package=packages / "code",
-            features="ngram",
-            quiet=True,
         )
     assert not (tmp_path / "o").exists()

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from flexmoe import routing_methods as M
-from flexmoe.compose import FLEXMOE_JSON, UNSIGNED_OK, compose, remove
+from flexmoe.compose import FLEXMOE_JSON, UNSIGNED_OK, ComposeSettings, compose, remove
 from flexmoe.errors import FlexmoeError
 from flexmoe.routing_stats import (
     OWNER_FILE,
@@ -212,8 +212,7 @@ def test_folded_stock_export_equals_runtime_and_opt_out_recomputes(routed, tiny_
         tiny_anchor,
         [routed / d for d in OWNERS],
         tmp_path / "all",
-        routing=method,
-        top_k=2,
+        ComposeSettings(routing=method, top_k=2),
         provenance=UNSIGNED_OK,
     )
     meta = json.loads((tmp_path / "all" / FLEXMOE_JSON).read_text())
@@ -228,8 +227,7 @@ def test_folded_stock_export_equals_runtime_and_opt_out_recomputes(routed, tiny_
         tiny_anchor,
         [routed / "code", routed / "legal"],
         tmp_path / "fresh",
-        routing=method,
-        top_k=2,
+        ComposeSettings(routing=method, top_k=2),
         provenance=UNSIGNED_OK,
     )
     a = load_file(str(tmp_path / "removed" / "model.safetensors"))
@@ -249,8 +247,7 @@ def test_kept_bias_is_exact_in_the_runtime_and_dropped_by_the_export(routed, tin
         tiny_anchor,
         [routed / d for d in OWNERS],
         tmp_path / "m",
-        routing="lda",
-        routing_bias="keep",
+        ComposeSettings(routing="lda", routing_bias="keep"),
         provenance=UNSIGNED_OK,
     )
     bias = load_file(str(tmp_path / "m" / "flexmoe_bias.safetensors"))

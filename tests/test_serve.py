@@ -27,7 +27,7 @@ import torch
 from typer.testing import CliRunner
 
 from flexmoe.cli import app as cli_app
-from flexmoe.compose import UNSIGNED_OK, compose, remove
+from flexmoe.compose import UNSIGNED_OK, ComposeSettings, compose, remove
 from flexmoe.expert.train import train_expert
 
 openai = pytest.importorskip("openai")
@@ -57,7 +57,7 @@ def fed(tiny_anchor, demo_data, tmp_path_factory) -> dict:
         tiny_anchor,
         [root / "pkg" / d for d in ("code", "legal")],
         root / NAME,
-        top_k=2,
+        ComposeSettings(top_k=2),
         provenance=UNSIGNED_OK,
     )
     remove(root / NAME, "legal", root / "removed")

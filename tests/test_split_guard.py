@@ -70,7 +70,7 @@ def test_reader_skips_and_refuses_test_splits(flat):
 
 
 def test_proxy_selection_reads_no_test_split(flat, demo_data, tmp_path):
-    from flexmoe.router.proxy import read_public, select_proxy
+    from flexmoe.router.proxy import ProxySettings, read_public, select_proxy
 
     with watch() as opened:
         ids = dict(read_public([demo_data / "public", flat["public"]]))
@@ -78,8 +78,7 @@ def test_proxy_selection_reads_no_test_split(flat, demo_data, tmp_path):
             [flat["code"]],
             [flat["public"], demo_data / "public"],
             tmp_path / "p",
-            features="ngram",
-            quiet=True,
+            ProxySettings(features="ngram", quiet=True),
         )
     assert opened == []
     test_ids = {json.loads(x)["id"] for x in (demo_data / "public" / "test.jsonl").read_text().splitlines()}
@@ -92,10 +91,10 @@ def test_training_router_and_calibration_read_no_test_split(flat, demo_data, tmp
     from conftest import make_anchor_dir
 
     from flexmoe.anchor import pretrain
-    from flexmoe.compose import UNSIGNED_OK, compose
+    from flexmoe.compose import UNSIGNED_OK, ComposeSettings, compose
     from flexmoe.expert.train import ExpertSpec, train_expert
     from flexmoe.router.calibrate import calibrator
-    from flexmoe.router.proxy import select_proxy
+    from flexmoe.router.proxy import ProxySettings, select_proxy
     from flexmoe.router.train import train_router
 
     docs = read_training_documents([demo_data / "public"])[:80]
@@ -127,12 +126,14 @@ def test_training_router_and_calibration_read_no_test_split(flat, demo_data, tmp
             public=[demo_data / "public"],
         )
         pkgs = [tmp_path / "code", tmp_path / "math"]
-        select_proxy([flat["code"]], [flat["public"]], tmp_path / "proxy", features="ngram", quiet=True)
+        select_proxy(
+            [flat["code"]], [flat["public"]], tmp_path / "proxy", ProxySettings(features="ngram", quiet=True)
+        )
         compose(
             tiny_anchor,
             pkgs,
             tmp_path / "cal",
-            calibrate=calibrator([flat["public"]]),
+            ComposeSettings(calibrate=calibrator([flat["public"]])),
             provenance=UNSIGNED_OK,
         )
         train_router(

@@ -19,14 +19,14 @@ from flexmoe.anchor_sft import sft_anchor
 from flexmoe.audit import pipeline as audit_api
 from flexmoe.audit.extraction import ExtractionConfig
 from flexmoe.audit.pipeline import AuditSizes, canary_audit
-from flexmoe.compose import MODEL_KIND, Provenance, add, compose, remove, update
+from flexmoe.compose import MODEL_KIND, ComposeSettings, Provenance, add, compose, remove, update
 from flexmoe.corpora import build_demo_corpora
 from flexmoe.demo import run_demo
 from flexmoe.errors import FlexmoeError
 from flexmoe.evaluate.composition import CompositionSetup, evaluate_composition
 from flexmoe.evaluate.harness import GROUP, export_lm_eval
 from flexmoe.evaluate.report import composition_table, markdown
-from flexmoe.evaluate.run import evaluate_lm, load_lm, seq_len_of
+from flexmoe.evaluate.run import EvalSettings, evaluate_lm, load_lm, seq_len_of
 from flexmoe.expert.package import check, package_bytes, sign_package
 from flexmoe.expert.privacy import DPSettings
 from flexmoe.expert.stages import StageRun, settings_for, train_stage
@@ -34,7 +34,7 @@ from flexmoe.expert.train import PUBLIC_MIX, ExpertSpec, ExpertTrainSettings, tr
 from flexmoe.fileio import write_json
 from flexmoe.posttrain_demo import run_post_train_demo
 from flexmoe.router.calibrate import calibrator
-from flexmoe.router.proxy import select_proxy
+from flexmoe.router.proxy import ProxySettings, select_proxy
 from flexmoe.router.train import RouterTrainSettings, train_router
 from flexmoe.router_init import default_router_init
 from flexmoe.routing_stats import compute_for_package, publish_anchor_stats
@@ -427,11 +427,9 @@ def expert_proxy(
         private,
         public,
         out,
-        fraction=fraction,
-        features=features,
+        ProxySettings(fraction=fraction, features=features, max_private=max_private),
         package=package,
         name=name,
-        max_private=max_private,
         force=force,
     )
     console.print(
@@ -492,22 +490,16 @@ def compose_cmd(
     allow_unsigned: bool = ALLOW_UNSIGNED,
 ) -> None:
     """Maintainer: compose expert packages into one MoE (HF flex_olmo for OLMo 2 anchors)."""
-    cal = _calibration(calibrate, public)
-    prov = _provenance(sign_key, trust, allow_unsigned)
-    meta = compose(
-        anchor,
-        expert,
-        out,
+    how = ComposeSettings(
         top_k=top_k,
-        force=force,
         max_shard_bytes=max_shard_mb << 20,
-        calibrate=cal,
+        calibrate=_calibration(calibrate, public),
         shared_merge=shared_merge,
-        provenance=prov,
         routing=routing,
         routing_bias=routing_bias,
     )
-    _summary(meta, out)
+    prov = _provenance(sign_key, trust, allow_unsigned)
+    _summary(compose(anchor, expert, out, how, force=force, provenance=prov), out)
 
 
 def _calibration(calibrate: bool, public: list[Path] | None):
@@ -535,8 +527,9 @@ def add_cmd(
     allow_unsigned: bool = ALLOW_UNSIGNED,
 ) -> None:
     """Maintainer: add a late-joining owner's expert without retraining anyone."""
-    cal, prov = _calibration(calibrate, public), _provenance(sign_key, trust, allow_unsigned)
-    _summary(add(model, expert, out, top_k=top_k, force=force, calibrate=cal, provenance=prov), out)
+    how = ComposeSettings(top_k=top_k, calibrate=_calibration(calibrate, public))
+    prov = _provenance(sign_key, trust, allow_unsigned)
+    _summary(add(model, expert, out, how, force=force, provenance=prov), out)
 
 
 @app.command("update")
@@ -554,8 +547,9 @@ def update_cmd(
     allow_unsigned: bool = ALLOW_UNSIGNED,
 ) -> None:
     """Maintainer: replace a named expert by a newer package; other experts stay bit-identical."""
-    cal, prov = _calibration(calibrate, public), _provenance(sign_key, trust, allow_unsigned)
-    _summary(update(model, expert, out, force=force, calibrate=cal, provenance=prov), out)
+    how = ComposeSettings(calibrate=_calibration(calibrate, public))
+    prov = _provenance(sign_key, trust, allow_unsigned)
+    _summary(update(model, expert, out, how, force=force, provenance=prov), out)
 
 
 @app.command("remove")
@@ -573,11 +567,9 @@ def remove_cmd(
     sign_key: Path = SIGN_KEY,
 ) -> None:
     """Maintainer: physical opt-out; no parameter trained on that owner's data remains."""
-    cal, prov = _calibration(calibrate, public), _provenance(sign_key, None, True)
-    _summary(
-        remove(model, expert, out, top_k=top_k, force=force, calibrate=cal, provenance=prov, routing=routing),
-        out,
-    )
+    how = ComposeSettings(top_k=top_k, calibrate=_calibration(calibrate, public), routing=routing)
+    prov = _provenance(sign_key, None, True)
+    _summary(remove(model, expert, out, how, force=force, provenance=prov), out)
 
 
 @router_app.command("train")
@@ -702,10 +694,9 @@ def eval_cmd(
     r = evaluate_lm(
         lm,
         data,
-        seq_len=seq_len or seq_len_of(model),
-        max_blocks=max_blocks,
-        max_items=limit,
-        max_docs=limit,
+        EvalSettings(
+            seq_len=seq_len or seq_len_of(model), max_blocks=max_blocks, max_items=limit, max_docs=limit
+        ),
         progress=lambda m: console.print(f"  {m}"),
     )
     if r["perplexity"]:

@@ -57,9 +57,6 @@ TOKENIZER_FILES = (
 )
 REMOTE_CODE = Path(__file__).parent / "hf_remote" / "modeling_flexmoe.py"
 CALIBRATION_FILE = "flexmoe_calibration.safetensors"  # the trained public row of a calibrated model
-# Writes a composed model with a recalibrated router: (tmp, write_model, shared, experts, config, top_k,
-# meta, source_dir, max_shard_bytes) -> flexmoe.json. Made by flexmoe.router.calibrate.calibrator.
-Calibrator = Callable[..., dict]
 
 
 def default_top_k(num_experts: int) -> int:
@@ -93,6 +90,7 @@ class Expert:
     bias: Callable[[int], float]  # layer -> bias (<= 0)
     signer: str | None = None  # key id that signed the package (None: unsigned)
     delta_file: Path | None = None  # post-trained experts: their shared tensors' deltas (compose_shared)
+    package: Path | None = None  # read from a package (not from a model): its shipped routing statistics
 
 
 def anchor_expert(reader: TensorReader, public_row: Callable[[int], torch.Tensor], manifest: dict) -> Expert:
@@ -126,6 +124,7 @@ def package_expert(path: Path, checked: tuple[dict, str | None]) -> Expert:
         lambda i: float(read_tensor(f, f"layers.{i}.router.bias")),
         signer,
         Path(path) / pkg.SHARED_FILE if manifest.get("shared_deltas") else None,
+        Path(path),
     )
 
 
@@ -268,17 +267,30 @@ def portable_tokenizer_config(out: Path) -> None:
     write_json(path, cfg)
 
 
-def write_model(
-    out: Path,
-    shared: TensorReader,
-    experts: list[Expert],
-    anchor_config: dict,
-    top_k: int,
-    meta: dict,
-    source_dir: Path,
-    max_shard_bytes: int,
-) -> dict:
+@dataclass(frozen=True)
+class WriteJob:
+    """What ``write_model`` writes: the shared (non-FFN) tensors, the experts in order (the public one
+    first), the anchor's config, top-k, the base of ``flexmoe.json`` (anchor, history, records), the
+    directory the tokenizer files are copied from, and the largest weight shard. A routing method or
+    the calibrator writes a variant of the job (``dataclasses.replace``: other rows, another record)."""
+
+    shared: TensorReader
+    experts: list[Expert]
+    config: dict
+    top_k: int
+    meta: dict
+    source_dir: Path
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES
+
+
+# Writes a composed model with a recalibrated router: (tmp, write_model, job) -> flexmoe.json, writing
+# with ``write_model`` a variant of ``job``. Made by flexmoe.router.calibrate.calibrator.
+Calibrator = Callable[[Path, Callable[[Path, WriteJob], dict], WriteJob], dict]
+
+
+def write_model(out: Path, job: WriteJob) -> dict:
     """Stream the composed checkpoint into ``out`` (a fresh directory) in canonical (sorted) order."""
+    shared, experts, anchor_config = job.shared, job.experts, job.config
     L = anchor_config["num_hidden_layers"]
     dtype = shared.get("model.embed_tokens.weight").dtype
     getters: dict[str, Callable[[], torch.Tensor]] = {}
@@ -294,7 +306,7 @@ def write_model(
                 getters[f"model.layers.{i}.mlp.experts.{e}.{p}.weight"] = lambda i=i, p=p, ex=ex: ex.ffn(
                     i, p
                 ).to(dtype)
-    writer = ShardWriter(out, max_shard_bytes)
+    writer = ShardWriter(out, job.max_shard_bytes)
     for name in sorted(getters):
         writer.add(name, getters[name]())
     writer.close()
@@ -303,15 +315,19 @@ def write_model(
         for i in range(L)
     }
     save_file(bias, str(out / BIAS_FILE), metadata={"format": "pt"})
-    write_json(out / "config.json", moe_config(anchor_config, len(experts), top_k))
+    write_json(out / "config.json", moe_config(anchor_config, len(experts), job.top_k))
     for f in TOKENIZER_FILES:
-        if (source_dir / f).is_file():
-            shutil.copy2(source_dir / f, out / f)
+        if (job.source_dir / f).is_file():
+            shutil.copy2(job.source_dir / f, out / f)
     portable_tokenizer_config(out)
     if FAMILIES[anchor_config["model_type"]] != "olmo2":
         shutil.copy2(REMOTE_CODE, out / REMOTE_CODE.name)
     meta = formats.new_model_meta(
-        meta, top_k, [(ex.name, ex.manifest, ex.signer) for ex in experts], weight_hashes(out), BIAS_FILE
+        job.meta,
+        job.top_k,
+        [(ex.name, ex.manifest, ex.signer) for ex in experts],
+        weight_hashes(out),
+        BIAS_FILE,
     )
     formats.write_model_meta(out, meta)
     return meta
@@ -346,33 +362,48 @@ def _publish(tmp: Path, meta: dict, prov: Provenance | None) -> dict:
     return meta
 
 
+@dataclass(frozen=True)
+class ComposeSettings:
+    """How ``compose`` builds a model, and how ``add``/``update``/``remove`` rebuild one (what goes in,
+    ``force`` and ``provenance`` are arguments of their own). ``None`` means: for ``compose`` the
+    default, for a change of the expert set what the model has now."""
+
+    top_k: int | None = None  # experts per token; compose: half the experts, at least 2
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES
+    # flexmoe.router.calibrate.calibrator(public_paths): recalibrate the router for this set of experts
+    calibrate: Calibrator | None = None
+    # mean (BAR) or ties: how the shared tensors that post-trained experts changed are merged
+    # (flexmoe.compose_shared); compose: mean
+    shared_merge: str | None = None
+    # a compose-time routing method (flexmoe.routing_methods; recorded in flexmoe.json and recomputed
+    # on every later change); compose: trained
+    routing: str | None = None
+    # fold or keep (routing_methods); a change that names another routing method: that method's default
+    routing_bias: str | None = None
+
+    def __post_init__(self) -> None:
+        _check_calibrator(self.calibrate)
+
+
 @claims_output("out")
 def compose(
     anchor: Path,
     packages: Sequence[Path],
     out: Path,
+    settings: ComposeSettings | None = None,
     *,
-    top_k: int | None = None,
     force: bool = False,
-    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-    calibrate: Calibrator | None = None,
-    shared_merge: str = "mean",
     provenance: Provenance | None = None,
-    routing: str | None = None,
-    routing_bias: str | None = None,
+    **overrides,
 ) -> dict:
     """Compose the anchor and expert packages into one model at ``out``. Returns ``flexmoe.json``.
 
-    ``calibrate`` (``flexmoe.router.calibrate.calibrator(public_paths)``) recalibrates the router for
-    this set of experts. ``shared_merge`` (mean or ties) merges the shared tensors that post-trained
-    experts changed (``flexmoe.compose_shared``). ``provenance``: signatures accepted and the signing
-    key (default: signed packages only, any valid signature, as the CLI; ``UNSIGNED_OK`` accepts
-    unsigned ones on purpose; a signature that does not verify is always refused). ``routing`` names a
-    compose-time routing method (``flexmoe.routing_methods``; recorded in ``flexmoe.json`` and
-    recomputed on every later change).
+    ``settings`` (or keyword ``overrides`` of its fields) say how. ``provenance``: signatures accepted
+    and the signing key (default: signed packages only, any valid signature, as the CLI;
+    ``UNSIGNED_OK`` accepts unsigned ones on purpose; a signature that does not verify is always
+    refused).
     """
-    _check_calibrator(calibrate)
-
+    s = replace(settings or ComposeSettings(), **overrides)
     anchor = resolve(anchor)
     if not packages:
         raise FlexmoeError("No experts given.", "pass at least one --expert PACKAGE.")
@@ -386,7 +417,7 @@ def compose(
     anchor_fp = fingerprint(anchor)  # recomputed from the tensors, never read from a manifest
     checked = check_packages(anchor_fp, config, packages, _trust(provenance))
     check_published_row(anchor, packages, config["num_hidden_layers"])
-    k = resolve_top_k(top_k, len(packages) + 1)
+    k = resolve_top_k(s.top_k, len(packages) + 1)
     reader = TensorReader(anchor)
     pub = anchor_expert(
         reader,
@@ -397,14 +428,14 @@ def compose(
     meta = {
         "anchor": {"fingerprint": anchor_fp, "path": str(anchor), "config": config},
         "history": [
-            _event("compose", experts=[m["name"] for m, _ in checked], calibrated=calibrate is not None)
+            _event("compose", experts=[m["name"] for m, _ in checked], calibrated=s.calibrate is not None)
         ],
     }
-    shared, experts = _merged_shared(reader, experts, meta, shared_merge, anchor, fresh=True)
-    request = _routing_request(routing, routing_bias, anchor, packages, [m for m, _ in checked])
+    shared, experts = _merged_shared(reader, experts, meta, s.shared_merge, anchor, fresh=True)
+    request = _routing_request(s.routing, s.routing_bias, anchor, experts)
     with atomic_dir(out, force=force) as tmp:
-        meta = _write(tmp, shared, experts, config, k, meta, anchor, max_shard_bytes, calibrate, request)
-        return _publish(tmp, meta, provenance)
+        job = WriteJob(shared, experts, config, k, meta, anchor, s.max_shard_bytes)
+        return _publish(tmp, _write(tmp, job, s.calibrate, request), provenance)
 
 
 def _merged_shared(reader, experts: list[Expert], meta: dict, method: str | None, anchor, fresh: bool):
@@ -421,37 +452,26 @@ def _merged_shared(reader, experts: list[Expert], meta: dict, method: str | None
     return merged, [anchor_expert(merged, experts[0].row, experts[0].manifest)] + experts[1:]
 
 
-def _routing_request(method, bias, anchor: Path | None, packages=(), manifests=(), model: Path | None = None):
-    """What a routing method may read: statistics shipped beside the packages, kept in ``model`` (for
-    later changes) and published with the anchor."""
+def _routing_request(method, bias, anchor: Path | None, experts: list[Expert], model: Path | None = None):
+    """What a routing method may read: statistics shipped beside the packages ``experts`` were read
+    from, kept in ``model`` (for later changes) and published with the anchor."""
     owner, anchor_stats = ({}, None) if model is None else methods.saved(model)[:2]
-    owner = {**owner, **methods.package_stats(packages, [m["name"] for m in manifests])}
+    joining = [e for e in experts if e.package is not None]
+    owner = {**owner, **methods.package_stats([e.package for e in joining], [e.name for e in joining])}
     if anchor is not None and anchor_stats is None:
         anchor_stats = load_anchor_stats(anchor)
     methods.parse(method or methods.DEFAULT)
     return methods.Request(method or methods.DEFAULT, bias, owner, anchor_stats)
 
 
-def _write(
-    tmp: Path,
-    shared: TensorReader,
-    experts: list[Expert],
-    config: dict,
-    top_k: int,
-    meta: dict,
-    source_dir: Path,
-    max_shard_bytes: int,
-    calibrate: Calibrator | None,
-    routing: Request | None = None,
-) -> dict:
+def _write(tmp: Path, job: WriteJob, calibrate: Calibrator | None, routing: Request | None = None) -> dict:
     """``write_model`` with a routing method applied, or with ``calibrate`` its calibrated variant;
     then the experts' shared deltas are kept beside the weights (exact opt-out re-merges from them)."""
     if calibrate is None:
-        rest, request = (source_dir, max_shard_bytes), routing or Request()
-        meta = write_routed(tmp, write_model, shared, experts, config, top_k, meta, rest, request)
+        meta = write_routed(tmp, write_model, job, routing or Request())
     else:
-        meta = calibrate(tmp, write_model, shared, experts, config, top_k, meta, source_dir, max_shard_bytes)
-    cs.keep_deltas(tmp, experts[1:])
+        meta = calibrate(tmp, write_model, job)
+    cs.keep_deltas(tmp, job.experts[1:])
     if meta.get("shared_merge"):
         # The shared tensors are the anchor's plus merged deltas: record what they hash to, so a
         # later change of the model (remove, add, update) can still check them.
@@ -534,44 +554,37 @@ def _rewrite(
     experts: list[Expert],
     meta: dict,
     event: dict,
-    top_k: int | None,
-    force: bool,
-    max_shard_bytes: int,
-    calibrate: Calibrator | None = None,
+    settings: ComposeSettings,
+    force: bool = False,
     provenance: Provenance | None = None,
-    routing: str | None = None,
-    joining: tuple = (),
 ) -> dict:
-    """Write the changed expert set; the routing method (the model's own unless ``routing`` names
-    another) is recomputed from the trained rows and the statistics of the experts that remain.
-    ``joining``: (package, manifest) of a package that brings its own statistics."""
+    """Write the changed expert set; the routing method (the model's own unless ``settings`` names
+    another) is recomputed from the trained rows and the statistics of the experts that remain, and
+    of the packages that join (experts read from a package bring their own statistics)."""
     if Path(out).resolve() == Path(model).resolve():
         raise FlexmoeError(
             "--out is the input model.", "write to a new directory; the input stays untouched."
         )
-    _check_calibrator(calibrate)
+    s = settings
     check_output_dir(Path(out), force)
     reader = TensorReader(model)
-    k = resolve_top_k(top_k if top_k is not None else meta["top_k"], len(experts))
+    k = resolve_top_k(s.top_k if s.top_k is not None else meta["top_k"], len(experts))
     new_meta = formats.carry_model_meta(
-        meta, {**event, "calibrated": calibrate is not None}, shared_merge=meta.get("shared_merge")
+        meta, {**event, "calibrated": s.calibrate is not None}, shared_merge=meta.get("shared_merge")
     )
-    reader, experts = _merged_shared(reader, experts, new_meta, None, None, fresh=False)
+    reader, experts = _merged_shared(reader, experts, new_meta, s.shared_merge, None, fresh=False)
     old = meta.get("routing", {})
+    if s.routing_bias is not None:
+        bias = s.routing_bias
+    else:
+        bias = old.get("bias") if s.routing is None else None
+    anchor = Path(meta["anchor"]["path"])
     request = _routing_request(
-        routing or old.get("method"),
-        old.get("bias") if routing is None else None,
-        Path(meta["anchor"]["path"]) if Path(meta["anchor"]["path"]).is_dir() else None,
-        [p for p, _ in joining],
-        [checked[0] for _, checked in joining],  # (package, (manifest, signer))
-        model=Path(model),
+        s.routing or old.get("method"), bias, anchor if anchor.is_dir() else None, experts, model=Path(model)
     )
     with atomic_dir(out, force=force) as tmp:
-        cfg = meta["anchor"]["config"]
-        new_meta = _write(
-            tmp, reader, experts, cfg, k, new_meta, Path(model), max_shard_bytes, calibrate, request
-        )
-        return _publish(tmp, new_meta, provenance)
+        job = WriteJob(reader, experts, meta["anchor"]["config"], k, new_meta, Path(model), s.max_shard_bytes)
+        return _publish(tmp, _write(tmp, job, s.calibrate, request), provenance)
 
 
 @claims_output("out")
@@ -579,18 +592,18 @@ def remove(
     model: Path,
     name: str,
     out: Path,
+    settings: ComposeSettings | None = None,
     *,
-    top_k: int | None = None,
     force: bool = False,
-    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-    calibrate: Calibrator | None = None,
     provenance: Provenance | None = None,
-    routing: str | None = None,
+    **overrides,
 ) -> dict:
     """Opt-out: a new model without expert ``name`` (no parameter trained on its data remains).
 
-    With ``calibrate`` the router is recalibrated for the remaining experts; without it a calibrated
-    model returns to its trained router rows."""
+    ``settings`` (or keyword ``overrides`` of its fields): with ``calibrate`` the router is
+    recalibrated for the remaining experts; without it a calibrated model returns to its trained
+    router rows. Top-k defaults to the model's, clamped to the experts that remain."""
+    s = replace(settings or ComposeSettings(), **overrides)
     check_output_dir(Path(out), force)
     _, meta, experts = _current(model)
     names = [e.name for e in experts]
@@ -603,11 +616,9 @@ def remove(
     if len(experts) == 2:
         raise FlexmoeError(f"{name!r} is the only owner expert.", "use the anchor itself as the model.")
     kept = [e for e in experts if e.name != name]
-    k = top_k if top_k is not None else min(meta["top_k"], len(kept))
+    k = s.top_k if s.top_k is not None else min(meta["top_k"], len(kept))
     event = _event("remove", expert=name)
-    return _rewrite(
-        model, out, kept, meta, event, k, force, max_shard_bytes, calibrate, provenance, routing=routing
-    )
+    return _rewrite(model, out, kept, meta, event, replace(s, top_k=k), force=force, provenance=provenance)
 
 
 @claims_output("out")
@@ -615,35 +626,23 @@ def add(
     model: Path,
     package: Path,
     out: Path,
+    settings: ComposeSettings | None = None,
     *,
-    top_k: int | None = None,
     force: bool = False,
-    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-    calibrate: Calibrator | None = None,
     provenance: Provenance | None = None,
+    **overrides,
 ) -> dict:
     """A new model with one more expert (an owner joining late); existing experts are untouched.
 
-    ``calibrate``: as for ``remove``."""
+    ``settings`` (or keyword ``overrides`` of its fields): as for ``remove``."""
+    s = replace(settings or ComposeSettings(), **overrides)
     check_output_dir(Path(out), force)
     reader, meta, experts = _current(model)
     trust = _trust(provenance)
     joining = _check_joining(meta, experts[0], package, {e.name for e in experts}, trust)
     new = package_expert(package, joining)
     event = _event("add", expert=new.name)
-    return _rewrite(
-        model,
-        out,
-        experts + [new],
-        meta,
-        event,
-        top_k,
-        force,
-        max_shard_bytes,
-        calibrate,
-        provenance,
-        joining=((package, joining),),
-    )
+    return _rewrite(model, out, experts + [new], meta, event, s, force=force, provenance=provenance)
 
 
 @claims_output("out")
@@ -651,15 +650,17 @@ def update(
     model: Path,
     package: Path,
     out: Path,
+    settings: ComposeSettings | None = None,
     *,
     force: bool = False,
-    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-    calibrate: Calibrator | None = None,
     provenance: Provenance | None = None,
+    **overrides,
 ) -> dict:
     """A new model where the expert of the same name is replaced by a newer package, in place.
 
-    Trust on first use: an expert recorded as signed by a key must be updated by the same key."""
+    ``settings`` (or keyword ``overrides`` of its fields): as for ``remove``. Trust on first use: an
+    expert recorded as signed by a key must be updated by the same key."""
+    s = replace(settings or ComposeSettings(), **overrides)
     check_output_dir(Path(out), force)
     reader, meta, experts = _current(model)
     trust = _trust(provenance)
@@ -678,19 +679,7 @@ def update(
         )
     experts[names.index(name)] = package_expert(package, joining)
     event = _event("update", expert=name)
-    return _rewrite(
-        model,
-        out,
-        experts,
-        meta,
-        event,
-        None,
-        force,
-        max_shard_bytes,
-        calibrate,
-        provenance,
-        joining=((package, joining),),
-    )
+    return _rewrite(model, out, experts, meta, event, s, force=force, provenance=provenance)
 
 
 def _check_joining(
@@ -723,25 +712,21 @@ def runtime_expert(block_of: Callable[[int], object], e: int, name: str, manifes
         manifest,
         lambda i, p: getattr(block_of(i).experts[e], p).weight.detach(),
         lambda i: block_of(i).router[e].weight.detach().view(-1),
-        lambda i: float(block_of(i).router[e].bias),
+        lambda i: float(block_of(i).router[e].bias.detach()),
     )
 
 
-@claims_output("out")
-def export(
+def runtime_job(
     model,
     names: list[str],
     manifests: list[dict],
     anchor_config: dict,
     source_dir: Path,
-    out: Path,
     meta: dict,
-    *,
     top_k: int | None = None,
-    force: bool = False,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-) -> dict:
-    """Write an in-memory flexmoe runtime model (e.g. after router training) as a composed checkpoint.
+) -> WriteJob:
+    """The write job of an in-memory flexmoe runtime model (e.g. after router training), for ``export``.
 
     ``source_dir`` provides the tokenizer files; ``meta`` must hold ``anchor`` and ``history``.
     """
@@ -752,5 +737,11 @@ def export(
         for e, (n, m) in enumerate(zip(names, manifests, strict=True))
     ]
     k = resolve_top_k(top_k if top_k is not None else layers[0].mlp.top_k, len(experts))
+    return WriteJob(shared, experts, anchor_config, k, meta, Path(source_dir), max_shard_bytes)
+
+
+@claims_output("out")
+def export(job: WriteJob, out: Path, *, force: bool = False) -> dict:
+    """Write a composed checkpoint from a write job (``runtime_job``: an in-memory runtime model)."""
     with atomic_dir(out, force=force) as tmp:
-        return write_model(tmp, shared, experts, anchor_config, k, meta, Path(source_dir), max_shard_bytes)
+        return write_model(tmp, job)

@@ -18,19 +18,19 @@ from rich.console import Console
 
 from flexmoe.anchor import default_embedder, load_anchor, load_config, pretrain
 from flexmoe.audit.demo import PRIVACY_PRESETS, PrivacyRun, plant_demo_canaries, privacy_section
-from flexmoe.compose import UNSIGNED_OK, compose, load_meta, remove
+from flexmoe.compose import UNSIGNED_OK, ComposeSettings, compose, load_meta, remove
 from flexmoe.corpora import build_demo_corpora
 from flexmoe.errors import FlexmoeError
 from flexmoe.evaluate import baselines as B
 from flexmoe.evaluate.composition import CompositionSetup, evaluate_composition
 from flexmoe.evaluate.metrics import HFLM
 from flexmoe.evaluate.report import composition_table, headline, write_report
-from flexmoe.evaluate.run import evaluate_lm, load_lm
+from flexmoe.evaluate.run import EvalSettings, evaluate_lm, load_lm
 from flexmoe.evaluate.tasks import load_tasks
 from flexmoe.expert.train import EXPERT_PRESETS, PUBLIC_MIX, ExpertSpec, train_expert
 from flexmoe.fileio import save_pretrained_atomic
 from flexmoe.router.calibrate import calibrator
-from flexmoe.router.proxy import select_proxy
+from flexmoe.router.proxy import ProxySettings, select_proxy
 from flexmoe.router.train import train_router
 from flexmoe.tokenizer import load_tokenizer
 
@@ -205,11 +205,8 @@ def select_owner_proxy(workdir: Path, domain: str, p: DemoPreset, steps: Steps, 
             [home / "data"],
             [home / "public"],
             out,
-            fraction=p.proxy_fraction,
-            features=p.proxy_features,
-            max_private=500,
+            ProxySettings(fraction=p.proxy_fraction, features=p.proxy_features, max_private=500, quiet=quiet),
             package=home / "expert",
-            quiet=quiet,
         )
     return out
 
@@ -252,7 +249,13 @@ def router_variants(
         steps.run("opt-out", remove, rt, REMOVED, models / f"flexolmo_rt_without_{REMOVED}")
     if not cal.exists():
         steps.run(
-            "calibrate", compose, anchor, packages, cal, calibrate=calibrator(public), provenance=UNSIGNED_OK
+            "calibrate",
+            compose,
+            anchor,
+            packages,
+            cal,
+            ComposeSettings(calibrate=calibrator(public)),
+            provenance=UNSIGNED_OK,
         )
     if not (models / f"flexolmo_calibrated_without_{REMOVED}").exists():
         steps.run(
@@ -261,7 +264,7 @@ def router_variants(
             cal,
             REMOVED,
             models / f"flexolmo_calibrated_without_{REMOVED}",
-            calibrate=calibrator(public),
+            ComposeSettings(calibrate=calibrator(public)),
         )
 
 
@@ -355,10 +358,9 @@ def evaluate_all(models: Path, lms: dict, data: Path, anchor: Path, p: DemoPrese
             evaluate_lm,
             make(),
             data,
-            seq_len=seq_len,
-            max_blocks=p.eval_blocks,
-            max_items=p.eval_items,
-            domains=("public", *OWNERS),
+            EvalSettings(
+                seq_len=seq_len, max_blocks=p.eval_blocks, max_items=p.eval_items, domains=("public", *OWNERS)
+            ),
         )
         steps.console.print(f"   {name}: average {results[name]['average']:.1f}")
 

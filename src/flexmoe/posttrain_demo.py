@@ -31,7 +31,7 @@ from flexmoe.anchor import load_anchor, pretrain
 from flexmoe.anchor_sft import sft_anchor
 from flexmoe.chat import chat_splits, generate, reply_text, well_formed
 from flexmoe.chat_data import build_chat_sets, correct, read_tasks
-from flexmoe.compose import UNSIGNED_OK, compose, remove
+from flexmoe.compose import UNSIGNED_OK, ComposeSettings, compose, remove
 from flexmoe.corpora import build_demo_corpora
 from flexmoe.demo import Steps
 from flexmoe.errors import FlexmoeError
@@ -200,7 +200,7 @@ def compose_all(workdir: Path, pk: dict, p: PostTrainPreset, steps, quiet: bool)
             a,
             prog,
             m / "merged_ties",
-            shared_merge="ties",
+            ComposeSettings(shared_merge="ties"),
             provenance=UNSIGNED_OK,
         ),
         "merged_frozen": _once(
@@ -278,7 +278,7 @@ def router_options(workdir: Path, pk: dict, merged: Path, p: PostTrainPreset, st
         a,
         prog,
         m / "router_private",
-        calibrate=calibrator([pub_text]),
+        ComposeSettings(calibrate=calibrator([pub_text])),
         provenance=UNSIGNED_OK,
     )
     return out

@@ -259,16 +259,14 @@ def restore_trained(model: Path, experts: list) -> tuple[list, dict, dict | None
     return out, owner, anchor
 
 
-def write_routed(
-    tmp: Path, write_model, shared, experts: list, config: dict, top_k: int, meta: dict, rest: tuple, routing
-) -> dict:
-    """Write the composed model with ``routing`` (``Request``) applied; ``rest`` = (source_dir,
-    max_shard_bytes) passed through to compose's writer."""
-    L = config["num_hidden_layers"]
-    dtype = shared.get("model.embed_tokens.weight").dtype
+def write_routed(tmp: Path, write_model, job, routing: Request) -> dict:
+    """Write the composed model of ``job`` (``flexmoe.compose.WriteJob``: this module sits below compose
+    and takes compose's writer and job as they are) with ``routing`` applied."""
+    L = job.config["num_hidden_layers"]
+    dtype = job.shared.get("model.embed_tokens.weight").dtype
     # Rows pass through the model's dtype first, so a recomputation from the stored rows is identical.
-    trained_rows = [[e.row(i).to(dtype) for i in range(L)] for e in experts]
-    base = [replace(e, row=lambda i, r=trained_rows[j]: r[i]) for j, e in enumerate(experts)]
+    trained_rows = [[e.row(i).to(dtype) for i in range(L)] for e in job.experts]
+    base = [replace(e, row=lambda i, r=trained_rows[j]: r[i]) for j, e in enumerate(job.experts)]
     method, _ = parse(routing.method)
     need_owner, need_anchor = needs(method)
     inp = inputs_for(base, routing.owner if need_owner else {}, routing.anchor, L)
@@ -281,7 +279,7 @@ def write_routed(
         )
         for j, e in enumerate(base)
     ]
-    out = write_model(tmp, shared, routed, config, top_k, {**meta, "routing": record}, *rest)
+    out = write_model(tmp, replace(job, experts=routed, meta={**job.meta, "routing": record}))
     keep = {}
     for j, e in enumerate(base):
         # Kept only where the model's row or bias is not the trained one: otherwise the model holds

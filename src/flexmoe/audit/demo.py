@@ -16,7 +16,7 @@ router rows initialised at random: the other inits are statistics of the data ou
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from flexmoe.audit.canaries import PREFIX, load_canaries, make_canaries, plant_jsonl, save_canaries
@@ -24,7 +24,7 @@ from flexmoe.audit.extraction import ExtractionConfig
 from flexmoe.audit.pipeline import AuditSizes, audit_lm, membership_sets, summary_row
 from flexmoe.compose import UNSIGNED_OK, compose, update
 from flexmoe.data import load_splits, read_documents
-from flexmoe.evaluate.run import evaluate_lm, load_lm
+from flexmoe.evaluate.run import EvalSettings, evaluate_lm, load_lm
 from flexmoe.expert.privacy import DPSettings
 from flexmoe.expert.train import EXPERT_PRESETS, ExpertSpec, train_expert
 from flexmoe.fileio import read_json
@@ -80,18 +80,11 @@ def plant_demo_canaries(workdir: Path, data: Path, pp: PrivacyPreset) -> bool:
     return True
 
 
-def domain_utility(lm, data: Path, owner: str, seq_len: int, max_blocks: int, max_items: int | None) -> dict:
+def domain_utility(lm, data: Path, owner: str, settings: EvalSettings) -> dict:
     """The owner's and the public test perplexity and the owner's cloze task, scored by the demo's
-    own evaluation (so the numbers compare with the demo's table)."""
-    r = evaluate_lm(
-        lm,
-        data,
-        seq_len=seq_len,
-        max_blocks=max_blocks,
-        max_items=max_items,
-        domains=("public", owner),
-        only_tasks=(f"{owner}_cloze",),
-    )
+    own evaluation with its settings (so the numbers compare with the demo's table)."""
+    only = replace(settings, domains=("public", owner), only_tasks=(f"{owner}_cloze",))
+    r = evaluate_lm(lm, data, only)
     return {"perplexity": r["perplexity"], "tasks": r["tasks"]}
 
 
@@ -196,9 +189,7 @@ def _dp_models_and_utility(run: PrivacyRun, report: dict, dp_pkgs: dict) -> tupl
             load_lm(flex),
             run.data,
             owner,
-            seq_len,
-            run.eval_blocks,
-            run.eval_items,
+            EvalSettings(seq_len=seq_len, max_blocks=run.eval_blocks, max_items=run.eval_items),
         )
     pub = report["models"]["public"]
     for u in utility.values():  # share of the expert's loss reduction on the owner's test data kept

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from flexmoe.anchor import load_anchor
-from flexmoe.compose import PUBLIC, UNSIGNED_OK, compose, package_expert, read_tensor
+from flexmoe.compose import PUBLIC, UNSIGNED_OK, ComposeSettings, compose, package_expert, read_tensor
 from flexmoe.data import read_documents
 from flexmoe.errors import FlexmoeError
 from flexmoe.evaluate.metrics import HFLM, perplexity
@@ -223,7 +223,7 @@ def _separate_alone(setup: CompositionSetup, package: Path, tmp: Path, anchor: P
     """The 2-expert model an owner trained, composed from its package alone (with its bias)."""
 
     out = tmp / Path(package).name
-    compose(anchor, [package], out, top_k=2, provenance=UNSIGNED_OK)
+    compose(anchor, [package], out, ComposeSettings(top_k=2), provenance=UNSIGNED_OK)
     c = from_pretrained(out, use_bias=True, device=setup.device)
     return HFLM(c.model, c.tokenizer, scope=lambda: moe_routing(c.routing()))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -55,28 +56,33 @@ def test_documents(data: Path, domain: str) -> list[str]:
     return read_documents(files)
 
 
+@dataclass(frozen=True)
+class EvalSettings:
+    """What ``evaluate_lm`` scores, and how much of it."""
+
+    seq_len: int = 256  # tokens per perplexity block
+    max_blocks: int | None = 64  # perplexity blocks per domain; None: all
+    max_items: int | None = None  # items per task; None: all
+    max_docs: int | None = None  # test documents per domain; None: all
+    domains: Sequence[str] | None = None  # the perplexity domains scored; None: every one found
+    only_tasks: Sequence[str] | None = None  # the tasks scored; None: every one found
+
+
 def evaluate_lm(
-    lm,
-    data_dir: Path,
-    *,
-    seq_len: int = 256,
-    max_blocks: int | None = 64,
-    max_items: int | None = None,
-    progress=None,
-    domains: Sequence[str] | None = None,
-    only_tasks: Sequence[str] | None = None,
-    max_docs: int | None = None,
+    lm, data_dir: Path, settings: EvalSettings | None = None, *, progress=None, **overrides
 ) -> dict:
     """Scores of one model: ``{"perplexity": {domain: float}, "tasks": {task: float}, "average": float,
     "details": {...}}``; task scores and the average are percentages. ``data_dir`` is a folder of
     domains (each with a test split, optionally ``tasks/``), one domain folder, or one file.
-    ``domains`` and ``only_tasks`` narrow what is scored (default: everything found); ``max_docs`` and
-    ``max_items`` limit documents per domain and items per task. Nothing to score is an error."""
+    ``settings`` (or keyword ``overrides`` of its fields) narrow what is scored (default: everything
+    found) and limit documents per domain and items per task. Nothing to score is an error."""
+    s = replace(settings or EvalSettings(), **overrides)
+    domains, only_tasks, max_items = s.domains, s.only_tasks, s.max_items
     found = find_domains(data_dir)
     ppl, tasks, details = {}, {}, {"perplexity": {}, "tasks": {}}
     for d in [d for d in (domains if domains is not None else found) if d in found]:
-        docs = read_documents(found[d])[:max_docs]
-        r = perplexity(lm, docs, seq_len, max_blocks=max_blocks)
+        docs = read_documents(found[d])[: s.max_docs]
+        r = perplexity(lm, docs, s.seq_len, max_blocks=s.max_blocks)
         ppl[d] = r["perplexity"]
         details["perplexity"][d] = r
         if progress:

@@ -48,7 +48,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from flexmoe.compose import CALIBRATION_FILE, Calibrator, load_meta, training_seq_len
+from flexmoe.compose import CALIBRATION_FILE, Calibrator, WriteJob, load_meta, training_seq_len
 from flexmoe.data import blocks_for, load_splits
 from flexmoe.errors import FlexmoeError
 from flexmoe.moe import moe_blocks, routing_weights
@@ -192,43 +192,26 @@ def solve(
 
 
 def write_calibrated(
-    tmp: Path,
-    write_model: Callable[..., dict],
-    shared,
-    experts: list,
-    anchor_config: dict,
-    top_k: int,
-    meta: dict,
-    source_dir: Path,
-    max_shard_bytes: int,
-    public: Sequence[Path],
+    tmp: Path, write_model: Callable[[Path, WriteJob], dict], job: WriteJob, public: Sequence[Path]
 ) -> dict:
-    """Write a calibrated composed model into ``tmp`` with compose's own writer.
+    """Write ``job`` calibrated into ``tmp`` with compose's own writer (the ``Calibrator`` call).
 
     The uncalibrated model is written to a scratch directory first (the calibration runs the model),
-    then the final one with the public row scaled. Both rows pass through the model's dtype first, so
+    then the final one with the public row shifted. Both rows pass through the model's dtype first, so
     the result does not depend on whether the trained row came from a package or from a checkpoint.
     """
     scratch = Path(tempfile.mkdtemp(prefix=".calibrate-", dir=Path(tmp).parent))
     try:
-        write_model(scratch, shared, experts, anchor_config, top_k, meta, source_dir, max_shard_bytes)
+        write_model(scratch, job)
         shifts, record = solve(scratch, public)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    dtype = shared.get("model.embed_tokens.weight").dtype
-    pub = experts[0]
+    dtype = job.shared.get("model.embed_tokens.weight").dtype
+    pub = job.experts[0]
     trained = [pub.row(i).to(dtype) for i in range(len(shifts))]
     calibrated = replace(pub, row=lambda i: (trained[i].double() + shifts[i].view_as(trained[i])).to(dtype))
-    out = write_model(
-        tmp,
-        shared,
-        [calibrated, *experts[1:]],
-        anchor_config,
-        top_k,
-        {**meta, "router_calibration": record},
-        source_dir,
-        max_shard_bytes,
-    )
+    experts, meta = [calibrated, *job.experts[1:]], {**job.meta, "router_calibration": record}
+    out = write_model(tmp, replace(job, experts=experts, meta=meta))
     save_file(
         {f"model.layers.{i}.mlp.gate.trained_public_row": r.contiguous() for i, r in enumerate(trained)},
         str(Path(tmp) / CALIBRATION_FILE),

