@@ -66,7 +66,9 @@ class PostTrainPreset:
 PRESETS = {
     "tiny": PostTrainPreset(300, 400, 60, 150, 80),
     # A GPU preset: the small anchor shape (hidden 512, 8 layers), so that owners' tasks can be learned.
-    "small": PostTrainPreset(600, 2000, 200, 600, 300, seq_len=256, batch_size=32, anchor_preset="small"),
+    "small": PostTrainPreset(
+        200, 2000, 200, 200, 150, seq_len=256, batch_size=32, anchor_preset="small", size_mb=5.0
+    ),
     "test": PostTrainPreset(
         10, 60, 6, 3, 2, seq_len=64, batch_size=4, router_steps=2, max_new_tokens=6, size_mb=0.3
     ),

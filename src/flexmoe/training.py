@@ -386,7 +386,9 @@ LossFn = Callable[[torch.nn.Module, Batch], torch.Tensor]
 def lm_loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     """Next-token cross-entropy (HF models shift labels themselves); ``IGNORE`` labels carry no loss."""
     ids, labels = batch if isinstance(batch, tuple) else (batch, batch)
-    return model(input_ids=ids, labels=labels).loss
+    # No KV cache: building one in evaluation makes each compiled layer guard on its layer index (one
+    # recompilation per layer, past torch's limit, after which every layer ran uncompiled).
+    return model(input_ids=ids, labels=labels, use_cache=False).loss
 
 
 def autocast(device: torch.device):
