@@ -19,7 +19,15 @@ from flexmoe.data import data_fingerprint
 from flexmoe.errors import FlexmoeError
 from flexmoe.fileio import atomic_dir, read_json, write_json
 from flexmoe.tokenizer import load_tokenizer
-from flexmoe.training import RunOptions, Stage, TrainConfig, claim_work_dir, clear_checkpoint, train
+from flexmoe.training import (
+    RunOptions,
+    Stage,
+    TrainConfig,
+    claim_work_dir,
+    clear_checkpoint,
+    init_distributed,
+    train,
+)
 
 
 @dataclass
@@ -64,6 +72,7 @@ def sft_anchor(
     base = resolve(anchor)
     train_convs, valid_convs = chat_splits(chat)
     torch.manual_seed(s.seed)
+    device = init_distributed()  # the GPU when there is one
     model = load_anchor(base, torch.float32)
     tok = load_tokenizer(base)
     added = add_chat_template(tok, model)
@@ -75,7 +84,8 @@ def sft_anchor(
     valid = chat_rows(valid_convs, tok, s.seq_len)
     stage = Stage(chat_rows(train_convs, tok, s.seq_len), (valid.ids, valid.labels), desc="anchor sft")
     cfg = s.train_config()
-    run = RunOptions(checkpoint_dir=work / "checkpoint", resume=s.resume, quiet=s.quiet)
+    model.to(device)  # after the chat tokens' rows were added
+    run = RunOptions(checkpoint_dir=work / "checkpoint", resume=s.resume, quiet=s.quiet, device=device)
     result = train(model, cfg, stage, run)
     if result.final_valid_loss is None:
         return {"finished": False}

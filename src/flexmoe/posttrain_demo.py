@@ -40,7 +40,7 @@ from flexmoe.expert.stages import expert_model, settings_for, train_stage
 from flexmoe.fileio import read_json, write_json
 from flexmoe.router.calibrate import calibrator
 from flexmoe.router.train import train_router
-from flexmoe.runtime import from_pretrained
+from flexmoe.runtime import default_device, from_pretrained
 from flexmoe.tokenizer import load_tokenizer
 
 OWNERS = ("code", "math", "legal")
@@ -337,10 +337,11 @@ def load_for_eval(kind: str, path: Path, anchor: Path):
     """(model, tokenizer) of the post-trained anchor, an expert package (as its owner trained it: full
     shared deltas, 2 experts) or a composed model."""
 
+    device = default_device()  # generation on the GPU when there is one
     if kind == "anchor":
-        return load_anchor(path, torch.float32).eval(), load_tokenizer(path)
+        return load_anchor(path, torch.float32).to(device).eval(), load_tokenizer(path)
     if kind == "expert":
-        return expert_model(anchor, path)[0].eval(), load_tokenizer(anchor)
+        return expert_model(anchor, path)[0].to(device).eval(), load_tokenizer(anchor)
     c = from_pretrained(path)
     return c.model, c.tokenizer
 

@@ -50,6 +50,7 @@ from flexmoe.training import (
     TrainConfig,
     claim_work_dir,
     clear_checkpoint,
+    init_distributed,
     lm_loss,
     train,
 )
@@ -89,6 +90,7 @@ class StageSettings:
             checkpoint_every=max(1, self.steps // 5),
             log_every=max(1, self.steps // 10),
             seed=self.seed,
+            frozen_bf16=False,  # shared deltas are taken against the anchor bit for bit
         )
 
 
@@ -291,6 +293,8 @@ def train_stage(
     model, prev = expert_model(
         anchor_dir, r.from_package, owner_docs=own_text, router_init=s.router_init, name=name
     )
+    device = init_distributed()  # the GPU when there is one (the model is built on the CPU)
+    model.to(device)
     if prev is not None and prev["name"] != name:
         raise FlexmoeError(
             f"{r.from_package} belongs to expert {prev['name']!r}, not {name!r}.",
@@ -306,7 +310,7 @@ def train_stage(
         desc=f"expert {name} ({s.stage}{', frozen shared' if s.freeze_shared else ''})",
     )
     cfg = s.train_config()
-    result = train(model, cfg, stage, RunOptions(work / "checkpoint", r.resume, quiet=r.quiet))
+    result = train(model, cfg, stage, RunOptions(work / "checkpoint", r.resume, quiet=r.quiet, device=device))
     if result.final_valid_loss is None:
         return {"finished": False}
     deltas = _checked_deltas(model, anchor_dir, s, prev)

@@ -177,7 +177,7 @@ def solve(
         after.append(anchor_share(lg, top_k))
         targets.append(target)
         alphas.append(alpha)
-        shifts.append(alpha * u)
+        shifts.append((alpha * u).cpu())  # the written rows are built on the CPU
         block.router[0].weight.add_((alpha * u).to(block.router[0].weight.dtype))
     record = {
         "method": METHOD,
