@@ -170,6 +170,8 @@ def run_demo(
     keys = DemoKeys(workdir)
     packages = [train_owner(workdir, data, anchor, d, p, steps, quiet) for d in OWNERS]
     proxies = [select_owner_proxy(workdir, d, p, steps, quiet) for d in OWNERS]
+    # Each owner signs what it sends, once its proxy record is in the manifest.
+    packages = [signed_package(pkg, keys.owner(d)) for pkg, d in zip(packages, OWNERS, strict=True)]
     compose_and_opt_out(models, anchor, packages, steps, keys)
     router_variants(models, anchor, data, packages, proxies, p, steps, keys)
     lms = build_baselines(models, anchor, data, p, steps, quiet)
@@ -242,7 +244,7 @@ def train_owner(
             public=[home / "public"],
             public_mix=p.public_mix,
         )
-    return signed_package(package, DemoKeys(workdir).owner(domain))  # the owner signs what it sends
+    return package
 
 
 def compose_and_opt_out(
