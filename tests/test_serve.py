@@ -419,15 +419,18 @@ def test_admin_add_refuses_an_unsigned_package_unless_allowed(fed, keys, tmp_pat
 
 def test_served_and_swapped_models_are_verified(fed, keys, tmp_path):
     """The model served, and one the admin swaps in, are verified as `flexmoe generate` loads them:
-    unsigned refused unless allowed, --trust pins the maintainer's key."""
-    import asyncio
-
+    unsigned refused unless allowed, --trust pins the maintainer's key. The versions the server
+    writes itself (unsigned: it holds no key) are served."""
     from flexmoe.serve.app import Settings, create_app
 
     unsigned = shutil.copytree(fed["removed"], tmp_path / "unsigned")
     (unsigned / SIGNATURE).unlink()
     common = dict(
-        name="m", owners=keys["file"], db=f"sqlite:///{tmp_path / 'l.sqlite'}", audit_log=tmp_path / "a.jsonl"
+        name=NAME,
+        owners=keys["file"],
+        db=f"sqlite:///{tmp_path / 'l.sqlite'}",
+        audit_log=tmp_path / "a.jsonl",
+        workdir=tmp_path / "versions",
     )
     with pytest.raises(FlexmoeError, match="not signed.*--allow-unsigned"):
         create_app(Settings(unsigned, **common))
@@ -435,17 +438,19 @@ def test_served_and_swapped_models_are_verified(fed, keys, tmp_path):
     with pytest.raises(FlexmoeError, match="not among the --trust keys"):
         create_app(Settings(fed["removed"], trust=[other], **common))
     assert create_app(Settings(unsigned, allow_unsigned=True, **common)).state.flexmoe.composed.names
-    app = create_app(Settings(fed["removed"], trust=[fed["maintainer"]], **common))
-
-    async def swap():
-        t = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=t, base_url="http://t") as h:
-            auth = {"Authorization": f"Bearer {keys['admin']}"}
-            return await h.post("/v1/admin/model", json={"path": str(unsigned)}, headers=auth)
-
-    r = asyncio.run(swap())
-    assert r.status_code == 400 and "not signed" in r.json()["error"]["message"], r.text
-    assert app.state.flexmoe.model_dir == fed["removed"]
+    server = Server(Settings(fed["model"], trust=[fed["maintainer"]], **common))
+    try:
+        auth = {"Authorization": f"Bearer {keys['admin']}"}
+        with httpx.Client(base_url=server.url + "/v1", headers=auth, timeout=120) as admin:
+            r = admin.post("/admin/model", json={"path": str(unsigned)})
+            assert r.status_code == 400 and "not signed" in r.json()["error"]["message"], r.text
+            assert server.state.model_dir == fed["model"]
+            r = admin.delete("/admin/experts/legal")
+            assert r.status_code == 200 and r.json()["experts"] == ["public", "code"], r.text
+        assert not (Path(r.json()["model"]) / SIGNATURE).exists()
+        assert greedy(server.client(), PROMPTS[2]).choices[0].text == reference(fed["removed"], PROMPTS[2], 8)
+    finally:
+        server.stop()
 
 
 # ----------------------------------------------------------------------------------------------------
