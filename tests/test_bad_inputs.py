@@ -18,19 +18,22 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import trustkit
+from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from flexmoe.cli import app
 from flexmoe.compose import Provenance, compose
 from flexmoe.errors import FlexmoeError
-from flexmoe.signing import Trust
+from flexmoe.signing import SIGNATURE, Trust, load_private_key
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 
 @pytest.fixture(scope="module")
 def env(trust_root, tmp_path_factory):
-    """Bad files and directories; placeholders {A} anchor, {M} model, {P} package, {D} data dir."""
+    """Bad files and directories; placeholders {A} anchor, {M} model (signed by the owner key), {MU}
+    the same unsigned, {MT} the signed model with a tensor changed, {P} package, {D} data dir,
+    {K} the key directory (owner.pub, other.pub)."""
     root = tmp_path_factory.mktemp("bad")
     a = trust_root / "anchor"
     d = root / "data"
@@ -47,14 +50,25 @@ def env(trust_root, tmp_path_factory):
     with open(d / "huge.txt", "wb") as f:  # a 50 MB file in one line: refused at the 8 MiB limit
         f.write(b"x" * (50 * 2**20))
     (d / "empty").mkdir()
+    for domain in ("public", "code"):  # test splits, for eval --composition
+        (d / "splits" / domain).mkdir(parents=True)
+        (d / "splits" / domain / "test.txt").write_text("\n\n".join(trustkit.DOCS[:4]))
     (d / "model.pkl").write_bytes(b"\x80\x04K\x01.")
     anchors = _bad_anchors(a, root)
     pk = trustkit.package(a, root / "pkg", "code")
     model = root / "model"
-    compose(a, [pk], model, provenance=Provenance(Trust(allow_unsigned=True)))
+    key = load_private_key(trust_root / "keys" / "owner")
+    compose(a, [pk], model, provenance=Provenance(Trust(allow_unsigned=True), sign_key=key))
+    unsigned = shutil.copytree(model, root / "model_unsigned")
+    (unsigned / SIGNATURE).unlink()
+    tampered = shutil.copytree(model, root / "model_tampered")
+    t = load_file(str(tampered / "model.safetensors"))
+    t["lm_head.weight"] = t["lm_head.weight"] * 2
+    save_file(t, str(tampered / "model.safetensors"), metadata={"format": "pt"})
     manifests = _bad_packages(pk, root)
     (root / "ro").write_text("a file, not a directory")
-    return {"root": root, "A": a, "D": d, "P": pk, "M": model, **anchors, **manifests}
+    models = {"M": model, "MU": unsigned, "MT": tampered, "K": trust_root / "keys"}
+    return {"root": root, "A": a, "D": d, "P": pk, **models, **anchors, **manifests}
 
 
 def _bad_anchors(a: Path, root: Path) -> dict:
@@ -398,6 +412,38 @@ CASES = [
         r"already exists",
     ),
     ("generate-not-model", ["generate", "{A}", "--prompt", "x"], r"not a flexmoe model"),
+    # a composed model is verified on every load: unsigned, untrusted or changed is refused
+    (
+        "generate-unsigned",
+        ["generate", "{MU}", "--prompt", "x"],
+        r"model_unsigned is not signed.*--allow-unsigned",
+    ),
+    ("route-unsigned", ["route", "{MU}", "--text", "x"], r"not signed.*--trust MAINTAINER.pub"),
+    ("eval-unsigned", ["eval", "{MU}", "--data", "{D}/good.txt"], r"not signed"),
+    ("eval-composition-unsigned", ["eval", "{MU}", "--data", "{D}/splits", "--composition"], r"not signed"),
+    (
+        "audit-membership-unsigned",
+        ["audit", "membership", "{MU}", "--members", "{D}/good.txt", "--non-members", "{D}/good.txt"],
+        r"not signed",
+    ),
+    ("serve-unsigned", ["serve", "{MU}"], r"not signed"),
+    (
+        "generate-untrusted",
+        ["generate", "{M}", "--prompt", "x", "--trust", "{K}/other.pub"],
+        r"not among the --trust keys.*maintainer",
+    ),
+    ("serve-untrusted", ["serve", "{M}", "--trust", "{K}/other.pub"], r"not among the --trust keys"),
+    ("generate-tampered", ["generate", "{MT}", "--prompt", "x"], r"does not match the files"),
+    (
+        "generate-tampered-allowed",
+        ["generate", "{MT}", "--prompt", "x", "--allow-unsigned"],
+        r"does not match the files",
+    ),
+    (
+        "generate-trust-missing",
+        ["generate", "{M}", "--prompt", "x", "--trust", "{D}/empty"],
+        r"no public key",
+    ),
     ("route-not-model", ["route", "{D}", "--text", "x"], r"not a flexmoe model"),
     ("generate-unknown-expert", ["generate", "{M}", "--prompt", "x", "--include", "nobody"], r"nobody"),
     ("eval-no-tasks", ["eval", "{M}", "--data", "{D}/empty"], r"no tasks|No|does not exist"),

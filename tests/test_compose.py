@@ -26,6 +26,7 @@ from flexmoe.data import read_documents
 from flexmoe.errors import FlexmoeError
 from flexmoe.expert.train import ExpertSpec, train_expert
 from flexmoe.runtime import from_pretrained, generate, routing_shares
+from flexmoe.signing import ALLOW_UNSIGNED
 
 DOMAINS = ("code", "math", "legal")
 
@@ -42,6 +43,7 @@ def experts(tiny_anchor, demo_data, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model(tiny_anchor, experts, tmp_path_factory):
+    """Composed unsigned (the packages are too): every load here passes ALLOW_UNSIGNED."""
     out = tmp_path_factory.mktemp("models") / "all"
     compose(
         tiny_anchor, [experts / d for d in DOMAINS], out, ComposeSettings(top_k=2), provenance=UNSIGNED_OK
@@ -61,7 +63,7 @@ def test_stock_transformers_loads_with_same_logits(model):
         and hf.config.num_experts_per_tok == 2
         and hf.config.norm_topk_prob is False
     )
-    ours = from_pretrained(model)
+    ours = from_pretrained(model, trust=ALLOW_UNSIGNED)
     x = torch.randint(0, hf.config.vocab_size, (2, 24))
     torch.testing.assert_close(ours.model(x).logits, hf(x).logits, atol=1e-5, rtol=1e-5)
 
@@ -126,24 +128,26 @@ def test_add_and_update_keep_other_experts_identical(model, experts, tiny_anchor
 
 def test_exclude_equals_physical_removal(model, tmp_path):
     remove(model, "code", tmp_path / "nocode")
-    masked = from_pretrained(model, exclude=["code"])
-    removed = from_pretrained(tmp_path / "nocode")
+    masked = from_pretrained(model, exclude=["code"], trust=ALLOW_UNSIGNED)
+    removed = from_pretrained(tmp_path / "nocode", trust=ALLOW_UNSIGNED)
     x = torch.randint(0, 1000, (2, 20))
     torch.testing.assert_close(masked.model(x).logits, removed.model(x).logits, atol=1e-5, rtol=1e-5)
     assert generate(masked, "The cat", 12) == generate(removed, "The cat", 12)
     # the GPU default (a static KV cache) decodes the same tokens as the dynamic cache
     assert generate(masked, "The cat", 12, static_cache=True) == generate(removed, "The cat", 12)
-    only = from_pretrained(model, include=["math", "legal"])
+    only = from_pretrained(model, include=["math", "legal"], trust=ALLOW_UNSIGNED)
     torch.testing.assert_close(only.model(x).logits, masked.model(x).logits, atol=1e-5, rtol=1e-5)
 
 
 def test_routing_shares(model):
-    shares = routing_shares(from_pretrained(model), "def add(a, b):\n    return a + b\n")
+    shares = routing_shares(
+        from_pretrained(model, trust=ALLOW_UNSIGNED), "def add(a, b):\n    return a + b\n"
+    )
     assert set(shares) == {"public", *DOMAINS}
     assert sum(shares.values()) == pytest.approx(1.0)
-    masked = routing_shares(from_pretrained(model, exclude=["legal"]), "x = 1")
+    masked = routing_shares(from_pretrained(model, exclude=["legal"], trust=ALLOW_UNSIGNED), "x = 1")
     assert masked["legal"] == 0.0
-    r = CliRunner().invoke(app, ["route", str(model), "--text", "Section 2(a)", "--json"])
+    r = CliRunner().invoke(app, ["route", str(model), "--text", "Section 2(a)", "--json", "--allow-unsigned"])
     assert r.exit_code == 0 and set(json.loads(r.output)) == set(shares)
 
 
@@ -226,7 +230,7 @@ def test_llama_family_composite_loads_with_remote_code(demo_data, tmp_path):
     compose(anchor, [tmp_path / "c"], tmp_path / "m", provenance=UNSIGNED_OK)
     assert (tmp_path / "m" / "modeling_flexmoe.py").is_file()
     hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "m"), trust_remote_code=True).eval()
-    ours = from_pretrained(tmp_path / "m")
+    ours = from_pretrained(tmp_path / "m", trust=ALLOW_UNSIGNED)
     x = torch.randint(0, 300, (2, 12))
     torch.testing.assert_close(ours.model(x).logits, hf(x).logits, atol=1e-5, rtol=1e-5)
 
@@ -234,8 +238,8 @@ def test_llama_family_composite_loads_with_remote_code(demo_data, tmp_path):
 def test_export_of_the_runtime_model_gives_its_weights(model, tmp_path):
     from flexmoe.compose import export, load_meta, runtime_job
 
-    meta = load_meta(model)
-    c = from_pretrained(model)
+    meta = load_meta(model, trust=ALLOW_UNSIGNED)
+    c = from_pretrained(model, trust=ALLOW_UNSIGNED)
     base = {"anchor": meta["anchor"], "history": meta["history"]}
     names, manifests = [e["name"] for e in meta["experts"]], [e["manifest"] for e in meta["experts"]]
     job = runtime_job(c.model, names, manifests, meta["anchor"]["config"], model, base)

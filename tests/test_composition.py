@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from flexmoe.evaluate.composition import composition_metrics, meets_target, owner_metrics
+from flexmoe.signing import ALLOW_UNSIGNED
 
 E = math.e
 
@@ -134,7 +135,7 @@ def _ppl(model_dir, data, domain, use_bias=False, **kw):
     from flexmoe.evaluate.run import test_documents
     from flexmoe.runtime import from_pretrained
 
-    c = from_pretrained(model_dir, use_bias=use_bias, **kw)
+    c = from_pretrained(model_dir, use_bias=use_bias, trust=ALLOW_UNSIGNED, **kw)
     return perplexity(HFLM(c.model, c.tokenizer), test_documents(data, domain), 32, max_blocks=4)[
         "perplexity"
     ]
@@ -146,7 +147,13 @@ def test_measured_table_equals_the_separate_models(federation, demo_data, tmp_pa
 
     root, pkgs, tiny_anchor = federation
     setup = CompositionSetup(
-        root / "model", demo_data, anchor=tiny_anchor, packages=pkgs, seq_len=32, max_blocks=4
+        root / "model",
+        demo_data,
+        anchor=tiny_anchor,
+        packages=pkgs,
+        seq_len=32,
+        max_blocks=4,
+        trust=ALLOW_UNSIGNED,  # the fixture's model is unsigned
     )
     table, info = composition_perplexities(setup)
     assert info["owners"] == ["code", "math"]
@@ -229,6 +236,7 @@ def test_eval_composition_cli_prints_the_table_and_writes_json(federation, demo_
 
     root, pkgs, anchor = federation
     args = ["eval", str(root / "model"), "--composition", "--data", str(demo_data), "--anchor", str(anchor)]
+    args += ["--allow-unsigned"]  # the fixture's model is unsigned
     args += ["--expert", str(pkgs[0]), "--max-blocks", "2", "--seq-len", "32", "--limit", "5"]
     r = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "c.json")])
     assert r.exit_code == 0, r.output
@@ -248,9 +256,9 @@ def test_expert_choice_reaches_every_scoring_path(federation, tmp_path):
 
     root, _, _ = federation
     remove(root / "model", "code", tmp_path / "without_code")
-    masked = load_lm(root / "model", exclude=["code"], device="cpu")
-    removed = load_lm(tmp_path / "without_code", device="cpu")
-    full = load_lm(root / "model", device="cpu")
+    masked = load_lm(root / "model", exclude=["code"], device="cpu", trust=ALLOW_UNSIGNED)
+    removed = load_lm(tmp_path / "without_code", device="cpu", trust=ALLOW_UNSIGNED)
+    full = load_lm(root / "model", device="cpu", trust=ALLOW_UNSIGNED)
     torch.manual_seed(0)
     ids = torch.randint(3, 300, (2, 16))
     mask, prefix = torch.ones_like(ids), torch.tensor([5, 9])

@@ -265,6 +265,16 @@ def test_demo_end_to_end_at_reduced_size(tmp_path):
     )
     assert rep["headline"]["btm"]["cost"]["forward_passes"] == 4
     assert "## Composition" in (tmp_path / "report.md").read_text()
+    # Owners sign their packages, the maintainer every composed model: all load under the strict default.
+    from flexmoe.signing import MODEL_KIND, PACKAGE_KIND, Trust, verify_dir
+
+    maintainer = Trust.from_paths([tmp_path / "keys" / "maintainer.pub"])
+    composed = [m for m in (tmp_path / "models").iterdir() if (m / "flexmoe.json").is_file()]
+    assert len(composed) >= 10 and all(verify_dir(m, MODEL_KIND, maintainer) for m in composed)
+    for d in ("code", "math", "legal"):
+        owner = Trust.from_paths([tmp_path / "owners" / d / "keys" / "owner.pub"])
+        for pkg in (tmp_path / "owners" / d).glob("expert*"):
+            assert verify_dir(pkg, PACKAGE_KIND, owner)
     # Running again skips every finished step (resumable) and gives the same report.
     again = run_demo(tmp_path, "test", quiet=True)
     assert "anchor" not in again["seconds"] and "dp expert legal eps8" not in again["seconds"]

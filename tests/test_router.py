@@ -28,6 +28,7 @@ from flexmoe.router.calibrate import calibrator
 from flexmoe.router.proxy import PROXY_DOCS, PROXY_JSON, ProxySettings, load_proxy, select_proxy
 from flexmoe.router.train import train_router
 from flexmoe.runtime import from_pretrained
+from flexmoe.signing import ALLOW_UNSIGNED, SIGNATURE, generate_keys
 
 OWNERS = ("code", "legal")
 LEGALISH = re.compile(r"licen[cs]e|warrant|copyright", re.I)
@@ -205,7 +206,7 @@ def test_router_training_changes_only_router_rows(model, rt_model):
 
 def test_stock_transformers_loads_router_trained_model(rt_model):
     hf = AutoModelForCausalLM.from_pretrained(str(rt_model)).eval()
-    ours = from_pretrained(rt_model)
+    ours = from_pretrained(rt_model, trust=ALLOW_UNSIGNED)
     x = torch.randint(0, hf.config.vocab_size, (2, 20))
     torch.testing.assert_close(ours.model(x).logits, hf(x).logits, atol=1e-5, rtol=1e-5)
 
@@ -271,7 +272,10 @@ def test_calibration_is_deterministic_and_recomputed_on_opt_out(
     hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "a")).eval()
     x = torch.randint(0, hf.config.vocab_size, (2, 16))
     torch.testing.assert_close(
-        from_pretrained(tmp_path / "a").model(x).logits, hf(x).logits, atol=1e-5, rtol=1e-5
+        from_pretrained(tmp_path / "a", trust=ALLOW_UNSIGNED).model(x).logits,
+        hf(x).logits,
+        atol=1e-5,
+        rtol=1e-5,
     )
 
 
@@ -308,7 +312,10 @@ def test_calibration_stops_an_over_eager_expert_stealing_public_tokens(
     # Over several held-out public documents: the realistic public pool holds some code, which the
     # code-derived greedy expert may claim on any single document.
     docs = read_documents([demo_data / "public" / "valid.jsonl"])[:8]
-    plain, cal = from_pretrained(tmp_path / "plain"), from_pretrained(tmp_path / "cal")
+    plain, cal = (
+        from_pretrained(tmp_path / "plain", trust=ALLOW_UNSIGNED),
+        from_pretrained(tmp_path / "cal", trust=ALLOW_UNSIGNED),
+    )
     before = {k: sum(routing_shares(plain, t)[k] for t in docs) / len(docs) for k in ("public", "greedy")}
     after = {k: sum(routing_shares(cal, t)[k] for t in docs) / len(docs) for k in ("public", "greedy")}
     assert after["public"] > before["public"] + 0.05 and after["greedy"] < before["greedy"], (before, after)
@@ -357,10 +364,13 @@ def test_cli_smoke(model, packages, demo_data, tmp_path):
             "2",
             "--seq-len",
             "64",
+            "--sign-key",
+            str(generate_keys(tmp_path / "maintainer")[0]),
         ],
     )
     assert r.exit_code == 0, r.output
-    assert (tmp_path / "rt" / FLEXMOE_JSON).is_file()
+    assert (tmp_path / "rt" / FLEXMOE_JSON).is_file() and (tmp_path / "rt" / SIGNATURE).is_file()
+    assert from_pretrained(tmp_path / "rt").names == ["public", *OWNERS]  # signed: loads with no options
     pub = ["--public", str(demo_data / "public")]
     r = run(
         app,

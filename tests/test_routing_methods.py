@@ -20,6 +20,7 @@ from flexmoe.routing_stats import (
     publish_anchor_stats,
     regularised,
 )
+from flexmoe.signing import ALLOW_UNSIGNED
 
 H = 6
 
@@ -218,7 +219,7 @@ def test_folded_stock_export_equals_runtime_and_opt_out_recomputes(routed, tiny_
     meta = json.loads((tmp_path / "all" / FLEXMOE_JSON).read_text())
     assert meta["routing"]["method"] == method and meta["routing"]["bias"] == "fold"
     hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "all")).eval()
-    ours = from_pretrained(tmp_path / "all")
+    ours = from_pretrained(tmp_path / "all", trust=ALLOW_UNSIGNED)
     x = torch.randint(0, hf.config.vocab_size, (2, 16))
     torch.testing.assert_close(ours.model(x).logits, hf(x).logits, atol=1e-5, rtol=1e-5)
     # Opt-out recomputes the method from what remains: equal to composing the remaining owners.
@@ -253,8 +254,8 @@ def test_kept_bias_is_exact_in_the_runtime_and_dropped_by_the_export(routed, tin
     bias = load_file(str(tmp_path / "m" / "flexmoe_bias.safetensors"))
     assert all(float(v.max()) == 0.0 and float(v.min()) < 0 for v in bias.values())
     x = torch.randint(0, 500, (1, 12))
-    with_bias = from_pretrained(tmp_path / "m", use_bias=True).model(x).logits
-    without = from_pretrained(tmp_path / "m").model(x).logits
+    with_bias = from_pretrained(tmp_path / "m", use_bias=True, trust=ALLOW_UNSIGNED).model(x).logits
+    without = from_pretrained(tmp_path / "m", trust=ALLOW_UNSIGNED).model(x).logits
     hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "m")).eval()(x).logits
     torch.testing.assert_close(without, hf, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(with_bias, without)

@@ -27,8 +27,10 @@ import torch
 from typer.testing import CliRunner
 
 from flexmoe.cli import app as cli_app
-from flexmoe.compose import UNSIGNED_OK, ComposeSettings, compose, remove
+from flexmoe.compose import MODEL_KIND, ComposeSettings, Provenance, compose, remove
+from flexmoe.errors import FlexmoeError
 from flexmoe.expert.train import train_expert
+from flexmoe.signing import ALLOW_UNSIGNED, SIGNATURE, generate_keys, load_private_key, sign_dir
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
@@ -49,20 +51,30 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def fed(tiny_anchor, demo_data, tmp_path_factory) -> dict:
-    """A tiny composed model (public + code + legal, top-2 of 3), the same without legal, and packages."""
+    """A tiny composed model (public + code + legal, top-2 of 3), the same without legal, and packages.
+    The packages are unsigned; the models are signed by the maintainer (served with no option)."""
     root = tmp_path_factory.mktemp("serve")
     for d in ("code", "legal"):
         train_expert(tiny_anchor, [demo_data / d], d, root / "pkg" / d, steps=3, quiet=True)
+    key, pub, _ = generate_keys(root / "keys" / "maintainer")
+    prov = Provenance(trust=ALLOW_UNSIGNED, sign_key=load_private_key(key))
     compose(
         tiny_anchor,
         [root / "pkg" / d for d in ("code", "legal")],
         root / NAME,
         ComposeSettings(top_k=2),
-        provenance=UNSIGNED_OK,
+        provenance=prov,
     )
-    remove(root / NAME, "legal", root / "removed")
+    remove(root / NAME, "legal", root / "removed", provenance=prov)
     (root / NAME / "chat_template.jinja").write_text(CHAT_TEMPLATE)  # only the served model has one
-    return {"root": root, "model": root / NAME, "removed": root / "removed", "pkg": root / "pkg"}
+    sign_dir(root / NAME, prov.sign_key, MODEL_KIND)  # again: the template is part of the model
+    return {
+        "root": root,
+        "model": root / NAME,
+        "removed": root / "removed",
+        "pkg": root / "pkg",
+        "maintainer": pub,
+    }
 
 
 class Server:
@@ -403,6 +415,42 @@ def test_admin_add_refuses_an_unsigned_package_unless_allowed(fed, keys, tmp_pat
     r = asyncio.run(go())
     assert r.status_code == 400 and "not signed" in r.json()["error"]["message"], r.text
     assert not (tmp_path / "versions").exists() or not any((tmp_path / "versions").iterdir())
+
+
+def test_served_and_swapped_models_are_verified(fed, keys, tmp_path):
+    """The model served, and one the admin swaps in, are verified as `flexmoe generate` loads them:
+    unsigned refused unless allowed, --trust pins the maintainer's key. The versions the server
+    writes itself (unsigned: it holds no key) are served."""
+    from flexmoe.serve.app import Settings, create_app
+
+    unsigned = shutil.copytree(fed["removed"], tmp_path / "unsigned")
+    (unsigned / SIGNATURE).unlink()
+    common = dict(
+        name=NAME,
+        owners=keys["file"],
+        db=f"sqlite:///{tmp_path / 'l.sqlite'}",
+        audit_log=tmp_path / "a.jsonl",
+        workdir=tmp_path / "versions",
+    )
+    with pytest.raises(FlexmoeError, match="not signed.*--allow-unsigned"):
+        create_app(Settings(unsigned, **common))
+    other = generate_keys(tmp_path / "other")[1]
+    with pytest.raises(FlexmoeError, match="not among the --trust keys"):
+        create_app(Settings(fed["removed"], trust=[other], **common))
+    assert create_app(Settings(unsigned, allow_unsigned=True, **common)).state.flexmoe.composed.names
+    server = Server(Settings(fed["model"], trust=[fed["maintainer"]], **common))
+    try:
+        auth = {"Authorization": f"Bearer {keys['admin']}"}
+        with httpx.Client(base_url=server.url + "/v1", headers=auth, timeout=120) as admin:
+            r = admin.post("/admin/model", json={"path": str(unsigned)})
+            assert r.status_code == 400 and "not signed" in r.json()["error"]["message"], r.text
+            assert server.state.model_dir == fed["model"]
+            r = admin.delete("/admin/experts/legal")
+            assert r.status_code == 200 and r.json()["experts"] == ["public", "code"], r.text
+        assert not (Path(r.json()["model"]) / SIGNATURE).exists()
+        assert greedy(server.client(), PROMPTS[2]).choices[0].text == reference(fed["removed"], PROMPTS[2], 8)
+    finally:
+        server.stop()
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from flexmoe.errors import FlexmoeError
 from flexmoe.expert import package as pkg
 from flexmoe.fileio import atomic_dir, output_lock, sha256_file
 from flexmoe.formats import migrate_expert_manifest, read_expert_manifest
-from flexmoe.signing import SIGNATURE, Trust, load_private_key
+from flexmoe.signing import ALLOW_UNSIGNED, SIGNATURE, Trust, load_private_key
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -205,6 +205,82 @@ def test_signed_model_records_signers_and_detects_tampering(kit, tmp_path):
         from_pretrained(bad)
 
 
+# --------------------------------------------------------------------------------------------------
+# Loading a composed model: the maintainer's signature is verified on every load
+
+
+def _unsigned_model(kit, out: Path) -> Path:
+    compose(kit["anchor"], [kit["pkg"]["code"], kit["pkg"]["math"]], out, provenance=UNSIGNED_OK)
+    return out
+
+
+def test_unsigned_model_is_refused_on_load_unless_allowed(kit, tmp_path):
+    from flexmoe.runtime import from_pretrained
+
+    model = _unsigned_model(kit, tmp_path / "u")
+    with pytest.raises(FlexmoeError, match="is not signed") as e:
+        from_pretrained(model, device="cpu")
+    assert str(model) in str(e.value) and "--allow-unsigned" in str(e.value) and "--trust" in str(e.value)
+    assert "ALLOW_UNSIGNED" in str(e.value) and "UNSIGNED_OK" not in str(e.value)  # the model's option
+    with pytest.raises(FlexmoeError, match="is not signed"):
+        load_meta(model)
+    assert from_pretrained(model, device="cpu", trust=ALLOW_UNSIGNED).names == ["public", "code", "math"]
+    # The maintainer's own changes of its model still accept it (an unsigned input is its choice).
+    assert remove(model, "math", tmp_path / "r", provenance=UNSIGNED_OK)["experts"][1]["name"] == "code"
+
+
+def test_signed_model_loads_by_default_and_pins_to_the_trusted_key(kit, trust_root):
+    from flexmoe.runtime import from_pretrained
+
+    assert from_pretrained(kit["model"], device="cpu").names == ["public", "code", "math"]
+    assert from_pretrained(kit["model"], device="cpu", trust=_trust(trust_root)).names
+    with pytest.raises(FlexmoeError, match="not among the --trust keys.*maintainer's public key"):
+        from_pretrained(kit["model"], device="cpu", trust=_trust(trust_root, who="other"))
+
+
+@pytest.mark.parametrize("allow_unsigned", [False, True])
+def test_tampered_model_tensor_is_refused_on_load(kit, tmp_path, allow_unsigned):
+    from flexmoe.runtime import from_pretrained
+
+    bad = trustkit.copy(kit["model"], tmp_path / "m")
+    weights = bad / "model.safetensors"
+    t = load_file(str(weights))
+    name = next(n for n in t if n.endswith("mlp.experts.1.up_proj.weight"))
+    t[name] = t[name] + 1
+    save_file(t, str(weights), metadata={"format": "pt"})
+    with pytest.raises(FlexmoeError, match="does not match the files"):
+        from_pretrained(bad, device="cpu", trust=Trust(allow_unsigned=allow_unsigned))
+
+
+def test_cli_generate_verifies_the_model(kit, trust_root, tmp_path):
+    from typer.testing import CliRunner
+
+    from flexmoe.cli import app
+
+    unsigned = _unsigned_model(kit, tmp_path / "u")
+    gen = ["generate", "--prompt", "document 1", "--max-new-tokens", "2"]
+    keys = trust_root / "keys"
+    run = CliRunner().invoke
+    r = run(app, [*gen, str(unsigned)])
+    assert r.exit_code == 1 and isinstance(r.exception, FlexmoeError) and "not signed" in str(r.exception)
+    assert run(app, [*gen, str(unsigned), "--allow-unsigned"]).exit_code == 0
+    assert run(app, [*gen, str(kit["model"])]).exit_code == 0  # signed: no option needed
+    assert run(app, [*gen, str(kit["model"]), "--trust", str(keys / "owner.pub")]).exit_code == 0
+    r = run(app, [*gen, str(kit["model"]), "--trust", str(keys / "other.pub")])
+    assert r.exit_code == 1 and "not among the --trust keys" in str(r.exception)
+    r = run(app, ["route", str(kit["model"]), "--text", "x", "--json", "--trust", str(keys)])
+    assert r.exit_code == 0 and set(json.loads(r.output)) == {"public", "code", "math"}
+    # The console script: one 'error:' line naming the model and the option, no traceback.
+    p = subprocess.run(
+        [sys.executable, "-m", "flexmoe", *gen, str(unsigned)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": SRC},
+    )
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+    assert p.stderr.startswith("error:") and "not signed" in p.stderr and "--allow-unsigned" in p.stderr
+
+
 def test_composed_anchor_fingerprint_is_recomputed(kit, tmp_path):
     bad = trustkit.copy(kit["model"], tmp_path / "m")
     (bad / SIGNATURE).unlink()
@@ -329,7 +405,7 @@ def test_two_concurrent_composes_one_wins_nothing_silently_lost(kit, tmp_path):
     assert loser[0] == 1 and "Traceback" not in loser[1]
     assert "is writing" in loser[1] or "already exists" in loser[1]
     winner = ["code", "math"][ok[0]]
-    assert [e["name"] for e in load_meta(out)["experts"]] == ["public", winner]
+    assert [e["name"] for e in load_meta(out, ALLOW_UNSIGNED)["experts"]] == ["public", winner]
 
 
 def test_stale_temporaries_cleaned_and_moved_aside_output_restored(tmp_path):

@@ -19,7 +19,7 @@ from flexmoe.anchor_sft import sft_anchor
 from flexmoe.audit import pipeline as audit_api
 from flexmoe.audit.extraction import ExtractionConfig
 from flexmoe.audit.pipeline import AuditSizes, canary_audit
-from flexmoe.compose import MODEL_KIND, ComposeSettings, Provenance, add, compose, remove, update
+from flexmoe.compose import ComposeSettings, Provenance, add, compose, remove, update
 from flexmoe.corpora import build_demo_corpora
 from flexmoe.demo import run_demo
 from flexmoe.errors import FlexmoeError
@@ -40,7 +40,7 @@ from flexmoe.router_init import default_router_init
 from flexmoe.routing_stats import compute_for_package, publish_anchor_stats
 from flexmoe.runtime import from_pretrained, generate, routing_shares
 from flexmoe.serve.cli import register as register_serve
-from flexmoe.signing import Trust, generate_keys, load_private_key, sign_dir
+from flexmoe.signing import Trust, generate_keys, key_id, load_private_key
 from flexmoe.training import is_main
 
 console = Console(highlight=False, soft_wrap=True)
@@ -463,6 +463,18 @@ def _provenance(sign_key: Path | None, trust: list[Path] | None, allow_unsigned:
     return Provenance(trust=Trust.from_paths(trust, allow_unsigned=allow_unsigned), sign_key=key)
 
 
+# Loading a composed model (generate, route, eval, audit, serve): the maintainer's signature.
+MODEL_TRUST = typer.Option(
+    None,
+    "--trust",
+    help="The maintainer's public key(s) (KEY.pub files or a directory): load only a model they signed; "
+    "default: any valid signature.",
+)
+MODEL_ALLOW_UNSIGNED = typer.Option(
+    False, "--allow-unsigned", help="Load a composed model without a signature (a signature must still hold)."
+)
+
+
 ROUTING_HELP = (
     "Routing method: trained, phatgoose, calibrated, lda (NAME+prior: public logit + log owners); "
     "recomputed on every later remove/add/update."
@@ -594,9 +606,9 @@ def router_train_cmd(
     settings = RouterTrainSettings(
         steps, batch_size, seq_len, lr, weight_decay, proxy_share, seed=seed, resume=resume, force=force
     )
-    meta = train_router(model, proxy or [], public, out, settings=settings)
+    meta = train_router(model, proxy or [], public, out, settings=settings, sign_key=key)
     if meta and key is not None:
-        console.print(f"signed by {sign_dir(out, key, MODEL_KIND)}")
+        console.print(f"signed by {key_id(key.public_key())}")
     if meta:
         v = meta["router_training"]["valid_loss"]
         console.print(f"public validation loss {v['before']:.4f} -> {v['after']:.4f}")
@@ -615,9 +627,12 @@ def generate_cmd(
     temperature: float = typer.Option(0.0, help="0 = greedy; > 0 samples."),
     use_bias: bool = typer.Option(False, help="Apply the learned router biases (not in the HF format)."),
     seed: int = typer.Option(0, help="Sampling seed."),
+    trust: list[Path] = MODEL_TRUST,
+    allow_unsigned: bool = MODEL_ALLOW_UNSIGNED,
 ) -> None:
     """Model user: stream a continuation using any subset of experts."""
-    c = from_pretrained(model, include=_names(include), exclude=_names(exclude), use_bias=use_bias)
+    t = Trust.from_paths(trust, allow_unsigned=allow_unsigned)
+    c = from_pretrained(model, include=_names(include), exclude=_names(exclude), use_bias=use_bias, trust=t)
     console.print(prompt, end="")
     generate(c, prompt, max_new_tokens, stream=True, temperature=temperature, seed=seed)
 
@@ -630,9 +645,12 @@ def route_cmd(
     exclude: list[str] = typer.Option(None, "--exclude", help="Leave out these experts."),
     use_bias: bool = typer.Option(False, help="Apply the learned router biases."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    trust: list[Path] = MODEL_TRUST,
+    allow_unsigned: bool = MODEL_ALLOW_UNSIGNED,
 ) -> None:
     """Model user: the share of routing weight each expert received (over tokens and layers)."""
-    c = from_pretrained(model, include=_names(include), exclude=_names(exclude), use_bias=use_bias)
+    t = Trust.from_paths(trust, allow_unsigned=allow_unsigned)
+    c = from_pretrained(model, include=_names(include), exclude=_names(exclude), use_bias=use_bias, trust=t)
     shares = routing_shares(c, text)
     if as_json:
         _print_json(shares)
@@ -668,11 +686,14 @@ def eval_cmd(
         None, "--owner", help="Owner domains (default: the experts with a test split)."
     ),
     public: str = typer.Option("public", "--public", help="The public domain's name (for --composition)."),
+    trust: list[Path] = MODEL_TRUST,
+    allow_unsigned: bool = MODEL_ALLOW_UNSIGNED,
 ) -> None:
     """Perplexity per domain (with bootstrap intervals) and tasks if any; or, with --composition,
     how much of each owner's gain survives composition and what opt-out removes."""
     if limit is not None and limit < 1:
         raise FlexmoeError(f"--limit {limit} is below 1.", "pass a positive number of documents/items.")
+    t = Trust.from_paths(trust, allow_unsigned=allow_unsigned)
     if composition:
         setup = CompositionSetup(
             model,
@@ -684,13 +705,14 @@ def eval_cmd(
             seq_len or seq_len_of(model),
             max_blocks,
             limit,
+            trust=t,
         )
         r = evaluate_composition(setup, progress=lambda m: console.print(f"  {m}"))
         console.print(composition_table(r["composition"]))
         if out:
             write_json(out, r)
         return
-    lm = load_lm(model, _names(include), _names(exclude), use_bias)
+    lm = load_lm(model, _names(include), _names(exclude), use_bias, trust=t)
     r = evaluate_lm(
         lm,
         data,
@@ -740,8 +762,11 @@ def audit_extraction(
     threshold: float = typer.Option(0.9, help="Normalised Levenshtein similarity counted as extracted."),
     seed: int = typer.Option(0, help="Sampling seed."),
     out: Path = typer.Option(None, "--out", help="Write the result as JSON here."),
+    trust: list[Path] = MODEL_TRUST,
+    allow_unsigned: bool = MODEL_ALLOW_UNSIGNED,
 ) -> None:
     """The FlexOlmo paper's extraction attack: share of documents whose continuation is regenerated."""
+    t = Trust.from_paths(trust, allow_unsigned=allow_unsigned)
     cfg = ExtractionConfig(
         prefix_tokens=prefix_tokens,
         suffix_tokens=suffix_tokens,
@@ -751,7 +776,7 @@ def audit_extraction(
         seed=seed,
     )
     progress = lambda m: console.print(f"  {m}")  # noqa: E731
-    r = audit_api.audit_extraction(model, data, _names(include), _names(exclude), cfg, progress)
+    r = audit_api.audit_extraction(model, data, _names(include), _names(exclude), cfg, progress, t)
     lo, hi = r["ci95"]
     console.print(
         f"extracted {r['extracted']} of {r['documents']} documents: rate {100 * r['rate']:.1f}% "
@@ -831,9 +856,12 @@ def audit_exposure(
     exclude: list[str] = typer.Option(None, "--exclude", help="Leave out these experts."),
     candidates: int = typer.Option(1000, help="Random secrets scored for the rank estimate."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    trust: list[Path] = MODEL_TRUST,
+    allow_unsigned: bool = MODEL_ALLOW_UNSIGNED,
 ) -> None:
     """Exposure (bits) of planted canaries under a model; controls show chance level."""
-    r = audit_api.audit_exposure(model, canaries, _names(include), _names(exclude), candidates)
+    t = Trust.from_paths(trust, allow_unsigned=allow_unsigned)
+    r = audit_api.audit_exposure(model, canaries, _names(include), _names(exclude), candidates, t)
     if as_json:
         _print_json(r)
         return
@@ -854,10 +882,13 @@ def audit_membership(
     exclude: list[str] = typer.Option(None, "--exclude", help="Leave out these experts."),
     max_tokens: int = typer.Option(256, help="Tokens per document scored."),
     max_documents: int = typer.Option(500, help="Documents per side."),
+    trust: list[Path] = MODEL_TRUST,
+    allow_unsigned: bool = MODEL_ALLOW_UNSIGNED,
 ) -> None:
     """Loss-based membership inference: AUC of training vs held-out documents (0.5 = chance)."""
+    t = Trust.from_paths(trust, allow_unsigned=allow_unsigned)
     r = audit_api.audit_membership(
-        model, members, non_members, _names(include), _names(exclude), max_tokens, max_documents
+        model, members, non_members, _names(include), _names(exclude), max_tokens, max_documents, t
     )
     lo, hi = r["ci95"]
     console.print(

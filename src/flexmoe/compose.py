@@ -44,7 +44,7 @@ from flexmoe.routing_methods import Request, restore_trained, write_routed
 from flexmoe.routing_stats import load_anchor_stats
 
 FLEXMOE_JSON = formats.MODEL_META
-MODEL_KIND = "flexmoe composed model"
+MODEL_KIND = signing.MODEL_KIND
 BIAS_FILE = "flexmoe_bias.safetensors"
 PUBLIC = "public"
 FFN = ("gate_proj", "up_proj", "down_proj")
@@ -346,9 +346,10 @@ class Provenance:
     sign_key: object | None = None
 
 
-# What a caller passes to accept unsigned packages on purpose (the CLI's --allow-unsigned): tests, the
-# embedded demo, benchmarks. Without it, compose/add/update refuse an unsigned package, as the CLI does.
-UNSIGNED_OK = Provenance(trust=signing.Trust(allow_unsigned=True))
+# What a caller passes to accept unsigned packages on purpose (the CLI's --allow-unsigned): tests,
+# benchmarks, models built for a measurement. Without it, compose/add/update refuse an unsigned
+# package, as the CLI does. (Loading an unsigned model: ``trust=signing.ALLOW_UNSIGNED``.)
+UNSIGNED_OK = Provenance(trust=signing.ALLOW_UNSIGNED)
 
 
 def _trust(provenance: Provenance | None) -> signing.Trust:
@@ -492,11 +493,13 @@ def _check_calibrator(calibrate) -> None:
 # Changing the expert set of a composed model
 
 
-def load_meta(model: Path, verify: bool = True) -> dict:
-    """A composed model's ``flexmoe.json``; with ``verify``, a signature (if present) must hold."""
-    meta = formats.read_model_meta(model)
-    if verify:
-        signing.verify_dir(Path(model), MODEL_KIND, signing.Trust(allow_unsigned=True))
+def load_meta(model: Path, trust: signing.Trust | None = None) -> dict:
+    """A composed model's ``flexmoe.json``, once its signature is verified under ``trust`` (default:
+    signed, by any valid key; ``signing.ALLOW_UNSIGNED`` accepts an unsigned model but still refuses
+    a signature that does not hold). ``runtime.from_pretrained`` verifies through here, once per load.
+    """
+    meta = formats.read_model_meta(model)  # first: a directory that is no model says so
+    signing.verify_dir(Path(model), MODEL_KIND, trust or signing.Trust())
     return meta
 
 
@@ -528,7 +531,9 @@ def training_seq_len(meta: dict, default: int = 256) -> int:
 
 def _current(model: Path) -> tuple[TensorReader, dict, list[Expert]]:
     model = Path(model)
-    meta = load_meta(model)
+    # The maintainer rebuilding its own model (remove/add/update, router training, the server's admin
+    # changes): an unsigned one is accepted, a signature that does not hold is not.
+    meta = load_meta(model, signing.ALLOW_UNSIGNED)
     expected = (meta.get("shared_merge") or {}).get("merged_fingerprint") or meta["anchor"]["fingerprint"]
     if composed_anchor_fingerprint(model, meta) != expected:
         raise FlexmoeError(

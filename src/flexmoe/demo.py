@@ -18,7 +18,7 @@ from rich.console import Console
 
 from flexmoe.anchor import default_embedder, load_anchor, load_config, pretrain
 from flexmoe.audit.demo import PRIVACY_PRESETS, PrivacyRun, plant_demo_canaries, privacy_section
-from flexmoe.compose import UNSIGNED_OK, ComposeSettings, compose, load_meta, remove
+from flexmoe.compose import ComposeSettings, Provenance, compose, load_meta, remove
 from flexmoe.corpora import build_demo_corpora
 from flexmoe.errors import FlexmoeError
 from flexmoe.evaluate import baselines as B
@@ -27,11 +27,13 @@ from flexmoe.evaluate.metrics import HFLM
 from flexmoe.evaluate.report import composition_table, headline, write_report
 from flexmoe.evaluate.run import EvalSettings, evaluate_lm, load_lm
 from flexmoe.evaluate.tasks import load_tasks
+from flexmoe.expert.package import sign_package
 from flexmoe.expert.train import EXPERT_PRESETS, PUBLIC_MIX, ExpertSpec, train_expert
 from flexmoe.fileio import save_pretrained_atomic
 from flexmoe.router.calibrate import calibrator
 from flexmoe.router.proxy import ProxySettings, select_proxy
 from flexmoe.router.train import train_router
+from flexmoe.signing import SIGNATURE, Trust, generate_keys, load_private_key
 from flexmoe.tokenizer import load_tokenizer
 
 OWNERS = ("code", "math", "legal")
@@ -70,10 +72,57 @@ DEMO_PRESETS = {
 }
 
 
+@dataclass(frozen=True)
+class DemoKeys:
+    """The demo's Ed25519 keys, made on first use inside ``workdir`` and kept for a resumed run: each
+    owner's in its own directory (it signs that owner's packages), and the maintainer's (it signs
+    every composed model, and a model user trusts its public key)."""
+
+    workdir: Path
+
+    def owner(self, domain: str):
+        return _key(self.workdir / "owners" / domain / "keys" / "owner")
+
+    def maintainer(self):
+        return _key(self.workdir / "keys" / "maintainer")
+
+    def provenance(self) -> Provenance:
+        """The maintainer's: packages signed by the demo's owners only; what it writes, signed."""
+        for d in OWNERS:
+            self.owner(d)  # made on first use
+        pubs = [_pub(self.workdir / "owners" / d / "keys" / "owner") for d in OWNERS]
+        return Provenance(trust=Trust.from_paths(pubs), sign_key=self.maintainer())
+
+    def model_trust(self) -> Trust:
+        """A model user's: composed models signed by the maintainer only."""
+        self.maintainer()
+        return Trust.from_paths([_pub(self.workdir / "keys" / "maintainer")])
+
+
+def _key(path: Path):
+    """The private key at ``path``, made (with its public key beside it) on first use."""
+    if not (path.is_file() and _pub(path).is_file()):
+        generate_keys(path, force=True)
+    return load_private_key(path)
+
+
+def _pub(path: Path) -> Path:
+    return path.with_name(path.name + ".pub")
+
+
+def signed_package(package: Path, key) -> Path:
+    """``package`` signed by its owner (a run interrupted between training and signing, or a work
+    directory from before the demo signed, is signed now: ``sign_package`` verifies it first)."""
+    if not (package / SIGNATURE).is_file():
+        sign_package(package, key)
+    return package
+
+
 class Steps:
     """Times named steps and prints what is happening."""
 
     def __init__(self, quiet: bool):
+        self.quiet = quiet
         self.seconds: dict[str, float] = {}
         self.console = Console(stderr=True, highlight=False, quiet=quiet)
 
@@ -118,36 +167,48 @@ def run_demo(
             quiet=quiet,
             embedder=embedder,
         )
+    keys = DemoKeys(workdir)
     packages = [train_owner(workdir, data, anchor, d, p, steps, quiet) for d in OWNERS]
     proxies = [select_owner_proxy(workdir, d, p, steps, quiet) for d in OWNERS]
-    compose_and_opt_out(models, anchor, packages, steps)
-    router_variants(models, anchor, data, packages, proxies, p, steps, quiet)
+    # Each owner signs what it sends, once its proxy record is in the manifest.
+    packages = [signed_package(pkg, keys.owner(d)) for pkg, d in zip(packages, OWNERS, strict=True)]
+    compose_and_opt_out(models, anchor, packages, steps, keys)
+    router_variants(models, anchor, data, packages, proxies, p, steps, keys)
     lms = build_baselines(models, anchor, data, p, steps, quiet)
-    report = evaluate_all(models, lms, data, anchor, p, steps)
-    report.update(composition_section(report, models, anchor, data, packages, p, steps))
+    report = evaluate_all(models, lms, data, anchor, p, steps, keys.model_trust())
+    report.update(composition_section(report, models, anchor, data, packages, p, steps, keys.model_trust()))
     if privacy is not None:
-        run = PrivacyRun(
-            workdir,
-            data,
-            anchor,
-            privacy,
-            expert_preset=p.expert,
-            router_init=p.router_init,
-            public_mix=p.public_mix,
-            eval_blocks=p.eval_blocks,
-            eval_items=p.eval_items,
-            steps=steps,
-            quiet=quiet,
-        )
-        report["privacy"] = privacy_section(run, report)
-        report["privacy"]["seconds"] = sum(
-            v for k, v in steps.seconds.items() if k.startswith(("dp expert", "privacy:"))
-        )
+        report["privacy"] = privacy_report(report, workdir, anchor, privacy, p, steps, keys)
     report["preset"] = preset
     report["seconds"] = steps.seconds
 
     write_report(report, workdir)
     return report
+
+
+def privacy_report(
+    report: dict, workdir: Path, anchor: Path, privacy, p: DemoPreset, steps: Steps, keys: DemoKeys
+) -> dict:
+    """The privacy section (``flexmoe.audit.demo``) with the demo's settings and keys."""
+    run = PrivacyRun(
+        workdir,
+        workdir / "data",
+        anchor,
+        privacy,
+        expert_preset=p.expert,
+        router_init=p.router_init,
+        public_mix=p.public_mix,
+        eval_blocks=p.eval_blocks,
+        eval_items=p.eval_items,
+        steps=steps,
+        quiet=steps.quiet,
+        owner_key=keys.owner(privacy.owner),
+        provenance=keys.provenance(),
+        trust=keys.model_trust(),
+    )
+    out = privacy_section(run, report)
+    out["seconds"] = sum(v for k, v in steps.seconds.items() if k.startswith(("dp expert", "privacy:")))
+    return out
 
 
 def train_owner(
@@ -186,12 +247,17 @@ def train_owner(
     return package
 
 
-def compose_and_opt_out(models: Path, anchor: Path, packages: list[Path], steps: Steps) -> None:
+def compose_and_opt_out(
+    models: Path, anchor: Path, packages: list[Path], steps: Steps, keys: DemoKeys
+) -> None:
+    """The maintainer composes the owners' signed packages and signs every model it writes."""
+    prov = keys.provenance()
     if not (models / "flexolmo").exists():
-        steps.run("compose", compose, anchor, packages, models / "flexolmo", provenance=UNSIGNED_OK)
+        steps.run("compose", compose, anchor, packages, models / "flexolmo", provenance=prov)
     for d in OWNERS:
         if not (models / f"flexolmo_without_{d}").exists():
-            steps.run("opt-out", remove, models / "flexolmo", d, models / f"flexolmo_without_{d}")
+            out = models / f"flexolmo_without_{d}"
+            steps.run("opt-out", remove, models / "flexolmo", d, out, provenance=prov)
 
 
 def select_owner_proxy(workdir: Path, domain: str, p: DemoPreset, steps: Steps, quiet: bool) -> Path:
@@ -229,10 +295,11 @@ def router_variants(
     proxies: list[Path],
     p: DemoPreset,
     steps: Steps,
-    quiet: bool,
+    keys: DemoKeys,
 ) -> None:
     public = [data / "public"]
     rt, cal = models / "flexolmo_rt", models / "flexolmo_calibrated"
+    prov = keys.provenance()
     if not rt.exists():
         steps.run(
             "router training",
@@ -242,11 +309,12 @@ def router_variants(
             public,
             rt,
             steps=p.rt_steps,
-            quiet=quiet,
+            quiet=steps.quiet,
+            sign_key=prov.sign_key,
         )
     if not (models / f"flexolmo_rt_without_{REMOVED}").exists():
         # Opt-out after router training: the owner's FFN and row go, the other trained rows stay.
-        steps.run("opt-out", remove, rt, REMOVED, models / f"flexolmo_rt_without_{REMOVED}")
+        steps.run("opt-out", remove, rt, REMOVED, models / f"flexolmo_rt_without_{REMOVED}", provenance=prov)
     if not cal.exists():
         steps.run(
             "calibrate",
@@ -255,7 +323,7 @@ def router_variants(
             packages,
             cal,
             ComposeSettings(calibrate=calibrator(public)),
-            provenance=UNSIGNED_OK,
+            provenance=prov,
         )
     if not (models / f"flexolmo_calibrated_without_{REMOVED}").exists():
         steps.run(
@@ -265,6 +333,7 @@ def router_variants(
             REMOVED,
             models / f"flexolmo_calibrated_without_{REMOVED}",
             ComposeSettings(calibrate=calibrator(public)),
+            provenance=prov,
         )
 
 
@@ -331,25 +400,35 @@ def build_baselines(models: Path, anchor: Path, data: Path, p: DemoPreset, steps
     return lms
 
 
-def evaluate_all(models: Path, lms: dict, data: Path, anchor: Path, p: DemoPreset, steps: Steps) -> dict:
+def evaluate_all(
+    models: Path, lms: dict, data: Path, anchor: Path, p: DemoPreset, steps: Steps, trust: Trust
+) -> dict:
+    """Every model scored alike; the composed ones load as a model user would (signed by the
+    maintainer, ``trust``)."""
     seq_len = EXPERT_PRESETS[p.expert].seq_len
     dev = device()  # in-memory baselines are already there; saved models load onto it too
     todo = {"public": lambda: load_lm(anchor, device=dev)}
     todo.update({f"dense_{d}": (lambda d=d: load_lm(models / f"dense_{d}", device=dev)) for d in OWNERS})
     todo["model_soup"] = lambda: load_lm(models / "model_soup", device=dev)
     todo.update({k: (lambda v=v: v) for k, v in lms.items()})
-    todo["flexolmo"] = lambda: load_lm(models / "flexolmo", device=dev)
+    todo["flexolmo"] = lambda: load_lm(models / "flexolmo", device=dev, trust=trust)
     # The same model with the owners' learned negative biases, which the HF flex_olmo format cannot
     # hold: flexmoe's runtime applies them (flexmoe_bias.safetensors). Measures what dropping them costs.
-    todo["flexolmo_bias"] = lambda: load_lm(models / "flexolmo", use_bias=True, device=dev)
+    todo["flexolmo_bias"] = lambda: load_lm(models / "flexolmo", use_bias=True, device=dev, trust=trust)
     todo.update(
         {
-            f"flexolmo_without_{d}": (lambda d=d: load_lm(models / f"flexolmo_without_{d}", device=dev))
+            f"flexolmo_without_{d}": (
+                lambda d=d: load_lm(models / f"flexolmo_without_{d}", device=dev, trust=trust)
+            )
             for d in OWNERS
         }
     )
     todo.update(
-        {m: (lambda m=m: load_lm(models / m, device=dev)) for m in ROUTER_ROWS if (models / m).exists()}
+        {
+            m: (lambda m=m: load_lm(models / m, device=dev, trust=trust))
+            for m in ROUTER_ROWS
+            if (models / m).exists()
+        }
     )
     results = {}
     for name, make in todo.items():
@@ -375,7 +454,14 @@ def evaluate_all(models: Path, lms: dict, data: Path, anchor: Path, p: DemoPrese
 
 
 def composition_section(
-    report: dict, models: Path, anchor: Path, data: Path, packages: list[Path], p: DemoPreset, steps: Steps
+    report: dict,
+    models: Path,
+    anchor: Path,
+    data: Path,
+    packages: list[Path],
+    p: DemoPreset,
+    steps: Steps,
+    trust: Trust,
 ) -> dict:
     """Issue 13's composition block for the composed model, measured by the one function that
     ``flexmoe eval --composition`` uses and printed as a table; and the headline comparison of the
@@ -389,17 +475,18 @@ def composition_section(
         seq_len=EXPERT_PRESETS[p.expert].seq_len,
         max_blocks=p.eval_blocks,
         device=device(),
+        trust=trust,
     )
     r = steps.run("composition", evaluate_composition, setup)
     steps.console.print(composition_table(r["composition"]))
     return {
         "composition": r["composition"],
         "composition_detail": {"perplexity": r["perplexity"], "how": r["how"]},
-        "headline": headline(report["models"], inference_costs(anchor, models, p)),
+        "headline": headline(report["models"], inference_costs(anchor, models, p, trust)),
     }
 
 
-def inference_costs(anchor: Path, models: Path, p: DemoPreset) -> dict:
+def inference_costs(anchor: Path, models: Path, p: DemoPreset, trust: Trust | None = None) -> dict:
     """Inference cost per token of the headline models (BTM runs every dense model)."""
     config, seq_len = load_config(anchor), EXPERT_PRESETS[p.expert].seq_len
     inference_cost = B.inference_cost
@@ -410,7 +497,9 @@ def inference_costs(anchor: Path, models: Path, p: DemoPreset) -> dict:
         "btm": inference_cost(config, "ensemble", seq_len, models=1 + len(OWNERS)),
         "btx": inference_cost(config, "moe", seq_len, top_k=2),
         "unrestricted_moe": inference_cost(config, "moe", seq_len, top_k=2),
-        "flexolmo": inference_cost(config, "moe", seq_len, top_k=load_meta(models / "flexolmo")["top_k"]),
+        "flexolmo": inference_cost(
+            config, "moe", seq_len, top_k=load_meta(models / "flexolmo", trust)["top_k"]
+        ),
     }
 
 

@@ -31,9 +31,9 @@ from flexmoe.anchor import load_anchor, pretrain
 from flexmoe.anchor_sft import sft_anchor
 from flexmoe.chat import chat_splits, generate, reply_text, well_formed
 from flexmoe.chat_data import build_chat_sets, correct, read_tasks
-from flexmoe.compose import UNSIGNED_OK, ComposeSettings, compose, remove
+from flexmoe.compose import MODEL_KIND, ComposeSettings, compose, remove
 from flexmoe.corpora import build_demo_corpora
-from flexmoe.demo import Steps
+from flexmoe.demo import DemoKeys, Steps, signed_package
 from flexmoe.errors import FlexmoeError
 from flexmoe.evaluate.metrics import wilson
 from flexmoe.expert.stages import expert_model, settings_for, train_stage
@@ -41,6 +41,7 @@ from flexmoe.fileio import read_json, write_json
 from flexmoe.router.calibrate import calibrator
 from flexmoe.router.train import train_router
 from flexmoe.runtime import default_device, from_pretrained
+from flexmoe.signing import Trust, sign_dir
 from flexmoe.tokenizer import load_tokenizer
 
 OWNERS = ("code", "math", "legal")
@@ -131,7 +132,7 @@ def train_all(workdir: Path, p: PostTrainPreset, steps, quiet: bool) -> dict[str
                 lr=p.expert_lr,
                 freeze_shared=recipe == "frozen",
             )
-            out[f"{d}-{recipe}"] = _once(
+            package = _once(
                 post / "experts" / f"{d}-{recipe}",
                 steps,
                 f"sft {d} ({recipe})",
@@ -144,6 +145,7 @@ def train_all(workdir: Path, p: PostTrainPreset, steps, quiet: bool) -> dict[str
                 public=chat / "public",
                 quiet=quiet,
             )
+            out[f"{d}-{recipe}"] = signed_package(package, DemoKeys(workdir).owner(d))
     return out
 
 
@@ -180,41 +182,19 @@ def public_chat_text(chat: Path, out: Path) -> Path:
 
 
 def compose_all(workdir: Path, pk: dict, p: PostTrainPreset, steps, quiet: bool) -> dict[str, Path]:
-    """Merged models (mean, TIES, frozen experts), the two router options, and the opt-out pair."""
+    """Merged models (mean, TIES, frozen experts), the two router options, and the opt-out pair; the
+    maintainer composes the owners' signed packages and signs every model."""
     m, a = workdir / "post" / "models", pk["anchor"]
     prog = [pk[f"{d}-progressive"] for d in OWNERS]
+    prov = DemoKeys(workdir).provenance()
+    variants = {  # key: (step label, packages, settings)
+        "merged_mean": ("compose (mean)", prog, ComposeSettings()),
+        "merged_ties": ("compose (ties)", prog, ComposeSettings(shared_merge="ties")),
+        "merged_frozen": ("compose (frozen)", [pk[f"{d}-frozen"] for d in OWNERS], ComposeSettings()),
+    }
     out = {
-        "merged_mean": _once(
-            m / "merged_mean",
-            steps,
-            "compose (mean)",
-            compose,
-            a,
-            prog,
-            m / "merged_mean",
-            provenance=UNSIGNED_OK,
-        ),
-        "merged_ties": _once(
-            m / "merged_ties",
-            steps,
-            "compose (ties)",
-            compose,
-            a,
-            prog,
-            m / "merged_ties",
-            ComposeSettings(shared_merge="ties"),
-            provenance=UNSIGNED_OK,
-        ),
-        "merged_frozen": _once(
-            m / "merged_frozen",
-            steps,
-            "compose (frozen)",
-            compose,
-            a,
-            [pk[f"{d}-frozen"] for d in OWNERS],
-            m / "merged_frozen",
-            provenance=UNSIGNED_OK,
-        ),
+        k: _once(m / k, steps, label, compose, a, pkgs, m / k, how, provenance=prov)
+        for k, (label, pkgs, how) in variants.items()
     }
     out |= router_options(workdir, pk, out["merged_mean"], p, steps, quiet)
     _once(
@@ -225,6 +205,7 @@ def compose_all(workdir: Path, pk: dict, p: PostTrainPreset, steps, quiet: bool)
         out["merged_mean"],
         "math",
         m / "optout_removed",
+        provenance=prov,
     )
     never = [pk["code-progressive"], pk["legal-progressive"]]
     _once(
@@ -235,7 +216,7 @@ def compose_all(workdir: Path, pk: dict, p: PostTrainPreset, steps, quiet: bool)
         a,
         never,
         m / "optout_never",
-        provenance=UNSIGNED_OK,
+        provenance=prov,
     )
     return out
 
@@ -245,6 +226,7 @@ def router_options(workdir: Path, pk: dict, merged: Path, p: PostTrainPreset, st
     public chat only."""
     m, a = workdir / "post" / "models", pk["anchor"]
     prog = [pk[f"{d}-progressive"] for d in OWNERS]
+    prov = DemoKeys(workdir).provenance()
     out = {}
     sample = workdir / "post" / "router-sample"
     if not sample.exists():
@@ -268,6 +250,7 @@ def router_options(workdir: Path, pk: dict, merged: Path, p: PostTrainPreset, st
             "BAR router stage: a stratified sample of every owner's chat data"
         )
         write_json(m / "router_shared" / "flexmoe.json", meta)
+        sign_dir(m / "router_shared", prov.sign_key, MODEL_KIND)  # after the note: it signs that too
     out["router_shared"] = m / "router_shared"
     pub_text = workdir / "post" / "public-chat-text"
     if not pub_text.exists():
@@ -281,7 +264,7 @@ def router_options(workdir: Path, pk: dict, merged: Path, p: PostTrainPreset, st
         prog,
         m / "router_private",
         ComposeSettings(calibrate=calibrator([pub_text])),
-        provenance=UNSIGNED_OK,
+        provenance=prov,
     )
     return out
 
@@ -333,25 +316,26 @@ def evaluate_chat(model, tok, chat: Path, domains, max_new_tokens: int, batch: i
     return out
 
 
-def load_for_eval(kind: str, path: Path, anchor: Path):
+def load_for_eval(kind: str, path: Path, anchor: Path, trust: Trust | None = None):
     """(model, tokenizer) of the post-trained anchor, an expert package (as its owner trained it: full
-    shared deltas, 2 experts) or a composed model."""
+    shared deltas, 2 experts) or a composed model (its signature verified under ``trust``)."""
 
     device = default_device()  # generation on the GPU when there is one
     if kind == "anchor":
         return load_anchor(path, torch.float32).to(device).eval(), load_tokenizer(path)
     if kind == "expert":
         return expert_model(anchor, path)[0].to(device).eval(), load_tokenizer(anchor)
-    c = from_pretrained(path)
+    c = from_pretrained(path, trust=trust)
     return c.model, c.tokenizer
 
 
-def evaluate_everything(pk: dict, models: dict, p: PostTrainPreset, steps) -> dict:
+def evaluate_everything(pk: dict, models: dict, p: PostTrainPreset, steps, trust: Trust) -> dict:
+    """Chat scores of every model; composed ones load as a model user's would (``trust``)."""
     chat, anchor, n = pk["chat"], pk["anchor"], p.max_new_tokens
     res = {}
 
     def run(key, kind, path, domains):
-        model, tok = load_for_eval(kind, path, anchor)
+        model, tok = load_for_eval(kind, path, anchor, trust)
         res[key] = steps.run(f"evaluate {key}", evaluate_chat, model, tok, chat, domains, n)
 
     run("anchor_sft", "anchor", anchor, ("public", *OWNERS))
@@ -403,7 +387,7 @@ def run_post_train_demo(workdir: Path, preset: str = "tiny", *, quiet: bool = Fa
     models = compose_all(workdir, pk, p, steps, quiet)
     m = workdir / "post" / "models"
     optout = same_tensors(m / "optout_removed", m / "optout_never")
-    res = evaluate_everything(pk, models, p, steps)
+    res = evaluate_everything(pk, models, p, steps, DemoKeys(workdir).model_trust())
     summary = summarise(res, optout)
     details = {
         "preset": preset,

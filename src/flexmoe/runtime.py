@@ -26,6 +26,7 @@ from flexmoe.checkpoint import TensorReader
 from flexmoe.compose import BIAS_FILE, PUBLIC, load_meta
 from flexmoe.errors import FlexmoeError
 from flexmoe.moe import FlexMoEBlock, RouterRow, Routing, active_routing, decoder_layers, moe_blocks, routing
+from flexmoe.signing import Trust
 from flexmoe.tokenizer import load_tokenizer
 
 
@@ -97,16 +98,20 @@ def from_pretrained(
     use_bias: bool = False,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device | None = None,
+    trust: Trust | None = None,
 ) -> Composed:
     """Load a composed model directory into flexmoe's runtime.
 
+    Every file is verified against the maintainer's signature first: ``trust`` None requires a valid
+    signature by anyone, ``Trust.from_paths(keys)`` by one of those keys, ``signing.ALLOW_UNSIGNED``
+    accepts an unsigned model (a signature that does not hold is always refused).
     ``device`` defaults to the GPU when there is one. ``use_bias`` applies the learned router biases
     that the HF format cannot hold (off by default, so that results equal what stock transformers and
     vLLM compute from the same checkpoint).
     """
     path = Path(path)
     device = default_device() if device is None else device
-    meta = load_meta(path)
+    meta = load_meta(path, trust)
     config = base_config(meta["anchor"]["config"])
     names = [e["name"] for e in meta["experts"]]
     with torch.device("meta"):

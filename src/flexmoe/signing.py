@@ -26,6 +26,9 @@ from flexmoe.fileio import atomic_write_bytes, sha256_file
 
 SIGNATURE = "signature.json"
 SCHEMA_VERSION = 1
+# What a signature signs (part of the signed bytes: a package's signature cannot pass for a model's).
+PACKAGE_KIND = "flexmoe expert package"
+MODEL_KIND = "flexmoe composed model"
 
 
 def _raw(pub: Ed25519PublicKey) -> bytes:
@@ -89,10 +92,11 @@ def load_public_key(path: Path) -> Ed25519PublicKey:
     return key
 
 
-@dataclass
+@dataclass(frozen=True)
 class Trust:
     """What a verifier accepts. ``keys`` (key id -> public key): only these signers; None = any valid
-    signature (trust on first use, pinned by the caller). ``allow_unsigned``: accept unsigned input."""
+    signature (trust on first use, pinned by the caller). ``allow_unsigned``: accept unsigned input.
+    The default, ``Trust()``, is what every user-facing load and compose does: signed by anyone."""
 
     allow_unsigned: bool = False
     keys: dict[str, Ed25519PublicKey] | None = field(default=None)
@@ -113,6 +117,23 @@ class Trust:
                 k = load_public_key(f)
                 keys[key_id(k)] = k
         return cls(allow_unsigned=allow_unsigned, keys=keys)
+
+
+# Accept unsigned input on purpose (the CLI's --allow-unsigned): a signature that is there must still
+# hold. For tests, and for a model this process is building itself.
+ALLOW_UNSIGNED = Trust(allow_unsigned=True)
+
+# How to accept what is unsigned, and whose key to trust, by kind (for the refusal messages).
+_UNSIGNED_FIX = {
+    PACKAGE_KIND: "ask its owner to sign it ('flexmoe expert sign'), or pass --allow-unsigned to accept it "
+    "(Python: provenance=flexmoe.compose.UNSIGNED_OK).",
+    MODEL_KIND: "ask the maintainer for a signed copy (compose --sign-key) and pass their key with --trust "
+    "MAINTAINER.pub, or pass --allow-unsigned to accept it (Python: trust=flexmoe.signing.ALLOW_UNSIGNED).",
+}
+_UNTRUSTED_FIX = {
+    PACKAGE_KIND: "add the owner's public key with --trust, or refuse the package.",
+    MODEL_KIND: "pass the maintainer's public key with --trust, or refuse the model.",
+}
 
 
 def file_hashes(directory: Path) -> dict[str, str]:
@@ -160,8 +181,7 @@ def verify_dir(directory: Path, kind: str, trust: Trust) -> str | None:
             return None
         raise FlexmoeError(
             f"{directory} is not signed (no {SIGNATURE}).",
-            "ask its author to sign it ('flexmoe expert sign'), or pass --allow-unsigned to accept it "
-            "(Python: provenance=flexmoe.compose.UNSIGNED_OK).",
+            _UNSIGNED_FIX.get(kind, "pass --allow-unsigned to accept it."),
         )
     try:
         record = json.loads(sig.read_text(encoding="utf-8"))
@@ -185,6 +205,6 @@ def verify_dir(directory: Path, kind: str, trust: Trust) -> str | None:
     if trust.keys is not None and kid not in trust.keys:
         raise FlexmoeError(
             f"{directory} is signed by {kid}, which is not among the --trust keys.",
-            "add the owner's public key with --trust, or refuse the package.",
+            _UNTRUSTED_FIX.get(kind, "pass the signer's public key with --trust."),
         )
     return kid

@@ -22,12 +22,14 @@ from pathlib import Path
 from flexmoe.audit.canaries import PREFIX, load_canaries, make_canaries, plant_jsonl, save_canaries
 from flexmoe.audit.extraction import ExtractionConfig
 from flexmoe.audit.pipeline import AuditSizes, audit_lm, membership_sets, summary_row
-from flexmoe.compose import UNSIGNED_OK, compose, update
+from flexmoe.compose import Provenance, compose, update
 from flexmoe.data import load_splits, read_documents
 from flexmoe.evaluate.run import EvalSettings, evaluate_lm, load_lm
+from flexmoe.expert.package import sign_package
 from flexmoe.expert.privacy import DPSettings
 from flexmoe.expert.train import EXPERT_PRESETS, ExpertSpec, train_expert
 from flexmoe.fileio import read_json
+from flexmoe.signing import SIGNATURE, Trust
 from flexmoe.tokenizer import load_tokenizer
 
 
@@ -103,6 +105,9 @@ class PrivacyRun:
     eval_items: int | None
     steps: object  # flexmoe.demo.Steps: runs, times and prints each step
     quiet: bool
+    owner_key: object  # the owner's Ed25519 private key: it signs its DP packages
+    provenance: Provenance  # the maintainer's: owners' keys trusted, the models it writes signed
+    trust: Trust  # a model user's: the composed models audited load signed by the maintainer
 
 
 def privacy_section(run: PrivacyRun, report: dict) -> dict:
@@ -159,6 +164,8 @@ def _train_dp_experts(run: PrivacyRun) -> dict[str, Path]:
                 dp=DPSettings(epsilon=eps),
                 quiet=run.quiet,
             )
+        if not (dp_pkgs[key] / SIGNATURE).is_file():  # the owner signs what it sends
+            sign_package(dp_pkgs[key], run.owner_key)
     return dp_pkgs
 
 
@@ -169,9 +176,7 @@ def _dp_models_and_utility(run: PrivacyRun, report: dict, dp_pkgs: dict) -> tupl
 
     def built(out: Path, fn, *args) -> Path:
         if not out.exists():
-            run.steps.run(
-                "privacy: compose", fn, *args, out, provenance=UNSIGNED_OK
-            )  # demo owners do not sign
+            run.steps.run("privacy: compose", fn, *args, out, provenance=run.provenance)
         return out
 
     audited = {"public": anchor, f"dense_{owner}": models / f"dense_{owner}", "flexolmo": models / "flexolmo"}
@@ -186,7 +191,7 @@ def _dp_models_and_utility(run: PrivacyRun, report: dict, dp_pkgs: dict) -> tupl
         utility[key.removeprefix("eps")] = run.steps.run(
             f"privacy: utility {key}",
             domain_utility,
-            load_lm(flex),
+            load_lm(flex, trust=run.trust),
             run.data,
             owner,
             EvalSettings(seq_len=seq_len, max_blocks=run.eval_blocks, max_items=run.eval_items),
@@ -222,7 +227,7 @@ def _audit_models(run: PrivacyRun, audited: dict) -> tuple[dict, int]:
         audits[name] = run.steps.run(
             f"privacy: audit {name}",
             audit_lm,
-            load_lm(path),
+            load_lm(path, trust=run.trust),
             canaries=canaries,
             length=length,
             members=members,

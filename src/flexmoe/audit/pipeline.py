@@ -36,6 +36,7 @@ from flexmoe.evaluate.run import load_lm
 from flexmoe.expert.privacy import DPSettings
 from flexmoe.expert.train import EXPERT_PRESETS, ExpertSpec, train_expert
 from flexmoe.fileio import atomic_dir, atomic_write_bytes, save_pretrained_atomic, write_json
+from flexmoe.signing import ALLOW_UNSIGNED, Trust
 from flexmoe.tokenizer import load_tokenizer
 
 
@@ -162,7 +163,8 @@ def canary_audit(
     for key, path in models.items():
         console.print(f"[bold cyan]== auditing {key}[/]")
         results[key] = audit_lm(
-            load_lm(path),
+            # Models this audit composed itself, unsigned (the dense ones are plain HF checkpoints).
+            load_lm(path, trust=ALLOW_UNSIGNED),
             canaries=planted.canaries,
             length=planted.length,
             members=members,
@@ -280,18 +282,25 @@ def audit_extraction(
     exclude=None,
     cfg: ExtractionConfig | None = None,
     progress=None,
+    trust: Trust | None = None,
 ) -> dict:
-    """The extraction attack on ``model`` (any subset of its experts) over ``data``'s training split."""
-    lm = load_lm(model, include, exclude)
+    """The extraction attack on ``model`` (any subset of its experts) over ``data``'s training split.
+    ``trust``: a composed model's signature (as ``runtime.from_pretrained``)."""
+    lm = load_lm(model, include, exclude, trust=trust)
     return extraction_attack(lm, load_splits(data).train, cfg, progress=progress)
 
 
 def audit_exposure(
-    model: Path, canaries_file: Path, include=None, exclude=None, candidates: int = 1000
+    model: Path,
+    canaries_file: Path,
+    include=None,
+    exclude=None,
+    candidates: int = 1000,
+    trust: Trust | None = None,
 ) -> dict:
     """Exposure of the canaries in ``canaries_file`` (written by ``canary_audit``) under ``model``."""
     cs, length = load_canaries(canaries_file)
-    return exposure(load_lm(model, include, exclude), cs, length, candidates)
+    return exposure(load_lm(model, include, exclude, trust=trust), cs, length, candidates)
 
 
 def audit_membership(
@@ -302,7 +311,8 @@ def audit_membership(
     exclude=None,
     max_tokens: int = 256,
     max_documents: int = 500,
+    trust: Trust | None = None,
 ) -> dict:
     """Loss-based membership inference: AUC of training vs held-out documents."""
     ins, outs = read_documents(members)[:max_documents], read_documents(non_members)[:max_documents]
-    return membership_auc(load_lm(model, include, exclude), ins, outs, max_tokens)
+    return membership_auc(load_lm(model, include, exclude, trust=trust), ins, outs, max_tokens)

@@ -46,6 +46,7 @@ from flexmoe.fileio import read_json
 from flexmoe.moe import moe_blocks
 from flexmoe.moe import routing as moe_routing
 from flexmoe.runtime import from_pretrained
+from flexmoe.signing import ALLOW_UNSIGNED, Trust
 
 #: the name of the routing when nothing else is said: the composed model's own router rows
 DEFAULT_ROUTING = "router"
@@ -155,6 +156,7 @@ class CompositionSetup:
     max_blocks: int | None = 64
     max_docs: int | None = None
     device: str = "cpu"
+    trust: Trust | None = None  # the model's signature (runtime.from_pretrained); None: any valid one
 
 
 def _bias_switch(model) -> Callable[[bool], None]:
@@ -224,7 +226,8 @@ def _separate_alone(setup: CompositionSetup, package: Path, tmp: Path, anchor: P
 
     out = tmp / Path(package).name
     compose(anchor, [package], out, ComposeSettings(top_k=2), provenance=UNSIGNED_OK)
-    c = from_pretrained(out, use_bias=True, device=setup.device)
+    # A temporary model of this process's own making: it is not signed.
+    c = from_pretrained(out, use_bias=True, device=setup.device, trust=ALLOW_UNSIGNED)
     return HFLM(c.model, c.tokenizer, scope=lambda: moe_routing(c.routing()))
 
 
@@ -234,7 +237,7 @@ class _Bench:
     def __init__(self, setup: CompositionSetup, docs: dict[str, list[str]], progress=None):
 
         self.setup, self.docs, self.progress = setup, docs, progress
-        self.c = from_pretrained(setup.model, use_bias=True, device=setup.device)
+        self.c = from_pretrained(setup.model, use_bias=True, device=setup.device, trust=setup.trust)
         self.same = alone_is_restricted(self.c, setup.packages)  # before any bias is switched off
         self.bias = _bias_switch(self.c.model)
         self.lm = HFLM(self.c.model, self.c.tokenizer, scope=lambda: moe_routing(self.c.routing()))

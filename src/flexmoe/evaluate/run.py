@@ -17,6 +17,7 @@ from flexmoe.evaluate.tasks import load_tasks
 from flexmoe.fileio import read_json
 from flexmoe.moe import routing as moe_routing
 from flexmoe.runtime import from_pretrained
+from flexmoe.signing import Trust
 from flexmoe.tokenizer import load_tokenizer
 
 DOMAINS = ("public", "code", "math", "legal")
@@ -126,12 +127,17 @@ def load_lm(
     exclude: Sequence[str] | None = None,
     use_bias: bool = False,
     device: str | None = None,
+    *,
+    trust: Trust | None = None,
 ):
-    """An ``HFLM`` for a flexmoe composed model (with expert choice) or any HF causal LM directory."""
+    """An ``HFLM`` for a flexmoe composed model (with expert choice) or any HF causal LM directory.
+    A composed model's signature is verified under ``trust`` (as ``runtime.from_pretrained``)."""
     model = Path(model)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")  # the GPU when there is one
     if (model / FLEXMOE_JSON).is_file():
-        c = from_pretrained(model, include=include, exclude=exclude, use_bias=use_bias, device=device)
+        c = from_pretrained(
+            model, include=include, exclude=exclude, use_bias=use_bias, device=device, trust=trust
+        )
         return HFLM(c.model, c.tokenizer, scope=lambda: moe_routing(c.routing()))
     if include or exclude:
         raise FlexmoeError(

@@ -32,7 +32,7 @@ TENSOR_FILE = "expert.safetensors"
 SHARED_FILE = "shared_delta.safetensors"  # post-training: shared tensors' change from the anchor
 MANIFEST = formats.EXPERT_MANIFEST
 FORMAT = formats.EXPERT_FORMAT
-KIND = "flexmoe expert package"
+KIND = signing.PACKAGE_KIND
 # The owner's routing statistics (flexmoe.routing_stats), written beside a package after it is built:
 # not in the manifest (the package is unchanged), but bound to it by their own record's hashes.
 STATS_FILE = "routing_stats.safetensors"

@@ -28,10 +28,10 @@ import torch
 from flexmoe.checkpoint import DEFAULT_SHARD_BYTES
 from flexmoe.compose import (
     ComposeSettings,
+    Provenance,
     _current,
     _event,
     _rewrite,
-    load_meta,
     trained_public_row,
     training_seq_len,
 )
@@ -42,6 +42,7 @@ from flexmoe.fileio import claims_output
 from flexmoe.moe import moe_blocks, router_z_loss
 from flexmoe.router.proxy import load_proxy
 from flexmoe.runtime import from_pretrained
+from flexmoe.signing import ALLOW_UNSIGNED
 from flexmoe.training import (
     LMStep,
     PackedBlocks,
@@ -136,24 +137,28 @@ def train_router(
     public: list[Path],
     out: Path,
     settings: RouterTrainSettings | None = None,
+    *,
+    sign_key=None,
     **overrides,
 ) -> dict:
     """Train the router rows of composed ``model`` on proxy sets + public data; write ``out``.
 
-    ``settings`` (or keyword ``overrides`` of its fields) say how. Returns the new ``flexmoe.json``.
+    ``settings`` (or keyword ``overrides`` of its fields) say how; ``sign_key`` (the maintainer's
+    Ed25519 private key) signs ``out`` as it is written. Returns the new ``flexmoe.json``.
     """
     s = replace(settings or RouterTrainSettings(), **overrides)
     model, out = Path(model), Path(out)
     _check_inputs(model, public, out, s)
     work = claim_work_dir(out, s.resume, s.force)
-    meta = load_meta(model)
     records, docs = _load_proxies(proxies)
     device = init_distributed()
     torch.manual_seed(s.seed)
-    composed = from_pretrained(model, use_bias=False, device=device)
+    # The maintainer trains the router of its own model (as remove/add/update): unsigned is accepted,
+    # a signature that does not hold is not.
+    composed = from_pretrained(model, use_bias=False, device=device, trust=ALLOW_UNSIGNED)
     net = composed.model
     _start_from_trained_rows(net, model)
-    seq_len = s.seq_len or training_seq_len(meta)
+    seq_len = s.seq_len or training_seq_len(composed.meta)
     share = s.proxy_share if docs else 0.0
     train_blocks, valid_blocks, data_info = training_blocks(docs, public, composed.tokenizer, seq_len, share)
     rows = freeze_all_but_router_rows(net)
@@ -179,7 +184,8 @@ def train_router(
         "seconds": time.perf_counter() - t0,
         "trainable": "the owners' router rows; the public row, biases, experts and shared weights frozen",
     }
-    new = _write_trained(model, out, net, composed.names, record, s, [r["name"] for r in records])
+    proxy_names = [r["name"] for r in records]
+    new = _write_trained(model, out, net, composed.names, record, s, proxy_names, sign_key)
     if is_main():
         clear_checkpoint(work)
     return new
@@ -238,7 +244,9 @@ def _router_config(s: RouterTrainSettings, seq_len: int) -> TrainConfig:
     )
 
 
-def _write_trained(model: Path, out: Path, net, names: list[str], record: dict, s, proxies) -> dict:
+def _write_trained(
+    model: Path, out: Path, net, names: list[str], record: dict, s, proxies, sign_key=None
+) -> dict:
     """Write ``out`` with compose's streaming writer: trained owner rows, everything else as it was."""
     layers = [[row.weight.detach().view(-1).cpu() for row in block.router] for block in moe_blocks(net)]
     _, meta, experts = _current(model)
@@ -257,4 +265,5 @@ def _write_trained(model: Path, out: Path, net, names: list[str], record: dict, 
     # The output was checked to be free above (or --force/--resume given): replace it atomically.
     meta = {**meta, "router_training": record}
     how = ComposeSettings(max_shard_bytes=s.max_shard_bytes, routing="trained")
-    return _rewrite(model, out, trained, meta, event, how, force=True)
+    prov = Provenance(sign_key=sign_key)
+    return _rewrite(model, out, trained, meta, event, how, force=True, provenance=prov)

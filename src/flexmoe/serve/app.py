@@ -34,7 +34,7 @@ from flexmoe.serve.engine import Engine, Job, Result, Sampling
 from flexmoe.serve.ledger import Ledger
 from flexmoe.serve.owners import Registry
 from flexmoe.serve.page import OWNER_PAGE, usage_svg
-from flexmoe.signing import Trust
+from flexmoe.signing import ALLOW_UNSIGNED, Trust
 
 
 class ApiError(Exception):
@@ -105,8 +105,13 @@ class Settings:
     device: str = "cpu"
     dtype: str = "float32"
     workdir: Path | None = None  # where admin operations write new model versions
-    trust: list[Path] | None = None  # public keys whose packages the admin may add (None: any signer)
-    allow_unsigned: bool = False  # admin add/update of unsigned packages (as compose --allow-unsigned)
+    # Public keys accepted (None: any valid signature): the maintainer's, for the model served and the
+    # models the admin swaps in, and the owners', for the packages the admin adds or updates.
+    trust: list[Path] | None = None
+    allow_unsigned: bool = False  # unsigned models and packages accepted (as --allow-unsigned elsewhere)
+
+    def verifier(self) -> Trust:
+        return Trust.from_paths(self.trust, allow_unsigned=self.allow_unsigned)
 
 
 @dataclass
@@ -124,9 +129,12 @@ class State:
     pending: set = field(default_factory=set)  # ledger writes of streams whose client went away
 
 
-def load(settings: Settings, path: Path | None = None) -> Composed:
+def load(settings: Settings, path: Path | None = None, trust: Trust | None = None) -> Composed:
+    """The model at ``path`` (default: the one served), its signature verified under ``trust``
+    (default: the server's --trust / --allow-unsigned)."""
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[settings.dtype]
-    return from_pretrained(path or settings.model, dtype=dtype, device=settings.device)
+    trust = trust or settings.verifier()
+    return from_pretrained(path or settings.model, dtype=dtype, device=settings.device, trust=trust)
 
 
 def parse_model(model_id: str, name: str, names: list[str]) -> tuple[list[str] | None, list[str] | None]:
@@ -505,9 +513,7 @@ async def _switch(state: State, actor: str, expert: str, enabled: bool) -> dict:
 def _admin_routes(app: FastAPI, state: State, admin) -> None:
     # Packages the admin adds or updates are checked like `flexmoe add`: signed by a trusted key, or
     # unsigned only when the server was started with --allow-unsigned.
-    prov = C.Provenance(
-        trust=Trust.from_paths(state.settings.trust, allow_unsigned=state.settings.allow_unsigned)
-    )
+    prov = C.Provenance(trust=state.settings.verifier())
 
     async def new_version(op: str, target: str, fn) -> dict:
         async with state.admin_lock:
@@ -519,7 +525,9 @@ def _admin_routes(app: FastAPI, state: State, admin) -> None:
             except FlexmoeError as e:
                 raise ApiError(400, str(e), param="package") from e
             state.audit.append("admin", op, target, model=str(out))
-            await _swap(state, out)
+            # A version this server has just written from the verified model and packages: unsigned
+            # (the server holds no signing key), so accepted as such.
+            await _swap(state, out, ALLOW_UNSIGNED)
             return {"model": str(out), "experts": state.composed.names}
 
     @app.post("/v1/admin/experts")
@@ -552,9 +560,9 @@ def _admin_routes(app: FastAPI, state: State, admin) -> None:
             return {"model": body.path, "experts": state.composed.names}
 
 
-async def _swap(state: State, path: Path) -> None:
+async def _swap(state: State, path: Path, trust: Trust | None = None) -> None:
     try:
-        new = await run_in_threadpool(load, state.settings, path)
+        new = await run_in_threadpool(load, state.settings, path, trust)
     except (FlexmoeError, OSError) as e:
         raise ApiError(400, f"Cannot load {path}: {e}", param="path") from e
     await run_in_threadpool(state.engine.swap, new)

@@ -41,8 +41,15 @@ def serve(
     max_batch: int = typer.Option(32, help="Most requests decoded together."),
     device: str = typer.Option(None, help="cpu or cuda (default: cuda when there is one)."),
     dtype: str = typer.Option(None, help="float32, bfloat16 (default: bfloat16 on GPU, float32 on CPU)."),
-    trust: list[Path] = typer.Option(None, "--trust", help="Public keys whose packages the admin may add."),
-    allow_unsigned: bool = typer.Option(False, "--allow-unsigned", help="Admin may add unsigned packages."),
+    trust: list[Path] = typer.Option(
+        None,
+        "--trust",
+        help="Public keys accepted (KEY.pub files or a directory): the maintainer's, for the model served "
+        "and models swapped in, and the owners', for packages the admin adds; default: any valid signature.",
+    ),
+    allow_unsigned: bool = typer.Option(
+        False, "--allow-unsigned", help="Serve an unsigned model; the admin may add unsigned packages."
+    ),
 ) -> None:
     """Serve a composed model over an OpenAI-compatible HTTP API with per-request experts."""
     import uvicorn  # serving only: not needed by any other command
