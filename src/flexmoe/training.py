@@ -384,15 +384,18 @@ class Progress:
 LossFn = Callable[[torch.nn.Module, Batch], torch.Tensor]
 
 
+def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """bf16 (autocast) up to fp32 for losses; fp32 and a float64 model's values (cpu_dtype) unchanged."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def lm_loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     """Next-token cross-entropy, the mean over every predicted token; ``IGNORE`` labels carry no loss."""
     ids, labels = batch if isinstance(batch, tuple) else (batch, batch)
     # No KV cache: building one in evaluation makes each compiled layer guard on its layer index (one
     # recompilation per layer, past torch's limit, after which every layer ran uncompiled).
-    logits = model(input_ids=ids, use_cache=False).logits[:, :-1]
-    # At least fp32 (bf16 logits under autocast), as HF's own loss; but a float64 model's stay float64,
-    # where HF's loss would round them to fp32 (reference runs, cpu_dtype).
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    # Our cross-entropy rather than HF's (labels=), which rounds a float64 model's logits to fp32.
+    logits = at_least_fp32(model(input_ids=ids, use_cache=False).logits[:, :-1])
     targets = labels[:, 1:].to(logits.device)
     return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
 
@@ -411,8 +414,9 @@ def cpu_dtype(name: str) -> torch.dtype:
     """The dtype a trainer's model computes in on CPU (GPUs: bf16 autocast whatever this says).
     ``float32`` by default; ``float64`` for reference runs: float32 kernels sum in an order that
     depends on the CPU (AVX2 or AVX-512, threads), and over tens of steps their rounding differences
-    grow into loss differences above 1e-5, while float64 keeps them far below
-    (tests/fixtures/make_loss_curves.py)."""
+    grow into loss differences above 1e-5, while float64 keeps them below 1e-9
+    (tests/fixtures/make_loss_curves.py). flexmoe's own computations (losses, router rows, owner
+    experts, router init) follow the model's dtype; HF's OLMo 2 still computes RMSNorm and RoPE in fp32."""
     if name not in CPU_DTYPES:
         raise FlexmoeError(f"CPU dtype {name!r} is not supported.", f"use one of {', '.join(CPU_DTYPES)}.")
     return CPU_DTYPES[name]

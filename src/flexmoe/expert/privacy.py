@@ -40,7 +40,7 @@ from flexmoe.data import tokenize
 from flexmoe.errors import FlexmoeError
 from flexmoe.moe import RouterRow, moe_blocks
 from flexmoe.router_init import load_published
-from flexmoe.training import StepOut, autocast, dist_info
+from flexmoe.training import StepOut, at_least_fp32, autocast, dist_info
 
 UNITS = ("sequence", "document")
 ACCOUNTANTS = ("rdp", "prv")
@@ -418,18 +418,13 @@ def check_batch_axis(model: nn.Module, modules: list[tuple[str, nn.Module]], ids
             )
 
 
-def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
-    """bf16 up to fp32; a float64 model's (CPU reference runs) losses stay float64."""
-    return t.to(torch.promote_types(t.dtype, torch.float32))
-
-
 def per_sample_loss(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor, z_loss: float) -> torch.Tensor:
     """``[B]``: each row's mean next-token loss (padding ignored) plus its router z-loss."""
     logits = model(input_ids=ids, use_cache=False).logits[:, :-1]
     tgt = labels[:, 1:].to(logits.device)
-    nll = F.cross_entropy(_at_least_fp32(logits).transpose(1, 2), tgt, ignore_index=IGNORE, reduction="none")
+    nll = F.cross_entropy(at_least_fp32(logits).transpose(1, 2), tgt, ignore_index=IGNORE, reduction="none")
     loss = nll.sum(1) / (tgt != IGNORE).sum(1).clamp_min(1)
-    zs = [_at_least_fp32(b.z_tokens).flatten(1).mean(1) for b in moe_blocks(model) if b.z_tokens is not None]
+    zs = [at_least_fp32(b.z_tokens).flatten(1).mean(1) for b in moe_blocks(model) if b.z_tokens is not None]
     if z_loss and zs:
         loss = loss + z_loss * torch.stack(zs).mean(0)
     return loss
