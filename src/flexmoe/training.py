@@ -394,9 +394,10 @@ def lm_loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     ids, labels = batch if isinstance(batch, tuple) else (batch, batch)
     # No KV cache: building one in evaluation makes each compiled layer guard on its layer index (one
     # recompilation per layer, past torch's limit, after which every layer ran uncompiled).
-    # Our cross-entropy rather than HF's (labels=), which rounds a float64 model's logits to fp32.
-    logits = at_least_fp32(model(input_ids=ids, use_cache=False).logits[:, :-1])
-    targets = labels[:, 1:].to(logits.device)
+    # HF's loss (labels=) computed here, because HF rounds a float64 model's logits to fp32. As in HF,
+    # the labels shift (the last position predicts nothing), not the logits: no copy of the logits.
+    logits = at_least_fp32(model(input_ids=ids, use_cache=False).logits)
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE).to(logits.device)
     return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
 
 
