@@ -50,6 +50,7 @@ from flexmoe.training import (  # noqa: E402
     Stage,
     TrainConfig,
     compile_layers_,
+    cpu_dtype,
     evaluate,
     frozen_to_bf16_,
     lm_loss,
@@ -154,6 +155,21 @@ def test_labeled_rows_train_only_where_labels_are_set():
     assert evaluate(model, (ids, labels), 2) == pytest.approx(r.final_valid_loss)
     with pytest.raises(FlexmoeError, match="differ in shape"):
         LabeledRows(ids, labels[:, :4])
+
+
+def test_lm_loss_is_hf_loss_and_keeps_float64():
+    """lm_loss computes HF's causal LM loss itself (HF's rounds float64 logits to fp32)."""
+    model = _tiny_lm()
+    ids = torch.randint(0, 64, (3, 12))
+    labels = ids.clone()
+    labels[:, :5] = IGNORE
+    for batch, hf_labels in ((ids, ids), ((ids, labels), labels)):
+        want = model(input_ids=ids, labels=hf_labels).loss
+        torch.testing.assert_close(lm_loss(model, batch), want)
+    model = model.to(cpu_dtype("float64"))
+    assert lm_loss(model, ids).dtype == torch.float64
+    with pytest.raises(FlexmoeError, match="not supported"):
+        cpu_dtype("float16")
 
 
 def test_compile_per_decoder_layer_keeps_the_outputs():
