@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from transformers import AutoConfig, AutoModelForCausalLM, Olmo2Config, Olmo2ForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, Olmo2Config
 
 from flexmoe import validate
 from flexmoe.checkpoint import check_run_inputs
@@ -33,6 +33,7 @@ from flexmoe.training import (
     TrainConfig,
     claim_work_dir,
     clear_checkpoint,
+    cpu_dtype,
     decay_groups,
     init_distributed,
     is_main,
@@ -295,6 +296,7 @@ class AnchorTrainSettings:
     vocab_size: int | None = None
     embedder: str | None = "default"  # published router init ("default": all-MiniLM-L6-v2 if installed)
     compile: bool | None = None  # per-decoder-layer torch.compile; None: on CUDA only
+    cpu_dtype: str = "float32"  # on CPU: "float32", or "float64" (reference runs, training.cpu_dtype)
     resume: bool = False
     force: bool = False
     quiet: bool = False
@@ -322,6 +324,7 @@ def pretrain(
     # resumed run tokenises identically) and the latest checkpoint.
     work = claim_work_dir(out, s.resume, s.force)
     p = preset(s.preset)
+    dtype = cpu_dtype(s.cpu_dtype)
     splits = load_splits([data])
     check_run_inputs(work, s.resume, data=data_fingerprint(splits.train), preset=s.preset)
     device = init_distributed()
@@ -329,7 +332,9 @@ def pretrain(
     tok = _pretrain_tokenizer(splits.train, work, s, p)
     train_blocks = blocks_for(splits.train, tok, p.seq_len)
     valid_blocks = blocks_for(splits.valid, tok, p.seq_len)
-    model = Olmo2ForCausalLM(olmo2_config(p, tok)).to(device)
+    # built in its dtype: fp32 master weights (bf16 autocast on GPUs), or on CPU the settings' dtype
+    dtype = dtype if device.type == "cpu" else torch.float32
+    model = AutoModelForCausalLM.from_config(olmo2_config(p, tok), dtype=dtype).to(device)
     cfg = _pretrain_config(p, s)
     stage = Stage(PackedBlocks(train_blocks), valid_blocks, select=decay_groups, desc="anchor")
     run = RunOptions(work / "checkpoint", s.resume, s.stop_after, s.quiet, device)

@@ -45,17 +45,17 @@ def nonpositive(raw: torch.Tensor) -> torch.Tensor:
 class RouterRow(nn.Module):
     """One expert's router row ``w`` (``[1, hidden]``) and its bias ``b <= 0``: logit = ``w.x + b``."""
 
-    def __init__(self, row: torch.Tensor, bias: float = 0.0):
+    def __init__(self, row: torch.Tensor, bias: float = 0.0, dtype: torch.dtype = torch.float32):
         super().__init__()
-        self.weight = nn.Parameter(row.detach().clone().float().view(1, -1))
-        self.bias_raw = nn.Parameter(torch.tensor([min(float(bias), 0.0)], device=row.device))
+        self.weight = nn.Parameter(row.detach().to(dtype, copy=True).view(1, -1))
+        self.bias_raw = nn.Parameter(torch.tensor([min(float(bias), 0.0)], dtype=dtype, device=row.device))
 
     @property
     def bias(self) -> torch.Tensor:
         return nonpositive(self.bias_raw)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.float(), self.weight) + self.bias
+        return F.linear(x.to(self.weight.dtype), self.weight) + self.bias
 
     @torch.no_grad()
     def project_(self) -> None:
@@ -174,10 +174,11 @@ class FlexMoEBlock(nn.Module):
         return len(self.experts)
 
     def router_logits(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """fp32 router logits ``[..., E]`` including biases and the mask (if given)."""
+        """Router logits ``[..., E]`` in the rows' dtype (fp32, or fp64 in a float64 model) including
+        biases and the mask (if given)."""
         if self.fused_router is not None and not self.training:
             bias = torch.cat([row.bias_raw for row in self.router]).clamp(max=0.0)
-            logits = F.linear(x.float(), self.fused_router) + bias
+            logits = F.linear(x.to(self.fused_router.dtype), self.fused_router) + bias
         else:
             logits = torch.cat([row(x) for row in self.router], dim=-1)
         if mask is not None:
@@ -277,17 +278,20 @@ def anchored_expert_model(
 
     Expert 0 = the anchor FFN (frozen), expert 1 = a trainable copy; router rows ``[layers, hidden]``
     for the public row (frozen) and the owner's row (trainable); routing is top-2 of 2. Everything the
-    anchor had stays frozen.
+    anchor had stays frozen. Trainable weights and router rows are fp32, or fp64 in a float64 anchor.
     """
     for p in anchor.parameters():
         p.requires_grad_(False)
     for i, layer in enumerate(decoder_layers(anchor)):
-        owner = copy.deepcopy(layer.mlp).float()  # trainable master weights stay fp32
+        # trainable master weights: at least fp32 (a bf16 anchor's copy is fp32; a float64 one stays)
+        master = torch.promote_types(next(layer.mlp.parameters()).dtype, torch.float32)
+        owner = copy.deepcopy(layer.mlp).to(master)
         for p in owner.parameters():
             p.requires_grad_(True)
-        pub_row = RouterRow(public_rows[i])
+        pub_row = RouterRow(public_rows[i], dtype=master)
         pub_row.requires_grad_(False)
-        layer.mlp = FlexMoEBlock([layer.mlp, owner], [pub_row, RouterRow(owner_rows[i], bias_init)], top_k=2)
+        own_row = RouterRow(owner_rows[i], bias_init, dtype=master)
+        layer.mlp = FlexMoEBlock([layer.mlp, owner], [pub_row, own_row], top_k=2)
     return anchor
 
 

@@ -125,8 +125,10 @@ def router_inputs(model, tokenizer, docs: Sequence[str], seq_len: int, batch_siz
                 max_length=seq_len,
             ).to(device)
             model.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
-            m = enc["attention_mask"].unsqueeze(-1).float()
-            per_layer = [(h.float() * m).sum(1) / m.sum(1) for h in captured]  # each [b, H]
+            # at least fp32 (a float64 model's means stay float64: reference runs, training.cpu_dtype)
+            dt = torch.promote_types(captured[0].dtype, torch.float32)
+            m = enc["attention_mask"].unsqueeze(-1).to(dt)
+            per_layer = [(h.to(dt) * m).sum(1) / m.sum(1) for h in captured]  # each [b, H]
             out.append(torch.stack(per_layer, dim=1).cpu())
     finally:
         for h in hooks:

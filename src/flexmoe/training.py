@@ -35,6 +35,7 @@ from typing import Protocol
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from rich.console import Console
 from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel
@@ -383,12 +384,21 @@ class Progress:
 LossFn = Callable[[torch.nn.Module, Batch], torch.Tensor]
 
 
+def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """bf16 (autocast) up to fp32 for losses; fp32 and a float64 model's values (cpu_dtype) unchanged."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def lm_loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-    """Next-token cross-entropy (HF models shift labels themselves); ``IGNORE`` labels carry no loss."""
+    """Next-token cross-entropy, the mean over every predicted token; ``IGNORE`` labels carry no loss."""
     ids, labels = batch if isinstance(batch, tuple) else (batch, batch)
     # No KV cache: building one in evaluation makes each compiled layer guard on its layer index (one
     # recompilation per layer, past torch's limit, after which every layer ran uncompiled).
-    return model(input_ids=ids, labels=labels, use_cache=False).loss
+    # HF's loss (labels=) computed here, because HF rounds a float64 model's logits to fp32. As in HF,
+    # the labels shift (the last position predicts nothing), not the logits: no copy of the logits.
+    logits = at_least_fp32(model(input_ids=ids, use_cache=False).logits)
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE).to(logits.device)
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
 
 
 def autocast(device: torch.device):
@@ -396,6 +406,21 @@ def autocast(device: torch.device):
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+CPU_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def cpu_dtype(name: str) -> torch.dtype:
+    """The dtype a trainer's model computes in on CPU (GPUs: bf16 autocast whatever this says).
+    ``float32`` by default; ``float64`` for reference runs: float32 kernels sum in an order that
+    depends on the CPU (AVX2 or AVX-512, threads), and over tens of steps their rounding differences
+    grow into loss differences above 1e-5, while float64 keeps them below 1e-9
+    (tests/fixtures/make_loss_curves.py). flexmoe's own computations (losses, router rows, owner
+    experts, router init) follow the model's dtype; HF's OLMo 2 still computes RMSNorm and RoPE in fp32."""
+    if name not in CPU_DTYPES:
+        raise FlexmoeError(f"CPU dtype {name!r} is not supported.", f"use one of {', '.join(CPU_DTYPES)}.")
+    return CPU_DTYPES[name]
 
 
 def _valid_batches(valid: Batch, batch_size: int) -> Iterator[Batch]:
@@ -422,7 +447,7 @@ def evaluate(
         if max_batches is not None and i >= max_batches:
             break
         with autocast(device):
-            total += loss_fn(model, to_device(b, device)).float().item() * rows_in(b)
+            total += loss_fn(model, to_device(b, device)).item() * rows_in(b)
         n += rows_in(b)
     model.train(was_training)
     return total / max(n, 1)
@@ -547,7 +572,8 @@ class LMStep:
 
     def gradients(self, step: int) -> StepOut:
         loop = self.loop
-        step_loss = torch.zeros((), device=loop.device)
+        # float64: exact for one fp32 loss, and a float64 model's loss keeps its precision
+        step_loss = torch.zeros((), device=loop.device, dtype=torch.float64)
         mbs = self.source.micro_batches(loop.cfg, step)
         for i, mb in enumerate(mbs):
             sync = i == len(mbs) - 1

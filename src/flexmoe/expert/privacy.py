@@ -40,7 +40,7 @@ from flexmoe.data import tokenize
 from flexmoe.errors import FlexmoeError
 from flexmoe.moe import RouterRow, moe_blocks
 from flexmoe.router_init import load_published
-from flexmoe.training import StepOut, autocast, dist_info
+from flexmoe.training import StepOut, at_least_fp32, autocast, dist_info
 
 UNITS = ("sequence", "document")
 ACCOUNTANTS = ("rdp", "prv")
@@ -344,7 +344,8 @@ def register_grad_samplers() -> None:
 
     @register_grad_sampler(RouterRow)
     def _router_row(layer: RouterRow, activations: list[torch.Tensor], backprops: torch.Tensor):
-        x, g = activations[0].float(), backprops.float()  # x [B, ..., H], g [B, ..., 1]
+        dt = layer.weight.dtype  # x [B, ..., H], g [B, ..., 1], in the row's fp32 (or fp64)
+        x, g = activations[0].to(dt), backprops.to(dt)
         out = {}
         if layer.weight.requires_grad:
             out[layer.weight] = torch.einsum("n...k,n...h->nkh", g, x)
@@ -421,9 +422,9 @@ def per_sample_loss(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor, z
     """``[B]``: each row's mean next-token loss (padding ignored) plus its router z-loss."""
     logits = model(input_ids=ids, use_cache=False).logits[:, :-1]
     tgt = labels[:, 1:].to(logits.device)
-    nll = F.cross_entropy(logits.float().transpose(1, 2), tgt, ignore_index=IGNORE, reduction="none")
+    nll = F.cross_entropy(at_least_fp32(logits).transpose(1, 2), tgt, ignore_index=IGNORE, reduction="none")
     loss = nll.sum(1) / (tgt != IGNORE).sum(1).clamp_min(1)
-    zs = [b.z_tokens.float().flatten(1).mean(1) for b in moe_blocks(model) if b.z_tokens is not None]
+    zs = [at_least_fp32(b.z_tokens).flatten(1).mean(1) for b in moe_blocks(model) if b.z_tokens is not None]
     if z_loss and zs:
         loss = loss + z_loss * torch.stack(zs).mean(0)
     return loss

@@ -33,6 +33,7 @@ from flexmoe.training import (
     TrainConfig,
     claim_work_dir,
     clear_checkpoint,
+    cpu_dtype,
     init_distributed,
     is_main,
     lm_loss,
@@ -100,6 +101,7 @@ class ExpertTrainSettings:
     fsdp: bool = False
     activation_checkpointing: bool = False
     compile: bool | None = None  # per-decoder-layer torch.compile; None: on CUDA only
+    cpu_dtype: str = "float32"  # on CPU: "float32", or "float64" (reference runs, training.cpu_dtype)
     early_stop: int = 3  # evaluations without a better validation loss before stopping (0: off)
     evaluations: int = 10  # validation passes over a run (early stopping decides at these)
     dp: DPSettings | None = None  # DP-SGD instead of plain training
@@ -178,6 +180,7 @@ def train_expert(
     s = replace(s, preset=preset) if preset else s
     spec = s.spec or ExpertSpec(name=name)
     check_name(name)
+    cpu_dtype(s.cpu_dtype)  # an unknown dtype fails before the data is read
     out = Path(out)
     work = claim_work_dir(out, s.resume, s.force)
     anchor_dir = resolve(anchor)
@@ -273,8 +276,9 @@ def _plan(s: ExpertTrainSettings, spec: ExpertSpec, d: _Data) -> _Plan:
 
 def _expert_model(anchor_dir: Path, name: str, spec: ExpertSpec, s: ExpertTrainSettings, d: _Data, device):
     """The anchor turned into the owner's 2-expert training model, with its router rows."""
-    # CPU trains in fp32; GPUs keep the frozen anchor in bf16 (the loop casts) under bf16 autocast.
-    model = load_anchor(anchor_dir, torch.float32 if device.type == "cpu" else "auto").to(device)
+    # CPU trains in fp32 (or the settings' float64); GPUs keep the frozen anchor in bf16 (the loop
+    # casts) under bf16 autocast.
+    model = load_anchor(anchor_dir, cpu_dtype(s.cpu_dtype) if device.type == "cpu" else "auto").to(device)
     r_pub, r_own = init_rows(
         anchor_dir, model, d.tokenizer, d.splits.train, spec.router_init, name=name, seq_len=d.seq_len
     )
