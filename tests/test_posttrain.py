@@ -240,6 +240,15 @@ def test_mean_merge_counts_the_anchor_and_ties_keeps_lone_changes():
     assert torch.count_nonzero(merge_ties(torch.zeros(10), [torch.arange(10.0)], 1, density=0.2)) == 2
 
 
+def test_sum_merge_keeps_every_change_whole():
+    from flexmoe.compose_shared import merge_sum
+
+    base = torch.ones(3)
+    d1, d2 = torch.tensor([1.0, 0.0, 2.0]), torch.tensor([1.0, -1.0, 0.0])
+    assert torch.equal(merge_sum(base, [d1], 3), base + d1)  # no dilution by experts without a change
+    assert torch.equal(merge_sum(base, [d1, d2], 2), torch.tensor([3.0, 0.0, 3.0]))  # changes add up
+
+
 # --------------------------------------------------------------------------------------------------
 # End to end on a tiny anchor: anchor SFT, stages, compose, exact opt-out, stock export
 
@@ -341,7 +350,7 @@ def _tensors(model_dir: Path) -> dict[str, bytes]:
     return out
 
 
-@pytest.mark.parametrize("method", ["mean", "ties"])
+@pytest.mark.parametrize("method", ["mean", "ties", "sum"])
 def test_opt_out_after_post_training_is_bit_identical(post, tmp_path, method):
     from flexmoe.compose import UNSIGNED_OK, ComposeSettings, compose, remove
 

@@ -496,7 +496,9 @@ def compose_cmd(
     routing: str = typer.Option(None, help=ROUTING_HELP),
     routing_bias: str = typer.Option(None, help=ROUTING_BIAS_HELP),
     force: bool = typer.Option(False, help="Replace --out if it exists."),
-    shared_merge: str = typer.Option("mean", help="Post-trained shared tensors: mean (BAR) or ties."),
+    shared_merge: str = typer.Option(
+        "mean", help="Post-trained shared tensors: mean (BAR), ties or sum (task arithmetic)."
+    ),
     sign_key: Path = SIGN_KEY,
     trust: list[Path] = TRUST,
     allow_unsigned: bool = ALLOW_UNSIGNED,

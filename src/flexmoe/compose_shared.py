@@ -12,6 +12,8 @@ of the experts in the model, in expert order:
   share, elect a sign per entry by the sign of the summed trimmed deltas, and average only the
   entries that agree with it (the disjoint mean), so a change only one expert made is kept whole
   instead of being diluted by experts that did not touch it.
+- ``sum`` (task arithmetic with scale 1, Ilharco et al. 2023): ``anchor + sum(deltas)``; every owner's
+  change is kept whole, and changes several owners made to the same entry add up.
 
 Exact opt-out: a composed model keeps every expert's delta file (``flexmoe_shared/NAME.safetensors``,
 the package's bytes, hashed in ``flexmoe.json``) and names its anchor by path and fingerprint.
@@ -34,7 +36,7 @@ from flexmoe.checkpoint import TensorReader
 from flexmoe.errors import FlexmoeError
 from flexmoe.fileio import sha256_file
 
-METHODS = ("mean", "ties")
+METHODS = ("mean", "ties", "sum")
 SHARED_DIR = "flexmoe_shared"
 TIES_DENSITY = 0.2
 
@@ -73,7 +75,14 @@ def merge_ties(
     return (base.float() + agree_sum / agree_n.clamp(min=1)).to(base.dtype)
 
 
-MERGES = {"mean": merge_mean, "ties": merge_ties}
+def merge_sum(base: torch.Tensor, deltas: list[torch.Tensor], n_experts: int) -> torch.Tensor:
+    acc = torch.zeros_like(base, dtype=torch.float32)
+    for d in deltas:
+        acc += d
+    return (base.float() + acc).to(base.dtype)
+
+
+MERGES = {"mean": merge_mean, "ties": merge_ties, "sum": merge_sum}
 
 
 @dataclass
