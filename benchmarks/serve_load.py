@@ -121,7 +121,9 @@ def baseline(model_dir: Path, requests: int, n: int, device: str) -> dict:
     }
 
 
-def start_server(model: Path, port: int, device: str, max_batch: int, tmp: Path) -> subprocess.Popen:
+def start_server(
+    model: Path, port: int, device: str, max_batch: int, tmp: Path, allow_unsigned: bool = False
+) -> subprocess.Popen:
     cmd = [
         sys.executable,
         "-m",
@@ -140,15 +142,18 @@ def start_server(model: Path, port: int, device: str, max_batch: int, tmp: Path)
         f"sqlite:///{tmp / 'ledger.sqlite'}",
         "--audit-log",
         str(tmp / "audit.jsonl"),
-    ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ))
+    ] + (["--allow-unsigned"] if allow_unsigned else [])
+    log = tmp / "server.log"  # shown when the server does not start (e.g. an unsigned model)
+    with log.open("wb") as f:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=f, env=dict(os.environ))
     for _ in range(1200):
         try:
             httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).raise_for_status()
             return proc
         except httpx.HTTPError:
             if proc.poll() is not None:
-                raise SystemExit("the server did not start") from None
+                tail = log.read_text(errors="replace").strip().splitlines()[-3:]
+                raise SystemExit("the server did not start: " + " / ".join(tail)) from None
             time.sleep(0.25)
     proc.kill()
     raise SystemExit("the server did not answer in 5 minutes")
@@ -163,6 +168,7 @@ def main() -> None:
     ap.add_argument("--baseline-requests", type=int, default=8)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", type=Path, default=Path("serve_load.json"))
+    ap.add_argument("--allow-unsigned", action="store_true", help="serve an unsigned composed model")
     ap.add_argument(
         "--threads",
         type=int,
@@ -179,7 +185,7 @@ def main() -> None:
     base = baseline(args.model, args.baseline_requests, args.max_tokens, args.device)
     print(f"transformers generate, 1 at a time: {base['tokens_per_s']:.1f} tok/s, p50 {base['p50_s']:.2f}s")
     port = free_port()
-    proc = start_server(args.model, port, args.device, max(args.clients), tmp)
+    proc = start_server(args.model, port, args.device, max(args.clients), tmp, args.allow_unsigned)
     rows = []
     try:
         asyncio.run(load(f"http://127.0.0.1:{port}", "m", 1, 1, 4))  # warm-up
