@@ -41,11 +41,15 @@ SHARED_DIR = "flexmoe_shared"
 TIES_DENSITY = 0.2
 
 
-def merge_mean(base: torch.Tensor, deltas: list[torch.Tensor], n_experts: int) -> torch.Tensor:
+def _summed(base: torch.Tensor, deltas: list[torch.Tensor]) -> torch.Tensor:
     acc = torch.zeros_like(base, dtype=torch.float32)
     for d in deltas:
         acc += d
-    return (base.float() + acc / (n_experts + 1)).to(base.dtype)
+    return acc
+
+
+def merge_mean(base: torch.Tensor, deltas: list[torch.Tensor], n_experts: int) -> torch.Tensor:
+    return (base.float() + _summed(base, deltas) / (n_experts + 1)).to(base.dtype)
 
 
 def trim(delta: torch.Tensor, density: float) -> torch.Tensor:
@@ -76,10 +80,7 @@ def merge_ties(
 
 
 def merge_sum(base: torch.Tensor, deltas: list[torch.Tensor], n_experts: int) -> torch.Tensor:
-    acc = torch.zeros_like(base, dtype=torch.float32)
-    for d in deltas:
-        acc += d
-    return (base.float() + acc).to(base.dtype)
+    return (base.float() + _summed(base, deltas)).to(base.dtype)
 
 
 MERGES = {"mean": merge_mean, "ties": merge_ties, "sum": merge_sum}

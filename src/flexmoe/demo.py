@@ -27,13 +27,13 @@ from flexmoe.evaluate.metrics import HFLM
 from flexmoe.evaluate.report import composition_table, headline, write_report
 from flexmoe.evaluate.run import EvalSettings, evaluate_lm, load_lm
 from flexmoe.evaluate.tasks import load_tasks
-from flexmoe.expert.package import sign_package
+from flexmoe.expert.package import signed_package
 from flexmoe.expert.train import EXPERT_PRESETS, PUBLIC_MIX, ExpertSpec, train_expert
 from flexmoe.fileio import save_pretrained_atomic
 from flexmoe.router.calibrate import calibrator
 from flexmoe.router.proxy import ProxySettings, select_proxy
 from flexmoe.router.train import train_router
-from flexmoe.signing import SIGNATURE, Trust, generate_keys, load_private_key
+from flexmoe.signing import Trust, generate_keys, load_private_key
 from flexmoe.tokenizer import load_tokenizer
 
 OWNERS = ("code", "math", "legal")
@@ -108,14 +108,6 @@ def _key(path: Path):
 
 def _pub(path: Path) -> Path:
     return path.with_name(path.name + ".pub")
-
-
-def signed_package(package: Path, key) -> Path:
-    """``package`` signed by its owner (a run interrupted between training and signing, or a work
-    directory from before the demo signed, is signed now: ``sign_package`` verifies it first)."""
-    if not (package / SIGNATURE).is_file():
-        sign_package(package, key)
-    return package
 
 
 class Steps:

@@ -33,9 +33,10 @@ from flexmoe.chat import chat_splits, generate, reply_text, well_formed
 from flexmoe.chat_data import build_chat_sets, correct, read_tasks
 from flexmoe.compose import MODEL_KIND, ComposeSettings, compose, remove
 from flexmoe.corpora import build_demo_corpora
-from flexmoe.demo import DemoKeys, Steps, signed_package
+from flexmoe.demo import DemoKeys, Steps
 from flexmoe.errors import FlexmoeError
 from flexmoe.evaluate.metrics import wilson
+from flexmoe.expert.package import signed_package
 from flexmoe.expert.stages import expert_model, settings_for, train_stage
 from flexmoe.fileio import read_json, write_json
 from flexmoe.router.calibrate import calibrator

@@ -25,11 +25,11 @@ from flexmoe.audit.pipeline import AuditSizes, audit_lm, membership_sets, summar
 from flexmoe.compose import Provenance, compose, update
 from flexmoe.data import load_splits, read_documents
 from flexmoe.evaluate.run import EvalSettings, evaluate_lm, load_lm
-from flexmoe.expert.package import sign_package
+from flexmoe.expert.package import signed_package
 from flexmoe.expert.privacy import DPSettings
 from flexmoe.expert.train import EXPERT_PRESETS, ExpertSpec, train_expert
 from flexmoe.fileio import read_json
-from flexmoe.signing import SIGNATURE, Trust
+from flexmoe.signing import Trust
 from flexmoe.tokenizer import load_tokenizer
 
 
@@ -164,8 +164,7 @@ def _train_dp_experts(run: PrivacyRun) -> dict[str, Path]:
                 dp=DPSettings(epsilon=eps),
                 quiet=run.quiet,
             )
-        if not (dp_pkgs[key] / SIGNATURE).is_file():  # the owner signs what it sends
-            sign_package(dp_pkgs[key], run.owner_key)
+        signed_package(dp_pkgs[key], run.owner_key)  # the owner signs what it sends
     return dp_pkgs
 
 

@@ -94,6 +94,14 @@ def sign_package(path: Path, key) -> str:
     return signing.sign_dir(Path(path), key, KIND)
 
 
+def signed_package(path: Path, key) -> Path:
+    """``path`` signed by its owner: signed now unless a signature is already there (a run interrupted
+    between training and signing, or a package from before its owner signed)."""
+    if not (Path(path) / signing.SIGNATURE).is_file():
+        sign_package(path, key)
+    return Path(path)
+
+
 def verify(path: Path, trust: signing.Trust | None = None) -> dict:
     """Check a package (``check``) and return its manifest."""
     return check(path, trust)[0]
