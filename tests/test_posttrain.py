@@ -240,6 +240,16 @@ def test_mean_merge_counts_the_anchor_and_ties_keeps_lone_changes():
     assert torch.count_nonzero(merge_ties(torch.zeros(10), [torch.arange(10.0)], 1, density=0.2)) == 2
 
 
+def test_disjoint_merge_keeps_lone_changes_whole_and_averages_shared_ones():
+    from flexmoe.compose_shared import merge_disjoint
+
+    base = torch.ones(4)
+    d1, d2 = torch.tensor([2.0, 0.0, 4.0, 0.0]), torch.tensor([0.0, 0.0, -2.0, 6.0])
+    # entry 0: only d1 changed it (kept whole, not diluted by d2 or the anchor); entry 2: both (mean)
+    assert torch.equal(merge_disjoint(base, [d1, d2], 3), torch.tensor([3.0, 1.0, 2.0, 7.0]))
+    assert torch.equal(merge_disjoint(base, [d1], 3), base + d1)
+
+
 def test_sum_merge_keeps_every_change_whole():
     from flexmoe.compose_shared import merge_sum
 
@@ -350,7 +360,7 @@ def _tensors(model_dir: Path) -> dict[str, bytes]:
     return out
 
 
-@pytest.mark.parametrize("method", ["mean", "ties", "sum"])
+@pytest.mark.parametrize("method", ["disjoint", "mean", "ties", "sum"])
 def test_opt_out_after_post_training_is_bit_identical(post, tmp_path, method):
     from flexmoe.compose import UNSIGNED_OK, ComposeSettings, compose, remove
 
@@ -382,15 +392,58 @@ def test_opt_out_after_post_training_is_bit_identical(post, tmp_path, method):
 def test_mean_merge_is_the_plain_average_over_anchor_and_experts(post, tmp_path):
     from safetensors.torch import load_file
 
-    from flexmoe.compose import UNSIGNED_OK, compose
+    from flexmoe.compose import UNSIGNED_OK, ComposeSettings, compose
 
-    compose(post["anchor"], [post["code"], post["math"]], tmp_path / "m", provenance=UNSIGNED_OK)
+    compose(
+        post["anchor"],
+        [post["code"], post["math"]],
+        tmp_path / "m",
+        ComposeSettings(shared_merge="mean"),
+        provenance=UNSIGNED_OK,
+    )
     base = load_file(str(post["anchor"] / "model.safetensors"))["lm_head.weight"]
     deltas = [
         load_file(str(post[d] / "shared_delta.safetensors"))["lm_head.weight"] for d in ("code", "math")
     ]
     merged = load_file(str(tmp_path / "m" / "model.safetensors"))["lm_head.weight"]
     assert torch.allclose(merged, (base + (base + deltas[0]) + (base + deltas[1])) / 3, atol=1e-6)
+
+
+def test_sft_changes_only_the_owners_rows_and_the_default_merge_keeps_them_whole(post, tmp_path):
+    from safetensors.torch import load_file
+
+    from flexmoe.compose import UNSIGNED_OK, compose
+    from flexmoe.expert.package import verify
+    from flexmoe.expert.stages import owner_rows, settings_for
+    from flexmoe.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(post["anchor"])
+    s = settings_for("sft")
+    rows = {
+        d: owner_rows(s, post["chat"] / d, post["chat"] / "public", tok, len(tok)) for d in ("code", "math")
+    }
+    digits = tok.convert_tokens_to_ids(list("0123456789"))
+    assert all(bool(rows["math"][i]) for i in digits if i != tok.unk_token_id)  # math's own tokens
+    assert not any(bool(rows["math"][i]) for i in tok.all_special_ids)  # the template stays the anchor's
+    assert 0 < int(rows["math"].sum()) < len(tok) // 2
+    assert verify(post["math"])["stage"]["data"]["owner_rows"] == int(rows["math"].sum())
+    delta = load_file(str(post["math"] / "shared_delta.safetensors"))
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        changed = delta[name].ne(0).any(1)
+        assert bool(changed.any()) and not bool((changed & ~rows["math"]).any())
+    assert settings_for("sft", shared_rows="all").shared_rows == "all"
+    assert (
+        owner_rows(settings_for("sft", shared_rows="all"), post["chat"] / "math", None, tok, len(tok)) is None
+    )
+    # the default merge (disjoint): a row only math changed carries math's change whole
+    compose(post["anchor"], [post["code"], post["math"]], tmp_path / "m", provenance=UNSIGNED_OK)
+    base = load_file(str(post["anchor"] / "model.safetensors"))["lm_head.weight"]
+    code = load_file(str(post["code"] / "shared_delta.safetensors"))["lm_head.weight"]
+    merged = load_file(str(tmp_path / "m" / "model.safetensors"))["lm_head.weight"]
+    only_math = delta["lm_head.weight"].ne(0).any(1) & code.eq(0).all(1)
+    assert bool(only_math.any())
+    want = base[only_math] + delta["lm_head.weight"][only_math]
+    assert torch.allclose(merged[only_math], want, atol=1e-6)
 
 
 def test_composed_export_has_a_working_chat_template_in_stock_transformers(post, tmp_path):
@@ -447,13 +500,22 @@ def test_post_training_block_has_the_issue_schema():
     for d in OWNERS:
         res[f"{d}-frozen"] = {d: ev(0.2, (5, 10)), "public": ev(0.8, (5, 10))}
         res[f"{d}-progressive"] = {d: ev(0.6), "public": ev(0.8)}
-    res["merged_mean"] = {"public": ev(0.77), "code": ev(0.5), "math": ev(0.2), "legal": ev(0.6)}
-    block = summarise(res, True)["post_training"]
-    assert set(block) == {"frozen", "progressive", "merged", "optout_bit_identical"}
+        res[f"{d}-bar"] = {d: ev(0.4), "public": ev(0.8)}
+        res[f"oracle-{d}"] = {d: ev(0.4)}
+    res["merged"] = {"public": ev(0.77), "code": ev(0.5), "math": ev(0.2), "legal": ev(0.6)}
+    res["merged_bar"] = {"public": ev(0.7), "code": ev(0.3), "math": ev(0.2), "legal": ev(0.2)}
+    out = summarise(res, True)
+    block = out["post_training"]
+    assert {"frozen", "progressive", "merged", "optout_bit_identical"} <= set(block)
     assert block["frozen"]["well_formed"] == 0.5 and block["progressive"]["well_formed"] == 0.9
     assert block["progressive"]["task_gain"]["code"] == pytest.approx(0.4)
     assert block["merged"]["retention"] == pytest.approx({"code": 0.75, "math": 0.0, "legal": 1.0})
+    assert block["merged"]["oracle_retention"] == pytest.approx({d: 0.5 for d in OWNERS})
     assert block["merged"]["chat_regression"] == pytest.approx(3.0)
+    # BAR's merge is measured against BAR's experts' gains (0.2 each), not ours
+    bar = out["variants"]["merged_bar"]
+    assert bar["experts"] == "bar" and bar["retention"]["code"] == pytest.approx(0.5)
+    assert bar["chat_regression"] == pytest.approx(10.0)
 
 
 def test_remove_refuses_a_tampered_kept_delta(post, tmp_path):

@@ -218,6 +218,9 @@ def expert_stats(
         console.print("the package was signed: sign it again ('flexmoe expert sign') before sending it")
 
 
+SHARED_ROWS_HELP = "sft: embedding/LM-head rows that may change: owner (your tokens; default) or all (BAR)."
+
+
 @expert_app.command("train")
 def expert_train(
     anchor: str = typer.Option(..., "--anchor", help="Anchor directory or hub id."),
@@ -287,15 +290,16 @@ def expert_train(
     ),
     from_package: Path = typer.Option(None, "--from", help="Continue from this stage's package."),
     freeze_shared: bool = typer.Option(False, help="Frozen recipe: only expert FFN and router row train."),
+    shared_rows: str = typer.Option(None, help=SHARED_ROWS_HELP),
     sign_key: Path = typer.Option(None, "--sign-key", help="Owner's private key: sign the package."),
 ) -> None:
     """Train one expert against the frozen anchor (works under torchrun for several processes/GPUs);
     with --stage, one post-training stage (progressive unfreezing, shared deltas in the package)."""
     key = load_private_key(sign_key) if sign_key else None  # a bad key fails before training
-    if stage is not None or from_package is not None or freeze_shared:
-        s = settings_for(
-            stage or "mid", freeze_shared=freeze_shared, steps=steps, batch_size=batch_size, seq_len=seq_len,
-            lr=lr, seed=seed, public_mix=public_mix, router_init=router_init)  # fmt: skip
+    if stage is not None or from_package is not None or freeze_shared or shared_rows is not None:
+        s = settings_for(stage or "mid", freeze_shared=freeze_shared, steps=steps, batch_size=batch_size,
+            seq_len=seq_len, lr=lr, seed=seed, public_mix=public_mix, router_init=router_init,
+            shared_rows=shared_rows)  # fmt: skip
         run = StageRun(from_package, public[0] if public else None, resume, force, sign_key=key)
         return _expert_stage(anchor, data[0], name, out, s, run, dp_epsilon)
     dp = None
@@ -497,7 +501,7 @@ def compose_cmd(
     routing_bias: str = typer.Option(None, help=ROUTING_BIAS_HELP),
     force: bool = typer.Option(False, help="Replace --out if it exists."),
     shared_merge: str = typer.Option(
-        "mean", help="Post-trained shared tensors: mean (BAR), ties or sum (task arithmetic)."
+        None, help="Post-trained shared tensors: disjoint (default), mean (BAR), ties, sum (task arithmetic)."
     ),
     sign_key: Path = SIGN_KEY,
     trust: list[Path] = TRUST,

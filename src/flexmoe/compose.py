@@ -373,8 +373,8 @@ class ComposeSettings:
     max_shard_bytes: int = DEFAULT_SHARD_BYTES
     # flexmoe.router.calibrate.calibrator(public_paths): recalibrate the router for this set of experts
     calibrate: Calibrator | None = None
-    # mean (BAR) or ties: how the shared tensors that post-trained experts changed are merged
-    # (flexmoe.compose_shared); compose: mean
+    # disjoint, mean (BAR), ties or sum: how the shared tensors that post-trained experts changed are
+    # merged (flexmoe.compose_shared); compose: disjoint
     shared_merge: str | None = None
     # a compose-time routing method (flexmoe.routing_methods; recorded in flexmoe.json and recomputed
     # on every later change); compose: trained
@@ -444,7 +444,7 @@ def _merged_shared(reader, experts: list[Expert], meta: dict, method: str | None
     merged with the experts' deltas, recorded in ``meta`` (mutated). Otherwise ``reader`` unchanged."""
     if not (meta.get("shared_merge") or any(e.delta_file for e in experts[1:])):
         return reader, experts
-    method = method or meta.get("shared_merge", {}).get("method", "mean")
+    method = method or meta.get("shared_merge", {}).get("method", cs.DEFAULT)
     if not fresh:
         cs.check_kept(meta, experts[1:])
     base = reader if fresh else cs.anchor_reader(meta)

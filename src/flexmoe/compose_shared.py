@@ -12,6 +12,10 @@ of the experts in the model, in expert order:
   share, elect a sign per entry by the sign of the summed trimmed deltas, and average only the
   entries that agree with it (the disjoint mean), so a change only one expert made is kept whole
   instead of being diluted by experts that did not touch it.
+- ``disjoint``: per entry, the mean over the experts that changed it (an entry one expert changed keeps
+  that change whole; entries several changed get their mean; the anchor does not count). Made for
+  deltas confined to each owner's own embedding and LM-head rows (``StageSettings.shared_rows``), which
+  barely overlap: there it is the sum of the changes, each kept whole.
 - ``sum`` (task arithmetic with scale 1, Ilharco et al. 2023): ``anchor + sum(deltas)``; every owner's
   change is kept whole, and changes several owners made to the same entry add up.
 
@@ -36,7 +40,10 @@ from flexmoe.checkpoint import TensorReader
 from flexmoe.errors import FlexmoeError
 from flexmoe.fileio import sha256_file
 
-METHODS = ("mean", "ties", "sum")
+METHODS = ("mean", "ties", "disjoint", "sum")
+# Measured in BENCHMARKS.md (post-training): with owner-row deltas it keeps each owner's change whole
+# where the mean keeps a quarter of it (3 owners + the anchor) and loses the owners' task gains.
+DEFAULT = "disjoint"
 SHARED_DIR = "flexmoe_shared"
 TIES_DENSITY = 0.2
 
@@ -79,11 +86,18 @@ def merge_ties(
     return (base.float() + agree_sum / agree_n.clamp(min=1)).to(base.dtype)
 
 
+def merge_disjoint(base: torch.Tensor, deltas: list[torch.Tensor], n_experts: int) -> torch.Tensor:
+    touched = torch.zeros_like(base, dtype=torch.float32)
+    for d in deltas:
+        touched += (d != 0).float()
+    return (base.float() + _summed(base, deltas) / touched.clamp(min=1)).to(base.dtype)
+
+
 def merge_sum(base: torch.Tensor, deltas: list[torch.Tensor], n_experts: int) -> torch.Tensor:
     return (base.float() + _summed(base, deltas)).to(base.dtype)
 
 
-MERGES = {"mean": merge_mean, "ties": merge_ties, "sum": merge_sum}
+MERGES = {"mean": merge_mean, "ties": merge_ties, "disjoint": merge_disjoint, "sum": merge_sum}
 
 
 @dataclass

@@ -1,14 +1,18 @@
 """The post-training section of the demo (``flexmoe demo --post-train``): chat-tune the anchor, then
-per owner SFT with the frozen recipe (FlexOlmo: expert FFN + router row only) and with BAR's
-progressive unfreezing (+ embeddings and LM head), then merge, route, opt out, and measure.
+per owner SFT with three recipes (``RECIPES``): frozen (FlexOlmo: expert FFN + router row only),
+progressive (ours: + the embedding and LM-head rows of the owner's own tokens) and BAR's progressive
+(+ every embedding and LM-head row); merge (``disjoint`` for ours, BAR's ``mean`` for BAR's, and the
+other merges as variants), route, opt out, and measure.
 
 Measured on held-out prompts that no stage trained on (``flexmoe.chat_data``), greedy decoding:
 
 - well_formed: share of generated turns that have content, end with ``<|im_end|>`` and hold no other
   control token (pooled over every owner's expert on its own tasks and the public prompts);
 - task_gain[domain]: expert accuracy minus the post-trained anchor's on that domain's tasks;
-- retention[domain]: the merged model's gain over the anchor divided by the progressive expert's
-  (None when the expert gained nothing: there is nothing to retain);
+- retention[domain]: the merged model's gain over the anchor divided by the gain of the expert it
+  merged (ours for ``merged``; None when the expert gained nothing: there is nothing to retain);
+- oracle_retention[domain]: the same with only public and the domain's own expert routable (what the
+  merged shared tensors keep; the rest of the gap is routing);
 - chat_regression: public-chat accuracy of the post-trained anchor minus the merge's, in points;
 - optout_bit_identical: removing an owner from the merged model gives the tensors of a composition
   that never had it, byte for byte.
@@ -46,6 +50,13 @@ from flexmoe.signing import Trust, sign_dir
 from flexmoe.tokenizer import load_tokenizer
 
 OWNERS = ("code", "math", "legal")
+# SFT recipes per owner: FlexOlmo's (shared frozen), ours (progressive, embedding / LM-head rows of the
+# owner's own tokens only) and BAR's (progressive, every row).
+RECIPES = {
+    "frozen": {"freeze_shared": True},
+    "progressive": {"shared_rows": "owner"},
+    "bar": {"shared_rows": "all"},
+}
 
 
 @dataclass(frozen=True)
@@ -124,14 +135,14 @@ def train_all(workdir: Path, p: PostTrainPreset, steps, quiet: bool) -> dict[str
     )
     out = {"anchor": a_sft, "chat": chat}
     for d in OWNERS:
-        for recipe in ("frozen", "progressive"):
+        for recipe, how in RECIPES.items():
             s = settings_for(
                 "sft",
                 steps=p.expert_sft_steps,
                 batch_size=p.batch_size,
                 seq_len=p.seq_len,
                 lr=p.expert_lr,
-                freeze_shared=recipe == "frozen",
+                **how,
             )
             package = _once(
                 post / "experts" / f"{d}-{recipe}",
@@ -188,22 +199,25 @@ def compose_all(workdir: Path, pk: dict, p: PostTrainPreset, steps, quiet: bool)
     m, a = workdir / "post" / "models", pk["anchor"]
     prog = [pk[f"{d}-progressive"] for d in OWNERS]
     prov = DemoKeys(workdir).provenance()
+    bar = [pk[f"{d}-bar"] for d in OWNERS]
     variants = {  # key: (step label, packages, settings)
-        "merged_mean": ("compose (mean)", prog, ComposeSettings()),
-        "merged_ties": ("compose (ties)", prog, ComposeSettings(shared_merge="ties")),
+        "merged": ("compose (disjoint)", prog, ComposeSettings(shared_merge="disjoint")),
+        "merged_mean": ("compose (mean)", prog, ComposeSettings(shared_merge="mean")),
+        "merged_bar": ("compose (BAR: all rows, mean)", bar, ComposeSettings(shared_merge="mean")),
+        "merged_bar_ties": ("compose (all rows, ties)", bar, ComposeSettings(shared_merge="ties")),
         "merged_frozen": ("compose (frozen)", [pk[f"{d}-frozen"] for d in OWNERS], ComposeSettings()),
     }
     out = {
         k: _once(m / k, steps, label, compose, a, pkgs, m / k, how, provenance=prov)
         for k, (label, pkgs, how) in variants.items()
     }
-    out |= router_options(workdir, pk, out["merged_mean"], p, steps, quiet)
+    out |= router_options(workdir, pk, out["merged"], p, steps, quiet)
     _once(
         m / "optout_removed",
         steps,
         "opt-out (remove math)",
         remove,
-        out["merged_mean"],
+        out["merged"],
         "math",
         m / "optout_removed",
         provenance=prov,
@@ -317,16 +331,17 @@ def evaluate_chat(model, tok, chat: Path, domains, max_new_tokens: int, batch: i
     return out
 
 
-def load_for_eval(kind: str, path: Path, anchor: Path, trust: Trust | None = None):
+def load_for_eval(kind: str, path: Path, anchor: Path, trust: Trust | None = None, include=None):
     """(model, tokenizer) of the post-trained anchor, an expert package (as its owner trained it: full
-    shared deltas, 2 experts) or a composed model (its signature verified under ``trust``)."""
+    shared deltas, 2 experts) or a composed model (its signature verified under ``trust``; ``include``:
+    only these owners' experts routable, besides public)."""
 
     device = default_device()  # generation on the GPU when there is one
     if kind == "anchor":
         return load_anchor(path, torch.float32).to(device).eval(), load_tokenizer(path)
     if kind == "expert":
         return expert_model(anchor, path)[0].to(device).eval(), load_tokenizer(anchor)
-    c = from_pretrained(path, trust=trust)
+    c = from_pretrained(path, trust=trust, include=include)
     return c.model, c.tokenizer
 
 
@@ -335,16 +350,18 @@ def evaluate_everything(pk: dict, models: dict, p: PostTrainPreset, steps, trust
     chat, anchor, n = pk["chat"], pk["anchor"], p.max_new_tokens
     res = {}
 
-    def run(key, kind, path, domains):
-        model, tok = load_for_eval(kind, path, anchor, trust)
+    def run(key, kind, path, domains, include=None):
+        model, tok = load_for_eval(kind, path, anchor, trust, include)
         res[key] = steps.run(f"evaluate {key}", evaluate_chat, model, tok, chat, domains, n)
 
     run("anchor_sft", "anchor", anchor, ("public", *OWNERS))
     for d in OWNERS:
-        for recipe in ("frozen", "progressive"):
+        for recipe in RECIPES:
             run(f"{d}-{recipe}", "expert", pk[f"{d}-{recipe}"], (d, "public"))
     for key, path in models.items():
         run(key, "composed", path, ("public", *OWNERS))
+    for d in OWNERS:  # oracle routing: only public and the domain's own expert routable
+        run(f"oracle-{d}", "composed", models["merged"], (d,), include=[d])
     return res
 
 
@@ -359,17 +376,25 @@ def summarise(res: dict, optout: bool) -> dict:
             "task_gain": {d: res[f"{d}-{r}"][d]["accuracy"] - base[d]["accuracy"] for d in OWNERS},
         }
 
-    block = {"frozen": recipe("frozen"), "progressive": recipe("progressive")}
+    block = {r: recipe(r) for r in RECIPES}
+
+    def kept(acc: dict, r: str) -> dict:
+        """Each domain's gain over the anchor in ``acc`` as a share of recipe ``r``'s expert gain."""
+        out = {}
+        for d in OWNERS:
+            gain = block[r]["task_gain"][d]
+            out[d] = (acc[d] - base[d]["accuracy"]) / gain if gain > 0 else None
+        return out
 
     def merged(key: str) -> dict:
-        ret = {}
-        for d in OWNERS:
-            gain = block["progressive"]["task_gain"][d]
-            ret[d] = (res[key][d]["accuracy"] - base[d]["accuracy"]) / gain if gain > 0 else None
+        r = "bar" if key.startswith("merged_bar") else "frozen" if key == "merged_frozen" else "progressive"
         reg = 100 * (base["public"]["accuracy"] - res[key]["public"]["accuracy"])
-        return {"retention": ret, "chat_regression": reg}
+        acc = {d: res[key][d]["accuracy"] for d in OWNERS}
+        return {"retention": kept(acc, r), "chat_regression": reg, "experts": r}
 
-    block["merged"] = merged("merged_mean")
+    block["merged"] = merged("merged")
+    oracle = {d: res[f"oracle-{d}"][d]["accuracy"] for d in OWNERS}
+    block["merged"]["oracle_retention"] = kept(oracle, "progressive")
     block["optout_bit_identical"] = optout
     variants = {k: merged(k) for k in res if k.startswith(("merged_", "router_"))}
     return {"post_training": block, "variants": variants}

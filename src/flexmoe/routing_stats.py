@@ -38,9 +38,10 @@ from safetensors.torch import load_file, save_file
 from flexmoe.anchor import fingerprint, load_anchor, resolve
 from flexmoe.data import blocks_for, data_fingerprint, load_splits
 from flexmoe.errors import FlexmoeError
-from flexmoe.expert.package import MANIFEST, STATS_FILE, STATS_META, TENSOR_FILE, load_tensors
+from flexmoe.expert.package import MANIFEST, STATS_FILE, STATS_META, TENSOR_FILE
+from flexmoe.expert.stages import expert_model
 from flexmoe.fileio import read_json, sha256_file, write_json
-from flexmoe.moe import anchored_expert_model, decoder_layers, moe_blocks
+from flexmoe.moe import decoder_layers, moe_blocks
 from flexmoe.router_init import sample_docs
 from flexmoe.tokenizer import load_tokenizer
 
@@ -164,19 +165,10 @@ def compute_for_package(
     measure on its own validation split and public training text, write the statistics beside it."""
 
     anchor = resolve(anchor)
-    tensors = load_tensors(package)
     manifest = read_json(Path(package) / "expert.json")
     seq_len = seq_len or manifest.get("training", {}).get("seq_len", 256)
-    model = load_anchor(anchor)
-    L = len(model.model.layers)
-    r_pub = torch.stack([tensors[f"layers.{i}.public_router.weight"] for i in range(L)])
-    r_own = torch.stack([tensors[f"layers.{i}.router.weight"] for i in range(L)])
-    anchored_expert_model(model, r_pub, r_own)
-    with torch.no_grad():
-        for i, b in enumerate(moe_blocks(model)):
-            for p in ("gate_proj", "up_proj", "down_proj"):
-                getattr(b.experts[1], p).weight.copy_(tensors[f"layers.{i}.{p}.weight"])
-            b.router[1].bias_raw.fill_(float(tensors[f"layers.{i}.router.bias"]))
+    # The model the owner trained: its FFN, router rows and bias, and the shared deltas of post-training.
+    model = expert_model(anchor, Path(package))[0].eval()
     tok = load_tokenizer(anchor)
     own = load_splits(list(data)).valid  # held-out documents: never the test split
     pub = load_splits(list(public)).train

@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import load_file
 
 from flexmoe.anchor import fingerprint, iter_tensors, load_anchor, load_config, resolve
-from flexmoe.chat import chat_rows, chat_splits, require_chat_tokens
+from flexmoe.chat import chat_rows, chat_splits, encode_conversation, require_chat_tokens
 from flexmoe.chat_data import read_tasks
 from flexmoe.data import blocks_for, data_fingerprint, load_splits
 from flexmoe.errors import FlexmoeError
@@ -57,6 +57,11 @@ from flexmoe.training import (
 
 STAGES = ("mid", "sft", "rl")
 EMBEDDINGS = ("model.embed_tokens.weight", "lm_head.weight")
+SHARED_ROWS = ("owner", "all")
+# A token's rows are the owner's when its frequency in the owner's chat is at least this many times its
+# frequency in public chat (add-one smoothed) and it occurs at least OWNER_ROW_MIN_COUNT times.
+OWNER_ROW_RATIO = 4.0
+OWNER_ROW_MIN_COUNT = 3
 
 
 @dataclass
@@ -76,6 +81,11 @@ class StageSettings:
     router_init: str = "hidden"
     seed: int = 0
     grpo: dict = field(default_factory=dict)  # rl: flexmoe.expert.grpo.GRPOConfig fields
+    # sft: which embedding / LM-head rows may change. "owner": only the rows of tokens frequent in the
+    # owner's data and rare in public chat (``owner_rows``), so that owners' changes to shared tensors
+    # are nearly disjoint and a merge can keep each whole; "all": every row (BAR).
+    shared_rows: str = "owner"
+    row_ratio: float = OWNER_ROW_RATIO
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(
@@ -251,9 +261,43 @@ def tasks_file(data: Path) -> Path:
     return Path(data) / "rl.jsonl" if Path(data).is_dir() else Path(data)
 
 
-def stage_selector(s: StageSettings):
-    """The selector of a stage: sets ``requires_grad`` on its trainable set and returns it as one group."""
-    return lambda model: [{"params": select_parameters(model, s.stage, s.freeze_shared)}]
+def stage_selector(s: StageSettings, rows: torch.Tensor | None = None):
+    """The selector of a stage: sets ``requires_grad`` on its trainable set and returns it as one group.
+    ``rows`` (bool ``[vocab]``): the embedding and LM-head rows that may change; the gradient of every
+    other row is zeroed, so AdamW (no weight decay) leaves them bit for bit as the anchor has them."""
+
+    def select(model):
+        params = select_parameters(model, s.stage, s.freeze_shared)
+        if rows is not None:
+            named = dict(model.named_parameters())
+            for name in EMBEDDINGS:
+                if named[name].requires_grad:
+                    keep = rows.to(named[name].device, named[name].dtype)[:, None]
+                    named[name].register_hook(lambda g, keep=keep: g * keep)
+        return [{"params": params}]
+
+    return select
+
+
+def owner_rows(s: StageSettings, data: Path, public: Path | None, tok, vocab: int) -> torch.Tensor | None:
+    """The embedding / LM-head rows an sft stage may change (None: all of them). A token is the owner's
+    when it occurs at least ``OWNER_ROW_MIN_COUNT`` times in the owner's chat and at least
+    ``row_ratio`` times as often (per token) as in public chat; special tokens never are (the chat
+    template belongs to the anchor). Computed from the owner's data and public data only."""
+    if s.stage != "sft" or s.freeze_shared or s.shared_rows == "all":
+        return None
+    if s.shared_rows not in SHARED_ROWS:
+        raise FlexmoeError(f"Unknown shared rows {s.shared_rows!r}.", f"use one of {', '.join(SHARED_ROWS)}.")
+
+    def counts(path: Path) -> torch.Tensor:
+        ids = [i for c in chat_splits(path)[0] for i in encode_conversation(tok, c)[0]]
+        return torch.bincount(torch.tensor(ids, dtype=torch.long), minlength=vocab)[:vocab].double()
+
+    own = counts(data)
+    pub = counts(public) if public is not None else torch.zeros(vocab, dtype=torch.float64)
+    rows = (own >= OWNER_ROW_MIN_COUNT) & (own / own.sum() >= s.row_ratio * (pub + 1) / (pub.sum() + vocab))
+    rows[[i for i in tok.all_special_ids if i < vocab]] = False
+    return rows
 
 
 def stage_step(s: StageSettings, model, tasks: list[dict] | None, tok):
@@ -301,11 +345,12 @@ def train_stage(
             f"pass --name {prev['name']}.",
         )
     tasks = read_tasks(tasks_file(data)) if s.stage == "rl" else None
+    rows = owner_rows(s, Path(data), r.public, tok, model.config.vocab_size)
     stage = Stage(
         source,
         valid,
         stage_step(s, model, tasks, tok),
-        stage_selector(s),
+        stage_selector(s, rows),
         after_step=lambda: project_biases_(model),
         desc=f"expert {name} ({s.stage}{', frozen shared' if s.freeze_shared else ''})",
     )
@@ -313,7 +358,9 @@ def train_stage(
     result = train(model, cfg, stage, RunOptions(work / "checkpoint", r.resume, quiet=r.quiet, device=device))
     if result.final_valid_loss is None:
         return {"finished": False}
-    deltas = _checked_deltas(model, anchor_dir, s, prev)
+    deltas = _checked_deltas(model, anchor_dir, s, prev, rows)
+    if rows is not None:  # how many rows this owner may change: what its shared delta can touch
+        data_record["owner_rows"] = int(rows.sum())
     record = _stage_record(s, prev, data_record, result, model)
     manifest = _manifest(name, prev, anchor_dir, config, s, cfg, record, result)
     manifest = pkg.write_package(
@@ -323,12 +370,15 @@ def train_stage(
     return {"finished": True, **manifest}
 
 
-def _checked_deltas(model, anchor_dir: Path, s: StageSettings, prev: dict | None) -> dict:
-    """The shared deltas, refusing any on a tensor neither this stage nor an earlier one trained."""
+def _checked_deltas(model, anchor_dir: Path, s: StageSettings, prev: dict | None, rows=None) -> dict:
+    """The shared deltas, refusing any on a tensor neither this stage nor an earlier one trained, and
+    (with owner rows, from a fresh start) any on an embedding or LM-head row outside them."""
     allowed = {n for n, _ in model.named_parameters() if is_trainable(n, s.stage, s.freeze_shared)}
     allowed |= {model_name(k) for k in ((prev or {}).get("shared_deltas") or {}).get("tensors", {})}
     deltas = shared_deltas(model, anchor_dir)
     stray = sorted(n for n in deltas if model_name(n) not in allowed)
+    if rows is not None and not (prev or {}).get("shared_deltas"):
+        stray += [n for n in EMBEDDINGS if n in deltas and bool(deltas[n][~rows].any())]
     if stray:
         raise FlexmoeError(
             f"Frozen shared tensors changed ({', '.join(stray[:3])}).", "this is a bug; please report it."
