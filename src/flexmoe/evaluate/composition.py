@@ -187,8 +187,8 @@ def alone_is_restricted(composed, packages: Sequence[Path]) -> dict[str, bool]:
         pub = [package_tensor(p, f"layers.{i}.public_router.weight") for i in range(len(blocks))]
         out[ex.name] = all(
             b.top_k >= 2
-            and torch.equal(b.router[e].weight.detach().view(-1), ex.row(i).float().view(-1))
-            and torch.equal(b.router[0].weight.detach().view(-1), pub[i].float().view(-1))
+            and torch.equal(b.router[e].weight.detach().cpu().view(-1), ex.row(i).float().view(-1))
+            and torch.equal(b.router[0].weight.detach().cpu().view(-1), pub[i].float().view(-1))
             and float(b.router[e].bias_raw.detach()) == ex.bias(i)
             for i, b in enumerate(blocks)
         )
