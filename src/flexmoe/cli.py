@@ -299,7 +299,7 @@ def expert_train(
     if stage is not None or from_package is not None or freeze_shared or shared_rows is not None:
         s = settings_for(stage or "mid", freeze_shared=freeze_shared, steps=steps, batch_size=batch_size,
             seq_len=seq_len, lr=lr, seed=seed, public_mix=public_mix, router_init=router_init,
-            shared_rows=shared_rows)  # fmt: skip
+            shared_rows=shared_rows, router_aux=router_aux_loss)  # fmt: skip
         run = StageRun(from_package, public[0] if public else None, resume, force, sign_key=key)
         return _expert_stage(anchor, data[0], name, out, s, run, dp_epsilon)
     dp = None

@@ -37,6 +37,7 @@ from flexmoe.data import blocks_for, data_fingerprint, load_splits
 from flexmoe.errors import FlexmoeError
 from flexmoe.expert import package as pkg
 from flexmoe.expert.grpo import GRPOConfig, GRPOLoss, GRPOStep
+from flexmoe.expert.router_aux import MineVsPublic
 from flexmoe.expert.train import check_dense_anchor, check_name, mixed_public_blocks
 from flexmoe.moe import anchored_expert_model, moe_blocks, project_biases_, router_z_loss
 from flexmoe.router_init import init_rows
@@ -86,6 +87,9 @@ class StageSettings:
     # are nearly disjoint and a merge can keep each whole; "all": every row (BAR).
     shared_rows: str = "owner"
     row_ratio: float = OWNER_ROW_RATIO
+    # mid / sft with public data: weight of the "mine vs public" routing loss on the owner's router row
+    # (flexmoe.expert.router_aux; 0: the row learns only through the LM loss, as FlexOlmo's)
+    router_aux: float = 0.0
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(
@@ -116,9 +120,12 @@ class StageRun:
     sign_key: object = None  # the owner's Ed25519 private key: sign the package as it is written
 
 
-STAGE_DEFAULTS = {  # tiny-model values; BAR's (7B) are in the module docstring of the method notes
-    "mid": {"lr": 2e-3, "steps": 120},
-    "sft": {"lr": 1e-3, "steps": 80},
+# Tiny-model values; BAR's (7B) are in the module docstring of the method notes. Public mix 0.6 and the
+# "mine vs public" routing loss (0.1) as in expert training (issue 13); for sft chosen on validation
+# tasks that neither training nor the reported test tasks contain (BENCHMARKS.md, "Post-training").
+STAGE_DEFAULTS = {
+    "mid": {"lr": 2e-3, "steps": 120, "public_mix": 0.6, "router_aux": 0.1},
+    "sft": {"lr": 1e-3, "steps": 80, "public_mix": 0.6, "router_aux": 0.1},
     "rl": {"lr": 1e-5, "steps": 20, "batch_size": 4, "schedule": "constant", "warmup_fraction": 0.0},
 }
 
@@ -232,7 +239,7 @@ def stage_data(s: StageSettings, data: Path, public: Path | None, tok) -> tuple:
         idx = torch.arange(len(tasks)).view(-1, 1)
         text = [m["content"] for t in tasks for m in t["messages"]]
         record = {"tasks": len(tasks), "fingerprint": data_fingerprint(text)}
-        return PackedBlocks(idx), idx[: min(len(idx), 8)], text, record
+        return PackedBlocks(idx), idx[: min(len(idx), 8)], text, record, None
     if s.stage == "mid":
         splits = load_splits([data])
         train, valid = [blocks_for(splits.train, tok, s.seq_len)], blocks_for(splits.valid, tok, s.seq_len)
@@ -245,12 +252,14 @@ def stage_data(s: StageSettings, data: Path, public: Path | None, tok) -> tuple:
         own = [tok.apply_chat_template(c, tokenize=False) for c in tr]
         pub = (lambda: _fields(chat_rows(chat_splits(public)[0], tok, s.seq_len))) if public else None
     record = {"fingerprint": data_fingerprint(own), "train_blocks": len(train[0]), "public_mix": None}
+    public_ids = None
     if pub is not None:
         extra = [mixed_public_blocks(t, len(train[0]), s.public_mix) for t in pub()]
         train = [torch.cat([t, e]) for t, e in zip(train, extra, strict=True)]
         record["public_mix"] = {"fraction": s.public_mix, "blocks": len(extra[0])}
+        public_ids = extra[0]
     source = PackedBlocks(train[0]) if s.stage == "mid" else LabeledRows(*train)
-    return source, valid, own, record
+    return source, valid, own, record, public_ids
 
 
 def _fields(rows: LabeledRows) -> list[torch.Tensor]:
@@ -300,14 +309,20 @@ def owner_rows(s: StageSettings, data: Path, public: Path | None, tok, vocab: in
     return rows
 
 
-def stage_step(s: StageSettings, model, tasks: list[dict] | None, tok):
-    """The step strategy: LM loss (assistant-only through the labels in sft) + router z-loss; rl GRPO."""
+def stage_step(s: StageSettings, model, tasks: list[dict] | None, tok, public_ids=None):
+    """The step strategy: LM loss (assistant-only through the labels in sft) + router z-loss (+ the
+    "mine vs public" routing loss with public rows mixed in); rl GRPO."""
     if s.stage == "rl":
         return GRPOStep(GRPOLoss(tasks, tok, GRPOConfig(**s.grpo)))
+    aux = MineVsPublic(model, public_ids) if public_ids is not None and s.router_aux > 0 else None
 
     def loss(m, batch):
         base = lm_loss(m, batch)
-        return base + s.z_loss * router_z_loss(model).to(base.device)
+        base = base + s.z_loss * router_z_loss(model).to(base.device)
+        if aux is not None and model.training:
+            ids = batch[0] if isinstance(batch, tuple) else batch
+            base = base + s.router_aux * aux.loss(ids)
+        return base
 
     return LMStep(loss)
 
@@ -332,7 +347,7 @@ def train_stage(
     tok = load_tokenizer(anchor_dir)
     if s.stage != "mid":
         require_chat_tokens(tok, f"Anchor {anchor_dir}")
-    source, valid, own_text, data_record = stage_data(s, Path(data), r.public, tok)
+    source, valid, own_text, data_record, public_ids = stage_data(s, Path(data), r.public, tok)
     torch.manual_seed(s.seed)
     model, prev = expert_model(
         anchor_dir, r.from_package, owner_docs=own_text, router_init=s.router_init, name=name
@@ -349,7 +364,7 @@ def train_stage(
     stage = Stage(
         source,
         valid,
-        stage_step(s, model, tasks, tok),
+        stage_step(s, model, tasks, tok, public_ids),
         stage_selector(s, rows),
         after_step=lambda: project_biases_(model),
         desc=f"expert {name} ({s.stage}{', frozen shared' if s.freeze_shared else ''})",
