@@ -318,6 +318,32 @@ def test_anchor_sft_publishes_a_chat_template(post):
     assert meta["train_config"]["schedule"] == "linear"  # BAR SFT: linear to zero
 
 
+def test_sft_adds_the_mine_vs_public_routing_loss_only_with_public_rows(post):
+    from flexmoe.chat import chat_rows, chat_splits
+    from flexmoe.expert.stages import expert_model, settings_for, stage_step
+    from flexmoe.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(post["anchor"])
+    model, _ = expert_model(post["anchor"], post["math"])
+    model.train()
+    own = chat_rows(chat_splits(post["chat"] / "math")[0], tok, 64)
+    pub = chat_rows(chat_splits(post["chat"] / "public")[0], tok, 64)
+    batch = (torch.cat([own.ids[:2], pub.ids[:2]]), torch.cat([own.labels[:2], pub.labels[:2]]))
+    s = settings_for("sft")
+    assert s.router_aux == 0.1 and s.public_mix == 0.6  # the defaults chosen on validation tasks
+    plain = stage_step(settings_for("sft", router_aux=0.0), model, None, tok, pub.ids).loss_fn(model, batch)
+    with_aux = stage_step(s, model, None, tok, pub.ids).loss_fn(model, batch)
+    no_public = stage_step(s, model, None, tok, None).loss_fn(model, batch)
+    assert float(with_aux.detach()) > float(plain.detach()) and torch.isclose(no_public, plain)
+    # the extra term trains the owner's router row: its gradient changes
+    model.zero_grad()
+    plain.backward()
+    g_plain = model.model.layers[0].mlp.router[1].weight.grad.clone()
+    model.zero_grad()
+    with_aux.backward()
+    assert not torch.allclose(model.model.layers[0].mlp.router[1].weight.grad, g_plain)
+
+
 def test_packages_carry_exactly_the_shared_deltas_their_stage_trained(post):
     from flexmoe.expert.package import SHARED_FILE, verify
 
