@@ -3,10 +3,12 @@ previous stage's package (``--from PKG``):
 
 | stage | trains | data, loss |
 |---|---|---|
-| mid | owner FFN + owner router row (shared frozen, as FlexOlmo) | domain text, next-token + z-loss |
-| sft | + embeddings and LM head (attention, norms, anchor FFN frozen) | domain + public chat, replies only |
+| mid | owner FFN + owner router row (shared frozen, as FlexOlmo) | domain + public text, next token |
+| sft | + embedding, LM-head rows of the owner's tokens (``shared_rows``) | domain + public chat, replies |
 | rl  | everything (attention, norms, anchor FFN, router) | tasks with checkable answers, GRPO (no KL) |
 
+mid and sft add the router z-loss and, with public data, the "mine vs public" routing loss on the owner's
+row (``router_aux``); attention, norms and the anchor FFN stay frozen until rl.
 ``freeze_shared`` reproduces FlexOlmo's frozen recipe in every stage: owner FFN and router row only.
 The public router row never trains: it is the federation's fixed reference point, shared by every
 package (``compose`` refuses packages that disagree on it).
