@@ -458,6 +458,8 @@ def test_sft_changes_only_the_owners_rows_and_the_default_merge_keeps_them_whole
         changed = delta[name].ne(0).any(1)
         assert bool(changed.any()) and not bool((changed & ~rows["math"]).any())
     assert settings_for("sft", shared_rows="all").shared_rows == "all"
+    with pytest.raises(FlexmoeError, match="owner, all"):
+        settings_for("sft", shared_rows="some")
     assert (
         owner_rows(settings_for("sft", shared_rows="all"), post["chat"] / "math", None, tok, len(tok)) is None
     )

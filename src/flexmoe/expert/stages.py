@@ -136,6 +136,10 @@ def settings_for(stage: str, **overrides) -> StageSettings:
     if stage not in STAGES:
         raise FlexmoeError(f"Unknown stage {stage!r}.", f"use one of {', '.join(STAGES)}.")
     given = {k: v for k, v in overrides.items() if v is not None}
+    if given.get("shared_rows", "owner") not in SHARED_ROWS:
+        raise FlexmoeError(
+            f"Unknown shared rows {given['shared_rows']!r}.", f"use one of {', '.join(SHARED_ROWS)}."
+        )
     return StageSettings(stage=stage, **{**STAGE_DEFAULTS[stage], **given})
 
 
@@ -297,8 +301,6 @@ def owner_rows(s: StageSettings, data: Path, public: Path | None, tok, vocab: in
     template belongs to the anchor). Computed from the owner's data and public data only."""
     if s.stage != "sft" or s.freeze_shared or s.shared_rows == "all":
         return None
-    if s.shared_rows not in SHARED_ROWS:
-        raise FlexmoeError(f"Unknown shared rows {s.shared_rows!r}.", f"use one of {', '.join(SHARED_ROWS)}.")
 
     def counts(path: Path) -> torch.Tensor:
         ids = [i for c in chat_splits(path)[0] for i in encode_conversation(tok, c)[0]]
