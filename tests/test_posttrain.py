@@ -559,3 +559,22 @@ def test_remove_refuses_a_tampered_kept_delta(post, tmp_path):
     with pytest.raises(FlexmoeError, match="does not match"):
         remove(tmp_path / "m", "math", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_post_training_demo_runs_end_to_end_at_test_size(tmp_path):
+    """The whole section (preset ``test``: numbers meaningless): every recipe, merge, router option and
+    evaluation runs, the report has the issue's schema, and opt-out is bit-identical."""
+    from flexmoe.posttrain_demo import OWNERS, RECIPES, run_post_train_demo
+
+    report = run_post_train_demo(tmp_path / "w", "test", quiet=True)
+    block = report["post_training"]
+    assert set(RECIPES) <= set(block) and block["optout_bit_identical"] is True
+    assert set(block["merged"]["oracle_retention"]) == set(OWNERS)
+    details = report["post_training_details"]
+    assert {"merged_mean", "merged_bar", "merged_frozen", "router_shared", "router_private"} <= set(
+        details["merge_variants"]
+    )
+    assert all(f"oracle-{d}" in details["evaluations"] for d in OWNERS)
+    meta = json.loads((tmp_path / "w" / "post" / "models" / "merged" / "flexmoe.json").read_text())
+    assert meta["shared_merge"]["method"] == "disjoint"
+    assert (tmp_path / "w" / "post" / "models" / "merged" / "signature.json").is_file()
