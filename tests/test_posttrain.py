@@ -440,7 +440,7 @@ def test_sft_changes_only_the_owners_rows_and_the_default_merge_keeps_them_whole
 
     from flexmoe.compose import UNSIGNED_OK, compose
     from flexmoe.expert.package import verify
-    from flexmoe.expert.stages import owner_rows, settings_for
+    from flexmoe.expert.stages import StageSettings, owner_rows, settings_for
     from flexmoe.tokenizer import load_tokenizer
 
     tok = load_tokenizer(post["anchor"])
@@ -460,6 +460,8 @@ def test_sft_changes_only_the_owners_rows_and_the_default_merge_keeps_them_whole
     assert settings_for("sft", shared_rows="all").shared_rows == "all"
     with pytest.raises(FlexmoeError, match="owner, all"):
         settings_for("sft", shared_rows="some")
+    with pytest.raises(FlexmoeError, match="owner, all"):
+        StageSettings(stage="sft", shared_rows="some")
     assert (
         owner_rows(settings_for("sft", shared_rows="all"), post["chat"] / "math", None, tok, len(tok)) is None
     )

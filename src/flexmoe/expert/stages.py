@@ -93,6 +93,12 @@ class StageSettings:
     # (flexmoe.expert.router_aux; 0: the row learns only through the LM loss, as FlexOlmo's)
     router_aux: float = 0.0
 
+    def __post_init__(self) -> None:
+        if self.shared_rows not in SHARED_ROWS:  # here, so that a direct construction is checked too
+            raise FlexmoeError(
+                f"Unknown shared rows {self.shared_rows!r}.", f"use one of {', '.join(SHARED_ROWS)}."
+            )
+
     def train_config(self) -> TrainConfig:
         return TrainConfig(
             steps=self.steps,
@@ -136,10 +142,6 @@ def settings_for(stage: str, **overrides) -> StageSettings:
     if stage not in STAGES:
         raise FlexmoeError(f"Unknown stage {stage!r}.", f"use one of {', '.join(STAGES)}.")
     given = {k: v for k, v in overrides.items() if v is not None}
-    if given.get("shared_rows", "owner") not in SHARED_ROWS:
-        raise FlexmoeError(
-            f"Unknown shared rows {given['shared_rows']!r}.", f"use one of {', '.join(SHARED_ROWS)}."
-        )
     return StageSettings(stage=stage, **{**STAGE_DEFAULTS[stage], **given})
 
 
