@@ -57,6 +57,15 @@ RECIPES = {
     "progressive": {"shared_rows": "owner"},
     "bar": {"shared_rows": "all"},
 }
+# The merged models: key -> (the recipe whose experts it merges, the shared merge). "merged" is the one
+# the report's ``merged`` block describes; the router options start from it (ours).
+MERGED = {
+    "merged": ("progressive", "disjoint"),
+    "merged_mean": ("progressive", "mean"),
+    "merged_bar": ("bar", "mean"),
+    "merged_bar_ties": ("bar", "ties"),
+    "merged_frozen": ("frozen", "disjoint"),  # no shared deltas: the merge does not matter
+}
 
 
 @dataclass(frozen=True)
@@ -194,22 +203,23 @@ def public_chat_text(chat: Path, out: Path) -> Path:
 
 
 def compose_all(workdir: Path, pk: dict, p: PostTrainPreset, steps, quiet: bool) -> dict[str, Path]:
-    """Merged models (mean, TIES, frozen experts), the two router options, and the opt-out pair; the
+    """Merged models (``MERGED``), the two router options, and the opt-out pair; the
     maintainer composes the owners' signed packages and signs every model."""
     m, a = workdir / "post" / "models", pk["anchor"]
-    prog = [pk[f"{d}-progressive"] for d in OWNERS]
     prov = DemoKeys(workdir).provenance()
-    bar = [pk[f"{d}-bar"] for d in OWNERS]
-    variants = {  # key: (step label, packages, settings)
-        "merged": ("compose (disjoint)", prog, ComposeSettings(shared_merge="disjoint")),
-        "merged_mean": ("compose (mean)", prog, ComposeSettings(shared_merge="mean")),
-        "merged_bar": ("compose (BAR: all rows, mean)", bar, ComposeSettings(shared_merge="mean")),
-        "merged_bar_ties": ("compose (all rows, ties)", bar, ComposeSettings(shared_merge="ties")),
-        "merged_frozen": ("compose (frozen)", [pk[f"{d}-frozen"] for d in OWNERS], ComposeSettings()),
-    }
     out = {
-        k: _once(m / k, steps, label, compose, a, pkgs, m / k, how, provenance=prov)
-        for k, (label, pkgs, how) in variants.items()
+        k: _once(
+            m / k,
+            steps,
+            f"compose ({recipe}, {merge})",
+            compose,
+            a,
+            [pk[f"{d}-{recipe}"] for d in OWNERS],
+            m / k,
+            ComposeSettings(shared_merge=merge),
+            provenance=prov,
+        )
+        for k, (recipe, merge) in MERGED.items()
     }
     out |= router_options(workdir, pk, out["merged"], p, steps, quiet)
     _once(
@@ -387,7 +397,7 @@ def summarise(res: dict, optout: bool) -> dict:
         return out
 
     def merged(key: str) -> dict:
-        r = "bar" if key.startswith("merged_bar") else "frozen" if key == "merged_frozen" else "progressive"
+        r = MERGED[key][0] if key in MERGED else "progressive"  # the router options start from "merged"
         reg = 100 * (base["public"]["accuracy"] - res[key]["public"]["accuracy"])
         acc = {d: res[key][d]["accuracy"] for d in OWNERS}
         return {"retention": kept(acc, r), "chat_regression": reg, "experts": r}
