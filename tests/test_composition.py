@@ -272,3 +272,67 @@ def test_expert_choice_reaches_every_scoring_path(federation, tmp_path):
         torch.testing.assert_close(
             masked.next_logprobs(ids, mask, last), removed.next_logprobs(ids, mask, last)
         )
+
+
+def test_sequence_routing_is_the_chosen_mask_on_every_path_and_opts_out_exactly(federation, tmp_path):
+    """With ``sequence_routing`` each position routes over public + the owner the prefix favours: the
+    logits equal the model routed by that explicit mask, the scoring path that calls the decoder
+    directly sees it too, and opting out by mask equals the physically removed model routed alike."""
+    from flexmoe.compose import remove
+    from flexmoe.evaluate.run import load_lm
+    from flexmoe.moe import Routing, routing
+    from flexmoe.runtime import from_pretrained
+
+    root, _, _ = federation
+    torch.manual_seed(0)
+    ids = torch.randint(3, 300, (2, 16))
+    seq = from_pretrained(root / "model", device="cpu", trust=ALLOW_UNSIGNED, sequence_routing=True)
+    rows = from_pretrained(root / "model", device="cpu", trust=ALLOW_UNSIGNED)
+    with torch.no_grad():
+        chosen = seq.sequence.mask(seq.model, ids)
+        assert chosen[..., 0].all() and (chosen[..., 1:].sum(-1) <= 1).all()
+        with routing(Routing(mask=chosen)):
+            want = rows.model(ids).logits
+        torch.testing.assert_close(seq.model(ids).logits, want)
+
+    remove(root / "model", "code", tmp_path / "without_code")
+    kw = {"device": "cpu", "trust": ALLOW_UNSIGNED, "sequence_routing": True}
+    masked, removed = (
+        load_lm(root / "model", exclude=["code"], **kw),
+        load_lm(tmp_path / "without_code", **kw),
+    )
+    mask, prefix = torch.ones_like(ids), torch.tensor([5, 9])
+    full = masked.token_logprobs(ids, mask)
+    for split in (True, False):
+        for lm in (masked, removed):
+            lm._split = split
+        a = masked.token_logprobs(ids, mask, prefix)
+        torch.testing.assert_close(a, removed.token_logprobs(ids, mask, prefix), atol=1e-5, rtol=1e-5)
+        scored = a != 0
+        torch.testing.assert_close(a[scored], full[scored], atol=1e-5, rtol=1e-5)
+
+
+def test_composition_with_sequence_routing_keeps_alone_and_oracle_by_rows(federation, demo_data, tmp_path):
+    from typer.testing import CliRunner
+
+    from flexmoe.cli import app
+
+    root, pkgs, anchor = federation
+    args = ["eval", str(root / "model"), "--composition", "--data", str(demo_data), "--anchor", str(anchor)]
+    args += ["--allow-unsigned", "--expert", str(pkgs[0]), "--max-blocks", "2", "--seq-len", "32"]
+    args += ["--limit", "5"]
+    r = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "rows.json")])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(app, [*args, "--sequence-routing", "--out", str(tmp_path / "seq.json")])
+    assert r.exit_code == 0, r.output
+    assert "Composition (routing: sequence)" in r.output
+    by_rows, by_seq = (json.loads((tmp_path / f).read_text()) for f in ("rows.json", "seq.json"))
+    assert by_seq["composition"]["routing"] == "sequence"
+    for key in ("anchor", "alone:code", "alone:math", "oracle:code", "oracle:math"):
+        assert by_seq["perplexity"][key] == pytest.approx(by_rows["perplexity"][key], rel=1e-5), key
+    hf = tmp_path / "hf"  # a plain HF model cannot be sequence-routed: a clear error, no traceback
+    from conftest import make_hf_checkpoint
+
+    make_hf_checkpoint(hf, "olmo2")
+    r = CliRunner().invoke(app, ["eval", str(hf), "--data", str(demo_data), "--sequence-routing"])
+    assert r.exit_code == 1 and "--sequence-routing" in str(r.exception)

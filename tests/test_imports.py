@@ -42,6 +42,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "flexmoe.compose",
             "flexmoe.compose_shared",
             "flexmoe.runtime",
+            "flexmoe.sequence_routing",
             "flexmoe.routing_methods",
             "flexmoe.routing_stats",
         ),

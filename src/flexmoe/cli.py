@@ -621,6 +621,14 @@ def router_train_cmd(
         _summary(meta, out)
 
 
+SEQUENCE_ROUTING = typer.Option(
+    False,
+    "--sequence-routing",
+    help="Route each position to public + at most one owner chosen from the text so far (flexmoe's "
+    "runtime only; one extra forward pass per call).",
+)
+
+
 @app.command("generate")
 def generate_cmd(
     model: Path = typer.Argument(..., help="Composed model directory."),
@@ -633,12 +641,20 @@ def generate_cmd(
     temperature: float = typer.Option(0.0, help="0 = greedy; > 0 samples."),
     use_bias: bool = typer.Option(False, help="Apply the learned router biases (not in the HF format)."),
     seed: int = typer.Option(0, help="Sampling seed."),
+    sequence_routing: bool = SEQUENCE_ROUTING,
     trust: list[Path] = MODEL_TRUST,
     allow_unsigned: bool = MODEL_ALLOW_UNSIGNED,
 ) -> None:
     """Model user: stream a continuation using any subset of experts."""
     t = Trust.from_paths(trust, allow_unsigned=allow_unsigned)
-    c = from_pretrained(model, include=_names(include), exclude=_names(exclude), use_bias=use_bias, trust=t)
+    c = from_pretrained(
+        model,
+        include=_names(include),
+        exclude=_names(exclude),
+        use_bias=use_bias,
+        trust=t,
+        sequence_routing=sequence_routing,
+    )
     console.print(prompt, end="")
     generate(c, prompt, max_new_tokens, stream=True, temperature=temperature, seed=seed)
 
@@ -692,6 +708,7 @@ def eval_cmd(
         None, "--owner", help="Owner domains (default: the experts with a test split)."
     ),
     public: str = typer.Option("public", "--public", help="The public domain's name (for --composition)."),
+    sequence_routing: bool = SEQUENCE_ROUTING,
     trust: list[Path] = MODEL_TRUST,
     allow_unsigned: bool = MODEL_ALLOW_UNSIGNED,
 ) -> None:
@@ -712,13 +729,16 @@ def eval_cmd(
             max_blocks,
             limit,
             trust=t,
+            sequence_routing=sequence_routing,
         )
         r = evaluate_composition(setup, progress=lambda m: console.print(f"  {m}"))
         console.print(composition_table(r["composition"]))
         if out:
             write_json(out, r)
         return
-    lm = load_lm(model, _names(include), _names(exclude), use_bias, trust=t)
+    lm = load_lm(
+        model, _names(include), _names(exclude), use_bias, trust=t, sequence_routing=sequence_routing
+    )
     r = evaluate_lm(
         lm,
         data,

@@ -404,6 +404,10 @@ def evaluate_all(
     todo["model_soup"] = lambda: load_lm(models / "model_soup", device=dev)
     todo.update({k: (lambda v=v: v) for k, v in lms.items()})
     todo["flexolmo"] = lambda: load_lm(models / "flexolmo", device=dev, trust=trust)
+    # The same model routed per position by the text so far (flexmoe's runtime: one more forward pass).
+    todo["flexolmo_sequence"] = lambda: load_lm(
+        models / "flexolmo", device=dev, trust=trust, sequence_routing=True
+    )
     # The same model with the owners' learned negative biases, which the HF flex_olmo format cannot
     # hold: flexmoe's runtime applies them (flexmoe_bias.safetensors). Measures what dropping them costs.
     todo["flexolmo_bias"] = lambda: load_lm(models / "flexolmo", use_bias=True, device=dev, trust=trust)
@@ -471,9 +475,15 @@ def composition_section(
     )
     r = steps.run("composition", evaluate_composition, setup)
     steps.console.print(composition_table(r["composition"]))
+    seq = steps.run(
+        "composition (sequence routing)", evaluate_composition, replace(setup, sequence_routing=True)
+    )
+    steps.console.print(composition_table(seq["composition"]))
     return {
         "composition": r["composition"],
         "composition_detail": {"perplexity": r["perplexity"], "how": r["how"]},
+        "composition_sequence": seq["composition"],
+        "composition_sequence_detail": {"perplexity": seq["perplexity"], "how": seq["how"]},
         "headline": headline(report["models"], inference_costs(anchor, models, p, trust)),
     }
 
@@ -492,6 +502,11 @@ def inference_costs(anchor: Path, models: Path, p: DemoPreset, trust: Trust | No
         "flexolmo": inference_cost(
             config, "moe", seq_len, top_k=load_meta(models / "flexolmo", trust)["top_k"]
         ),
+        # the anchor pass that chooses the owner, then the MoE pass over public + that owner
+        "flexolmo_sequence": {
+            "forward_passes": 2,
+            "flops": dense["flops"] + inference_cost(config, "moe", seq_len, top_k=2)["flops"],
+        },
     }
 
 

@@ -48,7 +48,7 @@ from safetensors.torch import load_file, save_file
 from flexmoe.errors import FlexmoeError
 from flexmoe.routing_stats import load_owner_stats, regularised
 
-METHODS = ("trained", "phatgoose", "calibrated", "lda", "gated")
+METHODS = ("trained", "phatgoose", "calibrated", "lda", "gated", "exclusive")
 BIAS_MODES = ("fold", "keep")
 DEFAULT = "trained"
 ROUTING_FILE = "flexmoe_routing.safetensors"
@@ -72,7 +72,11 @@ def parse(spec: str) -> tuple[str, bool]:
     names."""
     base, _, extra = spec.partition("+")
     base = base.split("@")[0]
-    if base not in METHODS or extra not in ("", "prior") or (base != "gated" and "@" in spec):
+    if (
+        base not in METHODS
+        or extra not in ("", "prior")
+        or (base not in ("gated", "exclusive") and "@" in spec)
+    ):
         raise FlexmoeError(
             f"Unknown routing method {spec!r}.", f"use one of {', '.join(METHODS)} (optionally NAME+prior)."
         )
@@ -81,11 +85,16 @@ def parse(spec: str) -> tuple[str, bool]:
 
 def needs(method: str) -> tuple[bool, bool]:
     """(owner statistics needed, anchor statistics needed)."""
-    return method in ("calibrated", "lda", "gated"), method in ("phatgoose", "lda", "gated")
+    return method in ("calibrated", "lda", "gated", "exclusive"), method in (
+        "phatgoose",
+        "lda",
+        "gated",
+        "exclusive",
+    )
 
 
 def strength(spec: str) -> float:
-    """``gated@0.5`` -> 0.5 (default 1)."""
+    """``gated@0.5`` -> 0.5, ``exclusive@2`` -> 2 (default 1)."""
     base = spec.partition("+")[0]
     return float(base.split("@")[1]) if "@" in base else 1.0
 
@@ -163,11 +172,48 @@ def gated(inp: Inputs, layer: int, lam: float = 1.0) -> tuple[torch.Tensor, torc
     return rows, bias
 
 
+def exclusive(inp: Inputs, layer: int, k: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Trained rows, each owner's lowered where it would claim another owner's text: on owner e's mean
+    router input, owner d's margin over e is pushed down to ``-k`` standard deviations (of that margin
+    on public text) when it is higher. The change of d's row is the smallest in public variance that
+    also keeps d's logit on its own mean and on the public mean: what d learned to claim stays, and only
+    the direction by which e's text differs from d's and from public text is touched."""
+    rows, bias = inp.rows[layer].double().clone(), inp.biases[layer].double()
+    cov = regularised(_anchor(inp, "cov", layer))
+    owners = inp.names[1:]
+    means = torch.stack([_anchor(inp, "mean", layer)] + [_owner(inp, n, "mean_own", layer) for n in owners])
+    base = inp.rows[layer].double()
+    for d in range(1, len(inp.names)):
+        target = torch.zeros(len(means), dtype=torch.float64)  # change of d's logit at each mean
+        for e in range(1, len(inp.names)):
+            if e == d:
+                continue
+            diff = base[d] - base[e]
+            margin = float(diff @ means[e])  # the rows alone: what the stock export routes by
+            spread = float((diff @ cov @ diff).clamp_min(0).sqrt())
+            target[e] = -max(0.0, margin + k * spread)
+        if not bool(target.ne(0).any()):
+            continue
+        # delta = S^-1 M (M' S^-1 M)^-1 target: least delta' S delta with M' delta = target.
+        sm = torch.linalg.solve(cov, means.T)
+        gram = means @ sm
+        gram = gram + 1e-9 * gram.diagonal().mean() * torch.eye(len(gram), dtype=gram.dtype)
+        rows[d] = rows[d] + sm @ torch.linalg.solve(gram, target)
+    return rows, bias
+
+
 def trained(inp: Inputs, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
     return inp.rows[layer].double(), inp.biases[layer].double()
 
 
-RULES = {"trained": trained, "phatgoose": phatgoose, "calibrated": calibrated, "lda": lda, "gated": gated}
+RULES = {
+    "trained": trained,
+    "phatgoose": phatgoose,
+    "calibrated": calibrated,
+    "lda": lda,
+    "gated": gated,
+    "exclusive": exclusive,
+}
 
 
 def plan(spec: str, inp: Inputs, bias_mode: str | None = None) -> tuple[list, list, dict]:
@@ -178,8 +224,8 @@ def plan(spec: str, inp: Inputs, bias_mode: str | None = None) -> tuple[list, li
         raise FlexmoeError(f"Unknown --routing-bias {bias_mode!r}.", f"use one of {', '.join(BIAS_MODES)}.")
     rows_out, bias_out, spread = [], [], []
     for layer in range(len(inp.rows)):
-        if method == "gated":
-            rows, bias = gated(inp, layer, strength(spec))
+        if method in ("gated", "exclusive"):
+            rows, bias = RULES[method](inp, layer, strength(spec))
         else:
             rows, bias = RULES[method](inp, layer)
         if prior:

@@ -26,6 +26,7 @@ from flexmoe.checkpoint import TensorReader
 from flexmoe.compose import BIAS_FILE, PUBLIC, load_meta
 from flexmoe.errors import FlexmoeError
 from flexmoe.moe import FlexMoEBlock, RouterRow, Routing, active_routing, decoder_layers, moe_blocks, routing
+from flexmoe.sequence_routing import SequenceRouting
 from flexmoe.signing import Trust
 from flexmoe.tokenizer import load_tokenizer
 
@@ -35,7 +36,8 @@ class Composed:
     """A loaded composed model with its tokenizer, expert names and ``flexmoe.json``.
 
     ``mask`` (``[E]`` bool, None = every expert) is the expert choice for model calls made without a
-    ``Routing`` of their own (a forward pre-hook on ``model`` supplies it).
+    ``Routing`` of their own (a forward pre-hook on ``model`` supplies it). With ``sequence`` set, every
+    call routes per position among the experts it allows (``flexmoe.sequence_routing``).
     """
 
     model: torch.nn.Module
@@ -43,6 +45,7 @@ class Composed:
     names: list[str]
     meta: dict
     mask: torch.Tensor | None = None
+    sequence: SequenceRouting | None = None
     _hooks: list = field(default_factory=list, repr=False)
 
     def set_experts(self, include: Sequence[str] | None = None, exclude: Sequence[str] | None = None) -> None:
@@ -59,23 +62,40 @@ class Composed:
         return Routing(mask=self.mask, record=record)
 
     def install_default_routing(self) -> None:
-        """Calls of ``model`` without an active ``Routing`` route with ``self.mask``."""
+        """Calls of ``model`` without an active ``Routing`` route with ``self.mask``; with
+        ``self.sequence``, the active routing's mask is narrowed per position for the call."""
         stack: list[contextlib.ExitStack] = []
 
-        def pre(_module, _args):
+        def pre(module, args, kwargs):
             es = contextlib.ExitStack()
-            if active_routing() is None and self.mask is not None:
-                es.enter_context(routing(Routing(mask=self.mask)))
+            r = active_routing()
+            if r is None and (self.mask is not None or self.sequence is not None):
+                r = es.enter_context(routing(Routing(mask=self.mask)))
+            if self.sequence is not None:
+                self._narrow(module, r, es, args, kwargs)
             stack.append(es)
 
         def post(_module, _args, _out):
             if stack:
                 stack.pop().close()
 
+        # On the decoder: every call goes through it, the scoring paths that skip the LM head too.
+        target = self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model
         self._hooks = [
-            self.model.register_forward_pre_hook(pre),
-            self.model.register_forward_hook(post, always_call=True),
+            target.register_forward_pre_hook(pre, with_kwargs=True),
+            target.register_forward_hook(post, always_call=True),
         ]
+
+    def _narrow(self, module, r: Routing, es: contextlib.ExitStack, args, kwargs) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        allowed = r.mask if r.mask is None or r.mask.dim() <= 2 else None
+        if r.mask is not None and allowed is None:
+            return  # the caller routes per token already: its choice stands
+        cache = kwargs.get("past_key_values")
+        mask = self.sequence.mask_for_call(module, ids, kwargs.get("attention_mask"), cache, allowed)
+        if mask is not None:
+            before, r.mask = r.mask, mask
+            es.callback(setattr, r, "mask", before)
 
 
 def default_device() -> str:
@@ -99,6 +119,7 @@ def from_pretrained(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device | None = None,
     trust: Trust | None = None,
+    sequence_routing: bool = False,
 ) -> Composed:
     """Load a composed model directory into flexmoe's runtime.
 
@@ -107,7 +128,8 @@ def from_pretrained(
     accepts an unsigned model (a signature that does not hold is always refused).
     ``device`` defaults to the GPU when there is one. ``use_bias`` applies the learned router biases
     that the HF format cannot hold (off by default, so that results equal what stock transformers and
-    vLLM compute from the same checkpoint).
+    vLLM compute from the same checkpoint). ``sequence_routing`` routes each position to public and at
+    most one owner chosen from the text so far (``flexmoe.sequence_routing``; flexmoe's runtime only).
     """
     path = Path(path)
     device = default_device() if device is None else device
@@ -126,6 +148,7 @@ def from_pretrained(
     load_weights(model, TensorReader(path), load_file(str(path / BIAS_FILE)) if use_bias else None, dtype)
     model.eval()
     composed = Composed(model, load_tokenizer(path), names, meta)
+    composed.sequence = SequenceRouting() if sequence_routing else None
     composed.install_default_routing()
     composed.set_experts(include, exclude)
     return composed

@@ -46,6 +46,7 @@ from flexmoe.fileio import read_json
 from flexmoe.moe import moe_blocks
 from flexmoe.moe import routing as moe_routing
 from flexmoe.runtime import from_pretrained
+from flexmoe.sequence_routing import NAME as SEQUENCE
 from flexmoe.signing import ALLOW_UNSIGNED, Trust
 
 #: the name of the routing when nothing else is said: the composed model's own router rows
@@ -157,6 +158,9 @@ class CompositionSetup:
     max_docs: int | None = None
     device: str = "cpu"
     trust: Trust | None = None  # the model's signature (runtime.from_pretrained); None: any valid one
+    # composed and without:d routed per position by flexmoe.sequence_routing (flexmoe's runtime only);
+    # alone:d and oracle:d stay what they are defined as (public + d by the rows)
+    sequence_routing: bool = False
 
 
 def _bias_switch(model) -> Callable[[bool], None]:
@@ -237,7 +241,14 @@ class _Bench:
     def __init__(self, setup: CompositionSetup, docs: dict[str, list[str]], progress=None):
 
         self.setup, self.docs, self.progress = setup, docs, progress
-        self.c = from_pretrained(setup.model, use_bias=True, device=setup.device, trust=setup.trust)
+        self.c = from_pretrained(
+            setup.model,
+            use_bias=True,
+            device=setup.device,
+            trust=setup.trust,
+            sequence_routing=setup.sequence_routing,
+        )
+        self.sequence = self.c.sequence
         self.same = alone_is_restricted(self.c, setup.packages)  # before any bias is switched off
         self.bias = _bias_switch(self.c.model)
         self.lm = HFLM(self.c.model, self.c.tokenizer, scope=lambda: moe_routing(self.c.routing()))
@@ -251,9 +262,13 @@ class _Bench:
             if self.progress:
                 self.progress(f"{key:>16s} {d:>10s} ppl {r['perplexity']:.3f}")
 
-    def masked(self, key, domains, include=None, exclude=None, with_bias: bool = False) -> None:
+    def masked(
+        self, key, domains, include=None, exclude=None, with_bias: bool = False, by_rows=False
+    ) -> None:
+        """Score ``key`` with the experts chosen by mask (``by_rows``: never sequence-routed)."""
         self.c.set_experts(include, exclude)
         self.bias(with_bias)
+        self.c.sequence = None if by_rows else self.sequence
         self.score(key, self.lm, domains)
 
     def alone(self, d: str, tmp: Path) -> str:
@@ -263,7 +278,7 @@ class _Bench:
             anchor = self.setup.anchor or Path(self.c.meta["anchor"]["path"])
             self.score(f"alone:{d}", _separate_alone(self.setup, pkg, tmp, anchor), [d])
             return "the owner's package composed alone (2 experts, its bias)"
-        self.masked(f"alone:{d}", [d], include=[d], with_bias=True)
+        self.masked(f"alone:{d}", [d], include=[d], with_bias=True, by_rows=True)
         how = "composed model restricted to public + owner, with the owner's bias"
         return how + (" (checked: = the owner's 2-expert model)" if self.same.get(d) else " (unchecked)")
 
@@ -283,7 +298,8 @@ def composition_perplexities(setup: CompositionSetup, progress=None) -> tuple[di
     c = bench.c
     owners = _owners(setup, c.names, list(found))
     scored = [setup.public, *owners]
-    info = {"owners": owners, "routing": routing_name(c.meta), "alone": {}}
+    routed = SEQUENCE if setup.sequence_routing else routing_name(c.meta)
+    info = {"owners": owners, "routing": routed, "alone": {}}
     if setup.anchor is not None:
         bench.score("anchor", HFLM(load_anchor(setup.anchor).to(setup.device).eval(), c.tokenizer), scored)
         info["anchor"] = str(setup.anchor)
@@ -294,10 +310,11 @@ def composition_perplexities(setup: CompositionSetup, progress=None) -> tuple[di
     with tempfile.TemporaryDirectory() as tmp:
         for d in owners:
             bench.masked(f"without:{d}", scored, exclude=[d])
-            bench.masked(f"oracle:{d}", [d], include=[d])
+            bench.masked(f"oracle:{d}", [d], include=[d], by_rows=True)
             info["alone"][d] = bench.alone(d, Path(tmp))
     c.set_experts(None, None)
     bench.bias(False)
+    c.sequence = bench.sequence
     return bench.table, info
 
 

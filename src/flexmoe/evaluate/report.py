@@ -31,6 +31,7 @@ ORDER = [
     "btx",
     "unrestricted_moe",
     "flexolmo",
+    "flexolmo_sequence",
     "flexolmo_rt",
     "flexolmo_calibrated",
     "flexolmo_without_code",
@@ -116,7 +117,7 @@ def plot_composition(ax, block: dict) -> None:
     ax.legend(fontsize=7)
 
 
-HEADLINE_MODELS = ("public", "model_soup", "btm", "btx", "unrestricted_moe", "flexolmo")
+HEADLINE_MODELS = ("public", "model_soup", "btm", "btx", "unrestricted_moe", "flexolmo", "flexolmo_sequence")
 
 
 def task_average(details: dict) -> dict:
@@ -238,8 +239,9 @@ def markdown(report: dict) -> str:
             f"+/-{98 / min(n.values()) ** 0.5:.0f} points; see report.json for every interval.",
             "",
         ]
-    if report.get("composition"):
-        lines += composition_markdown(report["composition"])
+    for key in ("composition", "composition_sequence"):
+        if report.get(key):
+            lines += composition_markdown(report[key])
     if report.get("headline"):
         lines += headline_markdown(report["headline"])
     for key in ("findings", "opt_out", "router"):
@@ -262,8 +264,8 @@ def plot(report: dict, path: Path) -> None:
 
     models, domains = report["models"], report["domains"]
     names = _ordered(models)
-    block = report.get("composition")
-    fig, axes = plt.subplots(1, 3 if block else 2, figsize=(21 if block else 14, 5.2))
+    blocks = [report[k] for k in ("composition", "composition_sequence") if report.get(k)]
+    fig, axes = plt.subplots(1, 2 + len(blocks), figsize=(7 * (2 + len(blocks)), 5.2))
     width = 0.8 / len(names)
     ax = axes[0]
     for j, m in enumerate(names):
@@ -284,8 +286,8 @@ def plot(report: dict, path: Path) -> None:
     for i, v in enumerate(avgs):
         ax.text(v, i, f" {v:.1f}", va="center")
     axes[0].legend(fontsize=7, ncol=2)
-    if block:
-        plot_composition(axes[2], block)
+    for ax, block in zip(axes[2:], blocks, strict=True):
+        plot_composition(ax, block)
     fig.suptitle(f"flexmoe demo ({report['preset']} preset): FlexOlmo vs baselines and opt-out")
     fig.tight_layout()
     tmp = Path(path).with_suffix(".tmp.png")

@@ -129,19 +129,28 @@ def load_lm(
     device: str | None = None,
     *,
     trust: Trust | None = None,
+    sequence_routing: bool = False,
 ):
-    """An ``HFLM`` for a flexmoe composed model (with expert choice) or any HF causal LM directory.
-    A composed model's signature is verified under ``trust`` (as ``runtime.from_pretrained``)."""
+    """An ``HFLM`` for a flexmoe composed model (with expert choice, optionally sequence-routed) or any
+    HF causal LM directory. A composed model's signature is verified under ``trust`` (as
+    ``runtime.from_pretrained``)."""
     model = Path(model)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")  # the GPU when there is one
     if (model / FLEXMOE_JSON).is_file():
         c = from_pretrained(
-            model, include=include, exclude=exclude, use_bias=use_bias, device=device, trust=trust
+            model,
+            include=include,
+            exclude=exclude,
+            use_bias=use_bias,
+            device=device,
+            trust=trust,
+            sequence_routing=sequence_routing,
         )
         return HFLM(c.model, c.tokenizer, scope=lambda: moe_routing(c.routing()))
-    if include or exclude:
+    if include or exclude or sequence_routing:
         raise FlexmoeError(
-            f"{model} is not a flexmoe model; --include/--exclude need one.", "drop those options."
+            f"{model} is not a flexmoe model; --include/--exclude/--sequence-routing need one.",
+            "drop those options.",
         )
     return HFLM(AutoModelForCausalLM.from_pretrained(str(model)).to(device), load_tokenizer(model))
 

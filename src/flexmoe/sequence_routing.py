@@ -1,0 +1,128 @@
+"""Sequence routing: at most one owner's expert per position, chosen from the text so far.
+
+Why: the owners' router rows are linear, and each was trained only against public text ("mine vs
+public"), never against the other owners' text, which its owner never saw. On another owner's tokens a
+row's logit is arbitrary, so token by token some tokens go to a foreign expert, which harms them: on the
+`small` demo, removing the legal expert *improves* code perplexity by 8%. With only public and the right
+owner routable (the "oracle") every owner keeps its whole gain, so the loss is in the choice of owner,
+not in the mixture. A single token is weak evidence of its domain; the prefix is strong evidence.
+
+How (flexmoe's runtime only; the stock ``flex_olmo`` export routes by the rows):
+
+1. An anchor pass: the same model with only the public expert routed (exactly the dense anchor), whose
+   MoE layers' inputs ``h`` give each owner's margin over public, ``m_j = r_j.h - r_public.h`` (with
+   the learned biases when they are loaded), averaged over layers.
+2. At position t, each owner's running mean of ``m_j`` over positions <= t (padding excluded): causal,
+   so scoring and generation see the same decision a left-to-right reader would.
+3. The owner with the highest running margin is routable at t when that margin exceeds ``threshold``
+   (default 0: on average over the prefix its row beats the public row, i.e. it would win in its own
+   2-expert training model); otherwise only public is. Within {public, that owner} the rows as trained
+   weigh the two, as in the owner's own 2-expert model.
+
+Only the rows are used: no statistics, no data. Removing an owner removes a candidate, so opt-out stays
+exact (the remaining owners' decisions are recomputed from what remains). Cost: one more forward pass
+per call (the anchor pass) on top of the MoE pass. In generation the decision at the end of the prompt
+(prefill) holds for every generated token: the anchor pass has no cache of its own.
+
+The threshold 0 was chosen on the demo federation's validation split (0.5 and the owners' shipped
+own/public margin scale gave the same numbers within noise); BENCHMARKS.md holds the tables.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+
+from flexmoe.moe import Routing, moe_blocks, routing
+
+#: the routing name recorded in reports for models routed this way
+NAME = "sequence"
+
+
+@dataclass
+class SequenceRouting:
+    """The per-position expert choice of one composed model (see the module docstring)."""
+
+    threshold: float = 0.0
+    _decode: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary, repr=False)
+    _busy: bool = field(default=False, repr=False)
+
+    @torch.no_grad()
+    def margins(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """``[B, S, E]`` each expert's router margin over public, averaged over the MoE layers, in the
+        anchor pass (public's own column is 0)."""
+        blocks = moe_blocks(model)
+        seen: list[torch.Tensor] = []
+
+        def grab(block, args):
+            logits = block.router_logits(args[0]).float()
+            seen.append(logits - logits[..., :1])
+
+        hooks = [b.register_forward_pre_hook(grab) for b in blocks]
+        public_only = torch.zeros(blocks[0].num_experts, dtype=torch.bool, device=input_ids.device)
+        public_only[0] = True
+        self._busy = True
+        try:
+            with routing(Routing(mask=public_only)):
+                model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        finally:
+            self._busy = False
+            for h in hooks:
+                h.remove()
+        return torch.stack(seen).mean(0)
+
+    def mask(
+        self,
+        model,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        allowed: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``[B, S, E]`` bool: the routable experts at every position (``allowed``: ``[E]`` or ``[B, E]``,
+        the experts the caller permits, e.g. after ``include``/``exclude``)."""
+        m = self.margins(model, input_ids, attention_mask)
+        return choose(m, attention_mask, allowed, self.threshold)
+
+    def mask_for_call(self, model, input_ids, attention_mask, cache, allowed) -> torch.Tensor | None:
+        """The mask of one model call: per position in a full or prefill call; in a decode step (a
+        cache that already holds tokens) the choice at the end of that cache's prefill."""
+        if self._busy or input_ids is None:
+            return None
+        if cache is not None and _cache_length(cache) > 0:
+            return self._decode.get(cache)
+        mask = self.mask(model, input_ids, attention_mask, allowed)
+        if cache is not None:
+            self._decode[cache] = mask[:, -1]
+        return mask
+
+
+def choose(
+    margins: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    allowed: torch.Tensor | None = None,
+    threshold: float = 0.0,
+) -> torch.Tensor:
+    """The routable experts ``[B, S, E]`` from per-position margins over public ``[B, S, E]``:
+    public (when allowed) plus the allowed owner with the highest causal running-mean margin, if that
+    margin exceeds ``threshold``."""
+    B, S, E = margins.shape
+    if E == 1:  # no owner at all: public only
+        return torch.ones(B, S, 1, dtype=torch.bool, device=margins.device)
+    valid = torch.ones(B, S, device=margins.device) if attention_mask is None else attention_mask.float()
+    total = (margins * valid[..., None]).cumsum(1)
+    running = total / valid.cumsum(1).clamp_min(1.0)[..., None]
+    ok = torch.ones(B, E, dtype=torch.bool, device=margins.device) if allowed is None else allowed.bool()
+    ok = ok.expand(B, E) if ok.dim() == 1 else ok
+    owners = running[..., 1:].masked_fill(~ok[:, None, 1:], float("-inf"))
+    best, which = owners.max(-1)
+    out = torch.zeros(B, S, E, dtype=torch.bool, device=margins.device)
+    out[..., 0] = ok[:, None, 0]
+    out.scatter_(-1, (which + 1)[..., None], (best > threshold)[..., None])
+    return out
+
+
+def _cache_length(cache) -> int:
+    get = getattr(cache, "get_seq_length", None)
+    return int(get()) if get is not None else 0
