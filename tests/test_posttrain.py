@@ -573,9 +573,15 @@ def test_post_training_demo_runs_end_to_end_at_test_size(tmp_path):
     assert set(RECIPES) <= set(block) and block["optout_bit_identical"] is True
     assert set(block["merged"]["oracle_retention"]) == set(OWNERS)
     details = report["post_training_details"]
-    assert {"merged_mean", "merged_bar", "merged_frozen", "router_shared", "router_private"} <= set(
-        details["merge_variants"]
-    )
+    assert {
+        "merged_mean",
+        "merged_bar",
+        "merged_frozen",
+        "merged_sequence",
+        "router_shared",
+        "router_private",
+    } <= set(details["merge_variants"])
+    assert details["merge_variants"]["merged_sequence"]["experts"] == "progressive"
     assert all(f"oracle-{d}" in details["evaluations"] for d in OWNERS)
     meta = json.loads((tmp_path / "w" / "post" / "models" / "merged" / "flexmoe.json").read_text())
     assert meta["shared_merge"]["method"] == "disjoint"

@@ -122,6 +122,29 @@ def test_gated_keeps_the_trained_margin_at_each_owners_mean_and_lowers_it_elsewh
         assert float(g_other) < float(t_other)
 
 
+def test_exclusive_lowers_an_intruding_row_to_the_target_and_keeps_own_and_public_means():
+    rows, bias, own, pub = _points(5)
+    rows[1] = rows[0] + torch.tensor([0, 0.5, 6.0, 0, 0, 0], dtype=torch.float64)  # o1 also fires on o2's
+    inp = _inputs_from_points(rows, bias, own, pub)
+    k = 1.0
+    x_rows, _, _ = M.plan(f"exclusive@{k}", inp, "keep")
+    x = x_rows[0]
+    mu_pub, mu1, mu2 = pub.mean(0), own[0].mean(0), own[1].mean(0)
+    S = regularised(torch.cov(pub.T, correction=0))
+    diff = rows[1] - rows[2]
+    before = float(diff @ mu2)
+    assert before > 0  # o1 outscores o2 on o2's own mean: an intruder
+    target = -k * float((diff @ S @ diff).sqrt())
+    assert float(x[1] @ mu2 - rows[2] @ mu2) == pytest.approx(target, abs=1e-4)
+    assert float(x[1] @ mu1) == pytest.approx(float(rows[1] @ mu1), abs=1e-4)  # own mean kept
+    assert float(x[1] @ mu_pub) == pytest.approx(float(rows[1] @ mu_pub), abs=1e-4)  # public mean kept
+    torch.testing.assert_close(x[0], rows[0])  # the public row is never touched
+    # rows that never outscore each other on the other's mean are left alone at k = 0
+    rows, bias, own, pub = _points(5)
+    inp = _inputs_from_points(rows, bias, own, pub)
+    torch.testing.assert_close(M.plan("exclusive@0", inp, "keep")[0][0], rows)
+
+
 def test_folding_a_bias_rides_on_the_nearly_constant_direction():
     rows, bias, own, pub = _points(2)
     inp = _inputs_from_points(rows, bias, own, pub)

@@ -341,17 +341,20 @@ def evaluate_chat(model, tok, chat: Path, domains, max_new_tokens: int, batch: i
     return out
 
 
-def load_for_eval(kind: str, path: Path, anchor: Path, trust: Trust | None = None, include=None):
+def load_for_eval(
+    kind: str, path: Path, anchor: Path, trust: Trust | None = None, include=None, sequence: bool = False
+):
     """(model, tokenizer) of the post-trained anchor, an expert package (as its owner trained it: full
     shared deltas, 2 experts) or a composed model (its signature verified under ``trust``; ``include``:
-    only these owners' experts routable, besides public)."""
+    only these owners' experts routable, besides public; ``sequence``: sequence-routed, the prompt
+    choosing the owner)."""
 
     device = default_device()  # generation on the GPU when there is one
     if kind == "anchor":
         return load_anchor(path, torch.float32).to(device).eval(), load_tokenizer(path)
     if kind == "expert":
         return expert_model(anchor, path)[0].to(device).eval(), load_tokenizer(anchor)
-    c = from_pretrained(path, trust=trust, include=include)
+    c = from_pretrained(path, trust=trust, include=include, sequence_routing=sequence)
     return c.model, c.tokenizer
 
 
@@ -360,8 +363,8 @@ def evaluate_everything(pk: dict, models: dict, p: PostTrainPreset, steps, trust
     chat, anchor, n = pk["chat"], pk["anchor"], p.max_new_tokens
     res = {}
 
-    def run(key, kind, path, domains, include=None):
-        model, tok = load_for_eval(kind, path, anchor, trust, include)
+    def run(key, kind, path, domains, include=None, sequence=False):
+        model, tok = load_for_eval(kind, path, anchor, trust, include, sequence)
         res[key] = steps.run(f"evaluate {key}", evaluate_chat, model, tok, chat, domains, n)
 
     run("anchor_sft", "anchor", anchor, ("public", *OWNERS))
@@ -370,6 +373,8 @@ def evaluate_everything(pk: dict, models: dict, p: PostTrainPreset, steps, trust
             run(f"{d}-{recipe}", "expert", pk[f"{d}-{recipe}"], (d, "public"))
     for key, path in models.items():
         run(key, "composed", path, ("public", *OWNERS))
+    # the merged model sequence-routed (flexmoe's runtime): the prompt picks at most one owner
+    run("merged_sequence", "composed", models["merged"], ("public", *OWNERS), sequence=True)
     for d in OWNERS:  # oracle routing: only public and the domain's own expert routable
         run(f"oracle-{d}", "composed", models["merged"], (d,), include=[d])
     return res

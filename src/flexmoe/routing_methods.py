@@ -23,6 +23,11 @@ for it):
 - ``gated`` (``gated@LAMBDA``, default 1): the trained rows plus ``LAMBDA`` times each owner's LDA
   margin over public, centred so that its mean on the owner's own held-out text is zero: on its own
   text an owner keeps the weights its FFN was trained to be mixed at; on other text its claim shrinks.
+- ``exclusive`` (``exclusive@K``, default 1): the trained rows, each owner's row lowered where, on
+  another owner's mean router input, it outscores that owner's row: the margin is pushed to ``-K``
+  standard deviations (on public text), by the change of least public variance that keeps the row's
+  logit on its own mean and on the public mean. (Measured: no better than ``trained``; intrusion
+  happens on single tokens, not on the means. ``flexmoe.sequence_routing`` addresses it at inference.)
 - ``lda``: Gaussian classes with a shared covariance: ``logit_i = mu_i' S^-1 h - mu_i' S^-1 mu_i / 2``
   with owner means ``mu_i`` (shipped), the public mean ``mu_0`` and covariance ``S`` (published with the
   anchor). Linear in h; the constant is a bias.
