@@ -1,9 +1,12 @@
-"""Sequence routing's choice on hand-computed margins: the running mean is causal, padding does not
-count, the threshold and the allowed experts hold."""
+"""Sequence routing's choice on hand-computed margins: evidence is a causal (optionally decayed) sum,
+padding does not count, and the three outcomes (one owner, public only, undecided) follow the
+confidence margin; the allowed experts always hold."""
 
 import torch
 
-from flexmoe.sequence_routing import SequenceRouting, choose
+from flexmoe.sequence_routing import SequenceRouting, choose, evidence
+
+T, F = True, False
 
 
 def _margins(rows: list[list[float]]) -> torch.Tensor:
@@ -11,31 +14,36 @@ def _margins(rows: list[list[float]]) -> torch.Tensor:
     return torch.tensor([[[0.0, a, b] for a, b in rows]])
 
 
-def test_running_mean_picks_the_owner_the_prefix_favours():
-    # a: 3, -1, -1 -> running 3, 1, 1/3;  b: 1, 1, 2 -> running 1, 1, 4/3
-    m = _margins([[3, 1], [-1, 1], [-1, 2]])
-    out = choose(m)[0]
-    assert out[:, 0].all()  # public always routable
-    assert out[0].tolist() == [True, True, False]  # a leads (3 > 1)
-    assert out[1].tolist()[1:] in ([True, False], [False, True])  # a tie: one owner, never both
-    assert out[2].tolist() == [True, False, True]  # b leads (4/3 > 1/3)
+def test_the_owner_the_prefix_favours_by_more_than_the_confidence():
+    # evidence a: 3, 2, 1;  b: 1, 2, 4
+    out = choose(_margins([[3, 1], [-1, 1], [-1, 2]]), confidence=0.5)[0]
+    assert out.tolist() == [[T, T, F], [T, T, T], [T, F, T]]  # a; a tie: undecided (the rows); b
+    # a larger confidence leaves the first position undecided too
+    assert choose(_margins([[3, 1], [-1, 1], [-1, 2]]), confidence=2.5)[0, 0].tolist() == [T, T, T]
 
 
-def test_no_owner_below_the_threshold_and_the_threshold_moves_it():
-    m = _margins([[-2, -1], [-2, -1]])  # both rows lose to public on average: public only
-    assert choose(m)[0, :, 1:].sum() == 0
-    assert choose(m, threshold=-1.5)[0, :, 2].all()  # a lower threshold admits the best one (b)
+def test_public_only_when_every_owner_is_clearly_behind_public():
+    m = _margins([[-2, -1], [-2, -1]])  # evidence a: -2, -4; b: -1, -2
+    assert choose(m, confidence=0.5)[0].tolist() == [[T, F, F], [T, F, F]]
+    assert choose(m, confidence=1.5)[0].tolist() == [[T, T, T], [T, F, F]]
 
 
-def test_padding_is_not_counted_and_allowed_experts_hold():
+def test_padding_is_not_evidence_and_allowed_experts_hold():
     m = _margins([[-100, 0], [2, 1], [2, 1]])
     pad = torch.tensor([[0, 1, 1]])  # the first position is left padding
-    assert choose(m, pad)[0, 1].tolist() == [True, True, False]  # without padding a would trail
-    allowed = torch.tensor([True, False, True])  # a excluded (opt-out by mask)
-    out = choose(m, pad, allowed)[0]
-    assert not out[:, 1].any() and out[1:, 2].all()
-    no_public = torch.tensor([False, True, True])
+    assert evidence(m, pad)[0, :, 1].tolist() == [0, 2, 4]
+    assert choose(m, pad, confidence=0.5)[0, 1].tolist() == [T, T, F]
+    no_a = torch.tensor([T, F, T])  # a excluded (opt-out by mask): never routable, b decides alone
+    assert choose(m, pad, no_a, confidence=0.5)[0].tolist() == [[T, F, T], [T, F, T], [T, F, T]]
+    no_public = torch.tensor([F, T, T])
     assert not choose(m, None, no_public)[0, :, 0].any()
+
+
+def test_decay_forgets_old_evidence():
+    m = _margins([[10, 0], [0, 0], [0, 0], [0, 0]])  # decayed a: 10, 5, 2.5, 1.25
+    assert evidence(m, decay=0.5)[0, :, 1].tolist() == [10, 5, 2.5, 1.25]
+    assert choose(m, confidence=2, decay=0.5)[0, :, 2].tolist() == [F, F, F, T]  # undecided at the end
+    assert choose(m, confidence=2)[0, :, 2].tolist() == [F, F, F, F]  # without decay a stays chosen
 
 
 def test_causal_later_tokens_never_change_an_earlier_choice():
@@ -44,7 +52,8 @@ def test_causal_later_tokens_never_change_an_earlier_choice():
     m[..., 0] = 0
     changed = m.clone()
     changed[:, 7:] = torch.randn(2, 5, 4, generator=g) * 10
-    assert torch.equal(choose(m)[:, :7], choose(changed)[:, :7])
+    for decay in (1.0, 0.9):
+        assert torch.equal(choose(m, decay=decay)[:, :7], choose(changed, decay=decay)[:, :7])
 
 
 def test_public_only_model_and_decode_steps():
@@ -59,10 +68,9 @@ def test_public_only_model_and_decode_steps():
 
     s = SequenceRouting()
     cache = Cache(4)
-    s._decode[cache] = torch.tensor([[True, False, True]])
+    s._decode[cache] = torch.tensor([[T, F, T]])
+    one = torch.ones(1, 1, dtype=torch.long)
     # a decode step (the cache holds tokens) reuses the prefill's last choice, without a model pass
-    assert torch.equal(
-        s.mask_for_call(None, torch.ones(1, 1, dtype=torch.long), None, cache, None), s._decode[cache]
-    )
+    assert torch.equal(s.mask_for_call(None, one, None, cache, None), s._decode[cache])
     s._busy = True  # the anchor pass itself is never narrowed
-    assert s.mask_for_call(None, torch.ones(1, 1, dtype=torch.long), None, None, None) is None
+    assert s.mask_for_call(None, one, None, None, None) is None

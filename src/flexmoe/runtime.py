@@ -119,7 +119,7 @@ def from_pretrained(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device | None = None,
     trust: Trust | None = None,
-    sequence_routing: bool = False,
+    sequence_routing: bool | SequenceRouting = False,
 ) -> Composed:
     """Load a composed model directory into flexmoe's runtime.
 
@@ -148,7 +148,8 @@ def from_pretrained(
     load_weights(model, TensorReader(path), load_file(str(path / BIAS_FILE)) if use_bias else None, dtype)
     model.eval()
     composed = Composed(model, load_tokenizer(path), names, meta)
-    composed.sequence = SequenceRouting() if sequence_routing else None
+    if sequence_routing:  # True: the defaults; or a SequenceRouting with its own settings
+        composed.sequence = sequence_routing if isinstance(sequence_routing, SequenceRouting) else SequenceRouting()
     composed.install_default_routing()
     composed.set_experts(include, exclude)
     return composed

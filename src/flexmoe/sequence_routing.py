@@ -45,7 +45,8 @@ NAME = "sequence"
 class SequenceRouting:
     """The per-position expert choice of one composed model (see the module docstring)."""
 
-    threshold: float = 0.0
+    confidence: float = 2.0
+    decay: float = 1.0
     _decode: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary, repr=False)
     _busy: bool = field(default=False, repr=False)
 
@@ -83,7 +84,7 @@ class SequenceRouting:
         """``[B, S, E]`` bool: the routable experts at every position (``allowed``: ``[E]`` or ``[B, E]``,
         the experts the caller permits, e.g. after ``include``/``exclude``)."""
         m = self.margins(model, input_ids, attention_mask)
-        return choose(m, attention_mask, allowed, self.threshold)
+        return choose(m, attention_mask, allowed, self.confidence, self.decay)
 
     def mask_for_call(self, model, input_ids, attention_mask, cache, allowed) -> torch.Tensor | None:
         """The mask of one model call: per position in a full or prefill call; in a decode step (a
@@ -98,28 +99,49 @@ class SequenceRouting:
         return mask
 
 
+def evidence(margins: torch.Tensor, attention_mask: torch.Tensor | None = None, decay: float = 1.0):
+    """``[B, S, E]`` each expert's evidence at every position: the sum of its margins over the valid
+    positions so far, older ones down-weighted by ``decay`` per position (1: a plain running sum)."""
+    B, S, E = margins.shape
+    valid = torch.ones(B, S, device=margins.device) if attention_mask is None else attention_mask.float()
+    x = margins.double() * valid[..., None]
+    if decay == 1.0:
+        return x.cumsum(1)
+    out, acc = torch.empty_like(x), torch.zeros_like(x[:, 0])
+    for t in range(S):
+        acc = decay * acc + x[:, t]
+        out[:, t] = acc
+    return out
+
+
 def choose(
     margins: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     allowed: torch.Tensor | None = None,
-    threshold: float = 0.0,
+    confidence: float = 0.0,
+    decay: float = 1.0,
 ) -> torch.Tensor:
-    """The routable experts ``[B, S, E]`` from per-position margins over public ``[B, S, E]``:
-    public (when allowed) plus the allowed owner with the highest causal running-mean margin, if that
-    margin exceeds ``threshold``."""
+    """The routable experts ``[B, S, E]`` from per-position margins over public ``[B, S, E]``.
+
+    With ``e`` the evidence (``evidence``) and ``b`` the allowed owner with the most: when ``e_b`` beats
+    both public (0) and the runner-up by more than ``confidence``, public and ``b`` only; when every
+    owner's evidence is below ``-confidence``, public only; otherwise (not yet decided) every allowed
+    expert, the rows choosing per token."""
     B, S, E = margins.shape
-    if E == 1:  # no owner at all: public only
-        return torch.ones(B, S, 1, dtype=torch.bool, device=margins.device)
-    valid = torch.ones(B, S, device=margins.device) if attention_mask is None else attention_mask.float()
-    total = (margins * valid[..., None]).cumsum(1)
-    running = total / valid.cumsum(1).clamp_min(1.0)[..., None]
     ok = torch.ones(B, E, dtype=torch.bool, device=margins.device) if allowed is None else allowed.bool()
-    ok = ok.expand(B, E) if ok.dim() == 1 else ok
-    owners = running[..., 1:].masked_fill(~ok[:, None, 1:], float("-inf"))
-    best, which = owners.max(-1)
-    out = torch.zeros(B, S, E, dtype=torch.bool, device=margins.device)
-    out[..., 0] = ok[:, None, 0]
-    out.scatter_(-1, (which + 1)[..., None], (best > threshold)[..., None])
+    ok = (ok.expand(B, E) if ok.dim() == 1 else ok)[:, None, :].expand(B, S, E)
+    if E == 1:
+        return ok.clone()
+    e = evidence(margins, attention_mask, decay)[..., 1:].masked_fill(~ok[..., 1:], float("-inf"))
+    top = e.topk(min(2, E - 1), dim=-1)
+    best, which = top.values[..., 0], top.indices[..., 0]
+    runner = top.values[..., 1].clamp_min(0.0) if E > 2 else torch.zeros_like(best)
+    decided = best - runner > confidence
+    public_only = best < -confidence
+    out = ok.clone()
+    owner_cols = torch.zeros_like(out)
+    owner_cols.scatter_(-1, (which + 1)[..., None], True)
+    out[..., 1:] &= ~(decided | public_only)[..., None] | owner_cols[..., 1:] & decided[..., None]
     return out
 
 

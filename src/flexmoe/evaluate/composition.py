@@ -47,6 +47,7 @@ from flexmoe.moe import moe_blocks
 from flexmoe.moe import routing as moe_routing
 from flexmoe.runtime import from_pretrained
 from flexmoe.sequence_routing import NAME as SEQUENCE
+from flexmoe.sequence_routing import SequenceRouting
 from flexmoe.signing import ALLOW_UNSIGNED, Trust
 
 #: the name of the routing when nothing else is said: the composed model's own router rows
@@ -160,7 +161,7 @@ class CompositionSetup:
     trust: Trust | None = None  # the model's signature (runtime.from_pretrained); None: any valid one
     # composed and without:d routed per position by flexmoe.sequence_routing (flexmoe's runtime only);
     # alone:d and oracle:d stay what they are defined as (public + d by the rows)
-    sequence_routing: bool = False
+    sequence_routing: bool | SequenceRouting = False  # True: the defaults
 
 
 def _bias_switch(model) -> Callable[[bool], None]:
