@@ -45,8 +45,8 @@ NAME = "sequence"
 class SequenceRouting:
     """The per-position expert choice of one composed model (see the module docstring)."""
 
-    confidence: float = 2.0
-    decay: float = 1.0
+    confidence: float = 8.0
+    decay: float = 0.98
     _decode: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary, repr=False)
     _busy: bool = field(default=False, repr=False)
 
