@@ -73,7 +73,10 @@ def main() -> None:
             r = evaluate_composition(setup)
             results[name] = {"composition": r["composition"], "perplexity": r["perplexity"]}
             results[name]["seconds"] = time.perf_counter() - t
-            print(f"### {name} ({args.split})\n" + "\n".join(composition_markdown(r["composition"])[2:-3]), flush=True)
+            print(
+                f"### {name} ({args.split})\n" + "\n".join(composition_markdown(r["composition"])[2:-3]),
+                flush=True,
+            )
             if args.json:
                 args.json.write_text(json.dumps({"split": args.split, "results": results}, indent=1))
 

@@ -337,3 +337,28 @@ def test_composition_with_sequence_routing_keeps_alone_and_oracle_by_rows(federa
     make_hf_checkpoint(hf, "olmo2")
     r = CliRunner().invoke(app, ["eval", str(hf), "--data", str(demo_data), "--sequence-routing"])
     assert r.exit_code == 1 and "--sequence-routing" in str(r.exception)
+
+
+def test_sequence_routing_generates_with_the_prefill_choice_for_decode_steps(federation):
+    """HF generate: the prefill is routed per position; each decode step (whatever transformers calls
+    the cache argument) reuses the choice at the end of the prefill instead of a wrong-shaped pass."""
+    from flexmoe.runtime import from_pretrained
+
+    root, _, _ = federation
+    c = from_pretrained(root / "model", device="cpu", trust=ALLOW_UNSIGNED, sequence_routing=True)
+    seen, real = [], c.sequence.mask_for_call
+
+    def spy(*args):
+        mask = real(*args)
+        seen.append(None if mask is None else tuple(mask.shape))
+        return mask
+
+    c.sequence.mask_for_call = spy
+    ids = torch.tensor([[1, 5, 9, 13], [0, 7, 8, 21]])
+    attn = torch.tensor([[1, 1, 1, 1], [0, 1, 1, 1]])
+    out = c.model.generate(
+        input_ids=ids, attention_mask=attn, max_new_tokens=3, do_sample=False, pad_token_id=0
+    )
+    assert out.shape == (2, 7)
+    E = len(c.names)
+    assert [s for s in seen if s is not None] == [(2, 4, E), (2, E), (2, E)]

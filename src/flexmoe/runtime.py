@@ -91,7 +91,7 @@ class Composed:
         allowed = r.mask if r.mask is None or r.mask.dim() <= 2 else None
         if r.mask is not None and allowed is None:
             return  # the caller routes per token already: its choice stands
-        cache = kwargs.get("past_key_values")
+        cache = kwargs.get("past_key_values", kwargs.get("cache"))  # transformers 5.24 renamed it
         mask = self.sequence.mask_for_call(module, ids, kwargs.get("attention_mask"), cache, allowed)
         if mask is not None:
             before, r.mask = r.mask, mask
@@ -149,7 +149,9 @@ def from_pretrained(
     model.eval()
     composed = Composed(model, load_tokenizer(path), names, meta)
     if sequence_routing:  # True: the defaults; or a SequenceRouting with its own settings
-        composed.sequence = sequence_routing if isinstance(sequence_routing, SequenceRouting) else SequenceRouting()
+        composed.sequence = (
+            sequence_routing if isinstance(sequence_routing, SequenceRouting) else SequenceRouting()
+        )
     composed.install_default_routing()
     composed.set_experts(include, exclude)
     return composed

@@ -91,8 +91,9 @@ class SequenceRouting:
         cache that already holds tokens) the choice at the end of that cache's prefill."""
         if self._busy or input_ids is None:
             return None
-        if cache is not None and _cache_length(cache) > 0:
-            return self._decode.get(cache)
+        extends = attention_mask is not None and attention_mask.shape[-1] > input_ids.shape[-1]
+        if extends or (cache is not None and _cache_length(cache) > 0):
+            return self._decode.get(cache) if cache is not None else None
         mask = self.mask(model, input_ids, attention_mask, allowed)
         if cache is not None:
             self._decode[cache] = mask[:, -1]
