@@ -362,3 +362,30 @@ def test_sequence_routing_generates_with_the_prefill_choice_for_decode_steps(fed
     assert out.shape == (2, 7)
     E = len(c.names)
     assert [s for s in seen if s is not None] == [(2, 4, E), (2, E), (2, E)]
+
+
+def test_route_attributes_what_sequence_routing_served(federation):
+    """``route --sequence-routing``: each expert's share is that of the per-position choice (the owners
+    not chosen at a position get nothing there), not that of the rows alone."""
+    from typer.testing import CliRunner
+
+    from flexmoe.cli import app
+    from flexmoe.moe import Routing, routing
+    from flexmoe.runtime import from_pretrained, shares
+
+    root, _, _ = federation
+    text = "def add(a, b):\n    return a + b  # 2 + 3 = 5"
+    args = ["route", str(root / "model"), "--text", text, "--json", "--allow-unsigned"]
+    r = CliRunner().invoke(app, [*args, "--sequence-routing"])
+    assert r.exit_code == 0, r.output
+    got = json.loads(r.output)
+    c = from_pretrained(root / "model", device="cpu", trust=ALLOW_UNSIGNED, sequence_routing=True)
+    ids = c.tokenizer(text, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        chosen = c.sequence.mask(c.model, ids)
+        c.sequence = None
+        with routing(Routing(mask=chosen, record=True)) as rec:
+            c.model(input_ids=ids)
+    want = shares(c.names, rec.weights.reshape(-1, len(c.names)).sum(0))
+    assert got == pytest.approx(want, abs=1e-6)
+    assert sum(got.values()) == pytest.approx(1.0, abs=1e-6)

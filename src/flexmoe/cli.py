@@ -667,12 +667,20 @@ def route_cmd(
     exclude: list[str] = typer.Option(None, "--exclude", help="Leave out these experts."),
     use_bias: bool = typer.Option(False, help="Apply the learned router biases."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    sequence_routing: bool = SEQUENCE_ROUTING,
     trust: list[Path] = MODEL_TRUST,
     allow_unsigned: bool = MODEL_ALLOW_UNSIGNED,
 ) -> None:
     """Model user: the share of routing weight each expert received (over tokens and layers)."""
     t = Trust.from_paths(trust, allow_unsigned=allow_unsigned)
-    c = from_pretrained(model, include=_names(include), exclude=_names(exclude), use_bias=use_bias, trust=t)
+    c = from_pretrained(
+        model,
+        include=_names(include),
+        exclude=_names(exclude),
+        use_bias=use_bias,
+        trust=t,
+        sequence_routing=sequence_routing,
+    )
     shares = routing_shares(c, text)
     if as_json:
         _print_json(shares)
