@@ -629,6 +629,19 @@ SEQUENCE_ROUTING = typer.Option(
 )
 
 
+def _composed(model, include, exclude, use_bias, sequence_routing, trust, allow_unsigned):
+    """A composed model as a model user loads it: signature verified, expert choice, routing mode."""
+    t = Trust.from_paths(trust, allow_unsigned=allow_unsigned)
+    return from_pretrained(
+        model,
+        include=_names(include),
+        exclude=_names(exclude),
+        use_bias=use_bias,
+        trust=t,
+        sequence_routing=sequence_routing,
+    )
+
+
 @app.command("generate")
 def generate_cmd(
     model: Path = typer.Argument(..., help="Composed model directory."),
@@ -646,15 +659,7 @@ def generate_cmd(
     allow_unsigned: bool = MODEL_ALLOW_UNSIGNED,
 ) -> None:
     """Model user: stream a continuation using any subset of experts."""
-    t = Trust.from_paths(trust, allow_unsigned=allow_unsigned)
-    c = from_pretrained(
-        model,
-        include=_names(include),
-        exclude=_names(exclude),
-        use_bias=use_bias,
-        trust=t,
-        sequence_routing=sequence_routing,
-    )
+    c = _composed(model, include, exclude, use_bias, sequence_routing, trust, allow_unsigned)
     console.print(prompt, end="")
     generate(c, prompt, max_new_tokens, stream=True, temperature=temperature, seed=seed)
 
@@ -672,15 +677,7 @@ def route_cmd(
     allow_unsigned: bool = MODEL_ALLOW_UNSIGNED,
 ) -> None:
     """Model user: the share of routing weight each expert received (over tokens and layers)."""
-    t = Trust.from_paths(trust, allow_unsigned=allow_unsigned)
-    c = from_pretrained(
-        model,
-        include=_names(include),
-        exclude=_names(exclude),
-        use_bias=use_bias,
-        trust=t,
-        sequence_routing=sequence_routing,
-    )
+    c = _composed(model, include, exclude, use_bias, sequence_routing, trust, allow_unsigned)
     shares = routing_shares(c, text)
     if as_json:
         _print_json(shares)

@@ -188,6 +188,10 @@ def exclusive(inp: Inputs, layer: int, k: float = 1.0) -> tuple[torch.Tensor, to
     owners = inp.names[1:]
     means = torch.stack([_anchor(inp, "mean", layer)] + [_owner(inp, n, "mean_own", layer) for n in owners])
     base = inp.rows[layer].double()
+    # delta = S^-1 M (M' S^-1 M)^-1 target: least delta' S delta with M' delta = target (M: the means).
+    sm = torch.linalg.solve(cov, means.T)
+    gram = means @ sm
+    gram = gram + 1e-9 * gram.diagonal().mean() * torch.eye(len(gram), dtype=gram.dtype)
     for d in range(1, len(inp.names)):
         target = torch.zeros(len(means), dtype=torch.float64)  # change of d's logit at each mean
         for e in range(1, len(inp.names)):
@@ -197,13 +201,8 @@ def exclusive(inp: Inputs, layer: int, k: float = 1.0) -> tuple[torch.Tensor, to
             margin = float(diff @ means[e])  # the rows alone: what the stock export routes by
             spread = float((diff @ cov @ diff).clamp_min(0).sqrt())
             target[e] = -max(0.0, margin + k * spread)
-        if not bool(target.ne(0).any()):
-            continue
-        # delta = S^-1 M (M' S^-1 M)^-1 target: least delta' S delta with M' delta = target.
-        sm = torch.linalg.solve(cov, means.T)
-        gram = means @ sm
-        gram = gram + 1e-9 * gram.diagonal().mean() * torch.eye(len(gram), dtype=gram.dtype)
-        rows[d] = rows[d] + sm @ torch.linalg.solve(gram, target)
+        if bool(target.ne(0).any()):
+            rows[d] = rows[d] + sm @ torch.linalg.solve(gram, target)
     return rows, bias
 
 

@@ -36,7 +36,7 @@ class Composed:
     """A loaded composed model with its tokenizer, expert names and ``flexmoe.json``.
 
     ``mask`` (``[E]`` bool, None = every expert) is the expert choice for model calls made without a
-    ``Routing`` of their own (a forward pre-hook on ``model`` supplies it). With ``sequence`` set, every
+    ``Routing`` of their own (a forward pre-hook on the decoder supplies it). With ``sequence`` set, every
     call routes per position among the experts it allows (``flexmoe.sequence_routing``).
     """
 
@@ -88,11 +88,10 @@ class Composed:
 
     def _narrow(self, module, r: Routing, es: contextlib.ExitStack, args, kwargs) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)
-        allowed = r.mask if r.mask is None or r.mask.dim() <= 2 else None
-        if r.mask is not None and allowed is None:
+        if r.mask is not None and r.mask.dim() > 2:
             return  # the caller routes per token already: its choice stands
         cache = kwargs.get("past_key_values", kwargs.get("cache"))  # transformers 5.24 renamed it
-        mask = self.sequence.mask_for_call(module, ids, kwargs.get("attention_mask"), cache, allowed)
+        mask = self.sequence.mask_for_call(module, ids, kwargs.get("attention_mask"), cache, r.mask)
         if mask is not None:
             before, r.mask = r.mask, mask
             es.callback(setattr, r, "mask", before)

@@ -12,20 +12,21 @@ How (flexmoe's runtime only; the stock ``flex_olmo`` export routes by the rows):
 1. An anchor pass: the same model with only the public expert routed (exactly the dense anchor), whose
    MoE layers' inputs ``h`` give each owner's margin over public, ``m_j = r_j.h - r_public.h`` (with
    the learned biases when they are loaded), averaged over layers.
-2. At position t, each owner's running mean of ``m_j`` over positions <= t (padding excluded): causal,
-   so scoring and generation see the same decision a left-to-right reader would.
-3. The owner with the highest running margin is routable at t when that margin exceeds ``threshold``
-   (default 0: on average over the prefix its row beats the public row, i.e. it would win in its own
-   2-expert training model); otherwise only public is. Within {public, that owner} the rows as trained
-   weigh the two, as in the owner's own 2-expert model.
+2. Each owner's evidence at position t: the sum of its margins over positions <= t (padding excluded),
+   older positions down-weighted by ``decay`` per position. Causal, so scoring and generation see the
+   decision a left-to-right reader would.
+3. At t, when the owner with the most evidence leads both public (0) and the runner-up by more than
+   ``confidence``, only public and that owner are routable (the rows as trained weigh the two, as in
+   the owner's own 2-expert model); when every owner is more than ``confidence`` behind public, public
+   only; otherwise (not decided yet) every expert, the rows choosing per token.
 
 Only the rows are used: no statistics, no data. Removing an owner removes a candidate, so opt-out stays
 exact (the remaining owners' decisions are recomputed from what remains). Cost: one more forward pass
 per call (the anchor pass) on top of the MoE pass. In generation the decision at the end of the prompt
 (prefill) holds for every generated token: the anchor pass has no cache of its own.
 
-The threshold 0 was chosen on the demo federation's validation split (0.5 and the owners' shipped
-own/public margin scale gave the same numbers within noise); BENCHMARKS.md holds the tables.
+The defaults (confidence 8, decay 0.98) were chosen on the validation splits of the tiny and the
+`small` demo federation; BENCHMARKS.md ("Sequence routing") holds the tables.
 """
 
 from __future__ import annotations
