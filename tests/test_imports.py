@@ -43,6 +43,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "flexmoe.compose_shared",
             "flexmoe.runtime",
             "flexmoe.sequence_routing",
+            "flexmoe.owner_tensors",
             "flexmoe.routing_methods",
             "flexmoe.routing_stats",
         ),

@@ -572,6 +572,7 @@ def test_post_training_demo_runs_end_to_end_at_test_size(tmp_path):
     block = report["post_training"]
     assert set(RECIPES) <= set(block) and block["optout_bit_identical"] is True
     assert set(block["merged"]["oracle_retention"]) == set(OWNERS)
+    assert set(block["merged_sequence"]["oracle_retention"]) == set(OWNERS)
     details = report["post_training_details"]
     assert {
         "merged_mean",
@@ -583,6 +584,62 @@ def test_post_training_demo_runs_end_to_end_at_test_size(tmp_path):
     } <= set(details["merge_variants"])
     assert details["merge_variants"]["merged_sequence"]["experts"] == "progressive"
     assert all(f"oracle-{d}" in details["evaluations"] for d in OWNERS)
+    assert all(f"oracle_sequence-{d}" in details["evaluations"] for d in OWNERS)
     meta = json.loads((tmp_path / "w" / "post" / "models" / "merged" / "flexmoe.json").read_text())
     assert meta["shared_merge"]["method"] == "disjoint"
     assert (tmp_path / "w" / "post" / "models" / "merged" / "signature.json").is_file()
+
+
+@pytest.mark.parametrize("method", ["disjoint", "mean"])
+def test_positions_given_to_one_owner_compute_with_its_own_shared_tensors(post, tmp_path, method):
+    """Sequence routing with ``include=[math]`` gives every position to math: embeddings and LM head are
+    then the anchor's plus math's delta (not the merge), so the model computes what math's own model
+    computes; without sequence routing the merge stays, and opt-out drops math's corrections."""
+    from flexmoe.compose import UNSIGNED_OK, ComposeSettings, compose, remove
+    from flexmoe.expert.stages import expert_model
+    from flexmoe.runtime import from_pretrained
+    from flexmoe.sequence_routing import SequenceRouting
+    from flexmoe.signing import ALLOW_UNSIGNED
+
+    out = tmp_path / "m"
+    pk = [post["code"], post["math"], post["legal"]]
+    compose(post["anchor"], pk, out, ComposeSettings(shared_merge=method), provenance=UNSIGNED_OK)
+    ids = torch.tensor([[5, 17, 40, 41, 42, 43, 7, 9]])
+    own, _ = expert_model(post["anchor"], post["math"])
+    with torch.no_grad():
+        want = own.eval()(ids).logits
+        seq = from_pretrained(
+            out, include=["math"], trust=ALLOW_UNSIGNED, sequence_routing=True, device="cpu"
+        )
+        got = seq.model(ids).logits
+        plain = from_pretrained(out, include=["math"], trust=ALLOW_UNSIGNED, device="cpu")
+        merged = plain.model(ids).logits
+        off = SequenceRouting(owner_tensors=False)
+        merged_seq = (
+            from_pretrained(out, include=["math"], trust=ALLOW_UNSIGNED, sequence_routing=off, device="cpu")
+            .model(ids)
+            .logits
+        )
+    assert seq.owner_tensors is not None and seq.owner_tensors.corrections
+    assert torch.allclose(got, want, atol=1e-4)
+    assert not torch.allclose(merged, want, atol=1e-3)  # the merge differs (so the test could fail)
+    assert torch.allclose(merged_seq, merged, atol=1e-5)  # switched off: the merge
+    remove(out, "math", tmp_path / "without")
+    compose(
+        post["anchor"],
+        pk[::2],
+        tmp_path / "never",
+        ComposeSettings(shared_merge=method),
+        provenance=UNSIGNED_OK,
+    )
+    left, never = (
+        from_pretrained(tmp_path / d, trust=ALLOW_UNSIGNED, sequence_routing=True, device="cpu").owner_tensors
+        for d in ("without", "never")
+    )
+    # opt-out: the corrections are those of a composition that never had math
+    assert left.corrections.keys() == never.corrections.keys()
+    for name, per in never.corrections.items():
+        assert per.keys() == left.corrections[name].keys()
+        for j, c in per.items():
+            assert torch.equal(c.rows, left.corrections[name][j].rows)
+            assert torch.equal(c.values, left.corrections[name][j].values)

@@ -74,3 +74,25 @@ def test_public_only_model_and_decode_steps():
     assert torch.equal(s.mask_for_call(None, one, None, cache, None), s._decode[cache])
     s._busy = True  # the anchor pass itself is never narrowed
     assert s.mask_for_call(None, one, None, None, None) is None
+
+
+def test_generation_commits_at_the_end_of_the_prompt():
+    class Fixed(SequenceRouting):
+        def margins(self, model, input_ids, attention_mask):
+            return _margins([[1, 0.5], [1, 0.5]])  # a leads b by 1 at the end: below confidence 8
+
+    class Cache:
+        def get_seq_length(self):
+            return 0
+
+    ids = torch.ones(1, 2, dtype=torch.long)
+    s, cache = Fixed(), Cache()
+    prefill = s.mask_for_call(None, ids, None, cache, None)
+    # the whole prompt and what follows: public and a, the prompt's leader at its end
+    assert prefill[0].tolist() == [[T, T, F], [T, T, F]]
+    assert s._decode[cache].tolist() == [[T, T, F]]
+    strict = Fixed(prompt_confidence=8.0)
+    strict.mask_for_call(None, ids, None, cache, None)
+    assert strict._decode[cache].tolist() == [[T, T, T]]  # below the confidence: left to the rows
+    # scoring (no cache) stays causal: by the confidence rule at each position, undecided here
+    assert s.mask_for_call(None, ids, None, None, None)[0].tolist() == [[T, T, T], [T, T, T]]

@@ -14,6 +14,9 @@ Measured on held-out prompts that no stage trained on (``flexmoe.chat_data``), g
 - oracle_retention[domain]: the same with only public and the domain's own expert routable (what the
   merged shared tensors keep; the rest of the gap is routing);
 - chat_regression: public-chat accuracy of the post-trained anchor minus the merge's, in points;
+- merged_sequence: the same for the merged model in flexmoe's runtime with sequence routing (the prompt
+  picks public or one owner, whose own shared tensors its positions use: ``flexmoe.owner_tensors``);
+  its oracle_retention routes by hand the same way;
 - optout_bit_identical: removing an owner from the merged model gives the tensors of a composition
   that never had it, byte for byte.
 
@@ -373,10 +376,12 @@ def evaluate_everything(pk: dict, models: dict, p: PostTrainPreset, steps, trust
             run(f"{d}-{recipe}", "expert", pk[f"{d}-{recipe}"], (d, "public"))
     for key, path in models.items():
         run(key, "composed", path, ("public", *OWNERS))
-    # the merged model sequence-routed (flexmoe's runtime): the prompt picks at most one owner
+    # the merged model sequence-routed (flexmoe's runtime): the prompt picks at most one owner, whose
+    # own shared tensors its positions then use
     run("merged_sequence", "composed", models["merged"], ("public", *OWNERS), sequence=True)
     for d in OWNERS:  # oracle routing: only public and the domain's own expert routable
         run(f"oracle-{d}", "composed", models["merged"], (d,), include=[d])
+        run(f"oracle_sequence-{d}", "composed", models["merged"], (d,), include=[d], sequence=True)
     return res
 
 
@@ -410,6 +415,10 @@ def summarise(res: dict, optout: bool) -> dict:
     block["merged"] = merged("merged")
     oracle = {d: res[f"oracle-{d}"][d]["accuracy"] for d in OWNERS}
     block["merged"]["oracle_retention"] = kept(oracle, "progressive")
+    if "merged_sequence" in res:  # flexmoe's runtime: sequence routing with the owners' own tensors
+        block["merged_sequence"] = merged("merged_sequence")
+        oracle = {d: res[f"oracle_sequence-{d}"][d]["accuracy"] for d in OWNERS}
+        block["merged_sequence"]["oracle_retention"] = kept(oracle, "progressive")
     block["optout_bit_identical"] = optout
     variants = {k: merged(k) for k in res if k.startswith(("merged_", "router_"))}
     return {"post_training": block, "variants": variants}

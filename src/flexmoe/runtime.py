@@ -26,6 +26,7 @@ from flexmoe.checkpoint import TensorReader
 from flexmoe.compose import BIAS_FILE, PUBLIC, load_meta
 from flexmoe.errors import FlexmoeError
 from flexmoe.moe import FlexMoEBlock, RouterRow, Routing, active_routing, decoder_layers, moe_blocks, routing
+from flexmoe.owner_tensors import OwnerTensors, load_owner_tensors, single_owner
 from flexmoe.sequence_routing import SequenceRouting
 from flexmoe.signing import Trust
 from flexmoe.tokenizer import load_tokenizer
@@ -46,6 +47,7 @@ class Composed:
     meta: dict
     mask: torch.Tensor | None = None
     sequence: SequenceRouting | None = None
+    owner_tensors: OwnerTensors | None = None
     _hooks: list = field(default_factory=list, repr=False)
 
     def set_experts(self, include: Sequence[str] | None = None, exclude: Sequence[str] | None = None) -> None:
@@ -88,6 +90,8 @@ class Composed:
 
     def _narrow(self, module, r: Routing, es: contextlib.ExitStack, args, kwargs) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)
+        if self.owner_tensors is not None:
+            self.owner_tensors.owner_at = None  # the merge, unless this call chooses (the anchor pass)
         if r.mask is not None and r.mask.dim() > 2:
             return  # the caller routes per token already: its choice stands
         cache = kwargs.get("past_key_values", kwargs.get("cache"))  # transformers 5.24 renamed it
@@ -95,6 +99,9 @@ class Composed:
         if mask is not None:
             before, r.mask = r.mask, mask
             es.callback(setattr, r, "mask", before)
+            if self.owner_tensors is not None:  # read by the embedding and the LM head of this call
+                at = single_owner(mask)
+                self.owner_tensors.owner_at = at[:, None] if at.dim() == 1 else at
 
 
 def default_device() -> str:
@@ -151,6 +158,10 @@ def from_pretrained(
         composed.sequence = (
             sequence_routing if isinstance(sequence_routing, SequenceRouting) else SequenceRouting()
         )
+        if composed.sequence.owner_tensors:
+            composed.owner_tensors = load_owner_tensors(path, meta, names, model)
+            if composed.owner_tensors is not None:
+                composed.owner_tensors.install(model)
     composed.install_default_routing()
     composed.set_experts(include, exclude)
     return composed

@@ -20,10 +20,17 @@ How (flexmoe's runtime only; the stock ``flex_olmo`` export routes by the rows):
    the owner's own 2-expert model); when every owner is more than ``confidence`` behind public, public
    only; otherwise (not decided yet) every expert, the rows choosing per token.
 
+Generation (a model call that starts a cache, as ``generate`` makes): the whole prompt is given, so
+the prompt and every generated token are routed by one choice made at the prompt's end with
+``prompt_confidence`` (default 0: public or the owner with the most evidence, whichever leads).
+"Not decided yet" would leave every generated token to the rows, which is what sequence routing is
+there to avoid, and a chat prompt is short: on the tiny post-training demo's math prompts the right
+owner leads by about 2, below ``confidence``, on every prompt. Calls without a cache (scoring, perplexity)
+stay causal, so no position is ever routed by a later token.
+
 Only the rows are used: no statistics, no data. Removing an owner removes a candidate, so opt-out stays
 exact (the remaining owners' decisions are recomputed from what remains). Cost: one more forward pass
-per call (the anchor pass) on top of the MoE pass. In generation the decision at the end of the prompt
-(prefill) holds for every generated token: the anchor pass has no cache of its own.
+per call (the anchor pass) on top of the MoE pass.
 
 The defaults (confidence 8, decay 0.98) were chosen on the validation splits of the tiny and the
 `small` demo federation; BENCHMARKS.md ("Sequence routing") holds the tables.
@@ -48,6 +55,10 @@ class SequenceRouting:
 
     confidence: float = 8.0
     decay: float = 0.98
+    prompt_confidence: float = 0.0
+    #: positions given to one owner compute with that owner's own shared tensors (post-trained
+    #: owners' embeddings and LM head, ``flexmoe.owner_tensors``) instead of their merge
+    owner_tensors: bool = True
     _decode: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary, repr=False)
     _busy: bool = field(default=False, repr=False)
 
@@ -95,10 +106,14 @@ class SequenceRouting:
         extends = attention_mask is not None and attention_mask.shape[-1] > input_ids.shape[-1]
         if extends or (cache is not None and _cache_length(cache) > 0):
             return self._decode.get(cache) if cache is not None else None
-        mask = self.mask(model, input_ids, attention_mask, allowed)
-        if cache is not None:
-            self._decode[cache] = mask[:, -1]
-        return mask
+        m = self.margins(model, input_ids, attention_mask)
+        if cache is None:  # scoring: causal, each position from the text up to it
+            return choose(m, attention_mask, allowed, self.confidence, self.decay)
+        # The prefill of a generation (a call that starts a cache): the whole prompt is given, so it
+        # and everything generated after it are routed by the choice made at its end.
+        last = choose(m, attention_mask, allowed, self.prompt_confidence, self.decay)[:, -1]
+        self._decode[cache] = last
+        return last[:, None, :].expand(-1, input_ids.shape[1], -1)
 
 
 def evidence(margins: torch.Tensor, attention_mask: torch.Tensor | None = None, decay: float = 1.0):
