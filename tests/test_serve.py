@@ -654,3 +654,49 @@ def test_cache_keyword_follows_the_installed_transformers():
 
     assert cache_argument(Old()) == "past_key_values"
     assert cache_argument(New()) == "cache"
+
+
+def test_sequence_routed_server_equals_runtime_generate(fed, tmp_path):
+    """``serve --sequence-routing``: each request's prompt picks its experts at prefill and keeps them
+    while the batch is decoded, so the server's greedy tokens equal flexmoe's runtime ``generate`` with
+    sequence routing on each prompt alone, also when the requests share one left-padded batch."""
+    from flexmoe.runtime import from_pretrained
+    from flexmoe.sequence_routing import SequenceRouting
+    from flexmoe.serve.app import Settings
+
+    class Seen(SequenceRouting):
+        """The prefill choices the reference made, to check they are not all the same."""
+
+        choices: list = []
+
+        def mask_for_call(self, *a):
+            out = super().mask_for_call(*a)
+            if a[3] is not None and out is not None and out.dim() == 3:
+                self.choices.append(out[0, -1].tolist())
+            return out
+
+    ref = from_pretrained(fed["model"], trust=ALLOW_UNSIGNED, sequence_routing=Seen(confidence=0.0))
+    tok = ref.tokenizer
+    want = []
+    for p in PROMPTS:
+        ids = torch.tensor([tok(p, add_special_tokens=False)["input_ids"]])
+        out = ref.model.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
+        want.append(tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
+    assert len({tuple(c) for c in Seen.choices}) > 1  # the prompts choose differently
+    s = Server(
+        Settings(
+            fed["model"],
+            name=NAME,
+            db=f"sqlite:///{tmp_path / 'ledger.sqlite'}",
+            audit_log=tmp_path / "audit.jsonl",
+            allow_unsigned=True,
+            sequence_routing=True,
+        )
+    )
+    try:
+        s.state.composed.sequence.confidence = 0.0  # the same settings as the reference
+        with ThreadPoolExecutor(len(PROMPTS)) as pool:
+            got = list(pool.map(lambda p: greedy(s.client(), p).choices[0].text, PROMPTS))
+    finally:
+        s.stop()
+    assert got == want

@@ -90,18 +90,23 @@ class Composed:
 
     def _narrow(self, module, r: Routing, es: contextlib.ExitStack, args, kwargs) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)
-        if self.owner_tensors is not None:
-            self.owner_tensors.owner_at = None  # the merge, unless this call chooses (the anchor pass)
-        if r.mask is not None and r.mask.dim() > 2:
-            return  # the caller routes per token already: its choice stands
-        cache = kwargs.get("past_key_values", kwargs.get("cache"))  # transformers 5.24 renamed it
-        mask = self.sequence.mask_for_call(module, ids, kwargs.get("attention_mask"), cache, r.mask)
-        if mask is not None:
-            before, r.mask = r.mask, mask
-            es.callback(setattr, r, "mask", before)
-            if self.owner_tensors is not None:  # read by the embedding and the LM head of this call
-                at = single_owner(mask)
-                self.owner_tensors.owner_at = at[:, None] if at.dim() == 1 else at
+        if r.mask is None or r.mask.dim() <= 2:  # else the caller routes per token: its choice stands
+            cache = kwargs.get("past_key_values", kwargs.get("cache"))  # transformers 5.24 renamed it
+            mask = self.sequence.mask_for_call(module, ids, kwargs.get("attention_mask"), cache, r.mask)
+            if mask is not None:
+                before, r.mask = r.mask, mask
+                es.callback(setattr, r, "mask", before)
+        if self.owner_tensors is not None:  # read by the embedding and the LM head of this call
+            self.owner_tensors.owner_at = _owner_at(r.mask)
+
+
+def _owner_at(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """``[B, S]`` or ``[B, 1]``: the owner a call's mask leaves alone at each position (0: none). The
+    anchor pass of sequence routing routes public only, so it keeps the merged tensors."""
+    if mask is None or mask.dim() < 2:
+        return None
+    at = single_owner(mask)
+    return at[:, None] if at.dim() == 1 else at
 
 
 def default_device() -> str:

@@ -59,6 +59,8 @@ class SequenceRouting:
     #: positions given to one owner compute with that owner's own shared tensors (post-trained
     #: owners' embeddings and LM head, ``flexmoe.owner_tensors``) instead of their merge
     owner_tensors: bool = True
+    #: ``[B, E]`` the choice of the last prefill (read by the server, which keeps it per request)
+    last_choice: torch.Tensor | None = field(default=None, repr=False)
     _decode: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary, repr=False)
     _busy: bool = field(default=False, repr=False)
 
@@ -112,7 +114,7 @@ class SequenceRouting:
         # The prefill of a generation (a call that starts a cache): the whole prompt is given, so it
         # and everything generated after it are routed by the choice made at its end.
         last = choose(m, attention_mask, allowed, self.prompt_confidence, self.decay)[:, -1]
-        self._decode[cache] = last
+        self._decode[cache] = self.last_choice = last
         return last[:, None, :].expand(-1, input_ids.shape[1], -1)
 
 

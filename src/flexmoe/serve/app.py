@@ -109,6 +109,7 @@ class Settings:
     # models the admin swaps in, and the owners', for the packages the admin adds or updates.
     trust: list[Path] | None = None
     allow_unsigned: bool = False  # unsigned models and packages accepted (as --allow-unsigned elsewhere)
+    sequence_routing: bool = False  # each request's prompt picks its owner (flexmoe.sequence_routing)
 
     def verifier(self) -> Trust:
         return Trust.from_paths(self.trust, allow_unsigned=self.allow_unsigned)
@@ -134,7 +135,13 @@ def load(settings: Settings, path: Path | None = None, trust: Trust | None = Non
     (default: the server's --trust / --allow-unsigned)."""
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[settings.dtype]
     trust = trust or settings.verifier()
-    return from_pretrained(path or settings.model, dtype=dtype, device=settings.device, trust=trust)
+    return from_pretrained(
+        path or settings.model,
+        dtype=dtype,
+        device=settings.device,
+        trust=trust,
+        sequence_routing=settings.sequence_routing,
+    )
 
 
 def parse_model(model_id: str, name: str, names: list[str]) -> tuple[list[str] | None, list[str] | None]:

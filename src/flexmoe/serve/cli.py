@@ -50,6 +50,11 @@ def serve(
     allow_unsigned: bool = typer.Option(
         False, "--allow-unsigned", help="Serve an unsigned model; the admin may add unsigned packages."
     ),
+    sequence_routing: bool = typer.Option(
+        False,
+        "--sequence-routing",
+        help="Each request's prompt picks public or one owner (and that owner's own shared tensors).",
+    ),
 ) -> None:
     """Serve a composed model over an OpenAI-compatible HTTP API with per-request experts."""
     import uvicorn  # serving only: not needed by any other command
@@ -71,6 +76,7 @@ def serve(
         dtype,
         trust=trust,
         allow_unsigned=allow_unsigned,
+        sequence_routing=sequence_routing,
     )
     app = create_app(settings)
     console.print(

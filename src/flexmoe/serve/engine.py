@@ -138,9 +138,14 @@ class Engine:
         return m.to(self.composed.device)
 
     @torch.no_grad()
-    def _forward(self, jobs, ids, attn, pos, cache):
+    def _forward(self, jobs, ids, attn, pos, cache, prefill: bool = False):
         kv = {cache_argument(self.composed.model): cache}
-        with routing(Routing(mask=self._masks(jobs), record=True)) as r:
+        mask = self._masks(jobs)
+        if self.composed.sequence is not None and not prefill:
+            # Decode steps of a sequence-routed model: each request's prompt choice (kept on the job,
+            # as the batch's cache is merged and cut), given per token so that it stands as it is.
+            mask = mask[:, None, :]
+        with routing(Routing(mask=mask, record=True)) as r:
             out = self.composed.model(
                 input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, **kv
             )
@@ -158,7 +163,10 @@ class Engine:
             if j.sampling.seed is not None:
                 j.generator = torch.Generator().manual_seed(j.sampling.seed)
         fresh = DynamicCache(config=self.composed.model.config)
-        logits, c_new, w = self._forward(new, ids, a_new, pos, fresh)
+        logits, c_new, w = self._forward(new, ids, a_new, pos, fresh, prefill=True)
+        if self.composed.sequence is not None:  # the prompt chose each request's experts
+            for j, choice in zip(new, self.composed.sequence.last_choice.cpu(), strict=True):
+                j.mask = choice
         self._step_tokens(new, logits, w)
         if not self.active:
             self.active = new
