@@ -247,7 +247,9 @@ def generate(
     """
     tok = composed.tokenizer
     if static_cache is None:
-        static_cache = composed.device.type == "cuda"
+        # Not with sequence routing: its per-call choice lives in Python hooks, which a captured CUDA
+        # graph would replay with the first call's values.
+        static_cache = composed.device.type == "cuda" and composed.sequence is None
     extra = {"cache_implementation": "static"} if static_cache else {}
     enc = tok(prompt, return_tensors="pt").to(composed.device)
     torch.manual_seed(seed)
