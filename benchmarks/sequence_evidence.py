@@ -59,62 +59,36 @@ class Seq(SequenceRouting):
     names: list = None
 
     def margins(self, model, input_ids, attention_mask):
-        blocks_ = moe_blocks(model)
-        L = len(blocks_)
+        L = len(moe_blocks(model))
         use = range(L) if LAYERS == "all" else range(int(LAYERS.split(":")[1]))
-        seen = []
         params = lda_params(self.names, L) if MODE == "lda" else None
 
-        def grab(i):
-            def f(block, args):
-                if i not in use:
-                    return
-                h = args[0].float()
-                if MODE == "lda":
-                    w, c = params[i]
-                    seen.append(h @ w.T + c)
-                else:
-                    lg = block.router_logits(h).float()
-                    m = lg - lg[..., :1]
-                    if MODE == "rows":
-                        seen.append(m)
-                    else:
-                        mo = torch.tensor(
-                            [0.0] + [float(ostats[n][f"layers.{i}.margin_own"][0]) for n in self.names]
-                        )
-                        so = torch.tensor(
-                            [1.0] + [float(ostats[n][f"layers.{i}.margin_own"][1]) for n in self.names]
-                        )
-                        mp = torch.tensor(
-                            [0.0] + [float(ostats[n][f"layers.{i}.margin_public"][0]) for n in self.names]
-                        )
-                        sp = torch.tensor(
-                            [1.0] + [float(ostats[n][f"layers.{i}.margin_public"][1]) for n in self.names]
-                        )
-                        if MODE == "zrows":
-                            z = (m - mp) / sp
-                        else:  # gauss LLR own vs public
-                            z = (-0.5 * ((m - mo) / so) ** 2 - so.log()) - (
-                                -0.5 * ((m - mp) / sp) ** 2 - sp.log()
-                            )
-                            z = z.clamp(-20, 20)
-                        z[..., 0] = 0
-                        seen.append(z)
+        def stat(i: int, key: str, k: int, first: float) -> torch.Tensor:
+            return torch.tensor([first] + [float(ostats[n][f"layers.{i}.{key}"][k]) for n in self.names])
 
-            return f
+        def evidence(i, block, h):
+            if i not in use:
+                return None
+            h = h.float()
+            if MODE == "lda":
+                w, c = params[i]
+                return h @ w.T + c
+            lg = block.router_logits(h).float()
+            m = lg - lg[..., :1]
+            if MODE == "rows":
+                return m
+            mo, so = stat(i, "margin_own", 0, 0.0), stat(i, "margin_own", 1, 1.0)
+            mp, sp = stat(i, "margin_public", 0, 0.0), stat(i, "margin_public", 1, 1.0)
+            if MODE == "zrows":
+                z = (m - mp) / sp
+            else:  # gauss: log-likelihood ratio own vs public of the margin
+                z = (
+                    (-0.5 * ((m - mo) / so) ** 2 - so.log()) - (-0.5 * ((m - mp) / sp) ** 2 - sp.log())
+                ).clamp(-20, 20)
+            z[..., 0] = 0
+            return z
 
-        hooks = [b.register_forward_pre_hook(grab(i)) for i, b in enumerate(blocks_)]
-        only = torch.zeros(blocks_[0].num_experts, dtype=torch.bool)
-        only[0] = True
-        self._busy = True
-        try:
-            with routing(Routing(mask=only)):
-                model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        finally:
-            self._busy = False
-            for h in hooks:
-                h.remove()
-        return torch.stack(seen).mean(0)
+        return torch.stack(self.anchor_pass(model, input_ids, attention_mask, evidence)).mean(0)
 
 
 @torch.no_grad()

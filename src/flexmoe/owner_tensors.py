@@ -62,9 +62,8 @@ class OwnerTensors:
             device = module.weight.device  # moved once, not per call
             for c in self.corrections[name].values():
                 c.rows, c.values = c.rows.to(device), c.values.to(device)
-            hook = _embedding_hook if isinstance(module, torch.nn.Embedding) else _linear_hook
             self._hooks.append(
-                module.register_forward_hook(lambda m, a, o, n=name, h=hook: h(self, n, m, a, o))
+                module.register_forward_hook(lambda m, a, o, n=name: _correct(self, n, m, a, o))
             )
 
     def remove(self) -> None:
@@ -131,36 +130,32 @@ def _positions(tensors: OwnerTensors, shape: torch.Size) -> torch.Tensor | None:
     return at.expand(B, S) if at.shape[1] == 1 else at[:, -S:]
 
 
-def _embedding_hook(tensors: OwnerTensors, name: str, module, args, out: torch.Tensor):
+def _correct(tensors: OwnerTensors, name: str, module, args, out: torch.Tensor):
+    """The forward hook: ``out`` with each owner's correction added at the positions given to it."""
     at = _positions(tensors, out.shape)
     if at is None:
         return None
-    ids = args[0]
     out = out.clone()
-    for j, c in tensors.corrections[name].items():
-        if c.slot is None or c.slot.device != ids.device:
-            c.slot = torch.full((module.num_embeddings,), -1, dtype=torch.long, device=ids.device)
-            c.slot[c.rows.to(ids.device)] = torch.arange(len(c.rows), device=ids.device)
-        s = torch.where(at == j, c.slot[ids], -1)
-        hit = s >= 0
-        if bool(hit.any()):
-            out[hit] += c.values.to(out.device, out.dtype)[s[hit]]
-    return out
-
-
-def _linear_hook(tensors: OwnerTensors, name: str, module, args, out: torch.Tensor):
-    at = _positions(tensors, out.shape)
-    if at is None:
-        return None
-    x = args[0]
-    out = out.clone()
+    add = _add_embedding if isinstance(module, torch.nn.Embedding) else _add_linear
     for j, c in tensors.corrections[name].items():
         sel = at == j
-        if not bool(sel.any()):
-            continue
-        rows = c.rows.to(out.device)
-        extra = x[sel].to(out.dtype) @ c.values.to(out.device, out.dtype).T  # [n, R]
-        picked = out[sel]
-        picked[:, rows] += extra
-        out[sel] = picked
+        if bool(sel.any()):
+            add(out, sel, args[0], c, module)
     return out
+
+
+def _add_embedding(out: torch.Tensor, sel: torch.Tensor, ids: torch.Tensor, c: Correction, module) -> None:
+    """``out[p] += C[ids[p]]`` where the token's row has a correction."""
+    if c.slot is None or c.slot.device != ids.device:
+        c.slot = torch.full((module.num_embeddings,), -1, dtype=torch.long, device=ids.device)
+        c.slot[c.rows.to(ids.device)] = torch.arange(len(c.rows), device=ids.device)
+    s = torch.where(sel, c.slot[ids], -1)
+    hit = s >= 0
+    out[hit] += c.values.to(out.dtype)[s[hit]]
+
+
+def _add_linear(out: torch.Tensor, sel: torch.Tensor, x: torch.Tensor, c: Correction, module) -> None:
+    """``out[p, rows] += x[p] @ C[rows]^T``."""
+    picked = out[sel]
+    picked[:, c.rows] += x[sel].to(out.dtype) @ c.values.to(out.dtype).T
+    out[sel] = picked

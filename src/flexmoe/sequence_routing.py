@@ -68,14 +68,23 @@ class SequenceRouting:
     def margins(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """``[B, S, E]`` each expert's router margin over public, averaged over the MoE layers, in the
         anchor pass (public's own column is 0)."""
+
+        def margin(_layer, block, h):
+            logits = block.router_logits(h).float()
+            return logits - logits[..., :1]
+
+        return torch.stack(self.anchor_pass(model, input_ids, attention_mask, margin)).mean(0)
+
+    @torch.no_grad()
+    def anchor_pass(self, model, input_ids, attention_mask, per_layer) -> list:
+        """Run ``model`` with only public routable (exactly the dense anchor) and return
+        ``per_layer(layer, block, h)`` for every MoE block's input ``h`` (Nones left out)."""
         blocks = moe_blocks(model)
-        seen: list[torch.Tensor] = []
-
-        def grab(block, args):
-            logits = block.router_logits(args[0]).float()
-            seen.append(logits - logits[..., :1])
-
-        hooks = [b.register_forward_pre_hook(grab) for b in blocks]
+        seen: list = []
+        hooks = [
+            b.register_forward_pre_hook(lambda blk, args, i=i: seen.append(per_layer(i, blk, args[0])))
+            for i, b in enumerate(blocks)
+        ]
         public_only = torch.zeros(blocks[0].num_experts, dtype=torch.bool, device=input_ids.device)
         public_only[0] = True
         self._busy = True
@@ -86,7 +95,7 @@ class SequenceRouting:
             self._busy = False
             for h in hooks:
                 h.remove()
-        return torch.stack(seen).mean(0)
+        return [x for x in seen if x is not None]
 
     def mask(
         self,
