@@ -412,6 +412,11 @@ CASES = [
         r"already exists",
     ),
     ("generate-not-model", ["generate", "{A}", "--prompt", "x"], r"not a flexmoe model"),
+    (
+        "generate-chat-no-template",
+        ["generate", "{M}", "--prompt", "x", "--chat"],
+        r"no chat template.*--stage sft",
+    ),
     # a composed model is verified on every load: unsigned, untrusted or changed is refused
     (
         "generate-unsigned",

@@ -643,3 +643,24 @@ def test_positions_given_to_one_owner_compute_with_its_own_shared_tensors(post, 
         for j, c in per.items():
             assert torch.equal(c.rows, left.corrections[name][j].rows)
             assert torch.equal(c.values, left.corrections[name][j].values)
+
+
+def test_generate_chat_answers_in_the_template(post, tmp_path):
+    """``flexmoe generate --chat`` renders the prompt as a user turn and stops at ``<|im_end|>``: the
+    CLI prints exactly the runtime's reply to that conversation (sequence routing on)."""
+    from typer.testing import CliRunner
+
+    from flexmoe.chat import generate as chat_generate
+    from flexmoe.chat import reply_text
+    from flexmoe.cli import app
+    from flexmoe.compose import UNSIGNED_OK, compose
+    from flexmoe.runtime import from_pretrained
+    from flexmoe.signing import ALLOW_UNSIGNED
+
+    compose(post["anchor"], [post["code"], post["math"]], tmp_path / "m", provenance=UNSIGNED_OK)
+    argv = ["generate", str(tmp_path / "m"), "--prompt", "What is 2 + 3?", "--chat", "--max-new-tokens", "6"]
+    res = CliRunner().invoke(app, [*argv, "--sequence-routing", "--allow-unsigned"])
+    assert res.exit_code == 0, res.output
+    c = from_pretrained(tmp_path / "m", trust=ALLOW_UNSIGNED, sequence_routing=True, device="cpu")
+    [ids] = chat_generate(c.model, c.tokenizer, [[{"role": "user", "content": "What is 2 + 3?"}]], 6)
+    assert res.output.strip() == reply_text(c.tokenizer, ids).strip()

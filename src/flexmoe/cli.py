@@ -656,13 +656,19 @@ def generate_cmd(
     use_bias: bool = typer.Option(False, help="Apply the learned router biases (not in the HF format)."),
     seed: int = typer.Option(0, help="Sampling seed."),
     sequence_routing: bool = SEQUENCE_ROUTING,
+    chat: bool = typer.Option(
+        False,
+        "--chat",
+        help="The prompt is one user turn in the model's chat template (post-trained models).",
+    ),
     trust: list[Path] = MODEL_TRUST,
     allow_unsigned: bool = MODEL_ALLOW_UNSIGNED,
 ) -> None:
-    """Model user: stream a continuation using any subset of experts."""
+    """Model user: stream a continuation (or with --chat a reply) using any subset of experts."""
     c = _composed(model, include, exclude, use_bias, sequence_routing, trust, allow_unsigned)
-    console.print(prompt, end="")
-    generate(c, prompt, max_new_tokens, stream=True, temperature=temperature, seed=seed)
+    if not chat:
+        console.print(prompt, end="")
+    generate(c, prompt, max_new_tokens, stream=True, temperature=temperature, seed=seed, chat=chat)
 
 
 @app.command("route")

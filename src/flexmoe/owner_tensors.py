@@ -18,6 +18,10 @@ on the affected ``nn.Embedding`` / ``nn.Linear`` modules add them at the chosen 
 - embedding: ``out[p] += C[ids[p]]``;
 - linear (LM head, projections): ``out[p, rows] += x[p] @ C[rows]^T``.
 
+Memory: one row of ``H`` values per corrected row and owner. With flexmoe's defaults (owner rows,
+``disjoint``) that is the few rows owners share (119-148 of 4,098 per owner on the demos); with BAR's
+all-row deltas and the ``mean`` merge it is the whole embedding and LM head per owner.
+
 Other changed tensors (norm weights) keep the merge; ``OwnerTensors.merged_only`` names them. Positions
 where no single owner is chosen, the anchor pass of sequence routing and every model without sequence
 routing use the merge, so the stock export and its numbers are unchanged. Removing an owner removes its
@@ -59,9 +63,9 @@ class OwnerTensors:
         modules = dict(model.named_modules())
         for name in self.corrections:
             module = modules[name]
-            device = module.weight.device  # moved once, not per call
+            w = module.weight  # moved and cast once, not per call (bf16 models: half the memory)
             for c in self.corrections[name].values():
-                c.rows, c.values = c.rows.to(device), c.values.to(device)
+                c.rows, c.values = c.rows.to(w.device), c.values.to(w.device, w.dtype)
             self._hooks.append(
                 module.register_forward_hook(lambda m, a, o, n=name: _correct(self, n, m, a, o))
             )

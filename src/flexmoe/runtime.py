@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, TextStreamer
 
+from flexmoe.chat import IM_END, prompt_ids
 from flexmoe.checkpoint import TensorReader
 from flexmoe.compose import BIAS_FILE, PUBLIC, load_meta
 from flexmoe.errors import FlexmoeError
@@ -238,8 +239,10 @@ def generate(
     temperature: float = 0.0,
     seed: int = 0,
     static_cache: bool | None = None,
+    chat: bool = False,
 ) -> str:
     """Generate a continuation (greedy by default); with ``stream`` print tokens as they come.
+    ``chat``: ``prompt`` is one user turn in the model's chat template, the reply ends at ``<|im_end|>``.
 
     ``static_cache`` (default: on a GPU) decodes with a pre-allocated KV cache, which transformers
     compiles into a CUDA graph: the decode step then runs without per-layer launch overhead (12x the
@@ -251,7 +254,18 @@ def generate(
         # graph would replay with the first call's values.
         static_cache = composed.device.type == "cuda" and composed.sequence is None
     extra = {"cache_implementation": "static"} if static_cache else {}
-    enc = tok(prompt, return_tensors="pt").to(composed.device)
+    eos = tok.eos_token_id
+    if chat:
+        if not getattr(tok, "chat_template", None) or IM_END not in tok.get_vocab():
+            raise FlexmoeError(
+                "This model has no chat template.",
+                "compose it from a post-trained anchor (flexmoe anchor train --stage sft), or drop --chat.",
+            )
+        ids = torch.tensor([prompt_ids(tok, [{"role": "user", "content": prompt}])], device=composed.device)
+        enc = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        eos = [tok.convert_tokens_to_ids(IM_END), tok.eos_token_id]
+    else:
+        enc = tok(prompt, return_tensors="pt").to(composed.device)
     torch.manual_seed(seed)
     out = composed.model.generate(
         **enc,
@@ -261,7 +275,7 @@ def generate(
         top_k=None,
         top_p=None,
         pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
+        eos_token_id=eos,
         streamer=TextStreamer(tok, skip_prompt=True, skip_special_tokens=True) if stream else None,
         **extra,
     )
