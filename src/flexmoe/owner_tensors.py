@@ -19,7 +19,7 @@ on the affected ``nn.Embedding`` / ``nn.Linear`` modules add them at the chosen 
 - linear (LM head, projections): ``out[p, rows] += x[p] @ C[rows]^T``.
 
 Memory: one row of ``H`` values per corrected row and owner. With flexmoe's defaults (owner rows,
-``disjoint``) that is the few rows owners share (119-148 of 4,098 per owner on the demos); with BAR's
+``disjoint``) that is the few rows owners share (119-148 rows per owner on the demos); with BAR's
 all-row deltas and the ``mean`` merge it is the whole embedding and LM head per owner.
 
 Other changed tensors (norm weights) keep the merge; ``OwnerTensors.merged_only`` names them. Positions
