@@ -4,6 +4,7 @@ shared-tensor merging and exact opt-out, and the stock-transformers chat export.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -221,6 +222,22 @@ def test_group_advantages_and_clipped_loss():
     far = torch.full((1, 3), 0.5, requires_grad=True)
     clipped_pg_loss(far, torch.zeros(1, 3), torch.tensor([1.0]), mask, 0.2).backward()
     assert torch.equal(far.grad, torch.zeros(1, 3))
+
+
+def test_kl_penalty_is_zero_at_the_reference_and_grows_away_from_it():
+    from flexmoe.expert.grpo import kl_penalty
+
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    same = torch.tensor([[-1.0, -2.0, 0.0], [-0.5, 0.0, 0.0]])
+    assert float(kl_penalty(same, same, mask)) == 0.0
+    # one token 1 nat more likely under the policy than under the reference: e^-1 + 1 - 1 = e^-1
+    logp = same.clone().requires_grad_(True)
+    with torch.no_grad():
+        logp[0, 0] += 1.0
+    k = kl_penalty(logp, same, mask)
+    assert torch.allclose(k, torch.tensor(math.exp(-1) / 2 / 2))  # that reply: 2 tokens; 2 replies
+    k.backward()
+    assert float(logp.grad[0, 0]) > 0 and float(logp.grad[0, 2]) == 0  # pulled back; padding ignored
 
 
 # --------------------------------------------------------------------------------------------------

@@ -291,15 +291,21 @@ def expert_train(
     from_package: Path = typer.Option(None, "--from", help="Continue from this stage's package."),
     freeze_shared: bool = typer.Option(False, help="Frozen recipe: only expert FFN and router row train."),
     shared_rows: str = typer.Option(None, help=SHARED_ROWS_HELP),
+    kl: float = typer.Option(
+        None, "--kl", help="rl: weight of a KL penalty towards the starting package (default 0, as BAR)."
+    ),
     sign_key: Path = typer.Option(None, "--sign-key", help="Owner's private key: sign the package."),
 ) -> None:
     """Train one expert against the frozen anchor (works under torchrun for several processes/GPUs);
     with --stage, one post-training stage (progressive unfreezing, shared deltas in the package)."""
     key = load_private_key(sign_key) if sign_key else None  # a bad key fails before training
+    if kl is not None and (stage != "rl" or kl < 0 or kl != kl):
+        raise FlexmoeError(f"--kl {kl} is not usable here.", "give --kl >= 0, with --stage rl only.")
     if stage is not None or from_package is not None or freeze_shared or shared_rows is not None:
         s = settings_for(stage or "mid", freeze_shared=freeze_shared, steps=steps, batch_size=batch_size,
             seq_len=seq_len, lr=lr, seed=seed, public_mix=public_mix, router_init=router_init,
-            shared_rows=shared_rows, router_aux=router_aux_loss)  # fmt: skip
+            shared_rows=shared_rows, router_aux=router_aux_loss,
+            grpo={"kl_coef": kl} if kl is not None else None)  # fmt: skip
         run = StageRun(from_package, public[0] if public else None, resume, force, sign_key=key)
         return _expert_stage(anchor, data[0], name, out, s, run, dp_epsilon)
     dp = None

@@ -1,6 +1,9 @@
 """GRPO on verifiable rewards, as BAR's RL stage runs it: for each prompt sample a group of replies,
 reward each by checking its answer, normalise rewards within the group, and take a clipped
-policy-gradient step. No KL term and no value model (BAR: "no KL", constant LR).
+policy-gradient step. No value model. No KL term by default (BAR: "no KL", constant LR);
+``kl_coef`` > 0 adds DeepSeekMath's per-token penalty towards the model the stage started from (the k3
+estimator ``exp(r - p) - (r - p) - 1`` on the sampled reply tokens): measured on the tiny demo, RL
+without it costs public chat 21 points at lr 1e-4, and an RL package's shared deltas reach every owner.
 
 A step strategy for ``flexmoe.training.train`` (``GRPOStep``): the training "blocks" are task indices
 (``[n_tasks, 1]``), and ``GRPOLoss`` turns a batch of them into a loss (rollout included). Under
@@ -26,6 +29,7 @@ class GRPOConfig:
     clip_eps: float = 0.2
     max_new_tokens: int = 24
     temperature: float = 1.0
+    kl_coef: float = 0.0  # weight of the KL penalty towards the stage's starting model (0: BAR)
 
 
 def group_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -44,6 +48,15 @@ def clipped_pg_loss(
     ratio = (logp - old_logp).exp()
     a = adv.unsqueeze(-1)
     per_tok = -torch.minimum(ratio * a, ratio.clamp(1 - clip_eps, 1 + clip_eps) * a)
+    m = mask.float()
+    return ((per_tok * m).sum(-1) / m.sum(-1).clamp(min=1)).mean()
+
+
+def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """k3 estimate of KL(policy || reference) per reply token (non-negative, unbiased on the policy's
+    samples), averaged over each reply's tokens, then over replies. ``[replies, tokens]`` each."""
+    d = ref_logp - logp
+    per_tok = d.exp() - d - 1
     m = mask.float()
     return ((per_tok * m).sum(-1) / m.sum(-1).clamp(min=1)).mean()
 
@@ -72,8 +85,9 @@ class GRPOLoss:
     """``loss_fn(model, task_indices)`` for ``flexmoe.training.train``; keeps the last rollout's mean
     reward in ``last_reward`` (logged by the stage)."""
 
-    def __init__(self, tasks: list[dict], tokenizer, cfg: GRPOConfig, extra_loss=None):
+    def __init__(self, tasks: list[dict], tokenizer, cfg: GRPOConfig, extra_loss=None, reference=None):
         self.tasks, self.tok, self.cfg, self.extra = tasks, tokenizer, cfg, extra_loss
+        self.reference = reference  # the frozen starting model, for ``cfg.kl_coef``
         self.last_reward: float | None = None
 
     def rewards(self, rows: list[dict], replies: list[list[int]]) -> torch.Tensor:
@@ -108,6 +122,10 @@ class GRPOLoss:
         prompts = [prompt_ids(self.tok, r["messages"]) for r in group_rows]
         logp, mask = reply_logprobs(model, prompts, replies, self.tok.pad_token_id)
         loss = clipped_pg_loss(logp, logp.detach(), adv.to(logp.device), mask, self.cfg.clip_eps)
+        if self.reference is not None and self.cfg.kl_coef > 0:
+            with torch.no_grad():
+                ref_logp, _ = reply_logprobs(self.reference, prompts, replies, self.tok.pad_token_id)
+            loss = loss + self.cfg.kl_coef * kl_penalty(logp, ref_logp, mask)
         if self.extra is not None:
             loss = loss + self.extra()
         return loss

@@ -26,6 +26,7 @@ schedule linear to zero (mid, sft: BAR SFT) or constant (rl: BAR RL).
 
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -319,7 +320,10 @@ def stage_step(s: StageSettings, model, tasks: list[dict] | None, tok, public_id
     """The step strategy: LM loss (assistant-only through the labels in sft) + router z-loss (+ the
     "mine vs public" routing loss with public rows mixed in); rl GRPO."""
     if s.stage == "rl":
-        return GRPOStep(GRPOLoss(tasks, tok, GRPOConfig(**s.grpo)))
+        cfg = GRPOConfig(**s.grpo)
+        # The KL reference: a frozen copy of the starting model (one more model in memory).
+        ref = copy.deepcopy(model).eval().requires_grad_(False) if cfg.kl_coef > 0 else None
+        return GRPOStep(GRPOLoss(tasks, tok, cfg, reference=ref))
     aux = MineVsPublic(model, public_ids) if public_ids is not None and s.router_aux > 0 else None
 
     def loss(m, batch):
