@@ -681,3 +681,14 @@ def test_generate_chat_answers_in_the_template(post, tmp_path):
     c = from_pretrained(tmp_path / "m", trust=ALLOW_UNSIGNED, sequence_routing=True, device="cpu")
     [ids] = chat_generate(c.model, c.tokenizer, [[{"role": "user", "content": "What is 2 + 3?"}]], 6)
     assert res.output.strip() == reply_text(c.tokenizer, ids).strip()
+
+
+def test_rl_stage_with_a_kl_penalty_runs_and_records_it(post, tmp_path):
+    from flexmoe.expert.package import verify
+    from flexmoe.expert.stages import settings_for, train_stage
+
+    grpo = {"group_size": 2, "max_new_tokens": 4, "kl_coef": 0.1}
+    rl = settings_for("rl", steps=1, batch_size=2, grpo=grpo)
+    out = tmp_path / "math-rl-kl"
+    train_stage(post["anchor"], post["chat"] / "math", "math", out, rl, from_package=post["math"], quiet=True)
+    assert "kl_coef" in json.dumps(verify(out)["stage"])
