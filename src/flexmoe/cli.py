@@ -221,6 +221,11 @@ def expert_stats(
 SHARED_ROWS_HELP = "sft: embedding/LM-head rows that may change: owner (your tokens; default) or all (BAR)."
 
 
+def _grpo(kl: float | None) -> dict | None:
+    """``--kl`` as the rl stage's GRPO settings (None: the defaults)."""
+    return None if kl is None else {"kl_coef": kl}
+
+
 @expert_app.command("train")
 def expert_train(
     anchor: str = typer.Option(..., "--anchor", help="Anchor directory or hub id."),
@@ -299,13 +304,10 @@ def expert_train(
     """Train one expert against the frozen anchor (works under torchrun for several processes/GPUs);
     with --stage, one post-training stage (progressive unfreezing, shared deltas in the package)."""
     key = load_private_key(sign_key) if sign_key else None  # a bad key fails before training
-    if kl is not None and (stage != "rl" or kl < 0 or kl != kl):
-        raise FlexmoeError(f"--kl {kl} is not usable here.", "give --kl >= 0, with --stage rl only.")
-    if stage is not None or from_package is not None or freeze_shared or shared_rows is not None:
+    if freeze_shared or any(x is not None for x in (stage, from_package, shared_rows, kl)):
         s = settings_for(stage or "mid", freeze_shared=freeze_shared, steps=steps, batch_size=batch_size,
             seq_len=seq_len, lr=lr, seed=seed, public_mix=public_mix, router_init=router_init,
-            shared_rows=shared_rows, router_aux=router_aux_loss,
-            grpo={"kl_coef": kl} if kl is not None else None)  # fmt: skip
+            shared_rows=shared_rows, router_aux=router_aux_loss, grpo=_grpo(kl))  # fmt: skip
         run = StageRun(from_package, public[0] if public else None, resume, force, sign_key=key)
         return _expert_stage(anchor, data[0], name, out, s, run, dp_epsilon)
     dp = None

@@ -143,6 +143,9 @@ def settings_for(stage: str, **overrides) -> StageSettings:
     if stage not in STAGES:
         raise FlexmoeError(f"Unknown stage {stage!r}.", f"use one of {', '.join(STAGES)}.")
     given = {k: v for k, v in overrides.items() if v is not None}
+    kl = given.get("grpo", {}).get("kl_coef")
+    if kl is not None and (stage != "rl" or not kl >= 0):
+        raise FlexmoeError(f"--kl {kl} is not usable here.", "give --kl >= 0, with --stage rl only.")
     return StageSettings(stage=stage, **{**STAGE_DEFAULTS[stage], **given})
 
 
