@@ -123,13 +123,23 @@ def single_owner(mask: torch.Tensor) -> torch.Tensor:
     return torch.where(alone, owners.float().argmax(-1) + 1, torch.zeros_like(alone, dtype=torch.long))
 
 
+def owners_at(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """``OwnerTensors.owner_at`` for a call routed by ``mask`` (``[B, E]`` or ``[B, S, E]``): ``[B, 1]``
+    or ``[B, S]``, None where no position has one owner alone (an ``[E]`` mask, or the public-only
+    anchor pass of sequence routing: the merged tensors)."""
+    if mask is None or mask.dim() < 2:
+        return None
+    at = single_owner(mask)
+    at = at[:, None] if at.dim() == 1 else at
+    return at if bool(at.any()) else None
+
+
 def _positions(tensors: OwnerTensors, shape: torch.Size) -> torch.Tensor | None:
     """The chosen owner per position, aligned with an output of ``shape`` ``[B, S, ...]`` (the LM head
     may see only the last positions)."""
     at = tensors.owner_at
-    if at is None or not bool(at.any()):
+    if at is None:
         return None
-    at = at.to(torch.long)
     B, S = shape[0], shape[1]
     return at.expand(B, S) if at.shape[1] == 1 else at[:, -S:]
 

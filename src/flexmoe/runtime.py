@@ -22,12 +22,12 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, TextStreamer
 
-from flexmoe.chat import IM_END, prompt_ids
+from flexmoe.chat import IM_END, prompt_ids, require_chat_tokens
 from flexmoe.checkpoint import TensorReader
 from flexmoe.compose import BIAS_FILE, PUBLIC, load_meta
 from flexmoe.errors import FlexmoeError
 from flexmoe.moe import FlexMoEBlock, RouterRow, Routing, active_routing, decoder_layers, moe_blocks, routing
-from flexmoe.owner_tensors import OwnerTensors, load_owner_tensors, single_owner
+from flexmoe.owner_tensors import OwnerTensors, load_owner_tensors, owners_at
 from flexmoe.sequence_routing import SequenceRouting
 from flexmoe.signing import Trust
 from flexmoe.tokenizer import load_tokenizer
@@ -98,16 +98,7 @@ class Composed:
                 before, r.mask = r.mask, mask
                 es.callback(setattr, r, "mask", before)
         if self.owner_tensors is not None:  # read by the embedding and the LM head of this call
-            self.owner_tensors.owner_at = _owner_at(r.mask)
-
-
-def _owner_at(mask: torch.Tensor | None) -> torch.Tensor | None:
-    """``[B, S]`` or ``[B, 1]``: the owner a call's mask leaves alone at each position (0: none). The
-    anchor pass of sequence routing routes public only, so it keeps the merged tensors."""
-    if mask is None or mask.dim() < 2:
-        return None
-    at = single_owner(mask)
-    return at[:, None] if at.dim() == 1 else at
+            self.owner_tensors.owner_at = owners_at(r.mask)
 
 
 def default_device() -> str:
@@ -256,11 +247,7 @@ def generate(
     extra = {"cache_implementation": "static"} if static_cache else {}
     eos = tok.eos_token_id
     if chat:
-        if not getattr(tok, "chat_template", None) or IM_END not in tok.get_vocab():
-            raise FlexmoeError(
-                "This model has no chat template.",
-                "compose it from a post-trained anchor (flexmoe anchor train --stage sft), or drop --chat.",
-            )
+        require_chat_tokens(tok, "This model (--chat)")
         ids = torch.tensor([prompt_ids(tok, [{"role": "user", "content": prompt}])], device=composed.device)
         enc = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         eos = [tok.convert_tokens_to_ids(IM_END), tok.eos_token_id]

@@ -117,9 +117,9 @@ class SequenceRouting:
         extends = attention_mask is not None and attention_mask.shape[-1] > input_ids.shape[-1]
         if extends or (cache is not None and _cache_length(cache) > 0):
             return self._decode.get(cache) if cache is not None else None
-        m = self.margins(model, input_ids, attention_mask)
         if cache is None:  # scoring: causal, each position from the text up to it
-            return choose(m, attention_mask, allowed, self.confidence, self.decay)
+            return self.mask(model, input_ids, attention_mask, allowed)
+        m = self.margins(model, input_ids, attention_mask)
         # The prefill of a generation (a call that starts a cache): the whole prompt is given, so it
         # and everything generated after it are routed by the choice made at its end.
         last = choose(m, attention_mask, allowed, self.prompt_confidence, self.decay)[:, -1]
