@@ -2,7 +2,9 @@
 owners' own shared tensors, and the oracle (public + the domain's expert) with and without them, on a
 finished ``flexmoe demo --post-train`` workdir.
 
-    PYTHONPATH=src python benchmarks/posttrain_owner_tensors.py WORKDIR OUT.json
+    PYTHONPATH=src python benchmarks/posttrain_owner_tensors.py WORKDIR OUT.json [EVIDENCE]
+
+``EVIDENCE``: ``SequenceRouting.evidence`` (default: the package default).
 """
 
 import json
@@ -17,9 +19,10 @@ from flexmoe.signing import ALLOW_UNSIGNED
 W = Path(sys.argv[1])
 M = W / "post/models/merged"
 C = W / "post/chat"
+EV = {"evidence": sys.argv[3]} if len(sys.argv) > 3 else {}
 out = {}
 for ot in (False, True):
-    c = from_pretrained(M, trust=ALLOW_UNSIGNED, sequence_routing=SequenceRouting(owner_tensors=ot))
+    c = from_pretrained(M, trust=ALLOW_UNSIGNED, sequence_routing=SequenceRouting(owner_tensors=ot, **EV))
     out[f"sequence owner_tensors={ot}"] = {
         d: round(v["accuracy"], 3)
         for d, v in evaluate_chat(c.model, c.tokenizer, C, ("public", "code", "math", "legal"), 24).items()
@@ -27,7 +30,7 @@ for ot in (False, True):
     print(out, flush=True)
     for d in ("code", "math", "legal"):
         c = from_pretrained(
-            M, trust=ALLOW_UNSIGNED, include=[d], sequence_routing=SequenceRouting(owner_tensors=ot)
+            M, trust=ALLOW_UNSIGNED, include=[d], sequence_routing=SequenceRouting(owner_tensors=ot, **EV)
         )
         out[f"oracle {d} owner_tensors={ot}"] = round(
             evaluate_chat(c.model, c.tokenizer, C, (d,), 24)[d]["accuracy"], 3

@@ -6,6 +6,7 @@ the value after "is"/"to"; otherwise the reference's answer as a word). Used to 
 
     PYTHONPATH=src python benchmarks/posttrain_valid_routing.py MODEL CHAT_DIR N 0m 0 2 8
     ONLY=math ...   # only public + math routable (the oracle), math's conversations only
+    EVIDENCE=likelihood ...   # SequenceRouting.evidence (default: the package default)
 """
 
 import json
@@ -32,6 +33,7 @@ def answer(ref):
 torch.set_num_threads(2)
 model_dir, chat, n = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
 ONLY = os.environ.get("ONLY")
+EVIDENCE = {"evidence": os.environ["EVIDENCE"]} if os.environ.get("EVIDENCE") else {}
 grid = [None] + [(float(g.rstrip("m")), not g.endswith("m")) for g in sys.argv[4:]]
 res = {}
 for g in grid:
@@ -39,7 +41,9 @@ for g in grid:
         model_dir,
         trust=ALLOW_UNSIGNED,
         include=[ONLY] if ONLY else None,
-        sequence_routing=False if g is None else SequenceRouting(prompt_confidence=g[0], owner_tensors=g[1]),
+        sequence_routing=False
+        if g is None
+        else SequenceRouting(prompt_confidence=g[0], owner_tensors=g[1], **EVIDENCE),
     )
     print(
         "owner tensors",

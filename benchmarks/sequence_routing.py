@@ -53,8 +53,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data = split_view(w / "data", args.split, Path(tmp))
         runs = [("rows", False)] + [
-            (f"sequence conf={c} decay={dc}", SequenceRouting(confidence=float(c), decay=float(dc)))
-            for c, dc in (g.split(":") for g in args.grid)
+            (
+                f"sequence {ev} conf={c} decay={dc}",
+                SequenceRouting(confidence=float(c), decay=float(dc), evidence=ev),
+            )
+            for c, dc, ev in ((*g.split(":")[:2], (g.split(":") + ["rows"])[2]) for g in args.grid)
         ]
         for name, seq in runs:
             t = time.perf_counter()

@@ -274,7 +274,10 @@ def test_expert_choice_reaches_every_scoring_path(federation, tmp_path):
         )
 
 
-def test_sequence_routing_is_the_chosen_mask_on_every_path_and_opts_out_exactly(federation, tmp_path):
+@pytest.mark.parametrize("evidence", ["rows", "likelihood"])
+def test_sequence_routing_is_the_chosen_mask_on_every_path_and_opts_out_exactly(
+    federation, tmp_path, evidence
+):
     """With ``sequence_routing`` each position routes over public + the owner the prefix favours: the
     logits equal the model routed by that explicit mask, the scoring path that calls the decoder
     directly sees it too, and opting out by mask equals the physically removed model routed alike."""
@@ -282,11 +285,13 @@ def test_sequence_routing_is_the_chosen_mask_on_every_path_and_opts_out_exactly(
     from flexmoe.evaluate.run import load_lm
     from flexmoe.moe import Routing, routing
     from flexmoe.runtime import from_pretrained
+    from flexmoe.sequence_routing import SequenceRouting
 
     root, _, _ = federation
     torch.manual_seed(0)
     ids = torch.randint(3, 300, (2, 16))
-    seq = from_pretrained(root / "model", device="cpu", trust=ALLOW_UNSIGNED, sequence_routing=True)
+    setting = SequenceRouting(evidence=evidence, confidence=0.25 if evidence == "likelihood" else None)
+    seq = from_pretrained(root / "model", device="cpu", trust=ALLOW_UNSIGNED, sequence_routing=setting)
     rows = from_pretrained(root / "model", device="cpu", trust=ALLOW_UNSIGNED)
     with torch.no_grad():
         chosen = seq.sequence.mask(seq.model, ids)
@@ -297,10 +302,10 @@ def test_sequence_routing_is_the_chosen_mask_on_every_path_and_opts_out_exactly(
         torch.testing.assert_close(seq.model(ids).logits, want)
 
     remove(root / "model", "code", tmp_path / "without_code")
-    kw = {"device": "cpu", "trust": ALLOW_UNSIGNED, "sequence_routing": True}
+    kw = {"device": "cpu", "trust": ALLOW_UNSIGNED}
     masked, removed = (
-        load_lm(root / "model", exclude=["code"], **kw),
-        load_lm(tmp_path / "without_code", **kw),
+        load_lm(root / "model", exclude=["code"], sequence_routing=setting, **kw),
+        load_lm(tmp_path / "without_code", sequence_routing=setting, **kw),
     )
     mask, prefix = torch.ones_like(ids), torch.tensor([5, 9])
     full = masked.token_logprobs(ids, mask)
@@ -311,6 +316,42 @@ def test_sequence_routing_is_the_chosen_mask_on_every_path_and_opts_out_exactly(
         torch.testing.assert_close(a, removed.token_logprobs(ids, mask, prefix), atol=1e-5, rtol=1e-5)
         scored = a != 0
         torch.testing.assert_close(a[scored], full[scored], atol=1e-5, rtol=1e-5)
+
+
+def test_likelihood_evidence_is_each_owners_own_model_against_the_anchor(federation):
+    """``evidence="likelihood"``: an owner's margin at position t is the log-probability of token t
+    under public + that owner minus under public alone, each computed here by an independent model
+    restricted by mask; nothing at the first position, and an excluded owner is never run."""
+    from flexmoe.runtime import from_pretrained
+    from flexmoe.sequence_routing import SequenceRouting
+
+    root, _, _ = federation
+    torch.manual_seed(1)
+    ids = torch.randint(3, 300, (2, 12))
+    kw = {"device": "cpu", "trust": ALLOW_UNSIGNED}
+    c = from_pretrained(root / "model", sequence_routing=SequenceRouting(evidence="likelihood"), **kw)
+    owners = c.names[1:]
+
+    def token_lp(model):
+        with torch.no_grad():
+            lp = model(ids).logits[:, :-1].log_softmax(-1)
+        return lp.gather(-1, ids[:, 1:, None]).squeeze(-1)
+
+    anchor = token_lp(from_pretrained(root / "model", exclude=owners, **kw).model)
+    with torch.no_grad():
+        got = c.sequence.margins(c.model.get_decoder(), ids, None)
+    assert got.shape == (2, 12, len(c.names)) and not got[:, 0].any() and not got[..., 0].any()
+    for e, name in enumerate(owners, start=1):
+        want = token_lp(from_pretrained(root / "model", include=[name], **kw).model) - anchor
+        torch.testing.assert_close(got[:, 1:, e], want, atol=1e-4, rtol=1e-4)
+        assert want.abs().max() > 1e-3  # the experts do change the likelihood: a real check
+    allowed = torch.tensor([n != owners[0] for n in c.names])
+    calls = []
+    real = c.sequence._token_logprobs
+    c.sequence._token_logprobs = lambda *a: calls.append(a[-1]) or real(*a)
+    with torch.no_grad():
+        c.sequence.margins(c.model.get_decoder(), ids, None, allowed)
+    assert calls == [None, *range(2, len(c.names))]  # the anchor, then every allowed owner
 
 
 def test_composition_with_sequence_routing_keeps_alone_and_oracle_by_rows(federation, demo_data, tmp_path):

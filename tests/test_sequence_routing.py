@@ -66,7 +66,7 @@ def test_public_only_model_and_decode_steps():
         def get_seq_length(self):
             return self.n
 
-    s = SequenceRouting()
+    s = SequenceRouting(evidence="rows")
     cache = Cache(4)
     s._decode[cache] = torch.tensor([[T, F, T]])
     one = torch.ones(1, 1, dtype=torch.long)
@@ -78,7 +78,7 @@ def test_public_only_model_and_decode_steps():
 
 def test_generation_commits_at_the_end_of_the_prompt():
     class Fixed(SequenceRouting):
-        def margins(self, model, input_ids, attention_mask):
+        def margins(self, model, input_ids, attention_mask, allowed=None):
             return _margins([[1, 0.5], [1, 0.5]])  # a leads b by 1 at the end: below confidence 8
 
     class Cache:
@@ -86,7 +86,7 @@ def test_generation_commits_at_the_end_of_the_prompt():
             return 0
 
     ids = torch.ones(1, 2, dtype=torch.long)
-    s, cache = Fixed(), Cache()
+    s, cache = Fixed(confidence=8.0), Cache()
     prefill = s.mask_for_call(None, ids, None, cache, None)
     # the whole prompt and what follows: public and a, the prompt's leader at its end
     assert prefill[0].tolist() == [[T, T, F], [T, T, F]]

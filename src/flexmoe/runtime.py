@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,6 +90,13 @@ class Composed:
             target.register_forward_hook(post, always_call=True),
         ]
 
+    def use_owner(self, expert: int | None) -> None:
+        """Every position of the next calls computes with ``expert``'s own shared tensors (None: the
+        merge); the likelihood evidence of sequence routing runs each owner's own model this way."""
+        if self.owner_tensors is not None:
+            at = None if expert is None else torch.full((1, 1), expert, device=self.device)
+            self.owner_tensors.owner_at = at
+
     def _narrow(self, module, r: Routing, es: contextlib.ExitStack, args, kwargs) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)
         if r.mask is None or r.mask.dim() <= 2:  # else the caller routes per token: its choice stands
@@ -152,13 +160,18 @@ def from_pretrained(
     model.eval()
     composed = Composed(model, load_tokenizer(path), names, meta)
     if sequence_routing:  # True: the defaults; or a SequenceRouting with its own settings
+        # a copy: the setting is bound to this model's head below, and a caller may load several
         composed.sequence = (
-            sequence_routing if isinstance(sequence_routing, SequenceRouting) else SequenceRouting()
+            dataclasses.replace(sequence_routing)
+            if isinstance(sequence_routing, SequenceRouting)
+            else SequenceRouting()
         )
         if composed.sequence.owner_tensors:
             composed.owner_tensors = load_owner_tensors(path, meta, names, model)
             if composed.owner_tensors is not None:
                 composed.owner_tensors.install(model)
+        composed.sequence.head = model.get_output_embeddings()
+        composed.sequence.use_owner = composed.use_owner
     composed.install_default_routing()
     composed.set_experts(include, exclude)
     return composed

@@ -9,9 +9,14 @@ not in the mixture. A single token is weak evidence of its domain; the prefix is
 
 How (flexmoe's runtime only; the stock ``flex_olmo`` export routes by the rows):
 
-1. An anchor pass: the same model with only the public expert routed (exactly the dense anchor), whose
-   MoE layers' inputs ``h`` give each owner's margin over public, ``m_j = r_j.h - r_public.h`` (with
-   the learned biases when they are loaded), averaged over layers.
+1. Each owner's margin over public per position, from one of two kinds of evidence (``evidence``):
+   - ``"likelihood"`` (default): ``log p(x_t | x_<t)`` under public + that owner (exactly the 2-expert
+     model the owner trained) minus under public alone (the dense anchor): one pass per owner and one
+     anchor pass. Bayes' rule on the prefix, as BTM weighs its experts, but choosing among FFN experts of
+     one model, so what runs at a position is still one MoE pass with two experts.
+   - ``"rows"``: each owner's router margin ``r_j.h - r_public.h`` in the anchor pass (with the learned
+     biases when loaded), averaged over the MoE layers: one pass, no LM head, but a row is a weak witness
+     on another owner's text (code on `small`: retention 0.69 against 0.99 with likelihood).
 2. Each owner's evidence at position t: the sum of its margins over positions <= t (padding excluded),
    older positions down-weighted by ``decay`` per position. Causal, so scoring and generation see the
    decision a left-to-right reader would.
@@ -25,47 +30,84 @@ the prompt and every generated token are routed by one choice made at the prompt
 ``prompt_confidence`` (default 0: public or the owner with the most evidence, whichever leads).
 "Not decided yet" would leave every generated token to the rows, which is what sequence routing is
 there to avoid, and a chat prompt is short: on the tiny post-training demo's math prompts the right
-owner leads by about 2, below ``confidence``, on every prompt. Calls without a cache (scoring, perplexity)
-stay causal, so no position is ever routed by a later token.
+owner leads by about 2 (rows), below ``confidence``, on every prompt. Calls without a cache (scoring,
+perplexity) stay causal, so no position is ever routed by a later token; decode steps reuse the prefill's
+choice and cost nothing extra.
 
-Only the rows are used: no statistics, no data. Removing an owner removes a candidate, so opt-out stays
-exact (the remaining owners' decisions are recomputed from what remains). Cost: one more forward pass
-per call (the anchor pass) on top of the MoE pass.
+Only the owners' own models are used: no statistics, no data. Removing an owner removes a candidate, so
+opt-out stays exact (the remaining owners' decisions are recomputed from what remains). Cost per call
+on top of the MoE pass: likelihood, ``E`` more passes (the anchor and one per allowed owner, each the
+anchor plus one FFN); rows, one (the anchor pass).
 
-The defaults (confidence 8, decay 0.98) were chosen on the validation splits of the tiny and the
-`small` demo federation; BENCHMARKS.md ("Sequence routing") holds the tables.
+The defaults (likelihood: confidence 0.5 nats, no decay; rows: confidence 8, decay 0.98) were chosen on the
+validation splits of the tiny and the `small` demo federation; BENCHMARKS.md ("Sequence routing")
+holds the tables.
 """
 
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
+from flexmoe.errors import FlexmoeError
 from flexmoe.moe import Routing, moe_blocks, routing
 
 #: the routing name recorded in reports for models routed this way
 NAME = "sequence"
+#: the defaults per kind of evidence (confidence: router-margin units for the rows, nats for likelihood)
+CONFIDENCE = {"likelihood": 0.5, "rows": 8.0}
+DECAY = {"likelihood": 1.0, "rows": 0.98}
 
 
 @dataclass
 class SequenceRouting:
     """The per-position expert choice of one composed model (see the module docstring)."""
 
-    confidence: float = 8.0
-    decay: float = 0.98
+    confidence: float | None = None  # None: the evidence's default (``CONFIDENCE``)
+    decay: float | None = None  # None: the evidence's default (``DECAY``)
     prompt_confidence: float = 0.0
     #: positions given to one owner compute with that owner's own shared tensors (post-trained
     #: owners' embeddings and LM head, ``flexmoe.owner_tensors``) instead of their merge
     owner_tensors: bool = True
+    #: where an owner's margin over public comes from: ``"rows"`` (its router row in one anchor pass) or
+    #: ``"likelihood"`` (its 2-expert model's log-likelihood of each token over the anchor's, one pass
+    #: per owner; ``confidence`` is then in nats)
+    evidence: str = "likelihood"
+    #: ``hidden [N, H] -> logits [N, V]`` and the owner-tensor switch, set by the runtime (likelihood)
+    head: Callable | None = field(default=None, repr=False, init=False)
+    use_owner: Callable[[int | None], None] | None = field(default=None, repr=False, init=False)
     #: ``[B, E]`` the choice of the last prefill (read by the server, which keeps it per request)
-    last_choice: torch.Tensor | None = field(default=None, repr=False)
-    _decode: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary, repr=False)
-    _busy: bool = field(default=False, repr=False)
+    last_choice: torch.Tensor | None = field(default=None, repr=False, init=False)
+    _decode: weakref.WeakKeyDictionary = field(
+        default_factory=weakref.WeakKeyDictionary, repr=False, init=False
+    )
+    _busy: bool = field(default=False, repr=False, init=False)
+
+    def __post_init__(self) -> None:
+        if self.evidence not in CONFIDENCE:
+            raise FlexmoeError(
+                f"Unknown sequence-routing evidence {self.evidence!r}.",
+                f"use one of {', '.join(CONFIDENCE)}.",
+            )
+        if self.confidence is None:
+            self.confidence = CONFIDENCE[self.evidence]
+        if self.decay is None:
+            self.decay = DECAY[self.evidence]
 
     @torch.no_grad()
-    def margins(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    def margins(self, model, input_ids, attention_mask, allowed=None) -> torch.Tensor:
+        """``[B, S, E]`` each expert's margin over public per position (public's own column is 0)."""
+        if self.evidence == "likelihood":
+            return self.likelihood_margins(model, input_ids, attention_mask, allowed)
+        return self.row_margins(model, input_ids, attention_mask)
+
+    @torch.no_grad()
+    def row_margins(
+        self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> torch.Tensor:
         """``[B, S, E]`` each expert's router margin over public, averaged over the MoE layers, in the
         anchor pass (public's own column is 0)."""
 
@@ -74,6 +116,50 @@ class SequenceRouting:
             return logits - logits[..., :1]
 
         return torch.stack(self.anchor_pass(model, input_ids, attention_mask, margin)).mean(0)
+
+    @torch.no_grad()
+    def likelihood_margins(self, model, input_ids, attention_mask, allowed=None) -> torch.Tensor:
+        """``[B, S, E]``: at position t, ``log p(x_t | x_<t)`` under public + expert e (e's own 2-expert
+        model) minus under public alone (the anchor); 0 at the first position and after padding."""
+        if self.head is None:
+            raise RuntimeError("likelihood evidence needs the LM head: load with runtime.from_pretrained")
+        E = moe_blocks(model)[0].num_experts
+        B, S = input_ids.shape
+        out = torch.zeros(B, S, E, device=input_ids.device)
+        wanted = torch.ones(E, dtype=torch.bool) if allowed is None else allowed.bool().reshape(-1, E).any(0)
+        base = self._token_logprobs(model, input_ids, attention_mask, None)
+        for e in range(1, E):
+            if bool(wanted[e]):
+                out[:, 1:, e] = self._token_logprobs(model, input_ids, attention_mask, e) - base
+        if attention_mask is not None:  # a token after padding was predicted from nothing
+            out[:, 1:] *= (attention_mask[:, :-1] * attention_mask[:, 1:])[..., None].to(out.dtype)
+        return out
+
+    def _token_logprobs(self, model, input_ids, attention_mask, expert: int | None) -> torch.Tensor:
+        """``[B, S-1]`` each next token's log-probability with public (+ ``expert``) routable."""
+        E = moe_blocks(model)[0].num_experts
+        only = torch.zeros(E, dtype=torch.bool, device=input_ids.device)
+        only[0] = True
+        if expert is not None:
+            only[expert] = True
+        self._busy = True
+        if self.use_owner is not None:
+            self.use_owner(expert)
+        decoder = model.get_decoder() if model.get_output_embeddings() is not None else model
+        try:
+            with routing(Routing(mask=only)):
+                h = decoder(
+                    input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+                ).last_hidden_state
+            rows = [  # one row at a time: the [S, V] log-softmax, not [B, S, V]
+                self.head(h[b, :-1]).float().log_softmax(-1).gather(-1, input_ids[b, 1:, None]).squeeze(-1)
+                for b in range(h.shape[0])
+            ]
+        finally:
+            self._busy = False
+            if self.use_owner is not None:
+                self.use_owner(None)
+        return torch.stack(rows)
 
     @torch.no_grad()
     def anchor_pass(self, model, input_ids, attention_mask, per_layer) -> list:
@@ -106,7 +192,7 @@ class SequenceRouting:
     ) -> torch.Tensor:
         """``[B, S, E]`` bool: the routable experts at every position (``allowed``: ``[E]`` or ``[B, E]``,
         the experts the caller permits, e.g. after ``include``/``exclude``)."""
-        m = self.margins(model, input_ids, attention_mask)
+        m = self.margins(model, input_ids, attention_mask, allowed)
         return choose(m, attention_mask, allowed, self.confidence, self.decay)
 
     def mask_for_call(self, model, input_ids, attention_mask, cache, allowed) -> torch.Tensor | None:
@@ -119,7 +205,7 @@ class SequenceRouting:
             return self._decode.get(cache) if cache is not None else None
         if cache is None:  # scoring: causal, each position from the text up to it
             return self.mask(model, input_ids, attention_mask, allowed)
-        m = self.margins(model, input_ids, attention_mask)
+        m = self.margins(model, input_ids, attention_mask, allowed)
         # The prefill of a generation (a call that starts a cache): the whole prompt is given, so it
         # and everything generated after it are routed by the choice made at its end.
         last = choose(m, attention_mask, allowed, self.prompt_confidence, self.decay)[:, -1]
