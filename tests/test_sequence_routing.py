@@ -77,8 +77,11 @@ def test_public_only_model_and_decode_steps():
 
 
 def test_generation_commits_at_the_end_of_the_prompt():
+    asked = []
+
     class Fixed(SequenceRouting):
-        def margins(self, model, input_ids, attention_mask, allowed=None):
+        def margins(self, model, input_ids, attention_mask, allowed=None, evidence=None):
+            asked.append(evidence)
             return _margins([[1, 0.5], [1, 0.5]])  # a leads b by 1 at the end: below confidence 8
 
     class Cache:
@@ -96,3 +99,15 @@ def test_generation_commits_at_the_end_of_the_prompt():
     assert strict._decode[cache].tolist() == [[T, T, T]]  # below the confidence: left to the rows
     # scoring (no cache) stays causal: by the confidence rule at each position, undecided here
     assert s.mask_for_call(None, ids, None, None, None)[0].tolist() == [[T, T, T], [T, T, T]]
+    # the prompt's choice reads the rows (``prompt_evidence``), scoring the default evidence
+    assert Fixed().prompt_evidence == "rows" and asked[0] == "rows" and asked[-1] is None
+
+
+def test_unknown_evidence_is_refused_with_the_choices():
+    import pytest
+
+    from flexmoe.errors import FlexmoeError
+
+    with pytest.raises(FlexmoeError, match="likelihood, rows"):
+        SequenceRouting(evidence="vibes")
+    assert SequenceRouting().confidence == 0.5 and SequenceRouting(evidence="rows").decay == 0.98

@@ -26,8 +26,9 @@ How (flexmoe's runtime only; the stock ``flex_olmo`` export routes by the rows):
    only; otherwise (not decided yet) every expert, the rows choosing per token.
 
 Generation (a model call that starts a cache, as ``generate`` makes): the whole prompt is given, so
-the prompt and every generated token are routed by one choice made at the prompt's end with
-``prompt_confidence`` (default 0: public or the owner with the most evidence, whichever leads).
+the prompt and every generated token are routed by one choice made at the prompt's end from
+``prompt_evidence`` (default the rows: see the field) with ``prompt_confidence`` (default 0: public or
+the owner with the most evidence, whichever leads).
 "Not decided yet" would leave every generated token to the rows, which is what sequence routing is
 there to avoid, and a chat prompt is short: on the tiny post-training demo's math prompts the right
 owner leads by about 2 (rows), below ``confidence``, on every prompt. Calls without a cache (scoring,
@@ -76,6 +77,12 @@ class SequenceRouting:
     #: ``"likelihood"`` (its 2-expert model's log-likelihood of each token over the anchor's, one pass
     #: per owner; ``confidence`` is then in nats)
     evidence: str = "likelihood"
+    #: the evidence of a generation's one choice at the prompt's end (with its default decay). Rows: a
+    #: post-trained owner's model finds every chat prompt likelier than the anchor does (it learned the
+    #: chat format more), so on chat prompts the likelihood names the most chat-trained owner, not the
+    #: prompt's domain (tiny post-training demo, valid prompts: math's owner chosen for 6 of 40 math
+    #: prompts by likelihood, 26 by the rows; public chat kept public 2 vs 32 times)
+    prompt_evidence: str = "rows"
     #: ``hidden [N, H] -> logits [N, V]`` and the owner-tensor switch, set by the runtime (likelihood)
     head: Callable | None = field(default=None, repr=False, init=False)
     use_owner: Callable[[int | None], None] | None = field(default=None, repr=False, init=False)
@@ -87,20 +94,21 @@ class SequenceRouting:
     _busy: bool = field(default=False, repr=False, init=False)
 
     def __post_init__(self) -> None:
-        if self.evidence not in CONFIDENCE:
-            raise FlexmoeError(
-                f"Unknown sequence-routing evidence {self.evidence!r}.",
-                f"use one of {', '.join(CONFIDENCE)}.",
-            )
+        for kind in (self.evidence, self.prompt_evidence):
+            if kind not in CONFIDENCE:
+                raise FlexmoeError(
+                    f"Unknown sequence-routing evidence {kind!r}.", f"use one of {', '.join(CONFIDENCE)}."
+                )
         if self.confidence is None:
             self.confidence = CONFIDENCE[self.evidence]
         if self.decay is None:
             self.decay = DECAY[self.evidence]
 
     @torch.no_grad()
-    def margins(self, model, input_ids, attention_mask, allowed=None) -> torch.Tensor:
-        """``[B, S, E]`` each expert's margin over public per position (public's own column is 0)."""
-        if self.evidence == "likelihood":
+    def margins(self, model, input_ids, attention_mask, allowed=None, evidence=None) -> torch.Tensor:
+        """``[B, S, E]`` each expert's margin over public per position (public's own column is 0), from
+        ``evidence`` (default ``self.evidence``)."""
+        if (evidence or self.evidence) == "likelihood":
             return self.likelihood_margins(model, input_ids, attention_mask, allowed)
         return self.row_margins(model, input_ids, attention_mask)
 
@@ -205,10 +213,11 @@ class SequenceRouting:
             return self._decode.get(cache) if cache is not None else None
         if cache is None:  # scoring: causal, each position from the text up to it
             return self.mask(model, input_ids, attention_mask, allowed)
-        m = self.margins(model, input_ids, attention_mask, allowed)
+        m = self.margins(model, input_ids, attention_mask, allowed, self.prompt_evidence)
         # The prefill of a generation (a call that starts a cache): the whole prompt is given, so it
         # and everything generated after it are routed by the choice made at its end.
-        last = choose(m, attention_mask, allowed, self.prompt_confidence, self.decay)[:, -1]
+        decay = DECAY[self.prompt_evidence]
+        last = choose(m, attention_mask, allowed, self.prompt_confidence, decay)[:, -1]
         self._decode[cache] = self.last_choice = last
         return last[:, None, :].expand(-1, input_ids.shape[1], -1)
 
