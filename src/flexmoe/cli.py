@@ -632,9 +632,10 @@ def router_train_cmd(
 SEQUENCE_ROUTING = typer.Option(
     False,
     "--sequence-routing",
-    help="Route each position to public + at most one owner chosen from the text so far (generation: "
-    "the prompt chooses; a post-trained owner's positions use its own shared tensors; flexmoe's runtime "
-    "only; one extra forward pass per call).",
+    help="Route each position to public + at most one owner chosen from the text so far: by each owner's "
+    "own model's likelihood of it when scoring (one extra pass per owner and one anchor pass), by the "
+    "router rows at a generation's prompt (one extra pass); a post-trained owner's positions use its own "
+    "shared tensors; flexmoe's runtime only.",
 )
 
 
