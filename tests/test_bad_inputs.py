@@ -431,6 +431,16 @@ CASES = [
         r"--kl 0.1 is not usable.*--stage rl",
     ),
     (
+        "eval-sequence-evidence-alone",
+        ["eval", "{M}", "--data", "{D}", "--sequence-evidence", "rows"],
+        r"--sequence-evidence rows without --sequence-routing.*add --sequence-routing",
+    ),
+    (
+        "route-sequence-evidence-unknown",
+        ["route", "{M}", "--text", "x", "--sequence-routing", "--sequence-evidence", "vibes"],
+        r"Unknown sequence-routing evidence 'vibes'.*likelihood, rows",
+    ),
+    (
         "generate-chat-no-template",
         ["generate", "{M}", "--prompt", "x", "--chat"],
         r"no chat template.*--stage sft",

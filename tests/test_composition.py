@@ -370,6 +370,12 @@ def test_composition_with_sequence_routing_keeps_alone_and_oracle_by_rows(federa
     assert "Composition (routing: sequence)" in r.output
     by_rows, by_seq = (json.loads((tmp_path / f).read_text()) for f in ("rows.json", "seq.json"))
     assert by_seq["composition"]["routing"] == "sequence"
+    r = CliRunner().invoke(
+        app, [*args, "--sequence-routing", "--sequence-evidence", "rows", "--out", str(tmp_path / "sr.json")]
+    )
+    assert r.exit_code == 0, r.output
+    by_seq_rows = json.loads((tmp_path / "sr.json").read_text())
+    assert by_seq_rows["composition"]["routing"] == "sequence-rows"
     for key in ("anchor", "alone:code", "alone:math", "oracle:code", "oracle:math"):
         assert by_seq["perplexity"][key] == pytest.approx(by_rows["perplexity"][key], rel=1e-5), key
     hf = tmp_path / "hf"  # a plain HF model cannot be sequence-routed: a clear error, no traceback

@@ -39,6 +39,7 @@ from flexmoe.router.train import RouterTrainSettings, train_router
 from flexmoe.router_init import default_router_init
 from flexmoe.routing_stats import compute_for_package, publish_anchor_stats
 from flexmoe.runtime import from_pretrained, generate, routing_shares
+from flexmoe.sequence_routing import SequenceRouting
 from flexmoe.serve.cli import register as register_serve
 from flexmoe.signing import Trust, generate_keys, key_id, load_private_key
 from flexmoe.training import is_main
@@ -639,6 +640,23 @@ SEQUENCE_ROUTING = typer.Option(
 )
 
 
+SEQUENCE_EVIDENCE = typer.Option(
+    None,
+    "--sequence-evidence",
+    help="With --sequence-routing: 'likelihood' (default; the owners' own models score the text so far, "
+    "one pass per owner) or 'rows' (the router rows in one anchor pass: cheaper, weaker).",
+)
+
+
+def _sequence(on: bool, evidence: str | None):
+    """``from_pretrained``'s ``sequence_routing`` from the two CLI options."""
+    if evidence is not None and not on:
+        raise FlexmoeError(
+            f"--sequence-evidence {evidence} without --sequence-routing.", "add --sequence-routing."
+        )
+    return SequenceRouting(evidence=evidence) if on and evidence else on
+
+
 def _composed(model, include, exclude, use_bias, sequence_routing, trust, allow_unsigned):
     """A composed model as a model user loads it: signature verified, expert choice, routing mode."""
     t = Trust.from_paths(trust, allow_unsigned=allow_unsigned)
@@ -689,11 +707,13 @@ def route_cmd(
     use_bias: bool = typer.Option(False, help="Apply the learned router biases."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
     sequence_routing: bool = SEQUENCE_ROUTING,
+    sequence_evidence: str = SEQUENCE_EVIDENCE,
     trust: list[Path] = MODEL_TRUST,
     allow_unsigned: bool = MODEL_ALLOW_UNSIGNED,
 ) -> None:
     """Model user: the share of routing weight each expert received (over tokens and layers)."""
-    c = _composed(model, include, exclude, use_bias, sequence_routing, trust, allow_unsigned)
+    seq = _sequence(sequence_routing, sequence_evidence)
+    c = _composed(model, include, exclude, use_bias, seq, trust, allow_unsigned)
     shares = routing_shares(c, text)
     if as_json:
         _print_json(shares)
@@ -730,6 +750,7 @@ def eval_cmd(
     ),
     public: str = typer.Option("public", "--public", help="The public domain's name (for --composition)."),
     sequence_routing: bool = SEQUENCE_ROUTING,
+    sequence_evidence: str = SEQUENCE_EVIDENCE,
     trust: list[Path] = MODEL_TRUST,
     allow_unsigned: bool = MODEL_ALLOW_UNSIGNED,
 ) -> None:
@@ -738,6 +759,7 @@ def eval_cmd(
     if limit is not None and limit < 1:
         raise FlexmoeError(f"--limit {limit} is below 1.", "pass a positive number of documents/items.")
     t = Trust.from_paths(trust, allow_unsigned=allow_unsigned)
+    sequence_routing = _sequence(sequence_routing, sequence_evidence)
     if composition:
         setup = CompositionSetup(
             model,

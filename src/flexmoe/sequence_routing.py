@@ -93,6 +93,11 @@ class SequenceRouting:
     )
     _busy: bool = field(default=False, repr=False, init=False)
 
+    @property
+    def name(self) -> str:
+        """The routing name reports record: ``"sequence"``, or ``"sequence-rows"`` for the rows' evidence."""
+        return NAME if self.evidence == "likelihood" else f"{NAME}-{self.evidence}"
+
     def __post_init__(self) -> None:
         for kind in (self.evidence, self.prompt_evidence):
             if kind not in CONFIDENCE:

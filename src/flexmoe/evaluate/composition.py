@@ -46,7 +46,6 @@ from flexmoe.fileio import read_json
 from flexmoe.moe import moe_blocks
 from flexmoe.moe import routing as moe_routing
 from flexmoe.runtime import from_pretrained
-from flexmoe.sequence_routing import NAME as SEQUENCE
 from flexmoe.sequence_routing import SequenceRouting
 from flexmoe.signing import ALLOW_UNSIGNED, Trust
 
@@ -299,7 +298,7 @@ def composition_perplexities(setup: CompositionSetup, progress=None) -> tuple[di
     c = bench.c
     owners = _owners(setup, c.names, list(found))
     scored = [setup.public, *owners]
-    routed = SEQUENCE if setup.sequence_routing else routing_name(c.meta)
+    routed = bench.sequence.name if setup.sequence_routing else routing_name(c.meta)
     info = {"owners": owners, "routing": routed, "alone": {}}
     if setup.anchor is not None:
         bench.score("anchor", HFLM(load_anchor(setup.anchor).to(setup.device).eval(), c.tokenizer), scored)
