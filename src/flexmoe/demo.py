@@ -502,10 +502,13 @@ def inference_costs(anchor: Path, models: Path, p: DemoPreset, trust: Trust | No
         "flexolmo": inference_cost(
             config, "moe", seq_len, top_k=load_meta(models / "flexolmo", trust)["top_k"]
         ),
-        # the anchor pass that chooses the owner, then the MoE pass over public + that owner
+        # as scored here (likelihood evidence): the anchor pass, each owner's own model (public + its
+        # expert), then the MoE pass over public + the chosen owner. Generating costs one MoE pass per
+        # token after one anchor pass over the prompt.
         "flexolmo_sequence": {
-            "forward_passes": 2,
-            "flops": dense["flops"] + inference_cost(config, "moe", seq_len, top_k=2)["flops"],
+            "forward_passes": 2 + len(OWNERS),
+            "flops": dense["flops"]
+            + (1 + len(OWNERS)) * inference_cost(config, "moe", seq_len, top_k=2)["flops"],
         },
     }
 
