@@ -193,7 +193,9 @@ def headline_markdown(h: dict) -> list[str]:
         "Average: mean of the task scores (cloze acc_norm, math exact match), interval from each task's "
         "binomial variance. Tasks: Wilson intervals. Perplexity: percentile bootstrap over test documents. "
         f"Items per task: {n_items}; test documents per domain: {docs}. Cost: dense forward passes and "
-        "matmul FLOPs per generated token (BTM runs every dense model on every token).",
+        "matmul FLOPs per token (BTM runs every dense model on every token; flexolmo_sequence as scored "
+        "here: the anchor, each owner's own model and the MoE pass, while generating costs one MoE pass "
+        "per token after one anchor pass over the prompt).",
         "",
     ]
     return lines
