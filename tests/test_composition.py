@@ -393,6 +393,7 @@ def test_sequence_routing_generates_with_the_prefill_choice_for_decode_steps(fed
 
     root, _, _ = federation
     c = from_pretrained(root / "model", device="cpu", trust=ALLOW_UNSIGNED, sequence_routing=True)
+    assert c.sequence.prompt_evidence is None  # a base model: the prompt is chosen by the likelihood
     seen, real = [], c.sequence.mask_for_call
 
     def spy(*args):

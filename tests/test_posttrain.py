@@ -679,6 +679,7 @@ def test_generate_chat_answers_in_the_template(post, tmp_path):
     res = CliRunner().invoke(app, [*argv, "--sequence-routing", "--allow-unsigned"])
     assert res.exit_code == 0, res.output
     c = from_pretrained(tmp_path / "m", trust=ALLOW_UNSIGNED, sequence_routing=True, device="cpu")
+    assert c.sequence.prompt_evidence == "rows"  # a chat model's prompt is chosen by the rows
     [ids] = chat_generate(c.model, c.tokenizer, [[{"role": "user", "content": "What is 2 + 3?"}]], 6)
     assert res.output.strip() == reply_text(c.tokenizer, ids).strip()
 

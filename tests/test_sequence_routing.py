@@ -99,8 +99,11 @@ def test_generation_commits_at_the_end_of_the_prompt():
     assert strict._decode[cache].tolist() == [[T, T, T]]  # below the confidence: left to the rows
     # scoring (no cache) stays causal: by the confidence rule at each position, undecided here
     assert s.mask_for_call(None, ids, None, None, None)[0].tolist() == [[T, T, T], [T, T, T]]
-    # the prompt's choice reads the rows (``prompt_evidence``), scoring the default evidence
-    assert Fixed().prompt_evidence == "rows" and asked[0] == "rows" and asked[-1] is None
+    # unset, the prompt's choice reads the scoring evidence; set, its own (the runtime sets the rows
+    # for chat models)
+    assert asked[0] == "likelihood" and asked[-1] is None
+    Fixed(prompt_evidence="rows").mask_for_call(None, ids, None, Cache(), None)
+    assert asked[-1] == "rows"
 
 
 def test_unknown_evidence_is_refused_with_the_choices():

@@ -123,8 +123,13 @@ def add_chat_template(tokenizer, model=None) -> int:
     return added
 
 
+def has_chat_template(tokenizer) -> bool:
+    """Whether ``tokenizer`` carries flexmoe's chat tokens and a chat template (a post-trained model)."""
+    return has_chat_tokens(tokenizer) and bool(getattr(tokenizer, "chat_template", None))
+
+
 def require_chat_tokens(tokenizer, where: str) -> None:
-    if not has_chat_tokens(tokenizer) or not tokenizer.chat_template:
+    if not has_chat_template(tokenizer):
         raise FlexmoeError(
             f"{where} has no chat template.",
             "post-train the anchor first: "

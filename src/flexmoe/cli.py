@@ -634,9 +634,9 @@ SEQUENCE_ROUTING = typer.Option(
     False,
     "--sequence-routing",
     help="Route each position to public + at most one owner chosen from the text so far: by each owner's "
-    "own model's likelihood of it when scoring (one extra pass per owner and one anchor pass), by the "
-    "router rows at a generation's prompt (one extra pass); a post-trained owner's positions use its own "
-    "shared tensors; flexmoe's runtime only.",
+    "own model's likelihood of it (one extra pass per owner and one anchor pass; in generation once, at "
+    "the prompt; chat models choose by the router rows there, one pass); a post-trained owner's "
+    "positions use its own shared tensors; flexmoe's runtime only.",
 )
 
 

@@ -504,7 +504,7 @@ def inference_costs(anchor: Path, models: Path, p: DemoPreset, trust: Trust | No
         ),
         # as scored here (likelihood evidence): the anchor pass, each owner's own model (public + its
         # expert), then the MoE pass over public + the chosen owner. Generating costs one MoE pass per
-        # token after one anchor pass over the prompt.
+        # token after the prompt's choice.
         "flexolmo_sequence": {
             "forward_passes": 2 + len(OWNERS),
             "flops": dense["flops"]

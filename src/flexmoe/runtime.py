@@ -23,13 +23,13 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, TextStreamer
 
-from flexmoe.chat import IM_END, prompt_ids, require_chat_tokens
+from flexmoe.chat import IM_END, has_chat_template, prompt_ids, require_chat_tokens
 from flexmoe.checkpoint import TensorReader
 from flexmoe.compose import BIAS_FILE, PUBLIC, load_meta
 from flexmoe.errors import FlexmoeError
 from flexmoe.moe import FlexMoEBlock, RouterRow, Routing, active_routing, decoder_layers, moe_blocks, routing
 from flexmoe.owner_tensors import OwnerTensors, load_owner_tensors, owners_at
-from flexmoe.sequence_routing import SequenceRouting
+from flexmoe.sequence_routing import CHAT_PROMPT_EVIDENCE, SequenceRouting
 from flexmoe.signing import Trust
 from flexmoe.tokenizer import load_tokenizer
 
@@ -172,6 +172,8 @@ def from_pretrained(
                 composed.owner_tensors.install(model)
         composed.sequence.head = model.get_output_embeddings()
         composed.sequence.use_owner = composed.use_owner
+        if composed.sequence.prompt_evidence is None and has_chat_template(composed.tokenizer):
+            composed.sequence.prompt_evidence = CHAT_PROMPT_EVIDENCE
     composed.install_default_routing()
     composed.set_experts(include, exclude)
     return composed

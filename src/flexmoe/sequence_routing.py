@@ -27,8 +27,9 @@ How (flexmoe's runtime only; the stock ``flex_olmo`` export routes by the rows):
 
 Generation (a model call that starts a cache, as ``generate`` makes): the whole prompt is given, so
 the prompt and every generated token are routed by one choice made at the prompt's end from
-``prompt_evidence`` (default the rows: see the field) with ``prompt_confidence`` (default 0: public or
-the owner with the most evidence, whichever leads).
+``prompt_evidence`` (default: the likelihood for base models, the rows for chat models, see
+``CHAT_PROMPT_EVIDENCE``) with ``prompt_confidence`` (default 0: public or the owner with the most
+evidence, whichever leads).
 "Not decided yet" would leave every generated token to the rows, which is what sequence routing is
 there to avoid, and a chat prompt is short: on the tiny post-training demo's math prompts the right
 owner leads by about 2 (rows), below ``confidence``, on every prompt. Calls without a cache (scoring,
@@ -41,8 +42,8 @@ on top of the MoE pass: likelihood, ``E`` more passes (the anchor and one per al
 anchor plus one FFN); rows, one (the anchor pass).
 
 The defaults (likelihood: confidence 0.5 nats, no decay; rows: confidence 8, decay 0.98) were chosen on the
-validation splits of the tiny and the `small` demo federation; BENCHMARKS.md ("Sequence routing")
-holds the tables.
+validation splits of the tiny and the `small` demo federation; BENCHMARKS.md ("Sequence routing",
+"Likelihood evidence") holds the tables.
 """
 
 from __future__ import annotations
@@ -61,6 +62,11 @@ NAME = "sequence"
 #: the defaults per kind of evidence (confidence: router-margin units for the rows, nats for likelihood)
 CONFIDENCE = {"likelihood": 0.5, "rows": 8.0}
 DECAY = {"likelihood": 1.0, "rows": 0.98}
+#: a chat prompt's choice reads the rows: a post-trained owner's model finds *every* chat prompt likelier
+#: than the anchor does (it learned the chat format more), so there the likelihood names the most
+#: chat-trained owner, not the prompt's domain (tiny post-training demo, valid prompts: math's owner
+#: chosen for 6 of 40 math prompts by likelihood, 26 by the rows; public chat kept public 2 vs 32 times)
+CHAT_PROMPT_EVIDENCE = "rows"
 
 
 @dataclass
@@ -77,12 +83,9 @@ class SequenceRouting:
     #: ``"likelihood"`` (its 2-expert model's log-likelihood of each token over the anchor's, one pass
     #: per owner; ``confidence`` is then in nats)
     evidence: str = "likelihood"
-    #: the evidence of a generation's one choice at the prompt's end (with its default decay). Rows: a
-    #: post-trained owner's model finds every chat prompt likelier than the anchor does (it learned the
-    #: chat format more), so on chat prompts the likelihood names the most chat-trained owner, not the
-    #: prompt's domain (tiny post-training demo, valid prompts: math's owner chosen for 6 of 40 math
-    #: prompts by likelihood, 26 by the rows; public chat kept public 2 vs 32 times)
-    prompt_evidence: str = "rows"
+    #: the evidence of a generation's one choice at the prompt's end (with its default decay); None:
+    #: the runtime picks ``CHAT_PROMPT_EVIDENCE`` for a model with a chat template, else ``evidence``
+    prompt_evidence: str | None = None
     #: ``hidden [N, H] -> logits [N, V]`` and the owner-tensor switch, set by the runtime (likelihood)
     head: Callable | None = field(default=None, repr=False, init=False)
     use_owner: Callable[[int | None], None] | None = field(default=None, repr=False, init=False)
@@ -99,7 +102,7 @@ class SequenceRouting:
         return NAME if self.evidence == "likelihood" else f"{NAME}-{self.evidence}"
 
     def __post_init__(self) -> None:
-        for kind in (self.evidence, self.prompt_evidence):
+        for kind in (self.evidence, self.prompt_evidence or self.evidence):
             if kind not in CONFIDENCE:
                 raise FlexmoeError(
                     f"Unknown sequence-routing evidence {kind!r}.", f"use one of {', '.join(CONFIDENCE)}."
@@ -218,10 +221,11 @@ class SequenceRouting:
             return self._decode.get(cache) if cache is not None else None
         if cache is None:  # scoring: causal, each position from the text up to it
             return self.mask(model, input_ids, attention_mask, allowed)
-        m = self.margins(model, input_ids, attention_mask, allowed, self.prompt_evidence)
+        kind = self.prompt_evidence or self.evidence
+        m = self.margins(model, input_ids, attention_mask, allowed, kind)
         # The prefill of a generation (a call that starts a cache): the whole prompt is given, so it
         # and everything generated after it are routed by the choice made at its end.
-        decay = DECAY[self.prompt_evidence]
+        decay = DECAY[kind]
         last = choose(m, attention_mask, allowed, self.prompt_confidence, decay)[:, -1]
         self._decode[cache] = self.last_choice = last
         return last[:, None, :].expand(-1, input_ids.shape[1], -1)

@@ -195,7 +195,7 @@ def headline_markdown(h: dict) -> list[str]:
         f"Items per task: {n_items}; test documents per domain: {docs}. Cost: dense forward passes and "
         "matmul FLOPs per token (BTM runs every dense model on every token; flexolmo_sequence as scored "
         "here: the anchor, each owner's own model and the MoE pass, while generating costs one MoE pass "
-        "per token after one anchor pass over the prompt).",
+        "per token after the prompt's choice).",
         "",
     ]
     return lines
