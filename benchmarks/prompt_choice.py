@@ -59,11 +59,11 @@ def main() -> None:
         ids = [c.tokenizer(t)["input_ids"] for t in docs]
         for L in args.lengths:
             n = L + args.continuation
-            texts = torch.tensor([x[:n] for x in ids if len(x) >= n][: args.docs])
+            texts = torch.tensor([x[:n] for x in ids if len(x) >= n][: args.docs], device=c.device)
             prompts = texts[:, :L]
             by_hand = torch.zeros(len(c.names), dtype=torch.bool)
             by_hand[[0] + ([c.names.index(d)] if d in c.names else [])] = True
-            choices = {"by hand": by_hand.expand(len(texts), -1)}
+            choices = {"by hand": by_hand.to(c.device).expand(len(texts), -1)}
             for kind in ("likelihood", "rows"):
                 with torch.no_grad():
                     m = s.margins(decoder, prompts, None, evidence=kind)
