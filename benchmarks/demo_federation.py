@@ -2,7 +2,7 @@
 opt-out), without the baselines and evaluations of ``flexmoe demo``: the workdir that
 ``benchmarks/sequence_routing.py`` reads, in a third of the demo's time.
 
-    PYTHONPATH=src python benchmarks/demo_federation.py WORKDIR [--preset small]
+    PYTHONPATH=src python benchmarks/demo_federation.py WORKDIR [--preset small] [--public-mix 0.3]
 
 Every step is skipped when its output exists, as in the demo (the same functions build it); unlike
 the demo it plants no privacy-audit canaries in the owners' data.
@@ -33,8 +33,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("workdir", type=Path)
     ap.add_argument("--preset", default="small", choices=sorted(DEMO_PRESETS))
+    ap.add_argument("--public-mix", type=float, help="the owners' share of public sequences (the preset's)")
     args = ap.parse_args()
     w, p = args.workdir, DEMO_PRESETS[args.preset]
+    if args.public_mix is not None:
+        p = replace(p, public_mix=args.public_mix)
     if p.router_init == "embed" and default_embedder() is None:  # as the demo does
         p = replace(p, router_init="hidden")
     w.mkdir(parents=True, exist_ok=True)
