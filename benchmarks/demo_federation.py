@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import replace
 from pathlib import Path
 
 from flexmoe.demo import (
@@ -22,9 +21,9 @@ from flexmoe.demo import (
     Steps,
     build_demo_corpora,
     compose_and_opt_out,
-    default_embedder,
-    pretrain,
+    demo_preset,
     signed_package,
+    train_anchor,
     train_owner,
 )
 
@@ -35,28 +34,14 @@ def main() -> None:
     ap.add_argument("--preset", default="small", choices=sorted(DEMO_PRESETS))
     ap.add_argument("--public-mix", type=float, help="the owners' share of public sequences (the preset's)")
     args = ap.parse_args()
-    w, p = args.workdir, DEMO_PRESETS[args.preset]
-    if args.public_mix is not None:
-        p = replace(p, public_mix=args.public_mix)
-    if p.router_init == "embed" and default_embedder() is None:  # as the demo does
-        p = replace(p, router_init="hidden")
+    w = args.workdir
+    p = demo_preset(args.preset, None if args.public_mix is None else {"public_mix": args.public_mix})
     w.mkdir(parents=True, exist_ok=True)
     steps, t0 = Steps(True), time.perf_counter()
     data, anchor = w / "data", w / "anchor"
     if not data.exists():
         steps.run("corpora", build_demo_corpora, data, size_mb=p.size_mb)
-    if not anchor.exists():
-        embedder = "default" if p.router_init == "embed" else None
-        steps.run(
-            "anchor",
-            pretrain,
-            data / "public",
-            anchor,
-            p.anchor,
-            steps=p.anchor_steps,
-            quiet=True,
-            embedder=embedder,
-        )
+    train_anchor(data, anchor, p, steps, True)
     keys = DemoKeys(w)
     packages = [train_owner(w, data, anchor, d, p, steps, True) for d in OWNERS]
     packages = [signed_package(x, keys.owner(d)) for x, d in zip(packages, OWNERS, strict=True)]

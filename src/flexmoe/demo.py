@@ -130,12 +130,7 @@ def run_demo(
     workdir: Path, preset: str = "tiny", *, quiet: bool = False, overrides: dict | None = None
 ) -> dict:
     """Run (or continue) the demo in ``workdir``; returns the report (also written to disk)."""
-    if preset not in DEMO_PRESETS:
-        raise FlexmoeError(f"Unknown demo preset {preset!r}.", f"use one of {', '.join(DEMO_PRESETS)}.")
-    p = replace(DEMO_PRESETS[preset], **(overrides or {}))
-
-    if p.router_init == "embed" and default_embedder() is None:  # e.g. a GPU box without flexmoe[embed]
-        p = replace(p, router_init="hidden")
+    p = demo_preset(preset, overrides)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     steps = Steps(quiet)
@@ -147,18 +142,7 @@ def run_demo(
     privacy = PRIVACY_PRESETS.get(preset)
     if privacy is not None:  # before any owner trains: the audit needs secrets in the training data
         plant_demo_canaries(workdir, data, privacy)
-    if not anchor.exists():
-        embedder = "default" if p.router_init == "embed" else None
-        steps.run(
-            "anchor",
-            pretrain,
-            data / "public",
-            anchor,
-            p.anchor,
-            steps=p.anchor_steps,
-            quiet=quiet,
-            embedder=embedder,
-        )
+    train_anchor(data, anchor, p, steps, quiet)
     keys = DemoKeys(workdir)
     packages = [train_owner(workdir, data, anchor, d, p, steps, quiet) for d in OWNERS]
     proxies = [select_owner_proxy(workdir, d, p, steps, quiet) for d in OWNERS]
@@ -176,6 +160,32 @@ def run_demo(
 
     write_report(report, workdir)
     return report
+
+
+def demo_preset(preset: str, overrides: dict | None = None) -> DemoPreset:
+    """The named preset with ``overrides`` of its fields, on what this machine has."""
+    if preset not in DEMO_PRESETS:
+        raise FlexmoeError(f"Unknown demo preset {preset!r}.", f"use one of {', '.join(DEMO_PRESETS)}.")
+    p = replace(DEMO_PRESETS[preset], **(overrides or {}))
+    if p.router_init == "embed" and default_embedder() is None:  # e.g. a GPU box without flexmoe[embed]
+        p = replace(p, router_init="hidden")
+    return p
+
+
+def train_anchor(data: Path, anchor: Path, p: DemoPreset, steps: Steps, quiet: bool) -> None:
+    """The maintainer pretrains the anchor on the public pool (kept when it exists)."""
+    if not anchor.exists():
+        embedder = "default" if p.router_init == "embed" else None
+        steps.run(
+            "anchor",
+            pretrain,
+            data / "public",
+            anchor,
+            p.anchor,
+            steps=p.anchor_steps,
+            quiet=quiet,
+            embedder=embedder,
+        )
 
 
 def privacy_report(
