@@ -19,7 +19,6 @@ from flexmoe.data import read_documents
 from flexmoe.demo import OWNERS
 from flexmoe.moe import Routing, routing
 from flexmoe.runtime import from_pretrained
-from flexmoe.sequence_routing import DECAY, choose
 from flexmoe.signing import ALLOW_UNSIGNED
 
 
@@ -65,9 +64,9 @@ def main() -> None:
             by_hand[[0] + ([c.names.index(d)] if d in c.names else [])] = True
             choices = {"by hand": by_hand.to(c.device).expand(len(texts), -1)}
             for kind in ("likelihood", "rows"):
+                s.prompt_evidence = kind
                 with torch.no_grad():
-                    m = s.margins(decoder, prompts, None, evidence=kind)
-                choices[kind] = choose(m, None, None, s.prompt_confidence, DECAY[kind])[:, -1]
+                    choices[kind] = s.prompt_choice(decoder, prompts)
             for kind, last in choices.items():
                 named = [_named(c.names, r) for r in last]
                 right = sum(x == d for x in named) / len(named)

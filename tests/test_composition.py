@@ -352,6 +352,8 @@ def test_likelihood_evidence_is_each_owners_own_model_against_the_anchor(federat
     with torch.no_grad():
         c.sequence.margins(c.model.get_decoder(), ids, None, allowed)
     assert calls == [None, *range(2, len(c.names))]  # the anchor, then every allowed owner
+    with torch.no_grad():  # a one-token prompt: nothing to weigh yet
+        assert not c.sequence.margins(c.model.get_decoder(), ids[:, :1], None).any()
 
 
 def test_composition_with_sequence_routing_keeps_alone_and_oracle_by_rows(federation, demo_data, tmp_path):

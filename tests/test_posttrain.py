@@ -693,3 +693,40 @@ def test_rl_stage_with_a_kl_penalty_runs_and_records_it(post, tmp_path):
     out = tmp_path / "math-rl-kl"
     train_stage(post["anchor"], post["chat"] / "math", "math", out, rl, from_package=post["math"], quiet=True)
     assert "kl_coef" in json.dumps(verify(out)["stage"])
+
+
+def test_likelihood_evidence_runs_each_owners_own_model(post, tmp_path):
+    """With post-trained owners, an owner's likelihood evidence comes from its own model (its FFN and
+    its own embeddings and LM head: the owner tensors), against the composed model with only public
+    routable; and a previous call's owner, left in ``owner_at``, leaks into no evidence pass."""
+    from flexmoe.compose import UNSIGNED_OK, ComposeSettings, compose
+    from flexmoe.expert.stages import expert_model
+    from flexmoe.runtime import from_pretrained
+    from flexmoe.sequence_routing import SequenceRouting
+    from flexmoe.signing import ALLOW_UNSIGNED
+
+    out = tmp_path / "m"
+    pk = [post["code"], post["math"], post["legal"]]
+    compose(post["anchor"], pk, out, ComposeSettings(shared_merge="mean"), provenance=UNSIGNED_OK)
+    ids = torch.tensor([[5, 17, 40, 41, 42, 43, 7, 9]])
+
+    def token_lp(model):
+        lp = model(ids).logits[:, :-1].float().log_softmax(-1)
+        return lp.gather(-1, ids[:, 1:, None]).squeeze(-1)
+
+    kw = {"trust": ALLOW_UNSIGNED, "device": "cpu"}
+    with torch.no_grad():
+        public = token_lp(from_pretrained(out, exclude=["code", "math", "legal"], **kw).model)
+        own = token_lp(expert_model(post["anchor"], post["math"])[0].eval())
+        c = from_pretrained(out, sequence_routing=SequenceRouting(evidence="likelihood"), **kw)
+        assert c.owner_tensors is not None
+        math = c.names.index("math")
+        got = c.sequence.margins(c.model.get_decoder(), ids, None)
+    torch.testing.assert_close(got[:, 1:, math], own - public, atol=1e-4, rtol=1e-4)
+    for evidence in ("rows", "likelihood"):
+        c.sequence.evidence = evidence
+        with torch.no_grad():
+            clean = c.sequence.margins(c.model.get_decoder(), ids, None)
+            c.owner_tensors.owner_at = torch.full((1, 1), math)  # what the last call left
+            stale = c.sequence.margins(c.model.get_decoder(), ids, None)
+        torch.testing.assert_close(stale, clean, atol=1e-6, rtol=1e-6)

@@ -90,13 +90,6 @@ class Composed:
             target.register_forward_hook(post, always_call=True),
         ]
 
-    def use_owner(self, expert: int | None) -> None:
-        """Every position of the next calls computes with ``expert``'s own shared tensors (None: the
-        merge); the likelihood evidence of sequence routing runs each owner's own model this way."""
-        if self.owner_tensors is not None:
-            at = None if expert is None else torch.full((1, 1), expert, device=self.device)
-            self.owner_tensors.owner_at = at
-
     def _narrow(self, module, r: Routing, es: contextlib.ExitStack, args, kwargs) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)
         if r.mask is None or r.mask.dim() <= 2:  # else the caller routes per token: its choice stands
@@ -171,7 +164,6 @@ def from_pretrained(
             if composed.owner_tensors is not None:
                 composed.owner_tensors.install(model)
         composed.sequence.head = model.get_output_embeddings()
-        composed.sequence.use_owner = composed.use_owner
         if composed.sequence.prompt_evidence is None and has_chat_template(composed.tokenizer):
             composed.sequence.prompt_evidence = CHAT_PROMPT_EVIDENCE
     composed.install_default_routing()

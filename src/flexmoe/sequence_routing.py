@@ -48,6 +48,7 @@ validation splits of the tiny and the `small` demo federation; BENCHMARKS.md ("S
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -65,8 +66,10 @@ DECAY = {"likelihood": 1.0, "rows": 0.98}
 #: a chat prompt's choice reads the rows: a post-trained owner's model finds *every* chat prompt likelier
 #: than the anchor does (it learned the chat format more), so there the likelihood names the most
 #: chat-trained owner, not the prompt's domain (tiny post-training demo, valid prompts: math's owner
-#: chosen for 6 of 40 math prompts by likelihood, 26 by the rows; public chat kept public 2 vs 32 times)
+#: chosen for 12 of 40 math prompts by likelihood, 26 by the rows; public chat kept public 0 vs 32 times)
 CHAT_PROMPT_EVIDENCE = "rows"
+#: positions per LM-head call of the likelihood evidence (bounds its [positions, vocabulary] log-softmax)
+HEAD_POSITIONS = 4096
 
 
 @dataclass
@@ -86,9 +89,8 @@ class SequenceRouting:
     #: the evidence of a generation's one choice at the prompt's end (with its default decay); None:
     #: the runtime picks ``CHAT_PROMPT_EVIDENCE`` for a model with a chat template, else ``evidence``
     prompt_evidence: str | None = None
-    #: ``hidden [N, H] -> logits [N, V]`` and the owner-tensor switch, set by the runtime (likelihood)
+    #: ``hidden [N, H] -> logits [N, V]``, the LM head, set by the runtime (likelihood evidence)
     head: Callable | None = field(default=None, repr=False, init=False)
-    use_owner: Callable[[int | None], None] | None = field(default=None, repr=False, init=False)
     #: ``[B, E]`` the choice of the last prefill (read by the server, which keeps it per request)
     last_choice: torch.Tensor | None = field(default=None, repr=False, init=False)
     _decode: weakref.WeakKeyDictionary = field(
@@ -152,30 +154,35 @@ class SequenceRouting:
         return out
 
     def _token_logprobs(self, model, input_ids, attention_mask, expert: int | None) -> torch.Tensor:
-        """``[B, S-1]`` each next token's log-probability with public (+ ``expert``) routable."""
-        E = moe_blocks(model)[0].num_experts
-        only = torch.zeros(E, dtype=torch.bool, device=input_ids.device)
-        only[0] = True
-        if expert is not None:
-            only[expert] = True
-        self._busy = True
-        if self.use_owner is not None:
-            self.use_owner(expert)
+        """``[B, S-1]`` each next token's log-probability with public (+ ``expert``) routable: that
+        owner's own model (with owner tensors, its own shared tensors: the runtime reads them from the
+        per-row mask), or the public-only model."""
         decoder = model.get_decoder() if model.get_output_embeddings() is not None else model
+        with self._evidence_pass(model, input_ids, expert):
+            h = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        h, target = h[:, :-1], input_ids[:, 1:]
+        # A few positions of every row at a time: the log-softmax of [B, n, V], not [B, S, V]; every row
+        # at once, so that the head's owner-tensor hook sees the batch it was routed for.
+        n = max(1, HEAD_POSITIONS // h.shape[0])
+        parts = [
+            self.head(h[:, i : i + n]).float().log_softmax(-1).gather(-1, target[:, i : i + n, None])
+            for i in range(0, h.shape[1], n)
+        ]
+        return torch.cat(parts, 1).squeeze(-1) if parts else torch.zeros(target.shape, device=h.device)
+
+    @contextlib.contextmanager
+    def _evidence_pass(self, model, input_ids: torch.Tensor, expert: int | None = None):
+        """Route the enclosed calls over public (+ ``expert``) and keep them from being narrowed again.
+        The mask is ``[B, E]``, one row per sequence, because that is what the runtime turns into the
+        owner whose shared tensors a row computes with (none for public alone)."""
+        only = torch.zeros(moe_blocks(model)[0].num_experts, dtype=torch.bool, device=input_ids.device)
+        only[[0] if expert is None else [0, expert]] = True
+        self._busy = True
         try:
-            with routing(Routing(mask=only)):
-                h = decoder(
-                    input_ids=input_ids, attention_mask=attention_mask, use_cache=False
-                ).last_hidden_state
-            rows = [  # one row at a time: the [S, V] log-softmax, not [B, S, V]
-                self.head(h[b, :-1]).float().log_softmax(-1).gather(-1, input_ids[b, 1:, None]).squeeze(-1)
-                for b in range(h.shape[0])
-            ]
+            with routing(Routing(mask=only.expand(input_ids.shape[0], -1))):
+                yield
         finally:
             self._busy = False
-            if self.use_owner is not None:
-                self.use_owner(None)
-        return torch.stack(rows)
 
     @torch.no_grad()
     def anchor_pass(self, model, input_ids, attention_mask, per_layer) -> list:
@@ -187,14 +194,10 @@ class SequenceRouting:
             b.register_forward_pre_hook(lambda blk, args, i=i: seen.append(per_layer(i, blk, args[0])))
             for i, b in enumerate(blocks)
         ]
-        public_only = torch.zeros(blocks[0].num_experts, dtype=torch.bool, device=input_ids.device)
-        public_only[0] = True
-        self._busy = True
         try:
-            with routing(Routing(mask=public_only)):
+            with self._evidence_pass(model, input_ids):
                 model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         finally:
-            self._busy = False
             for h in hooks:
                 h.remove()
         return [x for x in seen if x is not None]
@@ -211,6 +214,14 @@ class SequenceRouting:
         m = self.margins(model, input_ids, attention_mask, allowed)
         return choose(m, attention_mask, allowed, self.confidence, self.decay)
 
+    def prompt_choice(self, model, input_ids, attention_mask=None, allowed=None) -> torch.Tensor:
+        """``[B, E]`` the routable experts a generation keeps for each prompt: the choice at its end
+        from ``prompt_evidence`` with ``prompt_confidence``."""
+        kind = self.prompt_evidence or self.evidence
+        m = self.margins(model, input_ids, attention_mask, allowed, kind)
+        decay = self.decay if kind == self.evidence else DECAY[kind]
+        return choose(m, attention_mask, allowed, self.prompt_confidence, decay)[:, -1]
+
     def mask_for_call(self, model, input_ids, attention_mask, cache, allowed) -> torch.Tensor | None:
         """The mask of one model call: per position in a full or prefill call; in a decode step (a
         cache that already holds tokens) the choice at the end of that cache's prefill."""
@@ -221,12 +232,9 @@ class SequenceRouting:
             return self._decode.get(cache) if cache is not None else None
         if cache is None:  # scoring: causal, each position from the text up to it
             return self.mask(model, input_ids, attention_mask, allowed)
-        kind = self.prompt_evidence or self.evidence
-        m = self.margins(model, input_ids, attention_mask, allowed, kind)
         # The prefill of a generation (a call that starts a cache): the whole prompt is given, so it
         # and everything generated after it are routed by the choice made at its end.
-        decay = DECAY[kind]
-        last = choose(m, attention_mask, allowed, self.prompt_confidence, decay)[:, -1]
+        last = self.prompt_choice(model, input_ids, attention_mask, allowed)
         self._decode[cache] = self.last_choice = last
         return last[:, None, :].expand(-1, input_ids.shape[1], -1)
 
