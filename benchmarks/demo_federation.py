@@ -2,7 +2,8 @@
 opt-out), without the baselines and evaluations of ``flexmoe demo``: the workdir that
 ``benchmarks/sequence_routing.py`` reads, in a third of the demo's time.
 
-    PYTHONPATH=src python benchmarks/demo_federation.py WORKDIR [--preset small] [--public-mix 0.3]
+    PYTHONPATH=src python benchmarks/demo_federation.py WORKDIR [--preset small] [--public-mix 0.3] \
+        [--shared-rows owner]
 
 Every step is skipped when its output exists, as in the demo (the same functions build it); unlike
 the demo it plants no privacy-audit canaries in the owners' data.
@@ -33,9 +34,11 @@ def main() -> None:
     ap.add_argument("workdir", type=Path)
     ap.add_argument("--preset", default="small", choices=sorted(DEMO_PRESETS))
     ap.add_argument("--public-mix", type=float, help="the owners' share of public sequences (the preset's)")
+    ap.add_argument("--shared-rows", help="embedding / LM-head rows the owners train (the preset's)")
     args = ap.parse_args()
     w = args.workdir
-    p = demo_preset(args.preset, None if args.public_mix is None else {"public_mix": args.public_mix})
+    given = {"public_mix": args.public_mix, "shared_rows": args.shared_rows}
+    p = demo_preset(args.preset, {k: v for k, v in given.items() if v is not None})
     w.mkdir(parents=True, exist_ok=True)
     steps, t0 = Steps(True), time.perf_counter()
     data, anchor = w / "data", w / "anchor"

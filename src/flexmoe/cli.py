@@ -219,7 +219,10 @@ def expert_stats(
         console.print("the package was signed: sign it again ('flexmoe expert sign') before sending it")
 
 
-SHARED_ROWS_HELP = "sft: embedding/LM-head rows that may change: owner (your tokens; default) or all (BAR)."
+SHARED_ROWS_HELP = (
+    "Embedding/LM-head rows that train beside the FFN: none, owner (tokens frequent in your data and rare "
+    "in --public) or all (BAR). Default: none; --stage sft: owner."
+)
 
 
 def _grpo(kl: float | None) -> dict | None:
@@ -305,7 +308,7 @@ def expert_train(
     """Train one expert against the frozen anchor (works under torchrun for several processes/GPUs);
     with --stage, one post-training stage (progressive unfreezing, shared deltas in the package)."""
     key = load_private_key(sign_key) if sign_key else None  # a bad key fails before training
-    if freeze_shared or any(x is not None for x in (stage, from_package, shared_rows, kl)):
+    if freeze_shared or any(x is not None for x in (stage, from_package, kl)):
         s = settings_for(stage or "mid", freeze_shared=freeze_shared, steps=steps, batch_size=batch_size,
             seq_len=seq_len, lr=lr, seed=seed, public_mix=public_mix, router_init=router_init,
             shared_rows=shared_rows, router_aux=router_aux_loss, grpo=_grpo(kl))  # fmt: skip
@@ -342,6 +345,7 @@ def expert_train(
         seed=seed,
         public=public or None,
         public_mix=public_mix,
+        shared_rows=shared_rows or "none",
         fsdp=fsdp,
         activation_checkpointing=activation_checkpointing,
         compile=compile,

@@ -55,6 +55,7 @@ class DemoPreset:
     eval_items: int | None
     router_init: str = "embed"
     public_mix: float = PUBLIC_MIX  # share of public sequences in each owner's training (router negatives)
+    shared_rows: str = "none"  # embedding / LM-head rows each owner trains (flexmoe.expert.shared)
     rt_steps: int = 30  # router training on the proxy sets (flexolmo_rt)
     # Hashed n-grams: the MiniLM embedder needs about 45 s per owner for this pool on 2 CPU cores, and
     # the demo's domains are separable either way (held-out accuracy in the proxy manifests).
@@ -245,6 +246,7 @@ def train_owner(
             quiet=quiet,
             public=[home / "public"],
             public_mix=p.public_mix,
+            shared_rows=p.shared_rows,
         )
     return package
 

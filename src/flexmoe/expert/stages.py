@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from flexmoe.anchor import fingerprint, iter_tensors, load_anchor, load_config, resolve
+from flexmoe.anchor import fingerprint, load_anchor, load_config, resolve
 from flexmoe.chat import chat_rows, chat_splits, encode_conversation, require_chat_tokens
 from flexmoe.chat_data import read_tasks
 from flexmoe.data import blocks_for, data_fingerprint, load_splits
@@ -41,6 +41,16 @@ from flexmoe.errors import FlexmoeError
 from flexmoe.expert import package as pkg
 from flexmoe.expert.grpo import GRPOConfig, GRPOLoss, GRPOStep
 from flexmoe.expert.router_aux import MineVsPublic
+from flexmoe.expert.shared import (
+    EMBEDDINGS,
+    OWNER_ROW_RATIO,
+    model_name,
+    owner_token_rows,
+    shared_deltas,
+    stray_rows,
+    token_counts,
+    train_rows,
+)
 from flexmoe.expert.train import check_dense_anchor, check_name, mixed_public_blocks
 from flexmoe.moe import anchored_expert_model, moe_blocks, project_biases_, router_z_loss
 from flexmoe.router_init import init_rows
@@ -60,12 +70,7 @@ from flexmoe.training import (
 )
 
 STAGES = ("mid", "sft", "rl")
-EMBEDDINGS = ("model.embed_tokens.weight", "lm_head.weight")
-SHARED_ROWS = ("owner", "all")
-# A token's rows are the owner's when its frequency in the owner's chat is at least this many times its
-# frequency in public chat (add-one smoothed) and it occurs at least OWNER_ROW_MIN_COUNT times.
-OWNER_ROW_RATIO = 4.0
-OWNER_ROW_MIN_COUNT = 3
+SHARED_ROWS = ("owner", "all")  # sft's choices (``flexmoe.expert.shared``)
 
 
 @dataclass
@@ -180,24 +185,6 @@ def select_parameters(model, stage: str, freeze_shared: bool) -> list[torch.nn.P
 # Shared deltas: anchor names <-> names inside the 2-expert model
 
 
-def model_name(anchor_name: str) -> str:
-    return anchor_name.replace(".mlp.", ".mlp.experts.0.") if ".mlp." in anchor_name else anchor_name
-
-
-def shared_deltas(model, anchor_dir: Path) -> dict[str, torch.Tensor]:
-    """Every shared (anchor) tensor the model changed, as ``trained - anchor`` in fp32."""
-    params = dict(model.named_parameters())
-    out = {}
-    for name, base in iter_tensors(anchor_dir):
-        now = params.get(model_name(name))
-        if now is None:
-            continue
-        d = now.detach().float().cpu() - base.float()
-        if bool(d.any()):
-            out[name] = d.contiguous()
-    return out
-
-
 @torch.no_grad()
 def load_package_into(model, package: Path, anchor_fp: str) -> dict:
     """Put a package's owner FFN, router row, bias and shared deltas into a fresh 2-expert model built
@@ -290,11 +277,7 @@ def stage_selector(s: StageSettings, rows: torch.Tensor | None = None):
     def select(model):
         params = select_parameters(model, s.stage, s.freeze_shared)
         if rows is not None:
-            named = dict(model.named_parameters())
-            for name in EMBEDDINGS:
-                if named[name].requires_grad:
-                    keep = rows.to(named[name].device, named[name].dtype)[:, None]
-                    named[name].register_hook(lambda g, keep=keep: g * keep)
+            train_rows(model, rows)  # the embeddings are trainable already: this adds the row mask
         return [{"params": params}]
 
     return select
@@ -309,14 +292,10 @@ def owner_rows(s: StageSettings, data: Path, public: Path | None, tok, vocab: in
         return None
 
     def counts(path: Path) -> torch.Tensor:
-        ids = [i for c in chat_splits(path)[0] for i in encode_conversation(tok, c)[0]]
-        return torch.bincount(torch.tensor(ids, dtype=torch.long), minlength=vocab)[:vocab].double()
+        return token_counts((i for c in chat_splits(path)[0] for i in encode_conversation(tok, c)[0]), vocab)
 
-    own = counts(data)
     pub = counts(public) if public is not None else torch.zeros(vocab, dtype=torch.float64)
-    rows = (own >= OWNER_ROW_MIN_COUNT) & (own / own.sum() >= s.row_ratio * (pub + 1) / (pub.sum() + vocab))
-    rows[[i for i in tok.all_special_ids if i < vocab]] = False
-    return rows
+    return owner_token_rows(counts(data), pub, s.row_ratio, tok.all_special_ids)
 
 
 def stage_step(s: StageSettings, model, tasks: list[dict] | None, tok, public_ids=None):
@@ -405,8 +384,8 @@ def _checked_deltas(model, anchor_dir: Path, s: StageSettings, prev: dict | None
     allowed |= {model_name(k) for k in ((prev or {}).get("shared_deltas") or {}).get("tensors", {})}
     deltas = shared_deltas(model, anchor_dir)
     stray = sorted(n for n in deltas if model_name(n) not in allowed)
-    if rows is not None and not (prev or {}).get("shared_deltas"):
-        stray += [n for n in EMBEDDINGS if n in deltas and bool(deltas[n][~rows].any())]
+    if not (prev or {}).get("shared_deltas"):
+        stray += stray_rows(deltas, rows)
     if stray:
         raise FlexmoeError(
             f"Frozen shared tensors changed ({', '.join(stray[:3])}).", "this is a bug; please report it."

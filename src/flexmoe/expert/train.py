@@ -21,6 +21,16 @@ from flexmoe.expert import privacy
 from flexmoe.expert.package import expert_tensors, write_package
 from flexmoe.expert.privacy import DPSettings
 from flexmoe.expert.router_aux import MineVsPublic
+from flexmoe.expert.shared import (
+    EMBEDDINGS,
+    OWNER_ROW_RATIO,
+    SHARED_ROWS,
+    owner_token_rows,
+    shared_deltas,
+    stray_rows,
+    token_counts,
+    train_rows,
+)
 from flexmoe.fileio import claims_output
 from flexmoe.moe import anchor_state, anchored_expert_model, project_biases_, router_z_loss
 from flexmoe.router_init import init_rows
@@ -38,6 +48,7 @@ from flexmoe.training import (
     is_main,
     lm_loss,
     train,
+    trainable_params,
 )
 
 
@@ -98,6 +109,10 @@ class ExpertTrainSettings:
     seed: int = 0
     public: list[Path] | None = None  # public documents mixed in: the router learns "mine vs public"
     public_mix: float = PUBLIC_MIX
+    # Embedding / LM-head rows that train beside the FFN (flexmoe.expert.shared): none (FlexOlmo), owner
+    # (the rows of tokens frequent in this owner's data and rare in --public) or all.
+    shared_rows: str = "none"
+    row_ratio: float = OWNER_ROW_RATIO
     fsdp: bool = False
     activation_checkpointing: bool = False
     compile: bool | None = None  # per-decoder-layer torch.compile; None: on CUDA only
@@ -147,6 +162,7 @@ class _Data:
     public_info: dict | None = None
     tokenizer: object = None
     seq_len: int = 0
+    rows: torch.Tensor | None = None  # shared_rows "owner": the embedding / LM-head rows that may train
 
 
 @dataclass
@@ -180,6 +196,7 @@ def train_expert(
     s = replace(s, preset=preset) if preset else s
     spec = s.spec or ExpertSpec(name=name)
     check_name(name)
+    check_shared_rows(s)
     cpu_dtype(s.cpu_dtype)  # an unknown dtype fails before the data is read
     out = Path(out)
     work = claim_work_dir(out, s.resume, s.force)
@@ -198,13 +215,49 @@ def train_expert(
     result = train(model, plan.cfg, stage, run)
     if result.final_valid_loss is None:
         return {"finished": False}
-    check_anchor_unchanged(model, anchor_dir)
+    deltas = _checked_deltas(model, anchor_dir, s, d)
     manifest = _manifest(name, spec, s, config, anchor_dir, d, plan.cfg, result)
     tensors = expert_tensors(model)  # every rank: gathering shards is a collective
     if is_main():
-        manifest = write_package(out, tensors, manifest, force=True)
+        manifest = write_package(out, tensors, manifest, force=True, shared_deltas=deltas)
         clear_checkpoint(work)
     return {"finished": True, **manifest}
+
+
+def check_shared_rows(s: ExpertTrainSettings) -> None:
+    """Refuse shared-row settings that cannot work, before any data is read."""
+    if s.shared_rows not in SHARED_ROWS:
+        choices = ", ".join(SHARED_ROWS)
+        raise FlexmoeError(f"Unknown --shared-rows {s.shared_rows!r}.", f"use one of {choices}.")
+    if s.shared_rows == "none":
+        return
+    if s.shared_rows == "owner" and not s.public:
+        raise FlexmoeError(
+            "--shared-rows owner chooses your tokens by comparing your data with public data.",
+            "pass --public DIR, or --shared-rows none.",
+        )
+    if s.dp is not None or s.fsdp:
+        raise FlexmoeError(
+            f"--shared-rows {s.shared_rows} does not combine with {'--dp-epsilon' if s.dp else '--fsdp'} "
+            "(the row choice is not private; sharded embeddings are not supported).",
+            "pass --shared-rows none.",
+        )
+
+
+def _checked_deltas(model, anchor_dir: Path, s: ExpertTrainSettings, d: _Data) -> dict | None:
+    """The shared deltas the package ships (None without shared rows), refusing a change to any frozen
+    anchor tensor or to a row outside the owner's."""
+    if s.shared_rows == "none":
+        check_anchor_unchanged(model, anchor_dir)
+        return None
+    check_anchor_unchanged(model, anchor_dir, trained=EMBEDDINGS)
+    deltas = shared_deltas(model, anchor_dir)
+    stray = sorted(set(deltas) - set(EMBEDDINGS)) + stray_rows(deltas, d.rows)
+    if stray:
+        raise FlexmoeError(
+            f"Frozen shared tensors changed ({', '.join(stray[:3])}).", "this is a bug; please report it."
+        )
+    return deltas
 
 
 def _preset(s: ExpertTrainSettings) -> ExpertPreset:
@@ -231,7 +284,8 @@ def _load_data(anchor_dir: Path, data: list[Path], s: ExpertTrainSettings, confi
         if not 0.0 < s.public_mix < 1.0:
             raise FlexmoeError(f"--public-mix {s.public_mix} is not between 0 and 1.", "use e.g. 0.5.")
         pub = load_splits(s.public)
-        pub_blocks = mixed_public_blocks(blocks_for(pub.train, tok, seq_len), len(train_blocks), s.public_mix)
+        all_public = blocks_for(pub.train, tok, seq_len)
+        pub_blocks = mixed_public_blocks(all_public, len(train_blocks), s.public_mix)
         d.train = torch.cat([train_blocks, pub_blocks])
         d.public_docs = pub.train
         d.public_info = {
@@ -239,6 +293,9 @@ def _load_data(anchor_dir: Path, data: list[Path], s: ExpertTrainSettings, confi
             "blocks": len(pub_blocks),
             "fingerprint": data_fingerprint(pub.train),
         }
+        if s.shared_rows == "owner":
+            own, public = (token_counts(b.flatten(), config.vocab_size) for b in (train_blocks, all_public))
+            d.rows = owner_token_rows(own, public, s.row_ratio, tok.all_special_ids)
     return d
 
 
@@ -319,7 +376,13 @@ def _stage(model, spec: ExpertSpec, s: ExpertTrainSettings, d: _Data, plan: _Pla
     else:
         strategy = privacy.DPStep(s.dp, plan.dp_plan, spec.z_loss, loss_fn)
         source, desc = plan.units, f"expert {name} (DP)"
-    return Stage(source, d.valid, strategy, after_step=lambda: project_biases_(model), desc=desc)
+
+    def select(m):
+        if s.shared_rows != "none":
+            train_rows(m, d.rows)
+        return trainable_params(m)
+
+    return Stage(source, d.valid, strategy, select, after_step=lambda: project_biases_(model), desc=desc)
 
 
 def _manifest(name, spec, s, config, anchor_dir, d: _Data, cfg: TrainConfig, result) -> dict:
@@ -351,6 +414,13 @@ def _manifest(name, spec, s, config, anchor_dir, d: _Data, cfg: TrainConfig, res
             "valid_documents": len(d.splits.valid),
             "public_mix": d.public_info,
         },
+        "shared_rows": None
+        if s.shared_rows == "none"
+        else {
+            "mode": s.shared_rows,
+            "ratio": s.row_ratio if s.shared_rows == "owner" else None,
+            "rows": None if d.rows is None else int(d.rows.sum()),
+        },
         "valid_loss": {"anchor": result.initial_valid_loss, "expert": result.final_valid_loss},
         "best_step": result.best_step,
         "stopped_early": result.stopped_early,
@@ -359,14 +429,16 @@ def _manifest(name, spec, s, config, anchor_dir, d: _Data, cfg: TrainConfig, res
     }
 
 
-def check_anchor_unchanged(model, anchor_dir: Path) -> None:
-    """Fail loudly if any frozen anchor tensor changed.
+def check_anchor_unchanged(model, anchor_dir: Path, trained: tuple[str, ...] = ()) -> None:
+    """Fail loudly if any frozen anchor tensor (all but ``trained``) changed.
 
     Compared in the lower of the two precisions: a bf16 anchor upcast to fp32 for CPU training casts
     back losslessly, and an fp32 anchor stored in bf16 on a GPU must equal its on-disk tensors in bf16.
     """
     state = anchor_state(model)
     for name, t in iter_tensors(anchor_dir):
+        if name in trained:
+            continue
         mine = state.get(name)
         low = t.dtype if mine is None or t.element_size() <= mine.element_size() else mine.dtype
         if mine is None or not torch.equal(mine.to(low).cpu(), t.to(low)):

@@ -1,0 +1,126 @@
+"""Experts that train their own embedding / LM-head rows (``--shared-rows owner``): the row choice, the
+deltas the package ships, resume, composition with exact opt-out, bad input."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from flexmoe.cli import app
+from flexmoe.compose import UNSIGNED_OK, compose, remove
+from flexmoe.data import blocks_for, load_splits
+from flexmoe.errors import FlexmoeError
+from flexmoe.expert.package import SHARED_FILE, TENSOR_FILE
+from flexmoe.expert.privacy import DPSettings
+from flexmoe.expert.shared import EMBEDDINGS, owner_token_rows, token_counts
+from flexmoe.expert.train import ExpertSpec, train_expert
+from flexmoe.tokenizer import load_tokenizer
+
+STEPS = 12
+KW = dict(steps=STEPS, seq_len=64, quiet=True)
+
+
+def _train(anchor, data, name, out, **kw):
+    spec = ExpertSpec(name=name, router_init="hidden")
+    return train_expert(anchor, [data / name], name, out, spec=spec, public=[data / "public"], **{**KW, **kw})
+
+
+@pytest.fixture(scope="module")
+def owners(tiny_anchor, demo_data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("shared_rows")
+    return {
+        d: (_train(tiny_anchor, demo_data, d, root / d, shared_rows="owner"), root / d)
+        for d in ("code", "math")
+    }
+
+
+def test_owner_rows_by_hand():
+    own = torch.tensor([10.0, 3.0, 2.0, 50.0, 5.0])
+    pub = torch.tensor([0.0, 0.0, 0.0, 50.0, 100.0])
+    # shares: own 10/70, 3/70, 2/70, 50/70, 5/70; public (x+1)/155: 1/155, 1/155, 1/155, 51/155, 101/155
+    rows = owner_token_rows(own, pub, 4.0, special=[0])
+    assert rows.tolist() == [False, True, False, False, False]  # 0 special, 2 too rare, 3-4 public too
+    assert owner_token_rows(own, pub, 4.0, special=[]).tolist() == [True, True, False, False, False]
+
+
+def test_package_ships_only_the_owners_rows(owners, tiny_anchor, demo_data):
+    m, out = owners["math"]
+    tok = load_tokenizer(tiny_anchor)
+    vocab = load_file(str(out / SHARED_FILE))["model.embed_tokens.weight"].shape[0]
+    count = lambda d: token_counts(blocks_for(load_splits([demo_data / d]).train, tok, 64), vocab)  # noqa: E731
+    rows = owner_token_rows(count("math"), count("public"), 4.0, tok.all_special_ids)
+    deltas = load_file(str(out / SHARED_FILE))
+    assert set(deltas) == set(EMBEDDINGS) and m["shared_rows"] == {
+        "mode": "owner",
+        "ratio": 4.0,
+        "rows": int(rows.sum()),
+    }
+    for name in EMBEDDINGS:
+        changed = deltas[name].abs().sum(1) > 0
+        assert changed.any() and not changed[~rows].any()  # some of the owner's rows, nothing else
+    assert m["valid_loss"]["expert"] < m["valid_loss"]["anchor"]
+
+
+def test_resume_gives_the_same_package(tiny_anchor, demo_data, tmp_path):
+    first = _train(tiny_anchor, demo_data, "math", tmp_path / "res", shared_rows="owner", stop_after=5)
+    assert first == {"finished": False}
+    _train(tiny_anchor, demo_data, "math", tmp_path / "res", shared_rows="owner", resume=True)
+    _train(tiny_anchor, demo_data, "math", tmp_path / "full", shared_rows="owner")
+    for f in (TENSOR_FILE, SHARED_FILE):
+        a, b = load_file(str(tmp_path / "res" / f)), load_file(str(tmp_path / "full" / f))
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_composed_rows_and_exact_opt_out(owners, tiny_anchor, tmp_path):
+    pk = [owners[d][1] for d in ("code", "math")]
+    compose(tiny_anchor, pk, tmp_path / "both", provenance=UNSIGNED_OK)
+    compose(tiny_anchor, pk[:1], tmp_path / "code_only", provenance=UNSIGNED_OK)
+    remove(tmp_path / "both", "math", tmp_path / "removed")
+    both, code_only, removed = (_weights(tmp_path / n) for n in ("both", "code_only", "removed"))
+    base = _weights(tiny_anchor)
+    d_code = load_file(str(pk[0] / SHARED_FILE))["lm_head.weight"]
+    d_math = load_file(str(pk[1] / SHARED_FILE))["lm_head.weight"]
+    only_math = (d_math.abs().sum(1) > 0) & (d_code.abs().sum(1) == 0)
+    # disjoint merge: a row only math changed carries math's change whole
+    torch.testing.assert_close(
+        both["lm_head.weight"][only_math], (base["lm_head.weight"] + d_math)[only_math]
+    )
+    assert code_only.keys() == removed.keys()
+    for k in code_only:  # opt-out: bit for bit the model that never had math
+        assert torch.equal(code_only[k], removed[k]), k
+    assert not torch.equal(both["lm_head.weight"], removed["lm_head.weight"])
+
+
+def _weights(path):
+    out = {}
+    for f in sorted(path.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def test_bad_inputs(tiny_anchor, demo_data, tmp_path):
+    with pytest.raises(FlexmoeError, match="pass --public"):
+        train_expert(tiny_anchor, [demo_data / "math"], "m", tmp_path / "a", shared_rows="owner", **KW)
+    with pytest.raises(FlexmoeError, match="Unknown --shared-rows"):
+        _train(tiny_anchor, demo_data, "math", tmp_path / "b", shared_rows="some")
+    with pytest.raises(FlexmoeError, match="does not combine with --dp-epsilon"):
+        _train(tiny_anchor, demo_data, "math", tmp_path / "c", shared_rows="all", dp=DPSettings(epsilon=8.0))
+    assert not any((tmp_path / x).exists() for x in "abc")
+
+
+def test_cli_trains_owner_rows_without_a_stage(tiny_anchor, demo_data, tmp_path):
+    args = [
+        "expert",
+        "train",
+        "--anchor",
+        str(tiny_anchor),
+        "--data",
+        str(demo_data / "code"),
+        "--name",
+        "code",
+    ]
+    args += ["--out", str(tmp_path / "x"), "--steps", "2", "--seq-len", "64", "--router-init", "hidden"]
+    args += ["--public", str(demo_data / "public"), "--shared-rows", "owner"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "x" / SHARED_FILE).is_file()
