@@ -125,6 +125,27 @@ def test_scoring_only_the_continuation_matches_full_logits():
     )
 
 
+def test_a_head_with_forward_hooks_is_scored_on_the_full_layout():
+    """A position-dependent head hook (flexmoe's owner corrections) must see [B, T, V] and apply."""
+    model = _tiny_model()
+    ids = torch.randint(3, 300, (2, 10))
+    mask, prefix = torch.ones_like(ids), torch.tensor([4, 6])
+    plain = HFLM(model, None).token_logprobs(ids, mask, prefix)
+
+    def hook(module, args, out):
+        assert out.dim() == 3  # [B, T, V]: the hook can tell positions apart
+        out = out.clone()
+        out[:, 5:, 7] += 3.0  # from position 5 on, token 7 is likelier
+        return out
+
+    model.get_output_embeddings().register_forward_hook(hook)
+    lm = HFLM(model, None)
+    assert not lm._split
+    hooked = lm.token_logprobs(ids, mask, prefix)
+    moved = (hooked - plain).abs() > 1e-6
+    assert moved[:, 5:].all() and not moved[0, 3:5].any()
+
+
 def test_greedy_stops_only_when_the_number_is_complete(tok):
     assert number_finished("12 is") and number_finished(" 7\n")
     assert (

@@ -124,3 +124,33 @@ def test_cli_trains_owner_rows_without_a_stage(tiny_anchor, demo_data, tmp_path)
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
     assert (tmp_path / "x" / SHARED_FILE).is_file()
+
+
+def test_composition_metrics_remove_the_owners_rows(owners, tiny_anchor, demo_data, tmp_path):
+    """Masking an expert cannot take its rows out of the merged embeddings: without:d must be the model
+    that never had d, and alone:d the owner's own model (the package composed alone)."""
+    from flexmoe.evaluate.composition import CompositionSetup, composition_perplexities
+    from flexmoe.evaluate.metrics import HFLM, perplexity
+    from flexmoe.evaluate.run import test_documents
+    from flexmoe.runtime import from_pretrained
+    from flexmoe.signing import ALLOW_UNSIGNED
+
+    pk = [owners[d][1] for d in ("code", "math")]
+    compose(tiny_anchor, pk, tmp_path / "both", provenance=UNSIGNED_OK)
+    compose(tiny_anchor, pk[:1], tmp_path / "code_only", provenance=UNSIGNED_OK)
+    setup = CompositionSetup(
+        tmp_path / "both",
+        demo_data,
+        ["code", "math"],
+        anchor=tiny_anchor,
+        packages=pk,
+        seq_len=32,
+        max_blocks=4,
+    )
+    setup.trust = ALLOW_UNSIGNED
+    table, info = composition_perplexities(setup)
+    c = from_pretrained(tmp_path / "code_only", trust=ALLOW_UNSIGNED, device="cpu")
+    lm = HFLM(c.model, c.tokenizer)
+    want = perplexity(lm, test_documents(demo_data, "math"), 32, max_blocks=4)["perplexity"]
+    assert table["without:math"]["math"] == pytest.approx(want, rel=1e-5)
+    assert "re-merged" in info["without"] and "package" in info["alone"]["math"]

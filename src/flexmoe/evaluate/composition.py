@@ -35,7 +35,16 @@ from pathlib import Path
 import torch
 
 from flexmoe.anchor import load_anchor
-from flexmoe.compose import PUBLIC, UNSIGNED_OK, ComposeSettings, compose, package_expert, read_tensor
+from flexmoe.compose import (
+    PUBLIC,
+    UNSIGNED_OK,
+    ComposeSettings,
+    Provenance,
+    compose,
+    package_expert,
+    read_tensor,
+    remove,
+)
 from flexmoe.data import read_documents
 from flexmoe.errors import FlexmoeError
 from flexmoe.evaluate.metrics import HFLM, perplexity
@@ -183,13 +192,15 @@ def alone_is_restricted(composed, packages: Sequence[Path]) -> dict[str, bool]:
 
     blocks = moe_blocks(composed.model)
     out = {}
+    # Merged shared tensors (owners' embedding rows) hold every owner's change: no mask undoes them.
+    merged = bool(composed.meta.get("shared_merge"))
     for p in packages:
         ex = package_expert(Path(p), check_package(Path(p)))
         if ex.name not in composed.names:
             continue
         e = composed.names.index(ex.name)
         pub = [package_tensor(p, f"layers.{i}.public_router.weight") for i in range(len(blocks))]
-        out[ex.name] = all(
+        out[ex.name] = not merged and all(
             b.top_k >= 2
             and torch.equal(b.router[e].weight.detach().cpu().view(-1), ex.row(i).float().view(-1))
             and torch.equal(b.router[0].weight.detach().cpu().view(-1), pub[i].float().view(-1))
@@ -235,6 +246,17 @@ def _separate_alone(setup: CompositionSetup, package: Path, tmp: Path, anchor: P
     return HFLM(c.model, c.tokenizer, scope=lambda: moe_routing(c.routing()))
 
 
+def _separate_without(setup: CompositionSetup, owner: str, tmp: Path):
+    """without:d of a model whose shared tensors merge the owners' deltas: the model re-merged without d
+    (``compose.remove``, exact opt-out), since masking d's expert would leave its rows in place."""
+    out = tmp / f"without_{owner}"
+    remove(setup.model, owner, out, provenance=Provenance(trust=setup.trust or Trust()))
+    c = from_pretrained(
+        out, device=setup.device, trust=ALLOW_UNSIGNED, sequence_routing=setup.sequence_routing
+    )
+    return HFLM(c.model, c.tokenizer, scope=lambda: moe_routing(c.routing()))
+
+
 class _Bench:
     """One loaded composed model (biases loaded, switchable), the test documents, the growing table."""
 
@@ -250,6 +272,7 @@ class _Bench:
         )
         self.sequence = self.c.sequence
         self.same = alone_is_restricted(self.c, setup.packages)  # before any bias is switched off
+        self.merged = bool(self.c.meta.get("shared_merge"))
         self.bias = _bias_switch(self.c.model)
         self.lm = HFLM(self.c.model, self.c.tokenizer, scope=lambda: moe_routing(self.c.routing()))
         self.table: dict[str, dict[str, float]] = {}
@@ -282,10 +305,20 @@ class _Bench:
         how = "composed model restricted to public + owner, with the owner's bias"
         return how + (" (checked: = the owner's 2-expert model)" if self.same.get(d) else " (unchecked)")
 
+    def without(self, d: str, scored: Sequence[str], tmp: Path) -> None:
+        """without:d by mask, or (merged shared tensors, two owners or more) the re-merged model."""
+        if not self.merged:
+            self.masked(f"without:{d}", scored, exclude=[d])
+        elif len(self.c.names) > 2:
+            self.score(f"without:{d}", _separate_without(self.setup, d, tmp), scored)
+        else:  # the only owner: without it, the anchor
+            self.table[f"without:{d}"] = dict(self.table["anchor"])
+
 
 def composition_perplexities(setup: CompositionSetup, progress=None) -> tuple[dict, dict]:
     """``(ppl, info)``: the perplexity table ``composition_metrics`` takes, measured with one loaded
-    composed model whose experts are switched by masks (masking equals physical removal), and notes on
+    composed model whose experts are switched by masks (masking equals physical removal, except for
+    merged shared tensors: then without:d is the re-merged model and alone:d the package), and notes on
     how each model key was obtained."""
 
     found = find_domains(setup.data)
@@ -300,16 +333,18 @@ def composition_perplexities(setup: CompositionSetup, progress=None) -> tuple[di
     scored = [setup.public, *owners]
     routed = bench.sequence.name if setup.sequence_routing else routing_name(c.meta)
     info = {"owners": owners, "routing": routed, "alone": {}}
-    if setup.anchor is not None:
-        bench.score("anchor", HFLM(load_anchor(setup.anchor).to(setup.device).eval(), c.tokenizer), scored)
-        info["anchor"] = str(setup.anchor)
+    info["without"] = "re-merged without the owner (compose.remove)" if bench.merged else "masked"
+    anchor = setup.anchor or (Path(c.meta["anchor"]["path"]) if bench.merged else None)
+    if anchor is not None:
+        bench.score("anchor", HFLM(load_anchor(anchor).to(setup.device).eval(), c.tokenizer), scored)
+        info["anchor"] = str(anchor)
     else:
         bench.masked("anchor", scored, exclude=[n for n in c.names if n != c.names[0]])
         info["anchor"] = "the composed model with only the public expert routed"
     bench.masked("composed", scored)
     with tempfile.TemporaryDirectory() as tmp:
         for d in owners:
-            bench.masked(f"without:{d}", scored, exclude=[d])
+            bench.without(d, scored, Path(tmp))
             bench.masked(f"oracle:{d}", [d], include=[d], by_rows=True)
             info["alone"][d] = bench.alone(d, Path(tmp))
     c.set_experts(None, None)

@@ -38,12 +38,13 @@ class HFLM:
         self.device = next(model.parameters()).device
         # Scoring a few positions needs the vocabulary projection only there: for small models the
         # [B, T, V] logits and their log-softmax cost as much as the whole transformer. Models whose
-        # logits are not a plain projection of the last hidden state (soft-capping) take the full path.
+        # logits are not a plain projection of the last hidden state (soft-capping), or whose head has
+        # forward hooks (flexmoe's owner corrections read each position's owner from the [B, T]
+        # layout that a gathered [N, H] call lacks), take the full path.
         cfg = getattr(model, "config", None)
+        head = model.get_output_embeddings() if hasattr(model, "get_decoder") else None
         self._split = (
-            hasattr(model, "get_decoder")
-            and model.get_output_embeddings() is not None
-            and not getattr(cfg, "final_logit_softcapping", None)
+            head is not None and not head._forward_hooks and not getattr(cfg, "final_logit_softcapping", None)
         )
 
     @torch.no_grad()

@@ -72,13 +72,14 @@ def model_name(anchor_name: str) -> str:
     return anchor_name.replace(".mlp.", ".mlp.experts.0.") if ".mlp." in anchor_name else anchor_name
 
 
-def shared_deltas(model, anchor_dir: Path) -> dict[str, torch.Tensor]:
-    """Every shared (anchor) tensor the model changed, as ``trained - anchor`` in fp32."""
+def shared_deltas(model, anchor_dir: Path, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+    """Every shared (anchor) tensor the model changed (of ``names``; None: all), as ``trained - anchor``
+    in fp32. Name the trained tensors when frozen ones may be held in bf16 (expert training on a GPU)."""
     params = dict(model.named_parameters())
     out = {}
     for name, base in iter_tensors(anchor_dir):
         now = params.get(model_name(name))
-        if now is None:
+        if now is None or (names is not None and name not in names):
             continue
         d = now.detach().float().cpu() - base.float()
         if bool(d.any()):

@@ -250,9 +250,9 @@ def _checked_deltas(model, anchor_dir: Path, s: ExpertTrainSettings, d: _Data) -
     if s.shared_rows == "none":
         check_anchor_unchanged(model, anchor_dir)
         return None
-    check_anchor_unchanged(model, anchor_dir, trained=EMBEDDINGS)
-    deltas = shared_deltas(model, anchor_dir)
-    stray = sorted(set(deltas) - set(EMBEDDINGS)) + stray_rows(deltas, d.rows)
+    check_anchor_unchanged(model, anchor_dir, trained=EMBEDDINGS)  # frozen ones may be bf16 copies
+    deltas = shared_deltas(model, anchor_dir, EMBEDDINGS)
+    stray = stray_rows(deltas, d.rows)
     if stray:
         raise FlexmoeError(
             f"Frozen shared tensors changed ({', '.join(stray[:3])}).", "this is a bug; please report it."
@@ -317,7 +317,9 @@ def _plan(s: ExpertTrainSettings, spec: ExpertSpec, d: _Data) -> _Plan:
         fsdp=s.fsdp,
         activation_checkpointing=s.activation_checkpointing,
         early_stop=s.early_stop,
-        compile=s.compile,
+        # With trainable embeddings, per-layer compile on an H200 left the "mine vs public" loss's
+        # router-input hooks unrecorded (torch 2.11): such runs stay eager unless --compile is given.
+        compile=False if s.compile is None and s.shared_rows != "none" else s.compile,
     )
     if s.dp is None:
         return _Plan(cfg)
