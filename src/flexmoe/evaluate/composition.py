@@ -239,7 +239,7 @@ def _owners(setup: CompositionSetup, names: Sequence[str], domains: Sequence[str
 def _separate_alone(setup: CompositionSetup, package: Path, tmp: Path, anchor: Path):
     """The 2-expert model an owner trained, composed from its package alone (with its bias)."""
 
-    out = tmp / Path(package).name
+    out = tmp / f"alone_{package_expert_name(package)}"  # package folders may share a name ("expert")
     compose(anchor, [package], out, ComposeSettings(top_k=2), provenance=UNSIGNED_OK)
     # A temporary model of this process's own making: it is not signed.
     c = from_pretrained(out, use_bias=True, device=setup.device, trust=ALLOW_UNSIGNED)
