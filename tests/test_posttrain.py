@@ -730,3 +730,8 @@ def test_likelihood_evidence_runs_each_owners_own_model(post, tmp_path):
             c.owner_tensors.owner_at = torch.full((1, 1), math)  # what the last call left
             stale = c.sequence.margins(c.model.get_decoder(), ids, None)
         torch.testing.assert_close(stale, clean, atol=1e-6, rtol=1e-6)
+    # sequence routing switched off (the composition metrics' oracle): the merge, whatever was chosen last
+    c.sequence, c.owner_tensors.owner_at = None, torch.full((1, 1), math)
+    with torch.no_grad():
+        merged = token_lp(from_pretrained(out, **kw).model)
+        torch.testing.assert_close(token_lp(c.model), merged, atol=1e-5, rtol=1e-5)

@@ -77,6 +77,8 @@ class Composed:
                 r = es.enter_context(routing(Routing(mask=self.mask)))
             if self.sequence is not None:
                 self._narrow(module, r, es, args, kwargs)
+            elif self.owner_tensors is not None:  # no owner chosen alone: the merge (no stale choice)
+                self.owner_tensors.owner_at = None
             stack.append(es)
 
         def post(_module, _args, _out):
