@@ -109,18 +109,11 @@ def test_bad_inputs(tiny_anchor, demo_data, tmp_path):
 
 
 def test_cli_trains_owner_rows_without_a_stage(tiny_anchor, demo_data, tmp_path):
-    args = [
-        "expert",
-        "train",
-        "--anchor",
-        str(tiny_anchor),
-        "--data",
-        str(demo_data / "code"),
-        "--name",
-        "code",
-    ]
-    args += ["--out", str(tmp_path / "x"), "--steps", "2", "--seq-len", "64", "--router-init", "hidden"]
-    args += ["--public", str(demo_data / "public"), "--shared-rows", "owner"]
+    cmd = (
+        f"expert train --anchor {tiny_anchor} --data {demo_data / 'code'} --name code --out {tmp_path / 'x'}"
+    )
+    cmd += f" --steps 2 --seq-len 64 --router-init hidden --public {demo_data / 'public'} --shared-rows owner"
+    args = cmd.split()  # pytest's temporary paths have no spaces
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
     assert (tmp_path / "x" / SHARED_FILE).is_file()
