@@ -314,16 +314,9 @@ def expert_train(
             shared_rows=shared_rows, router_aux=router_aux_loss, grpo=_grpo(kl))  # fmt: skip
         run = StageRun(from_package, public[0] if public else None, resume, force, sign_key=key)
         return _expert_stage(anchor, data[0], name, out, s, run, dp_epsilon)
-    dp = None
-    if dp_epsilon is not None:
-        dp = DPSettings(
-            epsilon=dp_epsilon,
-            delta=dp_delta,
-            max_grad_norm=dp_max_grad_norm,
-            unit=dp_unit,
-            accountant=dp_accountant,
-            clipping=dp_clipping,
-        )
+    dp = None if dp_epsilon is None else DPSettings(epsilon=dp_epsilon, delta=dp_delta,
+        max_grad_norm=dp_max_grad_norm, unit=dp_unit, accountant=dp_accountant,
+        clipping=dp_clipping)  # fmt: skip
 
     spec = ExpertSpec(
         name=name,
