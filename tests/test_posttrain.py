@@ -611,7 +611,9 @@ def test_post_training_demo_runs_end_to_end_at_test_size(tmp_path):
 def test_positions_given_to_one_owner_compute_with_its_own_shared_tensors(post, tmp_path, method):
     """Sequence routing with ``include=[math]`` gives every position to math: embeddings and LM head are
     then the anchor's plus math's delta (not the merge), so the model computes what math's own model
-    computes; without sequence routing the merge stays, and opt-out drops math's corrections."""
+    computes; public alone computes with the anchor's; without sequence routing the merge stays, and
+    opt-out drops math's corrections."""
+    from flexmoe.anchor import load_anchor
     from flexmoe.compose import UNSIGNED_OK, ComposeSettings, compose, remove
     from flexmoe.expert.stages import expert_model
     from flexmoe.runtime import from_pretrained
@@ -641,6 +643,11 @@ def test_positions_given_to_one_owner_compute_with_its_own_shared_tensors(post, 
     assert torch.allclose(got, want, atol=1e-4)
     assert not torch.allclose(merged, want, atol=1e-3)  # the merge differs (so the test could fail)
     assert torch.allclose(merged_seq, merged, atol=1e-5)  # switched off: the merge
+    # every position given to public alone computes with the anchor's own tensors, not the merge
+    with torch.no_grad():
+        kw = {"trust": ALLOW_UNSIGNED, "sequence_routing": True, "device": "cpu"}
+        public = from_pretrained(out, exclude=["code", "math", "legal"], **kw).model(ids).logits
+        assert torch.allclose(public, load_anchor(post["anchor"]).eval()(ids).logits, atol=1e-4)
     remove(out, "math", tmp_path / "without")
     compose(
         post["anchor"],
@@ -697,8 +704,10 @@ def test_rl_stage_with_a_kl_penalty_runs_and_records_it(post, tmp_path):
 
 def test_likelihood_evidence_runs_each_owners_own_model(post, tmp_path):
     """With post-trained owners, an owner's likelihood evidence comes from its own model (its FFN and
-    its own embeddings and LM head: the owner tensors), against the composed model with only public
-    routable; and a previous call's owner, left in ``owner_at``, leaks into no evidence pass."""
+    its own embeddings and LM head: the owner tensors), against the anchor itself (public alone computes
+    with the anchor's tensors, not the merge); and a previous call's owner, left in ``owner_at``, leaks
+    into no evidence pass."""
+    from flexmoe.anchor import load_anchor
     from flexmoe.compose import UNSIGNED_OK, ComposeSettings, compose
     from flexmoe.expert.stages import expert_model
     from flexmoe.runtime import from_pretrained
@@ -716,7 +725,7 @@ def test_likelihood_evidence_runs_each_owners_own_model(post, tmp_path):
 
     kw = {"trust": ALLOW_UNSIGNED, "device": "cpu"}
     with torch.no_grad():
-        public = token_lp(from_pretrained(out, exclude=["code", "math", "legal"], **kw).model)
+        public = token_lp(load_anchor(post["anchor"]).eval())  # public alone: the anchor's own tensors
         own = token_lp(expert_model(post["anchor"], post["math"])[0].eval())
         c = from_pretrained(out, sequence_routing=SequenceRouting(evidence="likelihood"), **kw)
         assert c.owner_tensors is not None

@@ -22,9 +22,12 @@ Memory: one row of ``H`` values per corrected row and owner. With flexmoe's defa
 ``disjoint``) that is the few rows owners share (119-148 rows per owner on the demos); with BAR's
 all-row deltas and the ``mean`` merge it is the whole embedding and LM head per owner.
 
-Other changed tensors (norm weights) keep the merge; ``OwnerTensors.merged_only`` names them. Positions
-where no single owner is chosen, the anchor pass of sequence routing and every model without sequence
-routing use the merge, so the stock export and its numbers are unchanged. Removing an owner removes its
+Positions routed to public alone (sequence routing's public choice and its anchor pass) compute with
+the anchor's tensors (the correction ``-delta_merged``): an owner's rows then act only where that owner
+is chosen or the rows decide, which keeps opt-out local (BENCHMARKS.md, "Expert capacity"). Other changed
+tensors (norm weights) keep the merge; ``OwnerTensors.merged_only`` names them. Positions the rows
+decide and every model without sequence routing use the merge, so the stock export and its numbers are
+unchanged. Removing an owner removes its
 delta file, so opt-out stays exact.
 """
 
@@ -37,6 +40,8 @@ import torch
 from safetensors.torch import load_file
 
 from flexmoe.compose_shared import MERGES, SHARED_DIR
+
+PUBLIC_ALONE = -1  # ``owner_at`` where public alone is routable: the anchor's tensors
 
 
 @dataclass
@@ -99,11 +104,15 @@ def load_owner_tensors(
         merged = MERGES[merge["method"]](
             torch.zeros_like(next(iter(per_owner.values()))), list(per_owner.values()), len(names) - 1
         )
-        for n in names[1:]:
-            c = per_owner.get(n, torch.zeros_like(merged)) - merged
+        # public alone computes with the anchor's tensors: the merge minus every owner's change
+        for n, c in [
+            *((n, per_owner.get(n, torch.zeros_like(merged)) - merged) for n in names[1:]),
+            (None, -merged),
+        ]:
             rows = c.ne(0).any(1).nonzero().squeeze(1)
             if len(rows):
-                out.corrections.setdefault(module_name, {})[names.index(n)] = Correction(rows, c[rows])
+                slot = PUBLIC_ALONE if n is None else names.index(n)
+                out.corrections.setdefault(module_name, {})[slot] = Correction(rows, c[rows])
     if tied := _tied_head(model, out):
         out.corrections["lm_head"] = tied
     return out if out.corrections else None
@@ -125,11 +134,13 @@ def single_owner(mask: torch.Tensor) -> torch.Tensor:
 
 def owners_at(mask: torch.Tensor | None) -> torch.Tensor | None:
     """``OwnerTensors.owner_at`` for a call routed by ``mask`` (``[B, E]`` or ``[B, S, E]``): ``[B, 1]``
-    or ``[B, S]``, None where no position has one owner alone (an ``[E]`` mask, or the public-only
-    anchor pass of sequence routing: the merged tensors)."""
+    or ``[B, S]``, the one owner routable alone, ``PUBLIC_ALONE`` where no owner is (sequence routing's
+    public choice and its anchor pass: the anchor's tensors), 0 elsewhere (the merge); None for an
+    ``[E]`` mask (a model routed as a whole: the merge, as the stock checkpoint computes)."""
     if mask is None or mask.dim() < 2:
         return None
-    at = single_owner(mask)
+    one = single_owner(mask)
+    at = torch.where(mask[..., 1:].any(-1), one, torch.full_like(one, PUBLIC_ALONE))
     at = at[:, None] if at.dim() == 1 else at
     return at if bool(at.any()) else None
 

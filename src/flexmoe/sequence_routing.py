@@ -174,7 +174,7 @@ class SequenceRouting:
     def _evidence_pass(self, model, input_ids: torch.Tensor, expert: int | None = None):
         """Route the enclosed calls over public (+ ``expert``) and keep them from being narrowed again.
         The mask is ``[B, E]``, one row per sequence, because that is what the runtime turns into the
-        owner whose shared tensors a row computes with (none for public alone)."""
+        owner whose shared tensors a row computes with (the anchor's for public alone)."""
         only = torch.zeros(moe_blocks(model)[0].num_experts, dtype=torch.bool, device=input_ids.device)
         only[[0] if expert is None else [0, expert]] = True
         self._busy = True
