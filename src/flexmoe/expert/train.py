@@ -237,10 +237,9 @@ def check_shared_rows(s: ExpertTrainSettings) -> None:
             "pass --public DIR, or --shared-rows none.",
         )
     if s.dp is not None or s.fsdp:
+        flag, why = ("--dp-epsilon", "the rows are not private") if s.dp else ("--fsdp", "not sharded")
         raise FlexmoeError(
-            f"--shared-rows {s.shared_rows} does not combine with {'--dp-epsilon' if s.dp else '--fsdp'} "
-            "(the row choice is not private; sharded embeddings are not supported).",
-            "pass --shared-rows none.",
+            f"--shared-rows {s.shared_rows} does not combine with {flag} ({why}).", "pass --shared-rows none."
         )
 
 
