@@ -18,9 +18,10 @@ on the affected ``nn.Embedding`` / ``nn.Linear`` modules add them at the chosen 
 - embedding: ``out[p] += C[ids[p]]``;
 - linear (LM head, projections): ``out[p, rows] += x[p] @ C[rows]^T``.
 
-Memory: one row of ``H`` values per corrected row and owner. With flexmoe's defaults (owner rows,
-``disjoint``) that is the few rows owners share (119-148 rows per owner on the demos); with BAR's
-all-row deltas and the ``mean`` merge it is the whole embedding and LM head per owner.
+Memory: one row of ``H`` values per corrected row and owner (and for public alone). An owner's
+correction also takes the other owners' rows out of the merge, so it covers every row any owner
+changed: with owner rows and ``disjoint`` a few hundred rows per owner on the demos; with every row
+(BAR's sft, ``--shared-rows all``) the whole embedding and LM head per owner.
 
 Positions routed to public alone (sequence routing's public choice and its anchor pass) compute with
 the anchor's tensors (the correction ``-delta_merged``): an owner's rows then act only where that owner
