@@ -28,8 +28,7 @@ the anchor's tensors (the correction ``-delta_merged``): an owner's rows then ac
 is chosen or the rows decide, which keeps opt-out local (BENCHMARKS.md, "Expert capacity"). Other changed
 tensors (norm weights) keep the merge; ``OwnerTensors.merged_only`` names them. Positions the rows
 decide and every model without sequence routing use the merge, so the stock export and its numbers are
-unchanged. Removing an owner removes its
-delta file, so opt-out stays exact.
+unchanged. Removing an owner removes its delta file, so opt-out stays exact.
 """
 
 from __future__ import annotations
@@ -105,14 +104,13 @@ def load_owner_tensors(
         merged = MERGES[merge["method"]](
             torch.zeros_like(next(iter(per_owner.values()))), list(per_owner.values()), len(names) - 1
         )
-        # public alone computes with the anchor's tensors: the merge minus every owner's change
-        for n, c in [
-            *((n, per_owner.get(n, torch.zeros_like(merged)) - merged) for n in names[1:]),
-            (None, -merged),
-        ]:
+        # each slot's own delta (public alone: none, the anchor's tensors) minus the merged one
+        own = {names.index(n): per_owner.get(n, torch.zeros_like(merged)) for n in names[1:]}
+        own[PUBLIC_ALONE] = torch.zeros_like(merged)
+        for slot, delta in own.items():
+            c = delta - merged
             rows = c.ne(0).any(1).nonzero().squeeze(1)
             if len(rows):
-                slot = PUBLIC_ALONE if n is None else names.index(n)
                 out.corrections.setdefault(module_name, {})[slot] = Correction(rows, c[rows])
     if tied := _tied_head(model, out):
         out.corrections["lm_head"] = tied

@@ -48,7 +48,7 @@ from flexmoe.compose import (
 from flexmoe.data import read_documents
 from flexmoe.errors import FlexmoeError
 from flexmoe.evaluate.metrics import HFLM, perplexity
-from flexmoe.evaluate.run import find_domains
+from flexmoe.evaluate.run import find_domains, load_lm
 from flexmoe.expert.package import MANIFEST, TENSOR_FILE
 from flexmoe.expert.package import check as check_package
 from flexmoe.fileio import read_json
@@ -242,8 +242,7 @@ def _separate_alone(setup: CompositionSetup, package: Path, tmp: Path, anchor: P
     out = tmp / f"alone_{package_expert_name(package)}"  # package folders may share a name ("expert")
     compose(anchor, [package], out, ComposeSettings(top_k=2), provenance=UNSIGNED_OK)
     # A temporary model of this process's own making: it is not signed.
-    c = from_pretrained(out, use_bias=True, device=setup.device, trust=ALLOW_UNSIGNED)
-    return HFLM(c.model, c.tokenizer, scope=lambda: moe_routing(c.routing()))
+    return load_lm(out, use_bias=True, device=setup.device, trust=ALLOW_UNSIGNED)
 
 
 def _separate_without(setup: CompositionSetup, owner: str, tmp: Path):
@@ -251,10 +250,7 @@ def _separate_without(setup: CompositionSetup, owner: str, tmp: Path):
     (``compose.remove``, exact opt-out), since masking d's expert would leave its rows in place."""
     out = tmp / f"without_{owner}"
     remove(setup.model, owner, out, provenance=Provenance(trust=setup.trust or Trust()))
-    c = from_pretrained(
-        out, device=setup.device, trust=ALLOW_UNSIGNED, sequence_routing=setup.sequence_routing
-    )
-    return HFLM(c.model, c.tokenizer, scope=lambda: moe_routing(c.routing()))
+    return load_lm(out, device=setup.device, trust=ALLOW_UNSIGNED, sequence_routing=setup.sequence_routing)
 
 
 class _Bench:

@@ -47,15 +47,14 @@ def owner_token_rows(
     return rows
 
 
-def train_rows(model: torch.nn.Module, rows: torch.Tensor | None) -> list[torch.nn.Parameter]:
+def train_rows(model: torch.nn.Module, rows: torch.Tensor | None) -> None:
     """Make the embedding and LM head trainable, at least fp32 (a bf16 anchor's copy is promoted), with
     the gradient of every row outside ``rows`` zeroed (None: every row) so that AdamW (no weight decay)
-    leaves those rows bit for bit as the anchor has them. Returns the parameters."""
-    named = dict(model.named_parameters())
-    out = []
+    leaves those rows bit for bit as the anchor has them."""
+    named = dict(model.named_parameters())  # tied embeddings appear once, under the embedding's name
     for name in EMBEDDINGS:
         p = named.get(name)
-        if p is None or any(p is q for q in out):  # tied embeddings: one tensor
+        if p is None:
             continue
         if p.dtype in (torch.bfloat16, torch.float16):
             p.data = p.data.float()
@@ -63,8 +62,6 @@ def train_rows(model: torch.nn.Module, rows: torch.Tensor | None) -> list[torch.
         if rows is not None:
             keep = rows.to(p.device, p.dtype)[:, None]
             p.register_hook(lambda g, keep=keep: g * keep)
-        out.append(p)
-    return out
 
 
 def model_name(anchor_name: str) -> str:
