@@ -27,11 +27,11 @@ from flexmoe.sequence_routing import SequenceRouting
 from flexmoe.signing import ALLOW_UNSIGNED
 
 
-def split_view(data: Path, split: str, tmp: Path) -> Path:
+def split_view(data: Path, split: str, tmp: Path, owners=OWNERS) -> Path:
     """A data directory whose test splits are ``split`` (links, nothing copied)."""
     if split == "test":
         return data
-    for d in ("public", *OWNERS):
+    for d in ("public", *owners):
         (tmp / d).mkdir(parents=True)
         (tmp / d / "test.jsonl").symlink_to((data / d / f"{split}.jsonl").resolve())
     return tmp

@@ -744,3 +744,24 @@ def test_likelihood_evidence_runs_each_owners_own_model(post, tmp_path):
     with torch.no_grad():
         merged = token_lp(from_pretrained(out, **kw).model)
         torch.testing.assert_close(token_lp(c.model), merged, atol=1e-5, rtol=1e-5)
+
+
+def test_rows_evidence_reads_the_router_rows_on_the_merged_tensors(post, tmp_path):
+    """The rows' evidence (a chat prompt's choice) reads each router row where the rows act, on the
+    merged shared tensors; on the anchor's tensors an owner's row misses the rows its owner trained (the
+    `small` post-training demo's prompts then went to public alone: task retention 0.2)."""
+    from flexmoe.compose import UNSIGNED_OK, compose
+    from flexmoe.runtime import from_pretrained
+    from flexmoe.sequence_routing import SequenceRouting
+    from flexmoe.signing import ALLOW_UNSIGNED
+
+    compose(post["anchor"], [post["code"], post["math"]], tmp_path / "m", provenance=UNSIGNED_OK)
+    ids = torch.tensor([[5, 17, 40, 41, 42, 43, 7, 9]])
+    margins = {}
+    for on in (True, False):
+        seq = SequenceRouting(evidence="rows", owner_tensors=on)
+        c = from_pretrained(tmp_path / "m", trust=ALLOW_UNSIGNED, sequence_routing=seq, device="cpu")
+        assert (c.owner_tensors is not None) == on
+        with torch.no_grad():
+            margins[on] = c.sequence.margins(c.model, ids, None)
+    torch.testing.assert_close(margins[True], margins[False], atol=1e-6, rtol=1e-6)

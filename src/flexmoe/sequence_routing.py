@@ -171,23 +171,26 @@ class SequenceRouting:
         return torch.cat(parts, 1).squeeze(-1) if parts else torch.zeros(target.shape, device=h.device)
 
     @contextlib.contextmanager
-    def _evidence_pass(self, model, input_ids: torch.Tensor, expert: int | None = None):
+    def _evidence_pass(self, model, input_ids: torch.Tensor, expert: int | None = None, merged: bool = False):
         """Route the enclosed calls over public (+ ``expert``) and keep them from being narrowed again.
         The mask is ``[B, E]``, one row per sequence, because that is what the runtime turns into the
-        owner whose shared tensors a row computes with (the anchor's for public alone)."""
+        owner whose shared tensors a row computes with (the anchor's for public alone); ``merged``: an
+        ``[E]`` mask instead, which the runtime computes with the merged shared tensors."""
         only = torch.zeros(moe_blocks(model)[0].num_experts, dtype=torch.bool, device=input_ids.device)
         only[[0] if expert is None else [0, expert]] = True
         self._busy = True
         try:
-            with routing(Routing(mask=only.expand(input_ids.shape[0], -1))):
+            with routing(Routing(mask=only if merged else only.expand(input_ids.shape[0], -1))):
                 yield
         finally:
             self._busy = False
 
     @torch.no_grad()
     def anchor_pass(self, model, input_ids, attention_mask, per_layer) -> list:
-        """Run ``model`` with only public routable (exactly the dense anchor) and return
-        ``per_layer(layer, block, h)`` for every MoE block's input ``h`` (Nones left out)."""
+        """Run ``model`` with only public routable and return ``per_layer(layer, block, h)`` for every
+        MoE block's input ``h`` (Nones left out). Shared tensors stay merged: the router rows' margins
+        are read where the rows act, and an owner's row scored on the anchor's embeddings loses the
+        rows its owner trained (chat prompts of the `small` post-training demo then went to public)."""
         blocks = moe_blocks(model)
         seen: list = []
         hooks = [
@@ -195,7 +198,7 @@ class SequenceRouting:
             for i, b in enumerate(blocks)
         ]
         try:
-            with self._evidence_pass(model, input_ids):
+            with self._evidence_pass(model, input_ids, merged=True):
                 model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         finally:
             for h in hooks:
