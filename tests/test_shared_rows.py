@@ -105,7 +105,32 @@ def test_bad_inputs(tiny_anchor, demo_data, tmp_path):
         _train(tiny_anchor, demo_data, "math", tmp_path / "b", shared_rows="some")
     with pytest.raises(FlexmoeError, match="does not combine with --dp-epsilon"):
         _train(tiny_anchor, demo_data, "math", tmp_path / "c", shared_rows="all", dp=DPSettings(epsilon=8.0))
-    assert not any((tmp_path / x).exists() for x in "abc")
+    with pytest.raises(FlexmoeError, match="--row-ratio 2.0 is not usable with --shared-rows all"):
+        _train(tiny_anchor, demo_data, "math", tmp_path / "d", shared_rows="all", row_ratio=2.0)
+    with pytest.raises(FlexmoeError, match="--row-ratio 0.0 is not usable"):
+        _train(tiny_anchor, demo_data, "math", tmp_path / "e", shared_rows="owner", row_ratio=0.0)
+    assert not any((tmp_path / x).exists() for x in "abcde")
+
+
+def test_demo_refuses_unknown_rows_and_experts_trained_with_other_rows(tmp_path):
+    """``flexmoe demo --shared-rows``: an unknown mode fails before anything is built; a resumed workdir
+    whose experts were trained with other rows is refused, not silently reused."""
+    from flexmoe.demo import Steps, demo_preset, train_owner
+    from flexmoe.expert.package import MANIFEST
+    from flexmoe.fileio import write_json
+
+    r = CliRunner().invoke(app, ["demo", "--workdir", str(tmp_path / "w"), "--shared-rows", "some"])
+    assert isinstance(r.exception, FlexmoeError) and "Unknown --shared-rows 'some'" in str(r.exception)
+    assert not (tmp_path / "w" / "data").exists()
+    package = tmp_path / "w" / "owners" / "code" / "expert"
+    package.mkdir(parents=True)
+    write_json(package / MANIFEST, {"settings": {"shared_rows": "none"}})
+    p = demo_preset("tiny", {"shared_rows": "owner"})
+    with pytest.raises(FlexmoeError, match="trained with --shared-rows none, this run asks for owner"):
+        train_owner(tmp_path / "w", tmp_path / "data", tmp_path / "anchor", "code", p, Steps(True), True)
+    assert train_owner(
+        tmp_path / "w", tmp_path / "d", tmp_path / "a", "code", demo_preset("tiny"), Steps(True), True
+    )
 
 
 def test_cli_trains_owner_rows_without_a_stage(tiny_anchor, demo_data, tmp_path):
@@ -117,6 +142,10 @@ def test_cli_trains_owner_rows_without_a_stage(tiny_anchor, demo_data, tmp_path)
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
     assert (tmp_path / "x" / SHARED_FILE).is_file()
+    r = CliRunner().invoke(app, [*args[:-1], "owner", "--row-ratio", "2", "--out", str(tmp_path / "y")])
+    assert r.exit_code == 0, r.output
+    rows = [load_file(str(tmp_path / d / SHARED_FILE))[EMBEDDINGS[0]].ne(0).any(1).sum() for d in "xy"]
+    assert rows[1] > rows[0]  # a lower ratio gives the owner more rows
 
 
 def test_composition_metrics_remove_the_owners_rows(owners, tiny_anchor, demo_data, tmp_path):

@@ -29,6 +29,7 @@ from flexmoe.evaluate.report import composition_table, markdown
 from flexmoe.evaluate.run import EvalSettings, evaluate_lm, load_lm, seq_len_of
 from flexmoe.expert.package import check, package_bytes, sign_package
 from flexmoe.expert.privacy import DPSettings
+from flexmoe.expert.shared import OWNER_ROW_RATIO
 from flexmoe.expert.stages import StageRun, settings_for, train_stage
 from flexmoe.expert.train import PUBLIC_MIX, ExpertSpec, ExpertTrainSettings, train_expert
 from flexmoe.fileio import write_json
@@ -219,6 +220,10 @@ def expert_stats(
         console.print("the package was signed: sign it again ('flexmoe expert sign') before sending it")
 
 
+ROW_RATIO_HELP = (
+    "--shared-rows owner: a token's rows are yours when it is at least this many times as frequent in your "
+    "data as in --public (default 4)."
+)
 SHARED_ROWS_HELP = (
     "Embedding/LM-head rows that train beside the FFN: none, owner (tokens frequent in your data and rare "
     "in --public) or all (BAR). Default: none; --stage sft: owner."
@@ -300,6 +305,7 @@ def expert_train(
     from_package: Path = typer.Option(None, "--from", help="Continue from this stage's package."),
     freeze_shared: bool = typer.Option(False, help="Frozen recipe: only expert FFN and router row train."),
     shared_rows: str = typer.Option(None, help=SHARED_ROWS_HELP),
+    row_ratio: float = typer.Option(None, help=ROW_RATIO_HELP),
     kl: float = typer.Option(
         None, "--kl", help="rl: weight of a KL penalty towards the starting package (default 0, as BAR)."
     ),
@@ -311,7 +317,8 @@ def expert_train(
     if freeze_shared or any(x is not None for x in (stage, from_package, kl)):
         s = settings_for(stage or "mid", freeze_shared=freeze_shared, steps=steps, batch_size=batch_size,
             seq_len=seq_len, lr=lr, seed=seed, public_mix=public_mix, router_init=router_init,
-            shared_rows=shared_rows, router_aux=router_aux_loss, grpo=_grpo(kl))  # fmt: skip
+            row_ratio=row_ratio, shared_rows=shared_rows, router_aux=router_aux_loss,
+            grpo=_grpo(kl))  # fmt: skip
         run = StageRun(from_package, public[0] if public else None, resume, force, sign_key=key)
         return _expert_stage(anchor, data[0], name, out, s, run, dp_epsilon)
     dp = None if dp_epsilon is None else DPSettings(epsilon=dp_epsilon, delta=dp_delta,
@@ -339,6 +346,7 @@ def expert_train(
         public=public or None,
         public_mix=public_mix,
         shared_rows=shared_rows or "none",
+        row_ratio=OWNER_ROW_RATIO if row_ratio is None else row_ratio,
         fsdp=fsdp,
         activation_checkpointing=activation_checkpointing,
         compile=compile,
@@ -803,6 +811,9 @@ def demo_cmd(
     ),
     preset: str = typer.Option("tiny", help="tiny (2 CPU cores, ~15 min) or small (GPU)."),
     post_train: bool = typer.Option(False, help="Only the post-training section (chat SFT, merge, opt-out)."),
+    shared_rows: str = typer.Option(
+        None, help="The owners' --shared-rows (none, owner or all; default none)."
+    ),
 ) -> None:
     """The whole federation end to end, offline, with baselines, opt-out and a report."""
     if post_train:
@@ -810,7 +821,7 @@ def demo_cmd(
         _print_json(r["post_training"])
         console.print(f"wrote {workdir}/report.json (post_training)")
         return
-    report = run_demo(workdir, preset)
+    report = run_demo(workdir, preset, overrides={"shared_rows": shared_rows} if shared_rows else None)
     console.print(markdown(report))
     console.print(f"wrote {workdir}/report.json, report.md, report.png")
 

@@ -27,9 +27,10 @@ from flexmoe.evaluate.metrics import HFLM
 from flexmoe.evaluate.report import composition_table, headline, write_report
 from flexmoe.evaluate.run import EvalSettings, evaluate_lm, load_lm
 from flexmoe.evaluate.tasks import load_tasks
-from flexmoe.expert.package import signed_package
+from flexmoe.expert.package import MANIFEST, signed_package
+from flexmoe.expert.shared import check_mode
 from flexmoe.expert.train import EXPERT_PRESETS, PUBLIC_MIX, ExpertSpec, train_expert
-from flexmoe.fileio import save_pretrained_atomic
+from flexmoe.fileio import read_json, save_pretrained_atomic
 from flexmoe.router.calibrate import calibrator
 from flexmoe.router.proxy import ProxySettings, select_proxy
 from flexmoe.router.train import train_router
@@ -168,6 +169,7 @@ def demo_preset(preset: str, overrides: dict | None = None) -> DemoPreset:
     if preset not in DEMO_PRESETS:
         raise FlexmoeError(f"Unknown demo preset {preset!r}.", f"use one of {', '.join(DEMO_PRESETS)}.")
     p = replace(DEMO_PRESETS[preset], **(overrides or {}))
+    check_mode(p.shared_rows)  # before the corpora and the anchor, not after
     if p.router_init == "embed" and default_embedder() is None:  # e.g. a GPU box without flexmoe[embed]
         p = replace(p, router_init="hidden")
     return p
@@ -220,7 +222,9 @@ def train_owner(
     """One data owner: its own directory holding only its own train/valid data, and its expert."""
     home = workdir / "owners" / domain
     package = home / "expert"
-    if not package.exists():
+    if package.exists():
+        _check_kept_rows(package, p.shared_rows)
+    else:
         (home / "data").mkdir(parents=True, exist_ok=True)
         for split in ("train", "valid"):  # the test split stays with the evaluator
             shutil.copy2(data / domain / f"{split}.jsonl", home / "data" / f"{split}.jsonl")
@@ -249,6 +253,16 @@ def train_owner(
             shared_rows=p.shared_rows,
         )
     return package
+
+
+def _check_kept_rows(package: Path, shared_rows: str) -> None:
+    """A resumed demo keeps the experts it trained: refuse one trained with other shared rows."""
+    kept = read_json(package / MANIFEST).get("settings", {}).get("shared_rows", "none")
+    if kept != shared_rows:
+        raise FlexmoeError(
+            f"{package} was trained with --shared-rows {kept}, this run asks for {shared_rows}.",
+            f"use a fresh --workdir, or pass --shared-rows {kept}.",
+        )
 
 
 def compose_and_opt_out(

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from flexmoe.anchor import iter_tensors
+from flexmoe.errors import FlexmoeError
 
 EMBEDDINGS = ("model.embed_tokens.weight", "lm_head.weight")
 SHARED_ROWS = ("none", "owner", "all")
@@ -26,6 +27,12 @@ SHARED_ROWS = ("none", "owner", "all")
 # frequency in public data (add-one smoothed) and it occurs at least OWNER_ROW_MIN_COUNT times.
 OWNER_ROW_RATIO = 4.0
 OWNER_ROW_MIN_COUNT = 3
+
+
+def check_mode(mode: str) -> None:
+    """Refuse an unknown ``--shared-rows`` value."""
+    if mode not in SHARED_ROWS:
+        raise FlexmoeError(f"Unknown --shared-rows {mode!r}.", f"use one of {', '.join(SHARED_ROWS)}.")
 
 
 def token_counts(ids: Iterable[int] | torch.Tensor, vocab: int) -> torch.Tensor:

@@ -24,7 +24,7 @@ from flexmoe.expert.router_aux import MineVsPublic
 from flexmoe.expert.shared import (
     EMBEDDINGS,
     OWNER_ROW_RATIO,
-    SHARED_ROWS,
+    check_mode,
     owner_token_rows,
     shared_deltas,
     stray_rows,
@@ -226,9 +226,12 @@ def train_expert(
 
 def check_shared_rows(s: ExpertTrainSettings) -> None:
     """Refuse shared-row settings that cannot work, before any data is read."""
-    if s.shared_rows not in SHARED_ROWS:
-        choices = ", ".join(SHARED_ROWS)
-        raise FlexmoeError(f"Unknown --shared-rows {s.shared_rows!r}.", f"use one of {choices}.")
+    check_mode(s.shared_rows)
+    if s.row_ratio != OWNER_ROW_RATIO and s.shared_rows != "owner" or not s.row_ratio > 0:
+        raise FlexmoeError(
+            f"--row-ratio {s.row_ratio} is not usable with --shared-rows {s.shared_rows}.",
+            "give a --row-ratio above 0, with --shared-rows owner only.",
+        )
     if s.shared_rows == "none":
         return
     if s.shared_rows == "owner" and not s.public:
