@@ -176,3 +176,24 @@ def test_composition_metrics_remove_the_owners_rows(owners, tiny_anchor, demo_da
     want = perplexity(lm, test_documents(demo_data, "math"), 32, max_blocks=4)["perplexity"]
     assert table["without:math"]["math"] == pytest.approx(want, rel=1e-5)
     assert "re-merged" in info["without"] and "package" in info["alone"]["math"]
+
+
+def test_alone_without_packages_is_re_merged_down_to_the_owner(owners, tiny_anchor, demo_data, tmp_path):
+    """No packages at hand (``flexmoe eval --composition`` on a model alone): a mask would keep the other
+    owners' merged rows, so alone:d is the model with every other owner removed, which is exactly what
+    d's package composes to."""
+    from flexmoe.evaluate.composition import CompositionSetup, composition_perplexities
+    from flexmoe.evaluate.metrics import perplexity
+    from flexmoe.evaluate.run import load_lm, test_documents
+    from flexmoe.signing import ALLOW_UNSIGNED
+
+    pk = [owners[d][1] for d in ("code", "math")]
+    compose(tiny_anchor, pk, tmp_path / "both", provenance=UNSIGNED_OK)
+    compose(tiny_anchor, pk[1:], tmp_path / "math_only", top_k=2, provenance=UNSIGNED_OK)
+    setup = CompositionSetup(tmp_path / "both", demo_data, ["code", "math"], anchor=tiny_anchor, seq_len=32)
+    setup.max_blocks, setup.trust = 4, ALLOW_UNSIGNED
+    table, info = composition_perplexities(setup)
+    lm = load_lm(tmp_path / "math_only", use_bias=True, device="cpu", trust=ALLOW_UNSIGNED)
+    want = perplexity(lm, test_documents(demo_data, "math"), 32, max_blocks=4)["perplexity"]
+    assert table["alone:math"]["math"] == pytest.approx(want, rel=1e-5)
+    assert "re-merged down" in info["alone"]["math"]

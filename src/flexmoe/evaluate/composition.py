@@ -27,6 +27,7 @@ denominator, a non-finite perplexity) is ``None`` (JSON null), never a made-up n
 from __future__ import annotations
 
 import math
+import shutil
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -253,6 +254,19 @@ def _separate_without(setup: CompositionSetup, owner: str, tmp: Path):
     return load_lm(out, device=setup.device, trust=ALLOW_UNSIGNED, sequence_routing=setup.sequence_routing)
 
 
+def _remerged_alone(setup: CompositionSetup, names: Sequence[str], owner: str, tmp: Path):
+    """alone:d of a model with merged shared tensors and no package at hand: the model re-merged down
+    to d (every other owner removed by ``compose.remove``), which is what d's package composes to."""
+    current, trust = setup.model, Provenance(trust=setup.trust or Trust())
+    for i, other in enumerate(n for n in names[1:] if n != owner):
+        out = tmp / f"alone_{owner}_{i}"
+        remove(current, other, out, provenance=trust)
+        if current != setup.model:
+            shutil.rmtree(current)  # each step needs only the previous one
+        current, trust = out, UNSIGNED_OK  # a temporary model of this process's own making
+    return load_lm(current, use_bias=True, device=setup.device, trust=ALLOW_UNSIGNED)
+
+
 class _Bench:
     """One loaded composed model (biases loaded, switchable), the test documents, the growing table."""
 
@@ -291,12 +305,16 @@ class _Bench:
         self.score(key, self.lm, domains)
 
     def alone(self, d: str, tmp: Path) -> str:
-        """alone:d, by mask when that is exactly the owner's model, else from its package; says which."""
+        """alone:d, by mask when that is exactly the owner's model, else from its package (or, merged
+        shared tensors and no package, the model re-merged down to d); says which."""
         pkg = next((p for p in self.setup.packages if package_expert_name(p) == d), None)
         if pkg is not None and not self.same.get(d, False):
             anchor = self.setup.anchor or Path(self.c.meta["anchor"]["path"])
             self.score(f"alone:{d}", _separate_alone(self.setup, pkg, tmp, anchor), [d])
             return "the owner's package composed alone (2 experts, its bias)"
+        if self.merged and len(self.c.names) > 2:  # a mask cannot take the other owners' rows out
+            self.score(f"alone:{d}", _remerged_alone(self.setup, self.c.names, d, tmp), [d])
+            return "the model re-merged down to the owner (every other owner removed, its bias)"
         self.masked(f"alone:{d}", [d], include=[d], with_bias=True, by_rows=True)
         how = "composed model restricted to public + owner, with the owner's bias"
         return how + (" (checked: = the owner's 2-expert model)" if self.same.get(d) else " (unchecked)")
