@@ -36,7 +36,7 @@ from safetensors import safe_open
 
 from flexmoe.anchor import load_anchor, pretrain
 from flexmoe.anchor_sft import sft_anchor
-from flexmoe.chat import chat_splits, generate, reply_text, well_formed
+from flexmoe.chat import chat_splits, generate, read_chat_file, reply_text, well_formed
 from flexmoe.chat_data import build_chat_sets, correct, read_tasks
 from flexmoe.compose import MODEL_KIND, ComposeSettings, compose, remove
 from flexmoe.corpora import build_demo_corpora
@@ -53,6 +53,8 @@ from flexmoe.signing import Trust, sign_dir
 from flexmoe.tokenizer import load_tokenizer
 
 OWNERS = ("code", "math", "legal")
+#: public chat conversations the sequence-routed merge calibrates its prompt choice on (train split)
+CALIBRATION_PROMPTS = 100
 # SFT recipes per owner: FlexOlmo's (shared frozen), ours (progressive, embedding / LM-head rows of the
 # owner's own tokens only) and BAR's (progressive, every row).
 RECIPES = {
@@ -345,19 +347,21 @@ def evaluate_chat(model, tok, chat: Path, domains, max_new_tokens: int, batch: i
 
 
 def load_for_eval(
-    kind: str, path: Path, anchor: Path, trust: Trust | None = None, include=None, sequence: bool = False
+    kind: str, path: Path, anchor: Path, trust: Trust | None = None, include=None, sequence=None
 ):
     """(model, tokenizer) of the post-trained anchor, an expert package (as its owner trained it: full
     shared deltas, 2 experts) or a composed model (its signature verified under ``trust``; ``include``:
-    only these owners' experts routable, besides public; ``sequence``: sequence-routed, the prompt
-    choosing the owner)."""
+    only these owners' experts routable, besides public; ``sequence``: public chat conversations, to
+    sequence-route with the prompt choosing the owner, calibrated on them)."""
 
     device = default_device()  # generation on the GPU when there is one
     if kind == "anchor":
         return load_anchor(path, torch.float32).to(device).eval(), load_tokenizer(path)
     if kind == "expert":
         return expert_model(anchor, path)[0].to(device).eval(), load_tokenizer(anchor)
-    c = from_pretrained(path, trust=trust, include=include, sequence_routing=sequence)
+    c = from_pretrained(path, trust=trust, include=include, sequence_routing=sequence is not None)
+    if sequence:
+        c.calibrate_prompts(sequence)
     return c.model, c.tokenizer
 
 
@@ -365,9 +369,10 @@ def evaluate_everything(pk: dict, models: dict, p: PostTrainPreset, steps, trust
     """Chat scores of every model; composed ones load as a model user's would (``trust``)."""
     chat, anchor, n = pk["chat"], pk["anchor"], p.max_new_tokens
     res = {}
+    public = read_chat_file(chat / "public" / "train.jsonl")[:CALIBRATION_PROMPTS]  # public: anyone has it
 
     def run(key, kind, path, domains, include=None, sequence=False):
-        model, tok = load_for_eval(kind, path, anchor, trust, include, sequence)
+        model, tok = load_for_eval(kind, path, anchor, trust, include, public if sequence else None)
         res[key] = steps.run(f"evaluate {key}", evaluate_chat, model, tok, chat, domains, n)
 
     run("anchor_sft", "anchor", anchor, ("public", *OWNERS))

@@ -57,6 +57,15 @@ class Composed:
         mask = expert_mask(self.names, include, exclude)
         self.mask = None if bool(mask.all()) else mask.to(self.device)
 
+    def calibrate_prompts(self, conversations: Sequence[list[dict]]) -> None:
+        """Sequence routing's prompt choice read on each owner's own public level
+        (``SequenceRouting.calibrate_prompts``), from public chat: each conversation's prompt before its
+        last assistant turn."""
+        if self.sequence is None:
+            raise FlexmoeError("Prompt calibration needs sequence routing.", "load with --sequence-routing.")
+        prompts = [prompt_ids(self.tokenizer, c[: _last_reply(c)]) for c in conversations]
+        self.sequence.calibrate_prompts(self.model.get_decoder(), prompts)
+
     @property
     def device(self) -> torch.device:
         return self.model.model.embed_tokens.weight.device
@@ -102,6 +111,11 @@ class Composed:
                 es.callback(setattr, r, "mask", before)
         if self.owner_tensors is not None:  # read by the embedding and the LM head of this call
             self.owner_tensors.owner_at = owners_at(r.mask)
+
+
+def _last_reply(conversation: list[dict]) -> int:
+    replies = [i for i, m in enumerate(conversation) if m.get("role") == "assistant"]
+    return replies[-1] if replies else len(conversation)
 
 
 def default_device() -> str:

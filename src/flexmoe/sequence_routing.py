@@ -91,6 +91,10 @@ class SequenceRouting:
     prompt_evidence: str | None = None
     #: ``hidden [N, H] -> logits [N, V]``, the LM head, set by the runtime (likelihood evidence)
     head: Callable | None = field(default=None, repr=False, init=False)
+    #: ``[2, E]`` each expert's mean and spread of its rows' margin over public prompts
+    #: (``calibrate_prompts``); when set, a prompt the rows give to an owner goes to the owner whose
+    #: evidence stands out most from its own public level (rows differ in loudness)
+    prompt_scale: torch.Tensor | None = field(default=None, repr=False)
     #: ``[B, E]`` the choice of the last prefill (read by the server, which keeps it per request)
     last_choice: torch.Tensor | None = field(default=None, repr=False, init=False)
     _decode: weakref.WeakKeyDictionary = field(
@@ -223,7 +227,34 @@ class SequenceRouting:
         kind = self.prompt_evidence or self.evidence
         m = self.margins(model, input_ids, attention_mask, allowed, kind)
         decay = self.decay if kind == self.evidence else DECAY[kind]
-        return choose(m, attention_mask, allowed, self.prompt_confidence, decay)[:, -1]
+        chosen = choose(m, attention_mask, allowed, self.prompt_confidence, decay)[:, -1]
+        if kind != "rows" or self.prompt_scale is None:
+            return chosen
+        return self._standout_owner(chosen, m, attention_mask, allowed, decay)
+
+    def _standout_owner(self, chosen, margins, attention_mask, allowed, decay) -> torch.Tensor:
+        """``chosen`` with each single owner replaced by the allowed owner whose rows' evidence, in
+        units of its own spread on public prompts, is highest: whether an owner claims the prompt stays
+        the rows' call, which owner is read on a common scale."""
+        mean, std = self.prompt_scale.to(margins.device)
+        z = evidence((margins - mean) / std, attention_mask, decay)[:, -1]
+        ok = chosen.new_ones(chosen.shape) if allowed is None else allowed.bool().expand(chosen.shape)
+        best = z.masked_fill(~ok, float("-inf"))[:, 1:].argmax(-1) + 1
+        one = chosen[:, 1:].sum(-1) == 1
+        out = chosen.clone()
+        out[one, 1:] = False
+        out[one, best[one]] = True
+        return out
+
+    @torch.no_grad()
+    def calibrate_prompts(self, model, prompts: list[list[int]]) -> None:
+        """Set ``prompt_scale`` from public prompts (token ids): each expert's mean and spread of its
+        rows' margin over their tokens. Public text only, so any operator can compute it."""
+        device = moe_blocks(model)[0].router[0].weight.device
+        m = torch.cat([self.row_margins(model, torch.tensor([p], device=device), None)[0] for p in prompts])
+        mean, std = m.mean(0), m.std(0).clamp_min(1e-6)
+        mean[0], std[0] = 0.0, 1.0
+        self.prompt_scale = torch.stack([mean, std]).cpu()
 
     def mask_for_call(self, model, input_ids, attention_mask, cache, allowed) -> torch.Tensor | None:
         """The mask of one model call: per position in a full or prefill call; in a decode step (a
