@@ -765,3 +765,59 @@ def test_rows_evidence_reads_the_router_rows_on_the_merged_tensors(post, tmp_pat
         with torch.no_grad():
             margins[on] = c.sequence.margins(c.model, ids, None)
     torch.testing.assert_close(margins[True], margins[False], atol=1e-6, rtol=1e-6)
+
+
+def test_calibrated_prompt_choice_reads_each_owner_on_its_own_public_level(monkeypatch):
+    """A loud row (high margins on every text) wins the rows' prompt choice; calibrated, the owner whose
+    evidence stands out most from its own public level wins among the allowed owners, and a prompt no
+    owner claims stays public."""
+    from flexmoe.sequence_routing import SequenceRouting
+
+    s = SequenceRouting(evidence="rows")
+    margins = torch.tensor([[[0.0, 5.0, 3.0]] * 3, [[0.0, -1.0, -2.0]] * 3])  # [B=2, S=3, E=3]
+    monkeypatch.setattr(s, "margins", lambda *args, **kw: margins)
+    ids = torch.zeros(2, 3, dtype=torch.long)
+    assert s.prompt_choice(None, ids).tolist() == [[True, True, False], [True, False, False]]
+    s.prompt_scale = torch.tensor([[0.0, 4.0, -2.0], [1.0, 1.0, 1.0]])  # owner 1 is loud on public text
+    assert s.prompt_choice(None, ids).tolist() == [[True, False, True], [True, False, False]]
+    only_1 = torch.tensor([True, True, False])
+    assert s.prompt_choice(None, ids, allowed=only_1).tolist() == [[True, True, False], [True, False, False]]
+
+
+def test_runtime_calibrates_the_prompt_choice_on_public_chat(post, tmp_path):
+    from flexmoe.chat import prompt_ids, read_chat_file
+    from flexmoe.compose import UNSIGNED_OK, compose
+    from flexmoe.errors import FlexmoeError
+    from flexmoe.runtime import from_pretrained
+    from flexmoe.signing import ALLOW_UNSIGNED
+
+    compose(post["anchor"], [post["code"], post["math"]], tmp_path / "m", provenance=UNSIGNED_OK)
+    convs = read_chat_file(post["chat"] / "public" / "train.jsonl")[:6]
+    c = from_pretrained(tmp_path / "m", trust=ALLOW_UNSIGNED, sequence_routing=True, device="cpu")
+    c.calibrate_prompts(convs)
+    with torch.no_grad():
+        m = torch.cat(
+            [
+                c.sequence.row_margins(
+                    c.model.get_decoder(), torch.tensor([prompt_ids(c.tokenizer, x[:-1])]), None
+                )[0]
+                for x in convs
+            ]
+        )
+    want = torch.stack([m.mean(0), m.std(0)])
+    want[:, 0] = torch.tensor([0.0, 1.0])
+    torch.testing.assert_close(c.sequence.prompt_scale, want, atol=1e-5, rtol=1e-5)
+    plain = from_pretrained(tmp_path / "m", trust=ALLOW_UNSIGNED, device="cpu")
+    with pytest.raises(FlexmoeError, match="needs sequence routing"):
+        plain.calibrate_prompts(convs)
+    # the CLI: generate --prompt-calibration (serve takes the same option)
+    from typer.testing import CliRunner
+
+    from flexmoe.cli import app
+
+    public = post["chat"] / "public" / "train.jsonl"
+    argv = ["generate", str(tmp_path / "m"), "--prompt", "What is 2 + 3?", "--chat", "--allow-unsigned"]
+    res = CliRunner().invoke(app, [*argv, "--sequence-routing", "--prompt-calibration", str(public)])
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(app, [*argv, "--prompt-calibration", str(public)])
+    assert isinstance(res.exception, FlexmoeError) and "needs sequence routing" in str(res.exception)

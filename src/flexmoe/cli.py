@@ -19,6 +19,7 @@ from flexmoe.anchor_sft import sft_anchor
 from flexmoe.audit import pipeline as audit_api
 from flexmoe.audit.extraction import ExtractionConfig
 from flexmoe.audit.pipeline import AuditSizes, canary_audit
+from flexmoe.chat import read_chat_file
 from flexmoe.compose import ComposeSettings, Provenance, add, compose, remove, update
 from flexmoe.corpora import build_demo_corpora
 from flexmoe.demo import run_demo
@@ -41,6 +42,7 @@ from flexmoe.router_init import default_router_init
 from flexmoe.routing_stats import compute_for_package, publish_anchor_stats
 from flexmoe.runtime import from_pretrained, generate, routing_shares
 from flexmoe.sequence_routing import SequenceRouting
+from flexmoe.serve.cli import PROMPT_CALIBRATION
 from flexmoe.serve.cli import register as register_serve
 from flexmoe.signing import Trust, generate_keys, key_id, load_private_key
 from flexmoe.training import is_main
@@ -693,11 +695,14 @@ def generate_cmd(
         "--chat",
         help="The prompt is one user turn in the model's chat template (post-trained models).",
     ),
+    prompt_calibration: Path = PROMPT_CALIBRATION,
     trust: list[Path] = MODEL_TRUST,
     allow_unsigned: bool = MODEL_ALLOW_UNSIGNED,
 ) -> None:
     """Model user: stream a continuation (or with --chat a reply) using any subset of experts."""
     c = _composed(model, include, exclude, use_bias, sequence_routing, trust, allow_unsigned)
+    if prompt_calibration is not None:
+        c.calibrate_prompts(read_chat_file(prompt_calibration))
     if not chat:
         console.print(prompt, end="")
     generate(c, prompt, max_new_tokens, stream=True, temperature=temperature, seed=seed, chat=chat)

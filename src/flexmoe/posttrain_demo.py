@@ -53,8 +53,6 @@ from flexmoe.signing import Trust, sign_dir
 from flexmoe.tokenizer import load_tokenizer
 
 OWNERS = ("code", "math", "legal")
-#: public chat conversations the sequence-routed merge calibrates its prompt choice on (train split)
-CALIBRATION_PROMPTS = 100
 # SFT recipes per owner: FlexOlmo's (shared frozen), ours (progressive, embedding / LM-head rows of the
 # owner's own tokens only) and BAR's (progressive, every row).
 RECIPES = {
@@ -369,7 +367,7 @@ def evaluate_everything(pk: dict, models: dict, p: PostTrainPreset, steps, trust
     """Chat scores of every model; composed ones load as a model user's would (``trust``)."""
     chat, anchor, n = pk["chat"], pk["anchor"], p.max_new_tokens
     res = {}
-    public = read_chat_file(chat / "public" / "train.jsonl")[:CALIBRATION_PROMPTS]  # public: anyone has it
+    public = read_chat_file(chat / "public" / "train.jsonl")  # public: anyone has it
 
     def run(key, kind, path, domains, include=None, sequence=False):
         model, tok = load_for_eval(kind, path, anchor, trust, include, public if sequence else None)

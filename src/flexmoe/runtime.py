@@ -29,7 +29,7 @@ from flexmoe.compose import BIAS_FILE, PUBLIC, load_meta
 from flexmoe.errors import FlexmoeError
 from flexmoe.moe import FlexMoEBlock, RouterRow, Routing, active_routing, decoder_layers, moe_blocks, routing
 from flexmoe.owner_tensors import OwnerTensors, load_owner_tensors, owners_at
-from flexmoe.sequence_routing import CHAT_PROMPT_EVIDENCE, SequenceRouting
+from flexmoe.sequence_routing import CALIBRATION_PROMPTS, CHAT_PROMPT_EVIDENCE, SequenceRouting
 from flexmoe.signing import Trust
 from flexmoe.tokenizer import load_tokenizer
 
@@ -59,11 +59,12 @@ class Composed:
 
     def calibrate_prompts(self, conversations: Sequence[list[dict]]) -> None:
         """Sequence routing's prompt choice read on each owner's own public level
-        (``SequenceRouting.calibrate_prompts``), from public chat: each conversation's prompt before its
-        last assistant turn."""
+        (``SequenceRouting.calibrate_prompts``), from public chat: the prompt before the last assistant
+        turn of each of the first ``CALIBRATION_PROMPTS`` conversations."""
         if self.sequence is None:
             raise FlexmoeError("Prompt calibration needs sequence routing.", "load with --sequence-routing.")
-        prompts = [prompt_ids(self.tokenizer, c[: _last_reply(c)]) for c in conversations]
+        kept = conversations[:CALIBRATION_PROMPTS]
+        prompts = [prompt_ids(self.tokenizer, c[: _last_reply(c)]) for c in kept]
         self.sequence.calibrate_prompts(self.model.get_decoder(), prompts)
 
     @property

@@ -68,6 +68,8 @@ DECAY = {"likelihood": 1.0, "rows": 0.98}
 #: chat-trained owner, not the prompt's domain (tiny post-training demo, valid prompts: math's owner
 #: chosen for 12 of 40 math prompts by likelihood, 26 by the rows; public chat kept public 0 vs 32 times)
 CHAT_PROMPT_EVIDENCE = "rows"
+#: public chat conversations a prompt choice is calibrated on (``calibrate_prompts``; the first ones given)
+CALIBRATION_PROMPTS = 100
 #: positions per LM-head call of the likelihood evidence (bounds its [positions, vocabulary] log-softmax)
 HEAD_POSITIONS = 4096
 

@@ -26,6 +26,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from flexmoe import compose as C
+from flexmoe.chat import read_chat_file
 from flexmoe.compose import PUBLIC
 from flexmoe.errors import FlexmoeError
 from flexmoe.runtime import Composed, expert_mask, from_pretrained
@@ -110,6 +111,7 @@ class Settings:
     trust: list[Path] | None = None
     allow_unsigned: bool = False  # unsigned models and packages accepted (as --allow-unsigned elsewhere)
     sequence_routing: bool = False  # each request's prompt picks its owner (flexmoe.sequence_routing)
+    prompt_calibration: Path | None = None  # public chat JSONL the prompt choice is calibrated on
 
     def verifier(self) -> Trust:
         return Trust.from_paths(self.trust, allow_unsigned=self.allow_unsigned)
@@ -135,13 +137,16 @@ def load(settings: Settings, path: Path | None = None, trust: Trust | None = Non
     (default: the server's --trust / --allow-unsigned)."""
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[settings.dtype]
     trust = trust or settings.verifier()
-    return from_pretrained(
+    c = from_pretrained(
         path or settings.model,
         dtype=dtype,
         device=settings.device,
         trust=trust,
         sequence_routing=settings.sequence_routing,
     )
+    if settings.prompt_calibration is not None:  # every model served, swapped-in ones too
+        c.calibrate_prompts(read_chat_file(settings.prompt_calibration))
+    return c
 
 
 def parse_model(model_id: str, name: str, names: list[str]) -> tuple[list[str] | None, list[str] | None]:

@@ -14,6 +14,14 @@ from flexmoe.serve.app import Settings, create_app
 from flexmoe.serve.audit_log import verify
 from flexmoe.serve.owners import Registry
 
+#: ``--prompt-calibration`` (serve and generate): public chat the prompt choice is calibrated on
+PROMPT_CALIBRATION = typer.Option(
+    None,
+    "--prompt-calibration",
+    help="Public chat JSONL (first 100 conversations): with --sequence-routing, a prompt's owner is the one "
+    "whose router row stands out most from its own level on these public prompts.",
+)
+
 console = Console(highlight=False, soft_wrap=True)
 owners_app = typer.Typer(help="Governance: register expert owners and the admin key.", no_args_is_help=True)
 audit_log_app = typer.Typer(help="Governance: check the hash-chained audit log.", no_args_is_help=True)
@@ -55,6 +63,7 @@ def serve(
         "--sequence-routing",
         help="Each request's prompt picks public or one owner (and that owner's own shared tensors).",
     ),
+    prompt_calibration: Path = PROMPT_CALIBRATION,
 ) -> None:
     """Serve a composed model over an OpenAI-compatible HTTP API with per-request experts."""
     import uvicorn  # serving only: not needed by any other command
@@ -77,6 +86,7 @@ def serve(
         trust=trust,
         allow_unsigned=allow_unsigned,
         sequence_routing=sequence_routing,
+        prompt_calibration=prompt_calibration,
     )
     app = create_app(settings)
     console.print(
