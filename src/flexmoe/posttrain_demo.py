@@ -15,7 +15,8 @@ Measured on held-out prompts that no stage trained on (``flexmoe.chat_data``), g
   merged shared tensors keep; the rest of the gap is routing);
 - chat_regression: public-chat accuracy of the post-trained anchor minus the merge's, in points;
 - merged_sequence: the same for the merged model in flexmoe's runtime with sequence routing (the prompt
-  picks public or one owner, whose own shared tensors its positions use: ``flexmoe.owner_tensors``);
+  picks public or one owner, whose own shared tensors its positions use: ``flexmoe.owner_tensors``;
+  the choice calibrated on the public chat training conversations: ``Composed.calibrate_prompts``);
   its oracle_retention routes by hand the same way;
 - optout_bit_identical: removing an owner from the merged model gives the tensors of a composition
   that never had it, byte for byte.

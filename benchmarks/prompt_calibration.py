@@ -1,0 +1,82 @@
+"""Where a sequence-routed chat model sends each domain's prompts, with the rows' choice as it is and
+calibrated on public chat (``Composed.calibrate_prompts``), on a ``flexmoe demo --post-train`` workdir:
+valid conversations (to choose) and test task prompts (to report), then the test accuracy of the
+uncalibrated choice (the demo's ``merged_sequence`` is the calibrated one). Chose the calibrated
+prompt choice (BENCHMARKS.md, "Calibrated prompt choice").
+
+    PYTHONPATH=src python benchmarks/prompt_calibration.py WORKDIR [--demo] [--preset small] [--out DIR]
+
+``--demo`` first runs (or finishes) ``flexmoe demo --post-train`` in WORKDIR.
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from flexmoe.chat import prompt_ids, read_chat_file
+from flexmoe.chat_data import read_tasks
+from flexmoe.posttrain_demo import evaluate_chat
+from flexmoe.runtime import from_pretrained
+from flexmoe.signing import ALLOW_UNSIGNED
+
+DOMAINS = ("public", "code", "math", "legal")
+
+
+def prompts(chat: Path, d: str, split: str) -> list[list[dict]]:
+    if split == "test":
+        return [t["messages"] for t in read_tasks(chat / d / "tasks.jsonl")]
+    convs = read_chat_file(chat / d / "valid.jsonl")
+    return [c[: max(i for i, m in enumerate(c) if m["role"] == "assistant")] for c in convs]
+
+
+@torch.no_grad()
+def choices(c, chat: Path, split: str) -> dict:
+    """Per domain: how many of its prompts each expert (or public alone) was chosen for."""
+    out = {}
+    for d in DOMAINS:
+        counts: dict[str, int] = {}
+        for msgs in prompts(chat, d, split):
+            ids = torch.tensor([prompt_ids(c.tokenizer, msgs)], device=c.device)
+            owners = c.sequence.prompt_choice(c.model.get_decoder(), ids)[0, 1:].nonzero().flatten().tolist()
+            name = "public" if not owners else c.names[owners[0] + 1] if len(owners) == 1 else "undecided"
+            counts[name] = counts.get(name, 0) + 1
+        out[d] = counts
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("workdir", type=Path)
+    ap.add_argument("--demo", action="store_true")
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--out", type=Path, default=Path("."))
+    args = ap.parse_args()
+    w, t0 = args.workdir, time.perf_counter()
+    if args.demo:
+        cmd = [sys.executable, "-m", "flexmoe", "demo", "--post-train", "--workdir", str(w)]
+        subprocess.run([*cmd, "--preset", args.preset], check=True)
+    chat = w / "post" / "chat"
+    c = from_pretrained(w / "post" / "models" / "merged", trust=ALLOW_UNSIGNED, sequence_routing=True)
+    res: dict = {}
+    for variant in ("rows", "calibrated"):
+        if variant == "calibrated":
+            c.calibrate_prompts(read_chat_file(chat / "public" / "train.jsonl"))
+            res["prompt_scale"] = c.sequence.prompt_scale.tolist()
+        for split in ("valid", "test"):
+            res[f"{variant}/{split}"] = choices(c, chat, split)
+            print(variant, split, res[f"{variant}/{split}"], f"{time.perf_counter() - t0:.0f} s", flush=True)
+    rows = from_pretrained(w / "post" / "models" / "merged", trust=ALLOW_UNSIGNED, sequence_routing=True)
+    acc = evaluate_chat(rows.model, rows.tokenizer, chat, DOMAINS, 24)
+    res["rows_accuracy"] = {d: v["accuracy"] for d, v in acc.items()}
+    print("rows' choice, test accuracy", res["rows_accuracy"], flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "prompt_choices.json").write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
