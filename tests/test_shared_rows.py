@@ -197,3 +197,13 @@ def test_alone_without_packages_is_re_merged_down_to_the_owner(owners, tiny_anch
     want = perplexity(lm, test_documents(demo_data, "math"), 32, max_blocks=4)["perplexity"]
     assert table["alone:math"]["math"] == pytest.approx(want, rel=1e-5)
     assert "re-merged down" in info["alone"]["math"]
+
+
+def test_prompt_calibration_is_refused_for_a_base_model(owners, tiny_anchor, tmp_path):
+    from flexmoe.runtime import from_pretrained
+    from flexmoe.signing import ALLOW_UNSIGNED
+
+    compose(tiny_anchor, [owners[d][1] for d in ("code", "math")], tmp_path / "m", provenance=UNSIGNED_OK)
+    c = from_pretrained(tmp_path / "m", trust=ALLOW_UNSIGNED, sequence_routing=True, device="cpu")
+    with pytest.raises(FlexmoeError, match="for chat models"):
+        c.calibrate_prompts([[{"role": "user", "content": "hello"}]])

@@ -63,6 +63,11 @@ class Composed:
         turn of each of the first ``CALIBRATION_PROMPTS`` conversations."""
         if self.sequence is None:
             raise FlexmoeError("Prompt calibration needs sequence routing.", "load with --sequence-routing.")
+        if not has_chat_template(self.tokenizer):  # a base model's prompt is chosen by the likelihood
+            raise FlexmoeError(
+                "Prompt calibration is for chat models; this model has no chat template.",
+                "drop --prompt-calibration.",
+            )
         kept = conversations[:CALIBRATION_PROMPTS]
         prompts = [prompt_ids(self.tokenizer, c[: _last_reply(c)]) for c in kept]
         self.sequence.calibrate_prompts(self.model.get_decoder(), prompts)
