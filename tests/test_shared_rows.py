@@ -207,3 +207,26 @@ def test_prompt_calibration_is_refused_for_a_base_model(owners, tiny_anchor, tmp
     c = from_pretrained(tmp_path / "m", trust=ALLOW_UNSIGNED, sequence_routing=True, device="cpu")
     with pytest.raises(FlexmoeError, match="for chat models"):
         c.calibrate_prompts([[{"role": "user", "content": "hello"}]])
+
+
+def test_sequence_oracle_of_merged_rows_uses_the_owners_own_rows(owners, tiny_anchor, demo_data, tmp_path):
+    """Under sequence routing the oracle of a model with merged rows is sequence routing over public + d
+    (d's positions on d's own rows, as the runtime computes once d is chosen), not the rows on the merge."""
+    from flexmoe.evaluate.composition import CompositionSetup, composition_perplexities
+    from flexmoe.evaluate.metrics import perplexity
+    from flexmoe.evaluate.run import load_lm, test_documents
+    from flexmoe.signing import ALLOW_UNSIGNED
+
+    pk = [owners[d][1] for d in ("code", "math")]
+    compose(tiny_anchor, pk, tmp_path / "both", provenance=UNSIGNED_OK)
+    setup = CompositionSetup(tmp_path / "both", demo_data, ["code", "math"], anchor=tiny_anchor, packages=pk)
+    setup.seq_len, setup.max_blocks, setup.trust, setup.sequence_routing = 32, 4, ALLOW_UNSIGNED, True
+    table, info = composition_perplexities(setup)
+    docs = test_documents(demo_data, "math")
+    kw = {"device": "cpu", "trust": ALLOW_UNSIGNED}
+    seq = load_lm(tmp_path / "both", include=["math"], sequence_routing=True, **kw)
+    rows = load_lm(tmp_path / "both", include=["math"], **kw)
+    want, merged = (perplexity(lm, docs, 32, max_blocks=4)["perplexity"] for lm in (seq, rows))
+    assert "sequence" in info["oracle"]
+    assert table["oracle:math"]["math"] == pytest.approx(want, rel=1e-5)
+    assert want != pytest.approx(merged, rel=1e-4)  # the two oracles differ, so the test could fail

@@ -169,7 +169,8 @@ class CompositionSetup:
     device: str = "cpu"
     trust: Trust | None = None  # the model's signature (runtime.from_pretrained); None: any valid one
     # composed and without:d routed per position by flexmoe.sequence_routing (flexmoe's runtime only);
-    # alone:d and oracle:d stay what they are defined as (public + d by the rows)
+    # alone:d and oracle:d stay what they are defined as (public + d by the rows), except the oracle of
+    # merged shared tensors, which is sequence routing over public + d (d's own tensors)
     sequence_routing: bool | SequenceRouting = False  # True: the defaults
 
 
@@ -356,10 +357,15 @@ def composition_perplexities(setup: CompositionSetup, progress=None) -> tuple[di
         bench.masked("anchor", scored, exclude=[n for n in c.names if n != c.names[0]])
         info["anchor"] = "the composed model with only the public expert routed"
     bench.masked("composed", scored)
+    # Merged shared tensors under sequence routing: the oracle is sequence routing over public + d, whose
+    # positions given to d compute with d's own tensors, as the runtime does once d is chosen (by the
+    # rows every position would keep the merge of every owner's rows).
+    own_tensors = bench.merged and bool(setup.sequence_routing)
+    info["oracle"] = "sequence routing, public + owner" if own_tensors else "public + owner by the rows"
     with tempfile.TemporaryDirectory() as tmp:
         for d in owners:
             bench.without(d, scored, Path(tmp))
-            bench.masked(f"oracle:{d}", [d], include=[d], by_rows=True)
+            bench.masked(f"oracle:{d}", [d], include=[d], by_rows=not own_tensors)
             info["alone"][d] = bench.alone(d, Path(tmp))
     c.set_experts(None, None)
     bench.bias(False)
