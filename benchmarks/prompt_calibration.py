@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from flexmoe.chat import prompt_ids, read_chat_file
+from flexmoe.chat import prompt_ids, prompt_turns, read_chat_file
 from flexmoe.chat_data import read_tasks
 from flexmoe.posttrain_demo import evaluate_chat
 from flexmoe.runtime import from_pretrained
@@ -30,8 +30,7 @@ DOMAINS = ("public", "code", "math", "legal")
 def prompts(chat: Path, d: str, split: str) -> list[list[dict]]:
     if split == "test":
         return [t["messages"] for t in read_tasks(chat / d / "tasks.jsonl")]
-    convs = read_chat_file(chat / d / "valid.jsonl")
-    return [c[: max(i for i, m in enumerate(c) if m["role"] == "assistant")] for c in convs]
+    return [prompt_turns(c) for c in read_chat_file(chat / d / "valid.jsonl")]
 
 
 @torch.no_grad()

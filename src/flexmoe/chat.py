@@ -190,6 +190,12 @@ def chat_rows(convs: Sequence[Conversation], tokenizer, seq_len: int) -> Labeled
 # Generation
 
 
+def prompt_turns(conversation: Conversation) -> Conversation:
+    """The turns before the conversation's last assistant reply (all of them when it has none)."""
+    replies = [i for i, m in enumerate(conversation) if m.get("role") == "assistant"]
+    return conversation[: replies[-1]] if replies else conversation
+
+
 def prompt_ids(tokenizer, messages: Conversation) -> list[int]:
     """The rendered prompt (every turn given, then ``<|im_start|>assistant\\n``) as token ids."""
     ids, _ = encode_conversation(tokenizer, [*messages, {"role": "assistant", "content": ""}])

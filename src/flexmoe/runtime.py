@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, TextStreamer
 
-from flexmoe.chat import IM_END, has_chat_template, prompt_ids, require_chat_tokens
+from flexmoe.chat import IM_END, has_chat_template, prompt_ids, prompt_turns, require_chat_tokens
 from flexmoe.checkpoint import TensorReader
 from flexmoe.compose import BIAS_FILE, PUBLIC, load_meta
 from flexmoe.errors import FlexmoeError
@@ -69,7 +69,7 @@ class Composed:
                 "drop --prompt-calibration.",
             )
         kept = conversations[:CALIBRATION_PROMPTS]
-        prompts = [prompt_ids(self.tokenizer, c[: _last_reply(c)]) for c in kept]
+        prompts = [prompt_ids(self.tokenizer, prompt_turns(c)) for c in kept]
         self.sequence.calibrate_prompts(self.model.get_decoder(), prompts)
 
     @property
@@ -117,11 +117,6 @@ class Composed:
                 es.callback(setattr, r, "mask", before)
         if self.owner_tensors is not None:  # read by the embedding and the LM head of this call
             self.owner_tensors.owner_at = owners_at(r.mask)
-
-
-def _last_reply(conversation: list[dict]) -> int:
-    replies = [i for i, m in enumerate(conversation) if m.get("role") == "assistant"]
-    return replies[-1] if replies else len(conversation)
 
 
 def default_device() -> str:

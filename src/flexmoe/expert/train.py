@@ -227,7 +227,7 @@ def train_expert(
 def check_shared_rows(s: ExpertTrainSettings) -> None:
     """Refuse shared-row settings that cannot work, before any data is read."""
     check_mode(s.shared_rows)
-    if s.row_ratio != OWNER_ROW_RATIO and s.shared_rows != "owner" or not s.row_ratio > 0:
+    if (s.row_ratio != OWNER_ROW_RATIO and s.shared_rows != "owner") or not s.row_ratio > 0:
         raise FlexmoeError(
             f"--row-ratio {s.row_ratio} is not usable with --shared-rows {s.shared_rows}.",
             "give a --row-ratio above 0, with --shared-rows owner only.",
