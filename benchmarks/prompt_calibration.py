@@ -1,8 +1,9 @@
-"""Where a sequence-routed chat model sends each domain's prompts, with the rows' choice as it is and
-calibrated on public chat (``Composed.calibrate_prompts``), on a ``flexmoe demo --post-train`` workdir:
-valid conversations (to choose) and test task prompts (to report), then the test accuracy of the
-uncalibrated choice (the demo's ``merged_sequence`` is the calibrated one). Chose the calibrated
-prompt choice (BENCHMARKS.md, "Calibrated prompt choice").
+"""Where a sequence-routed chat model sends each domain's prompts, on a ``flexmoe demo --post-train``
+workdir, by each prompt evidence: the rows as they are, the rows calibrated on public chat
+(``Composed.calibrate_prompts``), and the prompt centroids (``flexmoe.prompt_centroids``, the default
+when every owner shipped one); valid conversations (to choose) and test task prompts (to report); then
+the test accuracy of the rows' choice (the demo's ``merged_sequence`` uses the default). Chose the
+calibrated choice, then the centroids (BENCHMARKS.md, "Calibrated prompt choice", "Prompt centroids").
 
     PYTHONPATH=src python benchmarks/prompt_calibration.py WORKDIR [--demo] [--preset small] [--out DIR]
 
@@ -22,6 +23,7 @@ from flexmoe.chat import prompt_ids, prompt_turns, read_chat_file
 from flexmoe.chat_data import read_tasks
 from flexmoe.posttrain_demo import evaluate_chat
 from flexmoe.runtime import from_pretrained
+from flexmoe.sequence_routing import SequenceRouting
 from flexmoe.signing import ALLOW_UNSIGNED
 
 DOMAINS = ("public", "code", "math", "legal")
@@ -59,17 +61,20 @@ def main() -> None:
     if args.demo:
         cmd = [sys.executable, "-m", "flexmoe", "demo", "--post-train", "--workdir", str(w)]
         subprocess.run([*cmd, "--preset", args.preset], check=True)
-    chat = w / "post" / "chat"
-    c = from_pretrained(w / "post" / "models" / "merged", trust=ALLOW_UNSIGNED, sequence_routing=True)
+    chat, merged = w / "post" / "chat", w / "post" / "models" / "merged"
     res: dict = {}
-    for variant in ("rows", "calibrated"):
+    for variant in ("rows", "calibrated", "centroids"):
+        seq = SequenceRouting(prompt_evidence="rows" if variant != "centroids" else None)
+        c = from_pretrained(merged, trust=ALLOW_UNSIGNED, sequence_routing=seq)
         if variant == "calibrated":
             c.calibrate_prompts(read_chat_file(chat / "public" / "train.jsonl"))
             res["prompt_scale"] = c.sequence.prompt_scale.tolist()
+        res[f"{variant}/evidence"] = c.sequence.prompt_evidence
         for split in ("valid", "test"):
             res[f"{variant}/{split}"] = choices(c, chat, split)
             print(variant, split, res[f"{variant}/{split}"], f"{time.perf_counter() - t0:.0f} s", flush=True)
-    rows = from_pretrained(w / "post" / "models" / "merged", trust=ALLOW_UNSIGNED, sequence_routing=True)
+    rows_only = SequenceRouting(prompt_evidence="rows")
+    rows = from_pretrained(merged, trust=ALLOW_UNSIGNED, sequence_routing=rows_only)
     acc = evaluate_chat(rows.model, rows.tokenizer, chat, DOMAINS, 24)
     res["rows_accuracy"] = {d: v["accuracy"] for d, v in acc.items()}
     print("rows' choice, test accuracy", res["rows_accuracy"], flush=True)

@@ -33,7 +33,16 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         "data",
         ("flexmoe.data", "flexmoe.corpora", "flexmoe.evaluate.tasks", "flexmoe.chat", "flexmoe.chat_data"),
     ),
-    ("anchor", ("flexmoe.anchor", "flexmoe.moe", "flexmoe.router_init", "flexmoe.anchor_sft")),
+    (
+        "anchor",
+        (
+            "flexmoe.anchor",
+            "flexmoe.moe",
+            "flexmoe.router_init",
+            "flexmoe.prompt_centroids",
+            "flexmoe.anchor_sft",
+        ),
+    ),
     ("expert", ("flexmoe.expert",)),
     # Routing methods are applied at compose time (and their statistics read there).
     (

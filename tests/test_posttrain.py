@@ -821,3 +821,83 @@ def test_runtime_calibrates_the_prompt_choice_on_public_chat(post, tmp_path):
     assert res.exit_code == 0, res.output
     res = CliRunner().invoke(app, [*argv, "--prompt-calibration", str(public)])
     assert isinstance(res.exception, FlexmoeError) and "needs sequence routing" in str(res.exception)
+
+
+def test_nearest_centroid_by_hand():
+    """Each prompt goes to the nearest allowed class; public is routable beside any owner; a prompt
+    nearest public goes to public alone; an excluded owner is never chosen."""
+    from flexmoe.prompt_centroids import nearest
+
+    table = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    feats = torch.tensor([[9.0, 1.0], [1.0, 8.0], [1.0, 1.0]])
+    assert nearest(feats, table).tolist() == [[True, True, False], [True, False, True], [True, False, False]]
+    no_2 = torch.tensor([True, True, False])
+    assert nearest(feats, table, no_2).tolist() == [[True, True, False], [True, False, False]] + [
+        [True, False, False]
+    ]
+    per_row = torch.tensor([[True, False, True], [True, True, True], [True, True, True]])
+    assert nearest(feats, table, per_row)[0].tolist() == [True, False, False]
+
+
+def test_prompt_centroids_are_published_carried_and_choose_the_prompts_owner(post, tmp_path):
+    """The post-trained anchor publishes the public centroid, every sft package its owner's (rl carries
+    it on), compose carries them into flexmoe.json, and the runtime chooses a chat prompt's owner by the
+    nearest one, from the prompt's features in the public-alone pass: the anchor's features, which the
+    owners measured theirs in (checked equal on a model with merged shared tensors). Removing an owner
+    removes its centroid."""
+    from flexmoe.anchor import load_anchor
+    from flexmoe.chat import chat_splits, prompt_ids, prompt_turns, read_chat_file
+    from flexmoe.compose import UNSIGNED_OK, compose, remove
+    from flexmoe.formats import read_anchor_meta, read_expert_manifest
+    from flexmoe.prompt_centroids import FIELD, anchor_features
+    from flexmoe.runtime import from_pretrained
+    from flexmoe.signing import ALLOW_UNSIGNED
+
+    pub = read_anchor_meta(post["anchor"])[FIELD]
+    assert pub["prompts"] == len(chat_splits(post["chat"] / "public")[0]) and len(pub["mean"]) == 32
+    owners = {d: read_expert_manifest(post[d])[FIELD] for d in ("code", "math", "math-rl")}
+    assert owners["math-rl"] == owners["math"] and owners["code"]["mean"] != owners["math"]["mean"]
+    compose(post["anchor"], [post["code"], post["math"]], tmp_path / "m", provenance=UNSIGNED_OK)
+    c = from_pretrained(tmp_path / "m", trust=ALLOW_UNSIGNED, sequence_routing=True, device="cpu")
+    assert c.sequence.prompt_evidence == "centroids"
+    want = torch.tensor([pub["mean"], owners["code"]["mean"], owners["math"]["mean"]], dtype=torch.float64)
+    torch.testing.assert_close(c.sequence.prompt_centroids, want)
+
+    convs = [read_chat_file(post["chat"] / d / "valid.jsonl")[0] for d in ("public", "code", "math")]
+    feats = anchor_features(load_anchor(post["anchor"], torch.float32), c.tokenizer, convs)
+    ids = [prompt_ids(c.tokenizer, prompt_turns(x)) for x in convs]
+    n = max(map(len, ids))  # one batch, left-padded as generate pads
+    batch = torch.tensor([[0] * (n - len(x)) + x for x in ids])
+    mask = torch.tensor([[0] * (n - len(x)) + [1] * len(x) for x in ids])
+    dec = c.model.get_decoder()
+    with torch.no_grad():
+        seen = c.sequence.anchor_pass(dec, batch, mask, lambda _i, _b, h: h, merged=False)
+    from flexmoe.prompt_centroids import pooled
+
+    torch.testing.assert_close(pooled(seen, mask), feats, atol=1e-5, rtol=1e-5)
+    c.sequence.prompt_centroids = feats.clone()  # each prompt its own class: each goes to itself
+    with torch.no_grad():
+        chosen = c.sequence.prompt_choice(dec, batch, mask)
+        no_math = c.sequence.prompt_choice(dec, batch, mask, allowed=torch.tensor([True, True, False]))
+    assert chosen.tolist() == [[True, False, False], [True, True, False], [True, False, True]]
+    assert not no_math[:, 2].any()
+
+    remove(tmp_path / "m", "math", tmp_path / "no-math", provenance=UNSIGNED_OK)
+    c2 = from_pretrained(tmp_path / "no-math", trust=ALLOW_UNSIGNED, sequence_routing=True, device="cpu")
+    torch.testing.assert_close(c2.sequence.prompt_centroids, want[:2])
+
+
+def test_package_with_a_malformed_prompt_centroid_is_refused(post, tmp_path):
+    import json
+    import shutil
+
+    from flexmoe.errors import FlexmoeError
+    from flexmoe.expert.package import check
+
+    bad = tmp_path / "code"
+    shutil.copytree(post["code"], bad)
+    m = json.loads((bad / "expert.json").read_text())
+    m["prompt_centroid"]["mean"] = m["prompt_centroid"]["mean"][:-1]
+    (bad / "expert.json").write_text(json.dumps(m))
+    with pytest.raises(FlexmoeError, match="prompt_centroid is malformed"):
+        check(bad)

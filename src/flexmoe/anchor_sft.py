@@ -18,6 +18,7 @@ from flexmoe.chat import add_chat_template, chat_rows, chat_splits
 from flexmoe.data import data_fingerprint
 from flexmoe.errors import FlexmoeError
 from flexmoe.fileio import atomic_dir, read_json, write_json
+from flexmoe.prompt_centroids import FIELD, centroid_record
 from flexmoe.tokenizer import load_tokenizer
 from flexmoe.training import (
     RunOptions,
@@ -103,6 +104,8 @@ def sft_anchor(
         "tokens_seen": result.tokens_seen,
         "seconds": result.seconds,
         "history": result.history,
+        # the public class of a chat prompt's owner choice (flexmoe.prompt_centroids)
+        FIELD: centroid_record(model, tok, train_convs),
     }
     _write_anchor(out, model, tok, summary, rendered, s)
     clear_checkpoint(work)

@@ -31,7 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from flexmoe import compose_shared as cs
-from flexmoe import formats, signing
+from flexmoe import formats, prompt_centroids, signing
 from flexmoe import routing_methods as methods
 from flexmoe.anchor import FAMILIES, fingerprint, fingerprint_tensors, resolve
 from flexmoe.checkpoint import DEFAULT_SHARD_BYTES, ShardWriter, StateReader, TensorReader, weight_hashes
@@ -101,6 +101,14 @@ def anchor_expert(reader: TensorReader, public_row: Callable[[int], torch.Tensor
         public_row,
         lambda i: 0.0,
     )
+
+
+def public_manifest(anchor: Path, anchor_fp: str) -> dict:
+    """The public expert's entry: the anchor, and the public prompt centroid it was published with
+    (``flexmoe.prompt_centroids``; chat anchors)."""
+    m = {"name": PUBLIC, "description": "the public anchor FFN", "anchor": {"fingerprint": anchor_fp}}
+    centroid = prompt_centroids.published(anchor)
+    return m if centroid is None else {**m, prompt_centroids.FIELD: centroid}
 
 
 def read_tensor(path: Path, name: str) -> torch.Tensor:
@@ -423,7 +431,7 @@ def compose(
     pub = anchor_expert(
         reader,
         public_rows(packages, config["num_hidden_layers"]),
-        {"name": PUBLIC, "description": "the public anchor FFN", "anchor": {"fingerprint": anchor_fp}},
+        public_manifest(anchor, anchor_fp),
     )
     experts = [pub] + [package_expert(p, c) for p, c in zip(packages, checked, strict=True)]
     meta = {

@@ -16,7 +16,7 @@ Measured on held-out prompts that no stage trained on (``flexmoe.chat_data``), g
 - chat_regression: public-chat accuracy of the post-trained anchor minus the merge's, in points;
 - merged_sequence: the same for the merged model in flexmoe's runtime with sequence routing (the prompt
   picks public or one owner, whose own shared tensors its positions use: ``flexmoe.owner_tensors``;
-  the choice calibrated on the public chat training conversations: ``Composed.calibrate_prompts``);
+  the choice by the owners' and the anchor's prompt centroids: ``flexmoe.prompt_centroids``);
   its oracle_retention routes by hand the same way;
 - optout_bit_identical: removing an owner from the merged model gives the tensors of a composition
   that never had it, byte for byte.
@@ -37,7 +37,7 @@ from safetensors import safe_open
 
 from flexmoe.anchor import load_anchor, pretrain
 from flexmoe.anchor_sft import sft_anchor
-from flexmoe.chat import chat_splits, generate, read_chat_file, reply_text, well_formed
+from flexmoe.chat import chat_splits, generate, reply_text, well_formed
 from flexmoe.chat_data import build_chat_sets, correct, read_tasks
 from flexmoe.compose import MODEL_KIND, ComposeSettings, compose, remove
 from flexmoe.corpora import build_demo_corpora
@@ -346,21 +346,19 @@ def evaluate_chat(model, tok, chat: Path, domains, max_new_tokens: int, batch: i
 
 
 def load_for_eval(
-    kind: str, path: Path, anchor: Path, trust: Trust | None = None, include=None, sequence=None
+    kind: str, path: Path, anchor: Path, trust: Trust | None = None, include=None, sequence=False
 ):
     """(model, tokenizer) of the post-trained anchor, an expert package (as its owner trained it: full
     shared deltas, 2 experts) or a composed model (its signature verified under ``trust``; ``include``:
-    only these owners' experts routable, besides public; ``sequence``: public chat conversations, to
-    sequence-route with the prompt choosing the owner, calibrated on them)."""
+    only these owners' experts routable, besides public; ``sequence``: sequence-routed, the prompt
+    choosing the owner)."""
 
     device = default_device()  # generation on the GPU when there is one
     if kind == "anchor":
         return load_anchor(path, torch.float32).to(device).eval(), load_tokenizer(path)
     if kind == "expert":
         return expert_model(anchor, path)[0].to(device).eval(), load_tokenizer(anchor)
-    c = from_pretrained(path, trust=trust, include=include, sequence_routing=sequence is not None)
-    if sequence:
-        c.calibrate_prompts(sequence)
+    c = from_pretrained(path, trust=trust, include=include, sequence_routing=sequence)
     return c.model, c.tokenizer
 
 
@@ -368,10 +366,9 @@ def evaluate_everything(pk: dict, models: dict, p: PostTrainPreset, steps, trust
     """Chat scores of every model; composed ones load as a model user's would (``trust``)."""
     chat, anchor, n = pk["chat"], pk["anchor"], p.max_new_tokens
     res = {}
-    public = read_chat_file(chat / "public" / "train.jsonl")  # public: anyone has it
 
     def run(key, kind, path, domains, include=None, sequence=False):
-        model, tok = load_for_eval(kind, path, anchor, trust, include, public if sequence else None)
+        model, tok = load_for_eval(kind, path, anchor, trust, include, sequence)
         res[key] = steps.run(f"evaluate {key}", evaluate_chat, model, tok, chat, domains, n)
 
     run("anchor_sft", "anchor", anchor, ("public", *OWNERS))

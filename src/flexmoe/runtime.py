@@ -29,7 +29,8 @@ from flexmoe.compose import BIAS_FILE, PUBLIC, load_meta
 from flexmoe.errors import FlexmoeError
 from flexmoe.moe import FlexMoEBlock, RouterRow, Routing, active_routing, decoder_layers, moe_blocks, routing
 from flexmoe.owner_tensors import OwnerTensors, load_owner_tensors, owners_at
-from flexmoe.sequence_routing import CALIBRATION_PROMPTS, CHAT_PROMPT_EVIDENCE, SequenceRouting
+from flexmoe.prompt_centroids import centroids
+from flexmoe.sequence_routing import CALIBRATION_PROMPTS, CENTROIDS, CHAT_PROMPT_EVIDENCE, SequenceRouting
 from flexmoe.signing import Trust
 from flexmoe.tokenizer import load_tokenizer
 
@@ -181,11 +182,23 @@ def from_pretrained(
             if composed.owner_tensors is not None:
                 composed.owner_tensors.install(model)
         composed.sequence.head = model.get_output_embeddings()
-        if composed.sequence.prompt_evidence is None and has_chat_template(composed.tokenizer):
-            composed.sequence.prompt_evidence = CHAT_PROMPT_EVIDENCE
+        if has_chat_template(composed.tokenizer):
+            _chat_prompt_choice(composed.sequence, meta, config.hidden_size)
     composed.install_default_routing()
     composed.set_experts(include, exclude)
     return composed
+
+
+def _chat_prompt_choice(sequence: SequenceRouting, meta: dict, hidden_size: int) -> None:
+    """A chat model's prompt choice: by the experts' prompt centroids when every expert has one
+    (``flexmoe.prompt_centroids``), else by the rows (``CHAT_PROMPT_EVIDENCE``), unless the caller
+    chose."""
+    if sequence.prompt_centroids is None:
+        sequence.prompt_centroids = centroids([e["manifest"] for e in meta["experts"]], hidden_size)
+    if sequence.prompt_evidence is None:
+        sequence.prompt_evidence = (
+            CENTROIDS if sequence.prompt_centroids is not None else CHAT_PROMPT_EVIDENCE
+        )
 
 
 @torch.no_grad()

@@ -57,6 +57,7 @@ import torch
 
 from flexmoe.errors import FlexmoeError
 from flexmoe.moe import Routing, moe_blocks, routing
+from flexmoe.prompt_centroids import nearest, pooled
 
 #: the routing name recorded in reports for models routed this way
 NAME = "sequence"
@@ -68,6 +69,9 @@ DECAY = {"likelihood": 1.0, "rows": 0.98}
 #: chat-trained owner, not the prompt's domain (tiny post-training demo, valid prompts: math's owner
 #: chosen for 12 of 40 math prompts by likelihood, 26 by the rows; public chat kept public 0 vs 32 times)
 CHAT_PROMPT_EVIDENCE = "rows"
+#: a prompt's choice by the nearest class mean of anchor features (``flexmoe.prompt_centroids``):
+#: a kind of prompt evidence only (it chooses once per prompt, not per position)
+CENTROIDS = "centroids"
 #: public chat conversations a prompt choice is calibrated on (``calibrate_prompts``; the first ones given)
 CALIBRATION_PROMPTS = 100
 #: positions per LM-head call of the likelihood evidence (bounds its [positions, vocabulary] log-softmax)
@@ -97,6 +101,9 @@ class SequenceRouting:
     #: (``calibrate_prompts``); when set, a prompt the rows give to an owner goes to the owner whose
     #: evidence stands out most from its own public level (rows differ in loudness)
     prompt_scale: torch.Tensor | None = field(default=None, repr=False)
+    #: ``[E, H]`` each expert's mean prompt feature (public first, ``flexmoe.prompt_centroids``), read
+    #: by the ``"centroids"`` prompt evidence; the runtime sets it from the experts' manifests
+    prompt_centroids: torch.Tensor | None = field(default=None, repr=False)
     #: ``[B, E]`` the choice of the last prefill (read by the server, which keeps it per request)
     last_choice: torch.Tensor | None = field(default=None, repr=False, init=False)
     _decode: weakref.WeakKeyDictionary = field(
@@ -110,10 +117,14 @@ class SequenceRouting:
         return NAME if self.evidence == "likelihood" else f"{NAME}-{self.evidence}"
 
     def __post_init__(self) -> None:
-        for kind in (self.evidence, self.prompt_evidence or self.evidence):
-            if kind not in CONFIDENCE:
+        prompt_kinds = (*CONFIDENCE, CENTROIDS)
+        for kind, kinds in (
+            (self.evidence, CONFIDENCE),
+            (self.prompt_evidence or self.evidence, prompt_kinds),
+        ):
+            if kind not in kinds:
                 raise FlexmoeError(
-                    f"Unknown sequence-routing evidence {kind!r}.", f"use one of {', '.join(CONFIDENCE)}."
+                    f"Unknown sequence-routing evidence {kind!r}.", f"use one of {', '.join(kinds)}."
                 )
         if self.confidence is None:
             self.confidence = CONFIDENCE[self.evidence]
@@ -192,11 +203,12 @@ class SequenceRouting:
             self._busy = False
 
     @torch.no_grad()
-    def anchor_pass(self, model, input_ids, attention_mask, per_layer) -> list:
+    def anchor_pass(self, model, input_ids, attention_mask, per_layer, merged: bool = True) -> list:
         """Run ``model`` with only public routable and return ``per_layer(layer, block, h)`` for every
-        MoE block's input ``h`` (Nones left out). Shared tensors stay merged: the router rows' margins
-        are read where the rows act, and an owner's row scored on the anchor's embeddings loses the
-        rows its owner trained (chat prompts of the `small` post-training demo then went to public)."""
+        MoE block's input ``h`` (Nones left out). ``merged``: shared tensors stay merged, for the router
+        rows' margins, read where the rows act (an owner's row scored on the anchor's embeddings loses
+        the rows its owner trained: chat prompts of the `small` post-training demo then went to public);
+        else the anchor's own tensors (what a prompt centroid was measured in)."""
         blocks = moe_blocks(model)
         seen: list = []
         hooks = [
@@ -204,7 +216,7 @@ class SequenceRouting:
             for i, b in enumerate(blocks)
         ]
         try:
-            with self._evidence_pass(model, input_ids, merged=True):
+            with self._evidence_pass(model, input_ids, merged=merged):
                 model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         finally:
             for h in hooks:
@@ -227,12 +239,27 @@ class SequenceRouting:
         """``[B, E]`` the routable experts a generation keeps for each prompt: the choice at its end
         from ``prompt_evidence`` with ``prompt_confidence``."""
         kind = self.prompt_evidence or self.evidence
+        if kind == CENTROIDS:
+            return self.nearest_centroid(model, input_ids, attention_mask, allowed)
         m = self.margins(model, input_ids, attention_mask, allowed, kind)
         decay = self.decay if kind == self.evidence else DECAY[kind]
         chosen = choose(m, attention_mask, allowed, self.prompt_confidence, decay)[:, -1]
         if kind != "rows" or self.prompt_scale is None:
             return chosen
         return self._standout_owner(chosen, m, attention_mask, allowed, decay)
+
+    def nearest_centroid(self, model, input_ids, attention_mask=None, allowed=None) -> torch.Tensor:
+        """``[B, E]``: public and the owner whose prompt centroid is nearest the prompt's feature (or
+        public alone), the feature read in the public-alone pass on the anchor's tensors, as the owners
+        computed theirs in the anchor."""
+        if self.prompt_centroids is None:
+            raise FlexmoeError(
+                "The centroids prompt evidence needs every expert's prompt centroid.",
+                "load a model whose owners shipped them (flexmoe expert train --stage sft), or use rows.",
+            )
+        seen = self.anchor_pass(model, input_ids, attention_mask, lambda _i, _b, h: h, merged=False)
+        features = pooled(seen, attention_mask)
+        return nearest(features, self.prompt_centroids, allowed).to(input_ids.device)
 
     def _standout_owner(self, chosen, margins, attention_mask, allowed, decay) -> torch.Tensor:
         """``chosen`` with each single owner replaced by the allowed owner whose rows' evidence, in

@@ -21,7 +21,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from flexmoe import formats, signing, validate
+from flexmoe import formats, prompt_centroids, signing, validate
 from flexmoe.errors import FlexmoeError
 from flexmoe.expert.privacy import epsilon_after
 from flexmoe.fileio import atomic_dir, sha256_file
@@ -146,6 +146,9 @@ def check(path: Path, trust: signing.Trust | None = None) -> tuple[dict, str | N
     signer = signing.verify_dir(path, KIND, trust)
     _check_tensors(path, manifest)
     _check_shared_deltas(path, manifest)
+    if manifest.get(prompt_centroids.FIELD) is not None:  # sized by the router rows: [H]
+        H = manifest["tensors"]["layers.0.router.weight"]["shape"][0]
+        prompt_centroids.check_record(manifest[prompt_centroids.FIELD], H, str(path))
     if manifest.get("dp"):
         check_dp_claim(path, manifest["dp"])
     return manifest, signer

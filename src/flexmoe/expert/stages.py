@@ -53,6 +53,7 @@ from flexmoe.expert.shared import (
 )
 from flexmoe.expert.train import check_dense_anchor, check_name, mixed_public_blocks
 from flexmoe.moe import anchored_expert_model, moe_blocks, project_biases_, router_z_loss
+from flexmoe.prompt_centroids import FIELD, centroid_record
 from flexmoe.router_init import init_rows
 from flexmoe.tokenizer import load_tokenizer
 from flexmoe.training import (
@@ -370,11 +371,23 @@ def train_stage(
         data_record["owner_rows"] = int(rows.sum())
     record = _stage_record(s, prev, data_record, result, model)
     manifest = _manifest(name, prev, anchor_dir, config, s, cfg, record, result)
+    centroid = owner_centroid(s, anchor_dir, Path(data), tok, device) or (prev or {}).get(FIELD)
+    if centroid is not None:
+        manifest[FIELD] = centroid
     manifest = pkg.write_package(
         out, pkg.expert_tensors(model), manifest, force=True, sign_key=r.sign_key, shared_deltas=deltas
     )
     clear_checkpoint(work)
     return {"finished": True, **manifest}
+
+
+def owner_centroid(s: StageSettings, anchor_dir: Path, data: Path, tok, device) -> dict | None:
+    """The owner's prompt centroid (``flexmoe.prompt_centroids``) after an sft stage: its own chat
+    prompts (not the public mix) in the anchor it trained against. None for other stages."""
+    if s.stage != "sft":
+        return None
+    anchor = load_anchor(anchor_dir, torch.float32).to(device)
+    return centroid_record(anchor, tok, chat_splits(data)[0])
 
 
 def _checked_deltas(model, anchor_dir: Path, s: StageSettings, prev: dict | None, rows=None) -> dict:
