@@ -672,6 +672,8 @@ def test_positions_given_to_one_owner_compute_with_its_own_shared_tensors(post, 
 def test_generate_chat_answers_in_the_template(post, tmp_path):
     """``flexmoe generate --chat`` renders the prompt as a user turn and stops at ``<|im_end|>``: the
     CLI prints exactly the runtime's reply to that conversation (sequence routing on)."""
+    import json
+    import shutil
     from typer.testing import CliRunner
 
     from flexmoe.chat import generate as chat_generate
@@ -686,9 +688,18 @@ def test_generate_chat_answers_in_the_template(post, tmp_path):
     res = CliRunner().invoke(app, [*argv, "--sequence-routing", "--allow-unsigned"])
     assert res.exit_code == 0, res.output
     c = from_pretrained(tmp_path / "m", trust=ALLOW_UNSIGNED, sequence_routing=True, device="cpu")
-    assert c.sequence.prompt_evidence == "rows"  # a chat model's prompt is chosen by the rows
+    assert c.sequence.prompt_evidence == "centroids"  # every owner shipped its prompt centroid
     [ids] = chat_generate(c.model, c.tokenizer, [[{"role": "user", "content": "What is 2 + 3?"}]], 6)
     assert res.output.strip() == reply_text(c.tokenizer, ids).strip()
+    # an owner without a centroid (a package from before them): the rows choose, for every owner
+    old = tmp_path / "code-old"
+    shutil.copytree(post["code"], old)
+    m = json.loads((old / "expert.json").read_text())
+    del m["prompt_centroid"]
+    (old / "expert.json").write_text(json.dumps(m))
+    compose(post["anchor"], [old, post["math"]], tmp_path / "m-old", provenance=UNSIGNED_OK)
+    c = from_pretrained(tmp_path / "m-old", trust=ALLOW_UNSIGNED, sequence_routing=True, device="cpu")
+    assert c.sequence.prompt_evidence == "rows" and c.sequence.prompt_centroids is None
 
 
 def test_rl_stage_with_a_kl_penalty_runs_and_records_it(post, tmp_path):
