@@ -674,6 +674,7 @@ def test_generate_chat_answers_in_the_template(post, tmp_path):
     CLI prints exactly the runtime's reply to that conversation (sequence routing on)."""
     import json
     import shutil
+
     from typer.testing import CliRunner
 
     from flexmoe.chat import generate as chat_generate
