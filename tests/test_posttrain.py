@@ -913,3 +913,45 @@ def test_package_with_a_malformed_prompt_centroid_is_refused(post, tmp_path):
     (bad / "expert.json").write_text(json.dumps(m))
     with pytest.raises(FlexmoeError, match="prompt_centroid is malformed"):
         check(bad)
+
+
+def test_expert_centroid_adds_the_sft_stages_centroid_to_an_older_package(post, base_anchor, tmp_path):
+    """``flexmoe expert centroid`` gives a package without a centroid exactly what its sft stage would
+    have written (same anchor, same conversations) and the hashes still hold; a wrong anchor and too
+    few conversations are clear errors."""
+    import json
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from flexmoe.chat import read_chat_file
+    from flexmoe.cli import app
+    from flexmoe.errors import FlexmoeError
+    from flexmoe.expert.package import check
+    from flexmoe.formats import read_expert_manifest
+
+    old = tmp_path / "code"
+    shutil.copytree(post["code"], old)
+    m = json.loads((old / "expert.json").read_text())
+    want = m.pop("prompt_centroid")
+    (old / "expert.json").write_text(json.dumps(m))
+    res = CliRunner().invoke(app, ["expert", "inspect", str(old)])
+    assert "prompt centroid: none" in res.output
+    argv = ["expert", "centroid", str(old), "--anchor", str(post["anchor"])]
+    res = CliRunner().invoke(app, [*argv, "--chat", str(post["chat"] / "code")])
+    assert res.exit_code == 0, res.output
+    assert read_expert_manifest(old)["prompt_centroid"] == want
+    check(old)  # the hashes hold
+    res = CliRunner().invoke(app, ["expert", "inspect", str(old)])
+    assert f"prompt centroid: from {want['prompts']} chat prompts" in res.output
+    res = CliRunner().invoke(
+        app, ["expert", "centroid", str(old), "--anchor", str(post["root"] / "code"), "--chat", str(old)]
+    )
+    assert isinstance(res.exception, FlexmoeError)  # an expert package is no anchor
+    res = CliRunner().invoke(app, [*argv[:3], "--anchor", str(base_anchor), "--chat", str(old)])
+    assert isinstance(res.exception, FlexmoeError) and "another anchor" in str(res.exception)
+    few = tmp_path / "few.jsonl"
+    convs = read_chat_file(post["chat"] / "code" / "train.jsonl")[:5]
+    few.write_text("".join(json.dumps({"messages": c}) + "\n" for c in convs))
+    res = CliRunner().invoke(app, [*argv, "--chat", str(few)])
+    assert isinstance(res.exception, FlexmoeError) and "needs 20" in str(res.exception)

@@ -31,7 +31,7 @@ from flexmoe.evaluate.run import EvalSettings, evaluate_lm, load_lm, seq_len_of
 from flexmoe.expert.package import check, package_bytes, sign_package
 from flexmoe.expert.privacy import DPSettings
 from flexmoe.expert.shared import OWNER_ROW_RATIO
-from flexmoe.expert.stages import StageRun, settings_for, train_stage
+from flexmoe.expert.stages import StageRun, add_prompt_centroid, settings_for, train_stage
 from flexmoe.expert.train import PUBLIC_MIX, ExpertSpec, ExpertTrainSettings, train_expert
 from flexmoe.fileio import write_json
 from flexmoe.posttrain_demo import run_post_train_demo
@@ -409,9 +409,11 @@ def expert_inspect(
     console.print(f"licence: {m['license']}")
     console.print(f"anchor {m['anchor']['model_type']} {m['anchor']['fingerprint']}")
     t = m["training"]
+    data = m.get("data") or m.get("stage", {}).get("data", {})  # a post-training stage records its own
+    size = f"{data['train_documents']} documents" if "train_documents" in data else f"stage {t.get('stage')}"
     console.print(
         f"router init {m['router_init']}; {m['tokens_seen']:,} tokens, {t['steps']} steps, lr {t['lr']}, "
-        f"data {m['data']['fingerprint'][:16]}... ({m['data']['train_documents']} documents)"
+        f"data {data.get('fingerprint', '?')[:16]}... ({size})"
     )
     v = m.get("valid_loss") or {}
     if v:
@@ -421,6 +423,8 @@ def expert_inspect(
         f"created {m['created']} by flexmoe {m['flexmoe_version']}; {package_bytes(package):,} bytes"
     )
     console.print("hashes verified: OK (every file listed, weights finite, DP record re-derived)")
+    pc = m.get("prompt_centroid")
+    console.print(f"prompt centroid: from {pc['prompts']} chat prompts" if pc else "prompt centroid: none")
     console.print(f"signed by {signer}" if signer else "unsigned (sign with: flexmoe expert sign)")
     if m.get("proxy"):
         p = m["proxy"]
@@ -992,6 +996,21 @@ def keys_generate(
 
     priv, pub, kid = generate_keys(out, force=force)
     console.print(f"wrote {priv} (private: keep secret) and {pub} (public); key id {kid}")
+
+
+@expert_app.command("centroid")
+def expert_centroid(
+    package: Path = typer.Argument(..., help="Your chat expert package (its manifest gains the centroid)."),
+    anchor: str = typer.Option(
+        ..., "--anchor", help="The post-trained anchor the package was trained against."
+    ),
+    chat: Path = typer.Option(..., "--chat", help="Your chat data (directory with train.jsonl, or a file)."),
+) -> None:
+    """Data owner: add the prompt centroid (the mean anchor feature of your chat prompts, which the
+    runtime uses to send a chat prompt to its owner) to a package trained before sft stages wrote it."""
+    rec = add_prompt_centroid(package, anchor, chat)
+    console.print(f"added a prompt centroid from {rec['prompts']} prompts to {package}")
+    console.print("a signature no longer holds and was dropped: sign again ('flexmoe expert sign')")
 
 
 @expert_app.command("sign")

@@ -52,8 +52,9 @@ from flexmoe.expert.shared import (
     train_rows,
 )
 from flexmoe.expert.train import check_dense_anchor, check_name, mixed_public_blocks
+from flexmoe.formats import write_expert_manifest
 from flexmoe.moe import anchored_expert_model, moe_blocks, project_biases_, router_z_loss
-from flexmoe.prompt_centroids import FIELD, centroid_record
+from flexmoe.prompt_centroids import FIELD, MIN_PROMPTS, centroid_record
 from flexmoe.router_init import init_rows
 from flexmoe.tokenizer import load_tokenizer
 from flexmoe.training import (
@@ -388,6 +389,33 @@ def owner_centroid(s: StageSettings, anchor_dir: Path, data: Path, tok, device) 
         return None
     anchor = load_anchor(anchor_dir, torch.float32).to(device)
     return centroid_record(anchor, tok, chat_splits(data)[0])
+
+
+def add_prompt_centroid(package: Path, anchor: str | Path, chat: Path) -> dict:
+    """Owner: give a chat package trained before packages carried one its prompt centroid (what an sft
+    stage adds: ``owner_centroid``), from the owner's chat conversations (``chat``: a directory with
+    ``train.jsonl`` or a file) in the anchor it was trained against. The tensors stay untouched, so the
+    hashes hold; a signature no longer does and is dropped: the owner signs again. Returns the entry."""
+    manifest = pkg.verify(package)
+    anchor_dir = resolve(anchor)
+    check_dense_anchor(load_config(anchor_dir))  # an anchor at all, before fingerprinting it
+    if manifest["anchor"]["fingerprint"] != fingerprint(anchor_dir):
+        raise FlexmoeError(
+            f"{package} was trained against another anchor than {anchor_dir}.",
+            "pass the (post-trained) anchor the package was trained against.",
+        )
+    tok = load_tokenizer(anchor_dir)
+    require_chat_tokens(tok, f"Anchor {anchor_dir}")
+    convs = chat_splits(chat)[0]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    record = centroid_record(load_anchor(anchor_dir, torch.float32).to(device), tok, convs)
+    if record is None:
+        raise FlexmoeError(
+            f"{chat} has {len(convs)} training conversations; a prompt centroid needs {MIN_PROMPTS}.",
+            "pass your whole chat training set.",
+        )
+    write_expert_manifest(package, {**manifest, FIELD: record})
+    return record
 
 
 def _checked_deltas(model, anchor_dir: Path, s: StageSettings, prev: dict | None, rows=None) -> dict:
