@@ -955,3 +955,31 @@ def test_expert_centroid_adds_the_sft_stages_centroid_to_an_older_package(post, 
     few.write_text("".join(json.dumps({"messages": c}) + "\n" for c in convs))
     res = CliRunner().invoke(app, [*argv, "--chat", str(few)])
     assert isinstance(res.exception, FlexmoeError) and "needs 20" in str(res.exception)
+
+
+def test_anchor_centroid_publishes_what_anchor_sft_wrote(post, base_anchor, tmp_path):
+    """``flexmoe anchor centroid`` writes the public centroid that ``anchor train --stage sft`` writes
+    (same anchor, same conversations) and keeps the rest of flexmoe_anchor.json; a base anchor (no chat
+    template) is a clear error."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from flexmoe.cli import app
+    from flexmoe.errors import FlexmoeError
+    from flexmoe.formats import read_anchor_meta, write_anchor_meta
+    from flexmoe.prompt_centroids import FIELD
+
+    anchor = tmp_path / "anchor-sft"
+    shutil.copytree(post["anchor"], anchor)
+    meta = read_anchor_meta(anchor)
+    want = meta.pop(FIELD)
+    write_anchor_meta(anchor, meta)
+    res = CliRunner().invoke(app, ["anchor", "centroid", str(anchor), "--chat", str(post["chat"] / "public")])
+    assert res.exit_code == 0, res.output
+    after = read_anchor_meta(anchor)
+    assert after[FIELD] == want and after["valid_loss"] == meta["valid_loss"]
+    res = CliRunner().invoke(
+        app, ["anchor", "centroid", str(base_anchor), "--chat", str(post["chat"] / "public")]
+    )
+    assert isinstance(res.exception, FlexmoeError) and "no chat anchor" in str(res.exception)

@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from flexmoe import signing, validate
+from flexmoe import prompt_centroids, signing, validate
 from flexmoe.anchor import AnchorTrainSettings, inspect, pretrain, publish_router_init_for, resolve
 from flexmoe.anchor_sft import sft_anchor
 from flexmoe.audit import pipeline as audit_api
@@ -194,6 +194,21 @@ def anchor_router_init(
     emb = None if embedder == "none" else embedder
     meta = publish_router_init_for(anchor, public, emb, n_docs, seq_len)
     console.print(f"published router init for {', '.join(meta['methods'])} from {meta['n_docs']} documents")
+
+
+@anchor_app.command("centroid")
+def anchor_centroid(
+    anchor: Path = typer.Argument(
+        ..., help="Chat anchor directory (its flexmoe_anchor.json gains the centroid)."
+    ),
+    chat: Path = typer.Option(
+        ..., "--chat", help="Public chat data (directory with train.jsonl, or a file)."
+    ),
+) -> None:
+    """Publish the public prompt centroid with a chat anchor post-trained before 'anchor train --stage
+    sft' wrote it; models composed from the anchor afterwards carry it."""
+    rec = prompt_centroids.publish(anchor, chat)
+    console.print(f"published the public prompt centroid ({rec['prompts']} prompts) with {anchor}")
 
 
 @anchor_app.command("routing-stats")

@@ -34,10 +34,12 @@ from pathlib import Path
 
 import torch
 
-from flexmoe.chat import prompt_ids, prompt_turns
+from flexmoe.anchor import load_anchor
+from flexmoe.chat import chat_splits, has_chat_template, prompt_ids, prompt_turns
 from flexmoe.errors import FlexmoeError
-from flexmoe.formats import read_anchor_meta
+from flexmoe.formats import read_anchor_meta, write_anchor_meta
 from flexmoe.parallel import decoder_layers
+from flexmoe.tokenizer import load_tokenizer
 
 FIELD = "prompt_centroid"  # the manifest / anchor-meta entry
 FEATURE = "anchor FFN inputs, mean over the prompt's positions, then over layers"
@@ -90,6 +92,30 @@ def centroid_record(model, tokenizer, conversations: Sequence[list[dict]]) -> di
 def published(anchor_dir) -> dict | None:
     """The public centroid an anchor was published with (``flexmoe_anchor.json``), if any."""
     return (read_anchor_meta(Path(anchor_dir)) or {}).get(FIELD)
+
+
+def publish(anchor_dir, chat) -> dict:
+    """Maintainer: write the public centroid into a chat anchor's ``flexmoe_anchor.json`` (what
+    ``anchor train --stage sft`` does; for anchors post-trained before it did) from public chat
+    conversations (``chat``: a directory with ``train.jsonl`` or a file). Returns the entry."""
+    anchor_dir = Path(anchor_dir)
+    meta = read_anchor_meta(anchor_dir)
+    tok = load_tokenizer(anchor_dir)
+    if meta is None or not has_chat_template(tok):
+        raise FlexmoeError(
+            f"{anchor_dir} is no chat anchor made by flexmoe (flexmoe_anchor.json and a chat template).",
+            "pass the anchor written by flexmoe anchor train --stage sft.",
+        )
+    convs = chat_splits(chat)[0]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    record = centroid_record(load_anchor(anchor_dir, torch.float32).to(device), tok, convs)
+    if record is None:
+        raise FlexmoeError(
+            f"{chat} has {len(convs)} training conversations; a prompt centroid needs {MIN_PROMPTS}.",
+            "pass the public chat training set.",
+        )
+    write_anchor_meta(anchor_dir, {**meta, FIELD: record})
+    return record
 
 
 def check_record(record, hidden_size: int, where: str) -> None:
