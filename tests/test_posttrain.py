@@ -692,6 +692,15 @@ def test_generate_chat_answers_in_the_template(post, tmp_path):
     assert c.sequence.prompt_evidence == "centroids"  # every owner shipped its prompt centroid
     [ids] = chat_generate(c.model, c.tokenizer, [[{"role": "user", "content": "What is 2 + 3?"}]], 6)
     assert res.output.strip() == reply_text(c.tokenizer, ids).strip()
+    # a post-trained federation (chat, every centroid) is sequence-routed by default, in the CLI too
+    auto = from_pretrained(tmp_path / "m", trust=ALLOW_UNSIGNED, sequence_routing=None, device="cpu")
+    assert auto.sequence is not None and auto.sequence.prompt_evidence == "centroids"
+    res_auto = CliRunner().invoke(app, [*argv, "--allow-unsigned"])
+    assert res_auto.exit_code == 0 and res_auto.output == res.output
+    from flexmoe.serve.app import Settings, load
+
+    assert load(Settings(tmp_path / "m", allow_unsigned=True)).sequence is not None  # serve's default
+    assert load(Settings(tmp_path / "m", allow_unsigned=True, sequence_routing=False)).sequence is None
     # an owner without a centroid (a package from before them): the rows choose, for every owner
     old = tmp_path / "code-old"
     shutil.copytree(post["code"], old)
@@ -701,6 +710,8 @@ def test_generate_chat_answers_in_the_template(post, tmp_path):
     compose(post["anchor"], [old, post["math"]], tmp_path / "m-old", provenance=UNSIGNED_OK)
     c = from_pretrained(tmp_path / "m-old", trust=ALLOW_UNSIGNED, sequence_routing=True, device="cpu")
     assert c.sequence.prompt_evidence == "rows" and c.sequence.prompt_centroids is None
+    auto = from_pretrained(tmp_path / "m-old", trust=ALLOW_UNSIGNED, sequence_routing=None, device="cpu")
+    assert auto.sequence is None  # not every owner has a centroid: the rows, as the stock export
 
 
 def test_rl_stage_with_a_kl_penalty_runs_and_records_it(post, tmp_path):
@@ -831,7 +842,7 @@ def test_runtime_calibrates_the_prompt_choice_on_public_chat(post, tmp_path):
     argv = ["generate", str(tmp_path / "m"), "--prompt", "What is 2 + 3?", "--chat", "--allow-unsigned"]
     res = CliRunner().invoke(app, [*argv, "--sequence-routing", "--prompt-calibration", str(public)])
     assert res.exit_code == 0, res.output
-    res = CliRunner().invoke(app, [*argv, "--prompt-calibration", str(public)])
+    res = CliRunner().invoke(app, [*argv, "--no-sequence-routing", "--prompt-calibration", str(public)])
     assert isinstance(res.exception, FlexmoeError) and "needs sequence routing" in str(res.exception)
 
 

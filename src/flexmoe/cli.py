@@ -666,6 +666,16 @@ SEQUENCE_ROUTING = typer.Option(
 )
 
 
+#: generate: by default on for a post-trained federation (``runtime.from_pretrained(sequence_routing=None)``)
+SEQUENCE_ROUTING_AUTO = typer.Option(
+    None,
+    "--sequence-routing/--no-sequence-routing",
+    help="As for 'flexmoe route'; default: on for a chat model whose owners shipped prompt centroids "
+    "(a post-trained federation: the prompt picks its owner), off otherwise.",
+    show_default=False,
+)
+
+
 SEQUENCE_EVIDENCE = typer.Option(
     None,
     "--sequence-evidence",
@@ -708,7 +718,7 @@ def generate_cmd(
     temperature: float = typer.Option(0.0, help="0 = greedy; > 0 samples."),
     use_bias: bool = typer.Option(False, help="Apply the learned router biases (not in the HF format)."),
     seed: int = typer.Option(0, help="Sampling seed."),
-    sequence_routing: bool = SEQUENCE_ROUTING,
+    sequence_routing: bool | None = SEQUENCE_ROUTING_AUTO,
     chat: bool = typer.Option(
         False,
         "--chat",

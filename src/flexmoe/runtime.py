@@ -141,7 +141,7 @@ def from_pretrained(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device | None = None,
     trust: Trust | None = None,
-    sequence_routing: bool | SequenceRouting = False,
+    sequence_routing: bool | SequenceRouting | None = False,
 ) -> Composed:
     """Load a composed model directory into flexmoe's runtime.
 
@@ -151,7 +151,9 @@ def from_pretrained(
     ``device`` defaults to the GPU when there is one. ``use_bias`` applies the learned router biases
     that the HF format cannot hold (off by default, so that results equal what stock transformers and
     vLLM compute from the same checkpoint). ``sequence_routing`` routes each position to public and at
-    most one owner chosen from the text so far (``flexmoe.sequence_routing``; flexmoe's runtime only).
+    most one owner chosen from the text so far (``flexmoe.sequence_routing``; flexmoe's runtime only);
+    None: on for a chat model whose every expert has a prompt centroid (a post-trained federation, whose
+    owners' gains only sequence routing keeps; ``flexmoe.prompt_centroids``), off otherwise.
     """
     path = Path(path)
     device = default_device() if device is None else device
@@ -170,6 +172,8 @@ def from_pretrained(
     load_weights(model, TensorReader(path), load_file(str(path / BIAS_FILE)) if use_bias else None, dtype)
     model.eval()
     composed = Composed(model, load_tokenizer(path), names, meta)
+    if sequence_routing is None:
+        sequence_routing = is_chat_federation(composed.tokenizer, meta, config.hidden_size)
     if sequence_routing:  # True: the defaults; or a SequenceRouting with its own settings
         # a copy: the setting is bound to this model's head below, and a caller may load several
         composed.sequence = (
@@ -187,6 +191,13 @@ def from_pretrained(
     composed.install_default_routing()
     composed.set_experts(include, exclude)
     return composed
+
+
+def is_chat_federation(tokenizer, meta: dict, hidden_size: int) -> bool:
+    """A chat model whose every expert has a prompt centroid: what sequence routing is on for by
+    default (``from_pretrained(sequence_routing=None)``)."""
+    table = centroids([e["manifest"] for e in meta["experts"]], hidden_size)
+    return has_chat_template(tokenizer) and table is not None
 
 
 def _chat_prompt_choice(sequence: SequenceRouting, meta: dict, hidden_size: int) -> None:

@@ -110,7 +110,9 @@ class Settings:
     # models the admin swaps in, and the owners', for the packages the admin adds or updates.
     trust: list[Path] | None = None
     allow_unsigned: bool = False  # unsigned models and packages accepted (as --allow-unsigned elsewhere)
-    sequence_routing: bool = False  # each request's prompt picks its owner (flexmoe.sequence_routing)
+    # each request's prompt picks its owner (flexmoe.sequence_routing); None: on for a chat federation
+    # whose owners shipped prompt centroids (runtime.from_pretrained)
+    sequence_routing: bool | None = None
     prompt_calibration: Path | None = None  # public chat JSONL the prompt choice is calibrated on
 
     def verifier(self) -> Trust:

@@ -58,10 +58,12 @@ def serve(
     allow_unsigned: bool = typer.Option(
         False, "--allow-unsigned", help="Serve an unsigned model; the admin may add unsigned packages."
     ),
-    sequence_routing: bool = typer.Option(
-        False,
-        "--sequence-routing",
-        help="Each request's prompt picks public or one owner (and that owner's own shared tensors).",
+    sequence_routing: bool | None = typer.Option(
+        None,
+        "--sequence-routing/--no-sequence-routing",
+        help="Each request's prompt picks public or one owner (and that owner's own shared tensors); "
+        "default: on for a chat model whose owners shipped prompt centroids, off otherwise.",
+        show_default=False,
     ),
     prompt_calibration: Path = PROMPT_CALIBRATION,
 ) -> None:
