@@ -18,8 +18,9 @@ from flexmoe.serve.owners import Registry
 PROMPT_CALIBRATION = typer.Option(
     None,
     "--prompt-calibration",
-    help="Public chat JSONL (first 100 conversations): with --sequence-routing, a prompt's owner is the one "
-    "whose router row stands out most from its own level on these public prompts.",
+    help="Public chat JSONL (first 100 conversations): with sequence routing on a model whose owners "
+    "shipped no prompt centroids, a prompt's owner is the one whose router row stands out most from its "
+    "own level on these public prompts.",
 )
 
 console = Console(highlight=False, soft_wrap=True)
