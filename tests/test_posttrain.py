@@ -601,6 +601,8 @@ def test_post_training_demo_runs_end_to_end_at_test_size(tmp_path):
     } <= set(details["merge_variants"])
     assert details["merge_variants"]["merged_sequence"]["experts"] == "progressive"
     assert all(f"oracle-{d}" in details["evaluations"] for d in OWNERS)
+    png = (tmp_path / "w" / "post_training.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000  # the task accuracies, plotted
     assert all(f"oracle_sequence-{d}" in details["evaluations"] for d in OWNERS)
     meta = json.loads((tmp_path / "w" / "post" / "models" / "merged" / "flexmoe.json").read_text())
     assert meta["shared_merge"]["method"] == "disjoint"

@@ -44,6 +44,7 @@ from flexmoe.corpora import build_demo_corpora
 from flexmoe.demo import DemoKeys, Steps
 from flexmoe.errors import FlexmoeError
 from flexmoe.evaluate.metrics import wilson
+from flexmoe.evaluate.report import plot_post_training
 from flexmoe.expert.package import signed_package
 from flexmoe.expert.stages import expert_model, settings_for, train_stage
 from flexmoe.fileio import read_json, write_json
@@ -427,7 +428,8 @@ def summarise(res: dict, optout: bool) -> dict:
 
 def run_post_train_demo(workdir: Path, preset: str = "tiny", *, quiet: bool = False) -> dict:
     """Run (or continue) the post-training demo; writes the ``post_training`` block into
-    ``workdir/report.json`` (kept beside the main demo's report when there is one)."""
+    ``workdir/report.json`` (kept beside the main demo's report when there is one) and the task
+    accuracies as ``workdir/post_training.png``."""
 
     if preset not in PRESETS:
         raise FlexmoeError(f"Unknown demo preset {preset!r}.", f"use one of {', '.join(PRESETS)}.")
@@ -452,5 +454,6 @@ def run_post_train_demo(workdir: Path, preset: str = "tiny", *, quiet: bool = Fa
     report["post_training"] = summary["post_training"]
     report["post_training_details"] = details
     write_json(workdir / "report.json", report)
+    plot_post_training(res, workdir / "post_training.png")
     shutil.rmtree(workdir / "post" / ".tmp", ignore_errors=True)
     return report

@@ -375,3 +375,48 @@ def _col_order(c: str) -> tuple:
 
 def _fmt(v) -> str:
     return "-" if v is None else f"{v:.2f}"
+
+
+#: the post-training plot's models: (key in the evaluations, label); ``{d}`` is the domain's owner
+POST_TRAINING_BARS = (
+    ("anchor_sft", "post-trained anchor"),
+    ("{d}-progressive", "owner's expert alone"),
+    ("merged", "merged, stock export (rows)"),
+    ("merged_sequence", "merged, flexmoe runtime (sequence)"),
+    ("oracle_sequence-{d}", "routed by hand (oracle)"),
+)
+
+
+def plot_post_training(evaluations: dict, path: Path) -> None:
+    """Grouped bars per domain (public chat, then each owner's tasks): the accuracy of each model of
+    ``POST_TRAINING_BARS`` with its 95% Wilson interval (``flexmoe demo --post-train``'s evaluations)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    domains = ["public", *sorted({k.split("-", 1)[0] for k in evaluations if k.endswith("-progressive")})]
+    fig, ax = plt.subplots(figsize=(3 + 2.2 * len(domains), 5))
+    width = 0.8 / len(POST_TRAINING_BARS)
+    for j, (key, label) in enumerate(POST_TRAINING_BARS):
+        xs, ys, errs = [], [], [[], []]
+        for i, d in enumerate(domains):
+            r = evaluations.get(key.format(d=d), {}).get(d)
+            if r is None:  # public chat has no own expert nor oracle
+                continue
+            lo, hi = r["accuracy_ci"]
+            xs.append(i + j * width)
+            ys.append(100 * r["accuracy"])
+            errs[0].append(100 * (r["accuracy"] - lo))
+            errs[1].append(100 * (hi - r["accuracy"]))
+        ax.bar(xs, ys, width, yerr=errs, capsize=2, label=label)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(domains))], domains)
+    ax.set_ylabel("task accuracy (%), 95% Wilson interval")
+    ax.set_title("Post-training: each domain's tasks, held out")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = Path(path).with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(Path(path), tmp.read_bytes())
+    tmp.unlink()
