@@ -27,9 +27,9 @@ How (flexmoe's runtime only; the stock ``flex_olmo`` export routes by the rows):
 
 Generation (a model call that starts a cache, as ``generate`` makes): the whole prompt is given, so
 the prompt and every generated token are routed by one choice made at the prompt's end from
-``prompt_evidence`` (default: the likelihood for base models, the rows for chat models, see
-``CHAT_PROMPT_EVIDENCE``) with ``prompt_confidence`` (default 0: public or the owner with the most
-evidence, whichever leads).
+``prompt_evidence`` (default: the likelihood for base models; for chat models the prompt centroids
+when every expert has one, ``flexmoe.prompt_centroids``, else the rows, see ``CHAT_PROMPT_EVIDENCE``)
+with ``prompt_confidence`` (default 0: public or the owner with the most evidence, whichever leads).
 "Not decided yet" would leave every generated token to the rows, which is what sequence routing is
 there to avoid, and a chat prompt is short: on the tiny post-training demo's math prompts the right
 owner leads by about 2 (rows), below ``confidence``, on every prompt. Calls without a cache (scoring,
