@@ -39,6 +39,7 @@ from flexmoe.chat import chat_splits, has_chat_template, prompt_ids, prompt_turn
 from flexmoe.errors import FlexmoeError
 from flexmoe.formats import read_anchor_meta, write_anchor_meta
 from flexmoe.parallel import decoder_layers
+from flexmoe.router_init import RouterInputs
 from flexmoe.tokenizer import load_tokenizer
 
 FIELD = "prompt_centroid"  # the manifest / anchor-meta entry
@@ -59,12 +60,7 @@ def pooled(per_layer: Sequence[torch.Tensor], attention_mask: torch.Tensor | Non
 def anchor_features(model, tokenizer, conversations: Sequence[list[dict]]) -> torch.Tensor:
     """``[N, H]`` (float64) the feature of each conversation's prompt (the turns before its last reply)
     in a dense anchor ``model``: what the runtime's public-alone pass computes for the same prompt."""
-    layers = decoder_layers(model)
-    seen: list = [None] * len(layers)
-    hooks = [
-        layer.mlp.register_forward_pre_hook(lambda _m, a, i=i: seen.__setitem__(i, a[0]))
-        for i, layer in enumerate(layers)
-    ]
+    cap = RouterInputs([layer.mlp for layer in decoder_layers(model)])
     device = next(model.parameters()).device
     out = []
     try:
@@ -72,10 +68,9 @@ def anchor_features(model, tokenizer, conversations: Sequence[list[dict]]) -> to
         for c in conversations:
             ids = torch.tensor([prompt_ids(tokenizer, prompt_turns(c))], device=device)
             model(input_ids=ids, use_cache=False)
-            out.append(pooled(seen, None)[0].cpu())
+            out.append(pooled(cap.seen, None)[0].cpu())
     finally:
-        for h in hooks:
-            h.remove()
+        cap.close()
     return torch.stack(out)
 
 

@@ -99,6 +99,21 @@ def embed_documents(
     return emb.float().cpu()
 
 
+class RouterInputs:
+    """Router inputs of every MoE block (or dense ``mlp``) of the last forward pass."""
+
+    def __init__(self, modules):
+        self.seen: list[torch.Tensor | None] = [None] * len(modules)
+        self.hooks = [
+            m.register_forward_pre_hook(lambda mod, a, i=i: self.seen.__setitem__(i, a[0].detach()))
+            for i, m in enumerate(modules)
+        ]
+
+    def close(self) -> None:
+        for h in self.hooks:
+            h.remove()
+
+
 @torch.no_grad()
 def router_inputs(model, tokenizer, docs: Sequence[str], seq_len: int, batch_size: int = 8) -> torch.Tensor:
     """Per-document mean of what each layer's FFN (the router) sees: ``[n_docs, layers, hidden]``.
@@ -106,12 +121,7 @@ def router_inputs(model, tokenizer, docs: Sequence[str], seq_len: int, batch_siz
     Hooks on ``layer.mlp`` capture the exact router input of both families (OLMo 2: raw residual
     stream; Llama: post-attention-normed stream). Documents are truncated to ``seq_len`` tokens.
     """
-    layers = decoder_layers(model)
-    captured: list[torch.Tensor] = [None] * len(layers)  # type: ignore[list-item]
-    hooks = [
-        layer.mlp.register_forward_pre_hook(lambda m, a, i=i: captured.__setitem__(i, a[0]))
-        for i, layer in enumerate(layers)
-    ]
+    cap = RouterInputs([layer.mlp for layer in decoder_layers(model)])
     device = next(model.parameters()).device
     out = []
     try:
@@ -126,13 +136,12 @@ def router_inputs(model, tokenizer, docs: Sequence[str], seq_len: int, batch_siz
             ).to(device)
             model.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
             # at least fp32 (a float64 model's means stay float64: reference runs, training.cpu_dtype)
-            dt = torch.promote_types(captured[0].dtype, torch.float32)
+            dt = torch.promote_types(cap.seen[0].dtype, torch.float32)
             m = enc["attention_mask"].unsqueeze(-1).to(dt)
-            per_layer = [(h.to(dt) * m).sum(1) / m.sum(1) for h in captured]  # each [b, H]
+            per_layer = [(h.to(dt) * m).sum(1) / m.sum(1) for h in cap.seen]  # each [b, H]
             out.append(torch.stack(per_layer, dim=1).cpu())
     finally:
-        for h in hooks:
-            h.remove()
+        cap.close()
     return torch.cat(out)
 
 

@@ -42,7 +42,7 @@ from flexmoe.expert.package import MANIFEST, STATS_FILE, STATS_META, TENSOR_FILE
 from flexmoe.expert.stages import expert_model
 from flexmoe.fileio import read_json, sha256_file, write_json
 from flexmoe.moe import decoder_layers, moe_blocks
-from flexmoe.router_init import sample_docs
+from flexmoe.router_init import RouterInputs, sample_docs
 from flexmoe.tokenizer import load_tokenizer
 
 OWNER_FILE = STATS_FILE
@@ -54,21 +54,6 @@ MAX_BLOCKS = 64
 # their 2-expert models) and the public covariance (the anchor alone) disagree in directions where
 # public text hardly varies, and LDA margins blew up there (BENCHMARKS.md, "Routing methods").
 RIDGE = 0.1
-
-
-class RouterInputs:
-    """Router inputs of every MoE block (or dense ``mlp``) of the last forward pass."""
-
-    def __init__(self, modules):
-        self.seen: list[torch.Tensor | None] = [None] * len(modules)
-        self.hooks = [
-            m.register_forward_pre_hook(lambda mod, a, i=i: self.seen.__setitem__(i, a[0].detach()))
-            for i, m in enumerate(modules)
-        ]
-
-    def close(self) -> None:
-        for h in self.hooks:
-            h.remove()
 
 
 @torch.no_grad()

@@ -52,8 +52,7 @@ from flexmoe.compose import CALIBRATION_FILE, Calibrator, WriteJob, training_seq
 from flexmoe.data import blocks_for, load_splits
 from flexmoe.errors import FlexmoeError
 from flexmoe.moe import moe_blocks, routing_weights
-from flexmoe.router_init import sample_docs
-from flexmoe.routing_stats import RouterInputs
+from flexmoe.router_init import RouterInputs, sample_docs
 from flexmoe.runtime import from_pretrained
 from flexmoe.signing import ALLOW_UNSIGNED
 
