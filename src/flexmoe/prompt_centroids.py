@@ -84,6 +84,20 @@ def centroid_record(model, tokenizer, conversations: Sequence[list[dict]]) -> di
     return {"mean": [float(x) for x in mean.float()], "prompts": len(kept), "feature": FEATURE}
 
 
+def measure(anchor_dir, tokenizer, chat, fix: str) -> dict:
+    """The centroid of the training conversations of ``chat`` (a directory with ``train.jsonl`` or a
+    file) in the anchor at ``anchor_dir`` (on the GPU when there is one); too few is an error whose
+    fix is ``fix``. What ``anchor centroid`` and ``expert centroid`` publish."""
+    convs = chat_splits(chat)[0]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    record = centroid_record(load_anchor(anchor_dir, torch.float32).to(device), tokenizer, convs)
+    if record is None:
+        raise FlexmoeError(
+            f"{chat} has {len(convs)} training conversations; a prompt centroid needs {MIN_PROMPTS}.", fix
+        )
+    return record
+
+
 def published(anchor_dir) -> dict | None:
     """The public centroid an anchor was published with (``flexmoe_anchor.json``), if any."""
     return (read_anchor_meta(Path(anchor_dir)) or {}).get(FIELD)
@@ -101,14 +115,7 @@ def publish(anchor_dir, chat) -> dict:
             f"{anchor_dir} is no chat anchor made by flexmoe (flexmoe_anchor.json and a chat template).",
             "pass the anchor written by flexmoe anchor train --stage sft.",
         )
-    convs = chat_splits(chat)[0]
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    record = centroid_record(load_anchor(anchor_dir, torch.float32).to(device), tok, convs)
-    if record is None:
-        raise FlexmoeError(
-            f"{chat} has {len(convs)} training conversations; a prompt centroid needs {MIN_PROMPTS}.",
-            "pass the public chat training set.",
-        )
+    record = measure(anchor_dir, tok, chat, "pass the public chat training set.")
     write_anchor_meta(anchor_dir, {**meta, FIELD: record})
     return record
 

@@ -54,7 +54,7 @@ from flexmoe.expert.shared import (
 from flexmoe.expert.train import check_dense_anchor, check_name, mixed_public_blocks
 from flexmoe.formats import write_expert_manifest
 from flexmoe.moe import anchored_expert_model, moe_blocks, project_biases_, router_z_loss
-from flexmoe.prompt_centroids import FIELD, MIN_PROMPTS, centroid_record
+from flexmoe.prompt_centroids import FIELD, centroid_record, measure
 from flexmoe.router_init import init_rows
 from flexmoe.tokenizer import load_tokenizer
 from flexmoe.training import (
@@ -406,14 +406,7 @@ def add_prompt_centroid(package: Path, anchor: str | Path, chat: Path) -> dict:
         )
     tok = load_tokenizer(anchor_dir)
     require_chat_tokens(tok, f"Anchor {anchor_dir}")
-    convs = chat_splits(chat)[0]
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    record = centroid_record(load_anchor(anchor_dir, torch.float32).to(device), tok, convs)
-    if record is None:
-        raise FlexmoeError(
-            f"{chat} has {len(convs)} training conversations; a prompt centroid needs {MIN_PROMPTS}.",
-            "pass your whole chat training set.",
-        )
+    record = measure(anchor_dir, tok, chat, "pass your whole chat training set.")
     write_expert_manifest(package, {**manifest, FIELD: record})
     return record
 
