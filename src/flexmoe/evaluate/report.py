@@ -257,6 +257,18 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def save_figure(fig, path: Path) -> None:
+    """Write ``fig`` as a PNG atomically (a reader sees the old figure or the new one) and close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, tmp.read_bytes())
+    tmp.unlink()
+
+
 def plot(report: dict, path: Path) -> None:
     """Grouped bars: per owner domain, the score of each model relative to the public model."""
     import matplotlib
@@ -291,12 +303,7 @@ def plot(report: dict, path: Path) -> None:
     for ax, block in zip(axes[2:], blocks, strict=True):
         plot_composition(ax, block)
     fig.suptitle(f"flexmoe demo ({report['preset']} preset): FlexOlmo vs baselines and opt-out")
-    fig.tight_layout()
-    tmp = Path(path).with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(Path(path), tmp.read_bytes())
-    tmp.unlink()
+    save_figure(fig, Path(path))
 
 
 def write_report(report: dict, workdir: Path) -> None:
@@ -414,9 +421,4 @@ def plot_post_training(evaluations: dict, path: Path) -> None:
     ax.set_ylabel("task accuracy (%), 95% Wilson interval")
     ax.set_title("Post-training: each domain's tasks, held out")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    tmp = Path(path).with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(Path(path), tmp.read_bytes())
-    tmp.unlink()
+    save_figure(fig, Path(path))
