@@ -172,8 +172,11 @@ def from_pretrained(
     load_weights(model, TensorReader(path), load_file(str(path / BIAS_FILE)) if use_bias else None, dtype)
     model.eval()
     composed = Composed(model, load_tokenizer(path), names, meta)
-    if sequence_routing is None:
-        sequence_routing = is_chat_federation(composed.tokenizer, meta, config.hidden_size)
+    chat = has_chat_template(composed.tokenizer)
+    # every expert's prompt centroid (a chat federation's prompt choice), None unless all have one
+    table = centroids([e["manifest"] for e in meta["experts"]], config.hidden_size) if chat else None
+    if sequence_routing is None:  # on for a post-trained federation
+        sequence_routing = table is not None
     if sequence_routing:  # True: the defaults; or a SequenceRouting with its own settings
         # a copy: the setting is bound to this model's head below, and a caller may load several
         composed.sequence = (
@@ -186,26 +189,19 @@ def from_pretrained(
             if composed.owner_tensors is not None:
                 composed.owner_tensors.install(model)
         composed.sequence.head = model.get_output_embeddings()
-        if has_chat_template(composed.tokenizer):
-            _chat_prompt_choice(composed.sequence, meta, config.hidden_size)
+        if chat:
+            _chat_prompt_choice(composed.sequence, table)
     composed.install_default_routing()
     composed.set_experts(include, exclude)
     return composed
 
 
-def is_chat_federation(tokenizer, meta: dict, hidden_size: int) -> bool:
-    """A chat model whose every expert has a prompt centroid: what sequence routing is on for by
-    default (``from_pretrained(sequence_routing=None)``)."""
-    table = centroids([e["manifest"] for e in meta["experts"]], hidden_size)
-    return has_chat_template(tokenizer) and table is not None
-
-
-def _chat_prompt_choice(sequence: SequenceRouting, meta: dict, hidden_size: int) -> None:
-    """A chat model's prompt choice: by the experts' prompt centroids when every expert has one
-    (``flexmoe.prompt_centroids``), else by the rows (``CHAT_PROMPT_EVIDENCE``), unless the caller
+def _chat_prompt_choice(sequence: SequenceRouting, table: torch.Tensor | None) -> None:
+    """A chat model's prompt choice: by the experts' prompt centroids ``table`` when every expert has
+    one (``flexmoe.prompt_centroids``), else by the rows (``CHAT_PROMPT_EVIDENCE``), unless the caller
     chose."""
     if sequence.prompt_centroids is None:
-        sequence.prompt_centroids = centroids([e["manifest"] for e in meta["experts"]], hidden_size)
+        sequence.prompt_centroids = table
     if sequence.prompt_evidence is None:
         sequence.prompt_evidence = (
             CENTROIDS if sequence.prompt_centroids is not None else CHAT_PROMPT_EVIDENCE
