@@ -953,6 +953,7 @@ def test_expert_centroid_adds_the_sft_stages_centroid_to_an_older_package(post, 
     argv = ["expert", "centroid", str(old), "--anchor", str(post["anchor"])]
     res = CliRunner().invoke(app, [*argv, "--chat", str(post["chat"] / "code")])
     assert res.exit_code == 0, res.output
+    assert "signature" not in res.output  # it had none to drop
     assert read_expert_manifest(old)["prompt_centroid"] == want
     check(old)  # the hashes hold
     res = CliRunner().invoke(app, ["expert", "inspect", str(old)])

@@ -1033,9 +1033,11 @@ def expert_centroid(
 ) -> None:
     """Data owner: add the prompt centroid (the mean anchor feature of your chat prompts, which the
     runtime uses to send a chat prompt to its owner) to a package trained before sft stages wrote it."""
+    signed = (Path(package) / signing.SIGNATURE).is_file()
     rec = add_prompt_centroid(package, anchor, chat)
     console.print(f"added a prompt centroid from {rec['prompts']} prompts to {package}")
-    console.print("a signature no longer holds and was dropped: sign again ('flexmoe expert sign')")
+    if signed:
+        console.print("its signature no longer holds and was dropped: sign again ('flexmoe expert sign')")
 
 
 @expert_app.command("sign")

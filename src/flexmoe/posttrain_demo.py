@@ -347,7 +347,7 @@ def evaluate_chat(model, tok, chat: Path, domains, max_new_tokens: int, batch: i
 
 
 def load_for_eval(
-    kind: str, path: Path, anchor: Path, trust: Trust | None = None, include=None, sequence=False
+    kind: str, path: Path, anchor: Path, trust: Trust | None = None, include=None, sequence: bool = False
 ):
     """(model, tokenizer) of the post-trained anchor, an expert package (as its owner trained it: full
     shared deltas, 2 experts) or a composed model (its signature verified under ``trust``; ``include``:
