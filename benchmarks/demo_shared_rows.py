@@ -2,7 +2,8 @@
 (``DemoPreset.shared_rows``), the privacy section skipped (it does not depend on them and costs a third
 of the run); prints the composition blocks and every model's average and perplexities.
 
-    PYTHONPATH=src python benchmarks/demo_shared_rows.py WORKDIR owner [--preset small]
+    PYTHONPATH=src python benchmarks/demo_shared_rows.py WORKDIR owner [--preset small] [--attention] \
+        [--public-mix F] [--expert-steps N] [--owner-steps N] [--dense-domain-only]
 """
 
 from __future__ import annotations
@@ -10,9 +11,11 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import flexmoe.demo as demo
+import flexmoe.evaluate.baselines as B
 
 
 def main() -> None:
@@ -20,10 +23,24 @@ def main() -> None:
     ap.add_argument("workdir", type=Path)
     ap.add_argument("shared_rows", choices=("none", "owner", "all"))
     ap.add_argument("--preset", default="small")
+    ap.add_argument("--attention", action="store_true", help="the owners train --shared-attention too")
+    ap.add_argument("--public-mix", type=float, help="the owners' public mix (default: the preset's)")
+    ap.add_argument("--expert-steps", type=int, help="the owners' and dense experts' steps (the preset's)")
+    ap.add_argument("--owner-steps", type=int, help="the owners' steps only (default: --expert-steps)")
+    ap.add_argument("--dense-domain-only", action="store_true", help="dense experts without the public mix")
     args = ap.parse_args()
     demo.PRIVACY_PRESETS = {}  # read by run_demo at call time
     t = time.time()
-    r = demo.run_demo(args.workdir, args.preset, quiet=True, overrides={"shared_rows": args.shared_rows})
+    given = {"shared_rows": args.shared_rows, "shared_attention": args.attention}
+    given |= {"public_mix": args.public_mix} if args.public_mix else {}
+    given |= {"expert_steps": args.expert_steps} if args.expert_steps else {}
+    if args.dense_domain_only:  # as before the eleventh session: the domain alone
+        dense = B.dense_expert
+        B.dense_expert = lambda *a, public=None, **k: dense(*a, **k)
+    if args.owner_steps:  # the owners' experts only: the dense experts keep the preset's steps
+        owner, n = demo.train_owner, args.owner_steps
+        demo.train_owner = lambda w, d, a, dom, p, *r: owner(w, d, a, dom, replace(p, expert_steps=n), *r)
+    r = demo.run_demo(args.workdir, args.preset, quiet=True, overrides=given)
     print("seconds", round(time.time() - t), json.dumps(r["seconds"]))
     for k in ("composition", "composition_sequence"):
         print(k, json.dumps(r.get(k)))

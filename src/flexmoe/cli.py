@@ -241,6 +241,10 @@ ROW_RATIO_HELP = (
     "--shared-rows owner: a token's rows are yours when it is at least this many times as frequent in your "
     "data as in --public (default 4)."
 )
+SHARED_ATTENTION_HELP = (
+    "The attention projections train too (your own attention; kept whole only under flexmoe's sequence "
+    "routing, merged with the other owners' in the stock export)."
+)
 SHARED_ROWS_HELP = (
     "Embedding/LM-head rows that train beside the FFN: none, owner (tokens frequent in your data and rare "
     "in --public) or all (BAR). Default: none; --stage sft: owner."
@@ -323,6 +327,7 @@ def expert_train(
     freeze_shared: bool = typer.Option(False, help="Frozen recipe: only expert FFN and router row train."),
     shared_rows: str = typer.Option(None, help=SHARED_ROWS_HELP),
     row_ratio: float = typer.Option(None, help=ROW_RATIO_HELP),
+    shared_attention: bool = typer.Option(False, help=SHARED_ATTENTION_HELP),
     kl: float = typer.Option(
         None, "--kl", help="rl: weight of a KL penalty towards the starting package (default 0, as BAR)."
     ),
@@ -332,6 +337,8 @@ def expert_train(
     with --stage, one post-training stage (progressive unfreezing, shared deltas in the package)."""
     key = load_private_key(sign_key) if sign_key else None  # a bad key fails before training
     if freeze_shared or any(x is not None for x in (stage, from_package, kl)):
+        if shared_attention:
+            raise FlexmoeError("--shared-attention is for pretraining experts.", "leave it out with --stage.")
         s = settings_for(stage or "mid", freeze_shared=freeze_shared, steps=steps, batch_size=batch_size,
             seq_len=seq_len, lr=lr, seed=seed, public_mix=public_mix, router_init=router_init,
             row_ratio=row_ratio, shared_rows=shared_rows, router_aux=router_aux_loss,
@@ -364,6 +371,7 @@ def expert_train(
         public_mix=public_mix,
         shared_rows=shared_rows or "none",
         row_ratio=OWNER_ROW_RATIO if row_ratio is None else row_ratio,
+        shared_attention=shared_attention,
         fsdp=fsdp,
         activation_checkpointing=activation_checkpointing,
         compile=compile,
@@ -848,6 +856,7 @@ def demo_cmd(
     shared_rows: str = typer.Option(
         None, help="The owners' --shared-rows (none, owner or all; default none)."
     ),
+    shared_attention: bool = typer.Option(False, help="The owners train --shared-attention too."),
 ) -> None:
     """The whole federation end to end, offline, with baselines, opt-out and a report."""
     if post_train:
@@ -855,7 +864,8 @@ def demo_cmd(
         _print_json(r["post_training"])
         console.print(f"wrote {workdir}/report.json (post_training)")
         return
-    report = run_demo(workdir, preset, overrides={"shared_rows": shared_rows} if shared_rows else None)
+    given = {"shared_rows": shared_rows, "shared_attention": shared_attention or None}
+    report = run_demo(workdir, preset, overrides={k: v for k, v in given.items() if v is not None} or None)
     console.print(markdown(report))
     console.print(f"wrote {workdir}/report.json, report.md, report.png")
 

@@ -57,6 +57,7 @@ class DemoPreset:
     router_init: str = "embed"
     public_mix: float = PUBLIC_MIX  # share of public sequences in each owner's training (router negatives)
     shared_rows: str = "none"  # embedding / LM-head rows each owner trains (flexmoe.expert.shared)
+    shared_attention: bool = False  # each owner trains the attention projections too
     rt_steps: int = 30  # router training on the proxy sets (flexolmo_rt)
     # Hashed n-grams: the MiniLM embedder needs about 45 s per owner for this pool on 2 CPU cores, and
     # the demo's domains are separable either way (held-out accuracy in the proxy manifests).
@@ -223,7 +224,7 @@ def train_owner(
     home = workdir / "owners" / domain
     package = home / "expert"
     if package.exists():
-        _check_kept_rows(package, p.shared_rows)
+        _check_kept_shared(package, p)
     else:
         (home / "data").mkdir(parents=True, exist_ok=True)
         for split in ("train", "valid"):  # the test split stays with the evaluator
@@ -251,17 +252,25 @@ def train_owner(
             public=[home / "public"],
             public_mix=p.public_mix,
             shared_rows=p.shared_rows,
+            shared_attention=p.shared_attention,
         )
     return package
 
 
-def _check_kept_rows(package: Path, shared_rows: str) -> None:
-    """A resumed demo keeps the experts it trained: refuse one trained with other shared rows."""
-    kept = read_json(package / MANIFEST).get("settings", {}).get("shared_rows", "none")
-    if kept != shared_rows:
+def _check_kept_shared(package: Path, p: DemoPreset) -> None:
+    """A resumed demo keeps the experts it trained: refuse one trained with other shared tensors."""
+    kept = read_json(package / MANIFEST).get("settings", {})
+    rows, attention = kept.get("shared_rows", "none"), kept.get("shared_attention", False)
+    if rows != p.shared_rows:
         raise FlexmoeError(
-            f"{package} was trained with --shared-rows {kept}, this run asks for {shared_rows}.",
-            f"use a fresh --workdir, or pass --shared-rows {kept}.",
+            f"{package} was trained with --shared-rows {rows}, this run asks for {p.shared_rows}.",
+            f"use a fresh --workdir, or pass --shared-rows {rows}.",
+        )
+    if attention != p.shared_attention:
+        raise FlexmoeError(
+            f"{package} was trained {'with' if attention else 'without'} --shared-attention, this run asks "
+            f"{'for' if p.shared_attention else 'without'} it.",
+            "use a fresh --workdir, or the same --shared-attention choice.",
         )
 
 
@@ -355,11 +364,10 @@ def router_variants(
         )
 
 
-def build_baselines(models: Path, anchor: Path, data: Path, p: DemoPreset, steps: Steps, quiet: bool) -> dict:
-    """Dense experts, soup, BTM, BTX and the unrestricted MoE; returns in-memory LMs to evaluate."""
+def dense_experts(models: Path, base, tok, data: Path, p: DemoPreset, steps: Steps, quiet: bool) -> dict:
+    """The anchor fully fine-tuned per owner on the owner's stream (its domain and the public mix, for
+    as many steps as the owners' experts), so BTM and FlexOlmo compare on the same data."""
     ep = EXPERT_PRESETS[p.expert]
-    tok = load_tokenizer(anchor)
-    base = load_anchor(anchor).to(device()).eval()
     dense = {}
     for d in OWNERS:
         out = models / f"dense_{d}"
@@ -370,6 +378,8 @@ def build_baselines(models: Path, anchor: Path, data: Path, p: DemoPreset, steps
                 base,
                 tok,
                 data / d,
+                public=data / "public",  # the owners' stream: their domain and the public mix
+                public_mix=p.public_mix,
                 steps=p.expert_steps,
                 batch_size=ep.batch_size,
                 seq_len=ep.seq_len,
@@ -377,6 +387,15 @@ def build_baselines(models: Path, anchor: Path, data: Path, p: DemoPreset, steps
             )
             save_pretrained_atomic(m, tok, out)
         dense[d] = load_anchor(out).to(device()).eval()
+    return dense
+
+
+def build_baselines(models: Path, anchor: Path, data: Path, p: DemoPreset, steps: Steps, quiet: bool) -> dict:
+    """Dense experts, soup, BTM, BTX and the unrestricted MoE; returns in-memory LMs to evaluate."""
+    ep = EXPERT_PRESETS[p.expert]
+    tok = load_tokenizer(anchor)
+    base = load_anchor(anchor).to(device()).eval()
+    dense = dense_experts(models, base, tok, data, p, steps, quiet)
     if not (models / "model_soup").exists():
         soup = steps.run("model soup", B.soup, [base, *dense.values()])
         save_pretrained_atomic(soup, tok, models / "model_soup")

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from flexmoe.data import blocks_for, load_splits
+from flexmoe.expert.train import mixed_public_blocks
 from flexmoe.moe import FlexMoEBlock, RouterRow, balance_loss, decoder_layers, router_z_loss
 from flexmoe.training import LMStep, PackedBlocks, RunOptions, Stage, TrainConfig, lm_loss, train
 
@@ -72,6 +73,9 @@ class BaselineTraining:
     seq_len: int = 256
     lr: float | None = None  # None: the baseline's own default
     seed: int = 0
+    # Dense experts: the share of public sequences mixed into the domain's, as the owners' experts get
+    # (``ExpertTrainSettings.public_mix``), so that both see the same stream (0: the domain alone).
+    public_mix: float = 0.0
     quiet: bool = True
 
 
@@ -90,21 +94,38 @@ def _cfg(t: BaselineTraining, default_lr: float) -> TrainConfig:
     )
 
 
-def dense_expert(anchor, tokenizer, data: Path, settings: BaselineTraining | None = None, **overrides):
-    """The anchor fully fine-tuned on one domain; returns the model (a copy) and its training result.
-    ``settings`` (or keyword ``overrides`` of its fields) say how; lr defaults to 1e-3."""
+def dense_expert(
+    anchor,
+    tokenizer,
+    data: Path,
+    settings: BaselineTraining | None = None,
+    public: Path | None = None,
+    **overrides,
+):
+    """The anchor fully fine-tuned on one domain (with ``public`` documents mixed in at
+    ``public_mix``); returns the model (a copy) and its training result. ``settings`` (or keyword
+    ``overrides`` of its fields) say how; lr defaults to 1e-3."""
     t = replace(settings or BaselineTraining(), **overrides)
     model = copy.deepcopy(anchor).train()
     for p in model.parameters():
         p.requires_grad_(True)
-    splits = load_splits([data])
     stage = Stage(
-        PackedBlocks(blocks_for(splits.train, tokenizer, t.seq_len)),
-        blocks_for(splits.valid, tokenizer, t.seq_len),
+        PackedBlocks(dense_blocks(data, tokenizer, t, public)),
+        blocks_for(load_splits([data]).valid, tokenizer, t.seq_len),
         desc=f"dense {Path(data).name}",
     )
     result = train(model, _cfg(t, 1e-3), stage, RunOptions(quiet=t.quiet))
     return model.eval(), result
+
+
+def dense_blocks(data: Path, tokenizer, t: BaselineTraining, public: Path | None = None) -> torch.Tensor:
+    """A dense expert's training blocks: the domain's, then ``public_mix`` of public ones when
+    ``public`` is given (the owners' stream, ``flexmoe.expert.train.mixed_public_blocks``)."""
+    blocks = blocks_for(load_splits([data]).train, tokenizer, t.seq_len)
+    if public is None or t.public_mix <= 0:
+        return blocks
+    pub = blocks_for(load_splits([public]).train, tokenizer, t.seq_len)
+    return torch.cat([blocks, mixed_public_blocks(pub, len(blocks), t.public_mix)])
 
 
 @torch.no_grad()

@@ -22,6 +22,9 @@ from flexmoe.anchor import iter_tensors
 from flexmoe.errors import FlexmoeError
 
 EMBEDDINGS = ("model.embed_tokens.weight", "lm_head.weight")
+# Attention projections an owner may also train (``--shared-attention``): served per owner only by
+# flexmoe's runtime under sequence routing, where a chosen owner's positions compute with its own.
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 SHARED_ROWS = ("none", "owner", "all")
 # A token's rows are the owner's when its frequency in the owner's data is at least this many times its
 # frequency in public data (add-one smoothed) and it occurs at least OWNER_ROW_MIN_COUNT times.
@@ -69,6 +72,26 @@ def train_rows(model: torch.nn.Module, rows: torch.Tensor | None) -> None:
         if rows is not None:
             keep = rows.to(p.device, p.dtype)[:, None]
             p.register_hook(lambda g, keep=keep: g * keep)
+
+
+def attention_names(model: torch.nn.Module) -> tuple[str, ...]:
+    """The attention projection weights of every decoder layer (norms stay frozen: the runtime cannot
+    give a position its owner's norm)."""
+    return tuple(
+        n
+        for n, _ in model.named_parameters()
+        if ".self_attn." in n and n.endswith(tuple(f"{p}.weight" for p in ATTENTION_PROJECTIONS))
+    )
+
+
+def train_attention(model: torch.nn.Module) -> None:
+    """Make every attention projection trainable, at least fp32 (as ``train_rows``)."""
+    named = dict(model.named_parameters())
+    for name in attention_names(model):
+        p = named[name]
+        if p.dtype in (torch.bfloat16, torch.float16):
+            p.data = p.data.float()
+        p.requires_grad_(True)
 
 
 def model_name(anchor_name: str) -> str:

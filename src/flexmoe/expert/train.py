@@ -24,11 +24,13 @@ from flexmoe.expert.router_aux import MineVsPublic
 from flexmoe.expert.shared import (
     EMBEDDINGS,
     OWNER_ROW_RATIO,
+    attention_names,
     check_mode,
     owner_token_rows,
     shared_deltas,
     stray_rows,
     token_counts,
+    train_attention,
     train_rows,
 )
 from flexmoe.fileio import claims_output
@@ -113,6 +115,9 @@ class ExpertTrainSettings:
     # (the rows of tokens frequent in this owner's data and rare in --public) or all.
     shared_rows: str = "none"
     row_ratio: float = OWNER_ROW_RATIO
+    # The attention projections train too (flexmoe.expert.shared.train_attention): the owner's own
+    # attention, kept whole only where flexmoe's runtime routes a sequence to this owner.
+    shared_attention: bool = False
     fsdp: bool = False
     activation_checkpointing: bool = False
     compile: bool | None = None  # per-decoder-layer torch.compile; None: on CUDA only
@@ -232,7 +237,7 @@ def check_shared_rows(s: ExpertTrainSettings) -> None:
             f"--row-ratio {s.row_ratio} is not usable with --shared-rows {s.shared_rows}.",
             "give a --row-ratio above 0, with --shared-rows owner only.",
         )
-    if s.shared_rows == "none":
+    if s.shared_rows == "none" and not s.shared_attention:
         return
     if s.shared_rows == "owner" and not s.public:
         raise FlexmoeError(
@@ -240,20 +245,28 @@ def check_shared_rows(s: ExpertTrainSettings) -> None:
             "pass --public DIR, or --shared-rows none.",
         )
     if s.dp is not None or s.fsdp:
-        flag, why = ("--dp-epsilon", "the rows are not private") if s.dp else ("--fsdp", "not sharded")
+        flag, why = ("--dp-epsilon", "they are not private") if s.dp else ("--fsdp", "not sharded")
+        what = "--shared-attention" if s.shared_attention else f"--shared-rows {s.shared_rows}"
         raise FlexmoeError(
-            f"--shared-rows {s.shared_rows} does not combine with {flag} ({why}).", "pass --shared-rows none."
+            f"{what} does not combine with {flag} ({why}).", "train no shared tensors (the default)."
         )
+
+
+def _shares(s: ExpertTrainSettings) -> bool:
+    """Whether the owner trains any shared (anchor) tensor."""
+    return s.shared_rows != "none" or s.shared_attention
 
 
 def _checked_deltas(model, anchor_dir: Path, s: ExpertTrainSettings, d: _Data) -> dict | None:
     """The shared deltas the package ships (None without shared rows), refusing a change to any frozen
     anchor tensor or to a row outside the owner's."""
-    if s.shared_rows == "none":
-        check_anchor_unchanged(model, anchor_dir)
+    trained = (EMBEDDINGS if s.shared_rows != "none" else ()) + (
+        attention_names(model) if s.shared_attention else ()
+    )
+    check_anchor_unchanged(model, anchor_dir, trained=trained)  # frozen ones may be bf16 copies
+    if not trained:
         return None
-    check_anchor_unchanged(model, anchor_dir, trained=EMBEDDINGS)  # frozen ones may be bf16 copies
-    deltas = shared_deltas(model, anchor_dir, EMBEDDINGS)
+    deltas = shared_deltas(model, anchor_dir, trained)
     stray = stray_rows(deltas, d.rows)
     if stray:
         raise FlexmoeError(
@@ -321,7 +334,7 @@ def _plan(s: ExpertTrainSettings, spec: ExpertSpec, d: _Data) -> _Plan:
         early_stop=s.early_stop,
         # With trainable embeddings, per-layer compile on an H200 left the "mine vs public" loss's
         # router-input hooks unrecorded (torch 2.11): such runs stay eager unless --compile is given.
-        compile=False if s.compile is None and s.shared_rows != "none" else s.compile,
+        compile=False if s.compile is None and _shares(s) else s.compile,
     )
     if s.dp is None:
         return _Plan(cfg)
@@ -384,6 +397,8 @@ def _stage(model, spec: ExpertSpec, s: ExpertTrainSettings, d: _Data, plan: _Pla
     def select(m):
         if s.shared_rows != "none":
             train_rows(m, d.rows)
+        if s.shared_attention:
+            train_attention(m)
         return trainable_params(m)
 
     return Stage(source, d.valid, strategy, select, after_step=lambda: project_biases_(model), desc=desc)
@@ -425,6 +440,7 @@ def _manifest(name, spec, s, config, anchor_dir, d: _Data, cfg: TrainConfig, res
             "ratio": s.row_ratio if s.shared_rows == "owner" else None,
             "rows": None if d.rows is None else int(d.rows.sum()),
         },
+        "shared_attention": s.shared_attention,
         "valid_loss": {"anchor": result.initial_valid_loss, "expert": result.final_valid_loss},
         "best_step": result.best_step,
         "stopped_early": result.stopped_early,
