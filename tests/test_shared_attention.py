@@ -5,43 +5,29 @@ and the dense baselines trained on the owners' stream (domain + public mix)."""
 import pytest
 import torch
 from safetensors.torch import load_file
+from sharedkit import opt_out_weights, train, weights
 from typer.testing import CliRunner
 
 from flexmoe.anchor import load_config
 from flexmoe.cli import app
-from flexmoe.compose import UNSIGNED_OK, compose, remove
+from flexmoe.compose import UNSIGNED_OK, compose
 from flexmoe.errors import FlexmoeError
 from flexmoe.expert.package import SHARED_FILE
 from flexmoe.expert.privacy import DPSettings
 from flexmoe.expert.shared import ATTENTION_PROJECTIONS
-from flexmoe.expert.train import ExpertSpec, train_expert
-
-KW = dict(steps=12, seq_len=64, quiet=True)
-
-
-def _train(anchor, data, name, out, **kw):
-    spec = ExpertSpec(name=name, router_init="hidden")
-    return train_expert(anchor, [data / name], name, out, spec=spec, public=[data / "public"], **{**KW, **kw})
 
 
 @pytest.fixture(scope="module")
 def owners(tiny_anchor, demo_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("shared_attention")
     return {
-        d: (_train(tiny_anchor, demo_data, d, root / d, shared_attention=True), root / d)
+        d: (train(tiny_anchor, demo_data, d, root / d, shared_attention=True), root / d)
         for d in ("code", "math")
     }
 
 
 def _attention_names(anchor):
-    return {n for n in _weights(anchor) if any(f".self_attn.{p}.weight" in n for p in ATTENTION_PROJECTIONS)}
-
-
-def _weights(path):
-    out = {}
-    for f in sorted(path.glob("*.safetensors")):
-        out.update(load_file(str(f)))
-    return out
+    return {n for n in weights(anchor) if any(f".self_attn.{p}.weight" in n for p in ATTENTION_PROJECTIONS)}
 
 
 def test_package_ships_every_attention_projection_and_nothing_else(owners, tiny_anchor):
@@ -56,11 +42,8 @@ def test_package_ships_every_attention_projection_and_nothing_else(owners, tiny_
 
 def test_stock_merge_and_exact_opt_out(owners, tiny_anchor, tmp_path):
     pk = [owners[d][1] for d in ("code", "math")]
-    compose(tiny_anchor, pk, tmp_path / "both", provenance=UNSIGNED_OK)
-    compose(tiny_anchor, pk[:1], tmp_path / "code_only", provenance=UNSIGNED_OK)
-    remove(tmp_path / "both", "math", tmp_path / "removed")
-    both, code_only, removed = (_weights(tmp_path / n) for n in ("both", "code_only", "removed"))
-    base = _weights(tiny_anchor)
+    both, code_only, removed = opt_out_weights(tiny_anchor, pk, tmp_path)
+    base = weights(tiny_anchor)
     name = sorted(_attention_names(tiny_anchor))[0]
     d_code, d_math = (load_file(str(p / SHARED_FILE))[name] for p in pk)
     # disjoint: entries both owners changed get the mean of the two changes
@@ -92,7 +75,7 @@ def test_sequence_routing_computes_the_chosen_owners_own_attention(owners, tiny_
 
 def test_bad_inputs(tiny_anchor, demo_data, tmp_path):
     with pytest.raises(FlexmoeError, match="--shared-attention does not combine with --dp-epsilon"):
-        _train(tiny_anchor, demo_data, "math", tmp_path / "a", shared_attention=True, dp=DPSettings(8.0))
+        train(tiny_anchor, demo_data, "math", tmp_path / "a", shared_attention=True, dp=DPSettings(8.0))
     assert not (tmp_path / "a").exists()
     args = ["expert", "train", "--anchor", str(tiny_anchor), "--data", str(demo_data / "math"), "--name"]
     args += ["math", "--out", str(tmp_path / "b"), "--stage", "mid", "--shared-attention"]

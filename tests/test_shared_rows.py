@@ -4,32 +4,25 @@ deltas the package ships, resume, composition with exact opt-out, bad input."""
 import pytest
 import torch
 from safetensors.torch import load_file
+from sharedkit import KW, opt_out_weights, train, weights
 from typer.testing import CliRunner
 
 from flexmoe.cli import app
-from flexmoe.compose import UNSIGNED_OK, compose, remove
+from flexmoe.compose import UNSIGNED_OK, compose
 from flexmoe.data import blocks_for, load_splits
 from flexmoe.errors import FlexmoeError
 from flexmoe.expert.package import SHARED_FILE, TENSOR_FILE
 from flexmoe.expert.privacy import DPSettings
 from flexmoe.expert.shared import EMBEDDINGS, owner_token_rows, token_counts
-from flexmoe.expert.train import ExpertSpec, train_expert
+from flexmoe.expert.train import train_expert
 from flexmoe.tokenizer import load_tokenizer
-
-STEPS = 12
-KW = dict(steps=STEPS, seq_len=64, quiet=True)
-
-
-def _train(anchor, data, name, out, **kw):
-    spec = ExpertSpec(name=name, router_init="hidden")
-    return train_expert(anchor, [data / name], name, out, spec=spec, public=[data / "public"], **{**KW, **kw})
 
 
 @pytest.fixture(scope="module")
 def owners(tiny_anchor, demo_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("shared_rows")
     return {
-        d: (_train(tiny_anchor, demo_data, d, root / d, shared_rows="owner"), root / d)
+        d: (train(tiny_anchor, demo_data, d, root / d, shared_rows="owner"), root / d)
         for d in ("code", "math")
     }
 
@@ -62,10 +55,10 @@ def test_package_ships_only_the_owners_rows(owners, tiny_anchor, demo_data):
 
 
 def test_resume_gives_the_same_package(tiny_anchor, demo_data, tmp_path):
-    first = _train(tiny_anchor, demo_data, "math", tmp_path / "res", shared_rows="owner", stop_after=5)
+    first = train(tiny_anchor, demo_data, "math", tmp_path / "res", shared_rows="owner", stop_after=5)
     assert first == {"finished": False}
-    _train(tiny_anchor, demo_data, "math", tmp_path / "res", shared_rows="owner", resume=True)
-    _train(tiny_anchor, demo_data, "math", tmp_path / "full", shared_rows="owner")
+    train(tiny_anchor, demo_data, "math", tmp_path / "res", shared_rows="owner", resume=True)
+    train(tiny_anchor, demo_data, "math", tmp_path / "full", shared_rows="owner")
     for f in (TENSOR_FILE, SHARED_FILE):
         a, b = load_file(str(tmp_path / "res" / f)), load_file(str(tmp_path / "full" / f))
         assert all(torch.equal(a[k], b[k]) for k in a)
@@ -73,11 +66,8 @@ def test_resume_gives_the_same_package(tiny_anchor, demo_data, tmp_path):
 
 def test_composed_rows_and_exact_opt_out(owners, tiny_anchor, tmp_path):
     pk = [owners[d][1] for d in ("code", "math")]
-    compose(tiny_anchor, pk, tmp_path / "both", provenance=UNSIGNED_OK)
-    compose(tiny_anchor, pk[:1], tmp_path / "code_only", provenance=UNSIGNED_OK)
-    remove(tmp_path / "both", "math", tmp_path / "removed")
-    both, code_only, removed = (_weights(tmp_path / n) for n in ("both", "code_only", "removed"))
-    base = _weights(tiny_anchor)
+    both, code_only, removed = opt_out_weights(tiny_anchor, pk, tmp_path)
+    base = weights(tiny_anchor)
     d_code = load_file(str(pk[0] / SHARED_FILE))["lm_head.weight"]
     d_math = load_file(str(pk[1] / SHARED_FILE))["lm_head.weight"]
     only_math = (d_math.abs().sum(1) > 0) & (d_code.abs().sum(1) == 0)
@@ -91,24 +81,17 @@ def test_composed_rows_and_exact_opt_out(owners, tiny_anchor, tmp_path):
     assert not torch.equal(both["lm_head.weight"], removed["lm_head.weight"])
 
 
-def _weights(path):
-    out = {}
-    for f in sorted(path.glob("*.safetensors")):
-        out.update(load_file(str(f)))
-    return out
-
-
 def test_bad_inputs(tiny_anchor, demo_data, tmp_path):
     with pytest.raises(FlexmoeError, match="pass --public"):
         train_expert(tiny_anchor, [demo_data / "math"], "m", tmp_path / "a", shared_rows="owner", **KW)
     with pytest.raises(FlexmoeError, match="Unknown --shared-rows"):
-        _train(tiny_anchor, demo_data, "math", tmp_path / "b", shared_rows="some")
+        train(tiny_anchor, demo_data, "math", tmp_path / "b", shared_rows="some")
     with pytest.raises(FlexmoeError, match="does not combine with --dp-epsilon"):
-        _train(tiny_anchor, demo_data, "math", tmp_path / "c", shared_rows="all", dp=DPSettings(epsilon=8.0))
+        train(tiny_anchor, demo_data, "math", tmp_path / "c", shared_rows="all", dp=DPSettings(epsilon=8.0))
     with pytest.raises(FlexmoeError, match="--row-ratio 2.0 is not usable with --shared-rows all"):
-        _train(tiny_anchor, demo_data, "math", tmp_path / "d", shared_rows="all", row_ratio=2.0)
+        train(tiny_anchor, demo_data, "math", tmp_path / "d", shared_rows="all", row_ratio=2.0)
     with pytest.raises(FlexmoeError, match="--row-ratio 0.0 is not usable"):
-        _train(tiny_anchor, demo_data, "math", tmp_path / "e", shared_rows="owner", row_ratio=0.0)
+        train(tiny_anchor, demo_data, "math", tmp_path / "e", shared_rows="owner", row_ratio=0.0)
     assert not any((tmp_path / x).exists() for x in "abcde")
 
 
