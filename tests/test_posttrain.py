@@ -950,6 +950,7 @@ def test_expert_centroid_adds_the_sft_stages_centroid_to_an_older_package(post, 
     (old / "expert.json").write_text(json.dumps(m))
     res = CliRunner().invoke(app, ["expert", "inspect", str(old)])
     assert "prompt centroid: none" in res.output
+    assert "shared tensors trained: embeddings" in res.output  # sft: the owner's rows, not its FFN
     argv = ["expert", "centroid", str(old), "--anchor", str(post["anchor"])]
     res = CliRunner().invoke(app, [*argv, "--chat", str(post["chat"] / "code")])
     assert res.exit_code == 0, res.output

@@ -38,6 +38,8 @@ def test_package_ships_every_attention_projection_and_nothing_else(owners, tiny_
     assert all(bool(d.any()) for d in deltas.values())  # no norm, embedding or head among them
     assert m["shared_attention"] is True and m["shared_rows"] is None
     assert m["valid_loss"]["expert"] < m["valid_loss"]["anchor"]
+    r = CliRunner().invoke(app, ["expert", "inspect", str(out)])
+    assert r.exit_code == 0 and "shared tensors trained: attention projections" in r.output, r.output
 
 
 def test_stock_merge_and_exact_opt_out(owners, tiny_anchor, tmp_path):

@@ -446,6 +446,7 @@ def expert_inspect(
         f"created {m['created']} by flexmoe {m['flexmoe_version']}; {package_bytes(package):,} bytes"
     )
     console.print("hashes verified: OK (every file listed, weights finite, DP record re-derived)")
+    console.print(f"shared tensors trained: {_shared_trained(m)}")
     pc = m.get("prompt_centroid")
     console.print(f"prompt centroid: from {pc['prompts']} chat prompts" if pc else "prompt centroid: none")
     console.print(f"signed by {signer}" if signer else "unsigned (sign with: flexmoe expert sign)")
@@ -455,6 +456,20 @@ def expert_inspect(
             f"proxy set: {p['count']} public documents ({p['method']['features']} features); "
             f"classifier held-out accuracy {p['classifier']['heldout_accuracy']:.3f}"
         )
+
+
+def _shared_trained(m: dict) -> str:
+    """What of the anchor a package trained besides its FFN and router row, as one phrase."""
+    if m.get("stage"):  # a post-training stage names its trainable groups
+        shared = [g for g in m["stage"].get("trainable", []) if not g.startswith("owner ")]
+        return ", ".join(shared) or "none (FlexOlmo: FFN and router row only)"
+    rows, parts = m.get("shared_rows"), []
+    if rows:
+        count = f" ({rows['rows']})" if rows.get("rows") else ""
+        parts.append(f"{rows['mode']} embedding / LM-head rows{count}")
+    if m.get("shared_attention"):
+        parts.append("attention projections")
+    return ", ".join(parts) or "none (FlexOlmo: FFN and router row only)"
 
 
 @expert_app.command("proxy")
