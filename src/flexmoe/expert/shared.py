@@ -66,9 +66,7 @@ def train_rows(model: torch.nn.Module, rows: torch.Tensor | None) -> None:
         p = named.get(name)
         if p is None:
             continue
-        if p.dtype in (torch.bfloat16, torch.float16):
-            p.data = p.data.float()
-        p.requires_grad_(True)
+        _make_trainable(p)
         if rows is not None:
             keep = rows.to(p.device, p.dtype)[:, None]
             p.register_hook(lambda g, keep=keep: g * keep)
@@ -88,10 +86,14 @@ def train_attention(model: torch.nn.Module) -> None:
     """Make every attention projection trainable, at least fp32 (as ``train_rows``)."""
     named = dict(model.named_parameters())
     for name in attention_names(model):
-        p = named[name]
-        if p.dtype in (torch.bfloat16, torch.float16):
-            p.data = p.data.float()
-        p.requires_grad_(True)
+        _make_trainable(named[name])
+
+
+def _make_trainable(p: torch.nn.Parameter) -> None:
+    """Trainable in at least fp32: a bf16 / fp16 anchor's copy is promoted (optimizer precision)."""
+    if p.dtype in (torch.bfloat16, torch.float16):
+        p.data = p.data.float()
+    p.requires_grad_(True)
 
 
 def model_name(anchor_name: str) -> str:

@@ -230,7 +230,7 @@ def train_expert(
 
 
 def check_shared_rows(s: ExpertTrainSettings) -> None:
-    """Refuse shared-row settings that cannot work, before any data is read."""
+    """Refuse shared-tensor settings (rows, attention) that cannot work, before any data is read."""
     check_mode(s.shared_rows)
     if (s.row_ratio != OWNER_ROW_RATIO and s.shared_rows != "owner") or not s.row_ratio > 0:
         raise FlexmoeError(
@@ -258,8 +258,8 @@ def _shares(s: ExpertTrainSettings) -> bool:
 
 
 def _checked_deltas(model, anchor_dir: Path, s: ExpertTrainSettings, d: _Data) -> dict | None:
-    """The shared deltas the package ships (None without shared rows), refusing a change to any frozen
-    anchor tensor or to a row outside the owner's."""
+    """The shared deltas the package ships (None when it trains no shared tensor), refusing a change to
+    any frozen anchor tensor or to a row outside the owner's."""
     trained = (EMBEDDINGS if s.shared_rows != "none" else ()) + (
         attention_names(model) if s.shared_attention else ()
     )
