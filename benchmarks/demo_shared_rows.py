@@ -3,7 +3,7 @@
 of the run); prints the composition blocks and every model's average and perplexities.
 
     PYTHONPATH=src python benchmarks/demo_shared_rows.py WORKDIR owner [--preset small] [--attention] \
-        [--public-mix F] [--expert-steps N] [--owner-steps N] [--dense-domain-only]
+        [--public-mix F] [--expert-steps N] [--owner-steps N] [--dense-domain-only] [--dense-lr LR]
 """
 
 from __future__ import annotations
@@ -18,6 +18,15 @@ import flexmoe.demo as demo
 import flexmoe.evaluate.baselines as B
 
 
+def _dense_with(dense, domain_only: bool, lr: float | None):
+    """``dense_expert`` on the domain alone (as before the eleventh session) and/or at ``lr``."""
+
+    def run(*a, public=None, **k):
+        return dense(*a, public=None if domain_only else public, **({**k, "lr": lr} if lr else k))
+
+    return run
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("workdir", type=Path)
@@ -28,15 +37,14 @@ def main() -> None:
     ap.add_argument("--expert-steps", type=int, help="the owners' and dense experts' steps (the preset's)")
     ap.add_argument("--owner-steps", type=int, help="the owners' steps only (default: --expert-steps)")
     ap.add_argument("--dense-domain-only", action="store_true", help="dense experts without the public mix")
+    ap.add_argument("--dense-lr", type=float, help="the dense experts' learning rate (default 1e-3)")
     args = ap.parse_args()
     demo.PRIVACY_PRESETS = {}  # read by run_demo at call time
     t = time.time()
     given = {"shared_rows": args.shared_rows, "shared_attention": args.attention}
     given |= {"public_mix": args.public_mix} if args.public_mix else {}
     given |= {"expert_steps": args.expert_steps} if args.expert_steps else {}
-    if args.dense_domain_only:  # as before the eleventh session: the domain alone
-        dense = B.dense_expert
-        B.dense_expert = lambda *a, public=None, **k: dense(*a, **k)
+    B.dense_expert = _dense_with(B.dense_expert, args.dense_domain_only, args.dense_lr)
     if args.owner_steps:  # the owners' experts only: the dense experts keep the preset's steps
         owner, n = demo.train_owner, args.owner_steps
         demo.train_owner = lambda w, d, a, dom, p, *r: owner(w, d, a, dom, replace(p, expert_steps=n), *r)
