@@ -460,11 +460,10 @@ def expert_inspect(
 
 def _shared_trained(m: dict) -> str:
     """What of the anchor a package trained besides its FFN and router row, as one phrase."""
-    if m.get("stage"):  # a post-training stage names its trainable groups
-        shared = [g for g in m["stage"].get("trainable", []) if not g.startswith("owner ")]
-        return ", ".join(shared) or "none (FlexOlmo: FFN and router row only)"
     rows, parts = m.get("shared_rows"), []
-    if rows:
+    if m.get("stage"):  # a post-training stage names its trainable groups
+        parts = [g for g in m["stage"].get("trainable", []) if not g.startswith("owner ")]
+    elif rows:
         count = f" ({rows['rows']})" if rows.get("rows") else ""
         parts.append(f"{rows['mode']} embedding / LM-head rows{count}")
     if m.get("shared_attention"):

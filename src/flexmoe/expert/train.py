@@ -201,7 +201,7 @@ def train_expert(
     s = replace(s, preset=preset) if preset else s
     spec = s.spec or ExpertSpec(name=name)
     check_name(name)
-    check_shared_rows(s)
+    check_shared_tensors(s)
     cpu_dtype(s.cpu_dtype)  # an unknown dtype fails before the data is read
     out = Path(out)
     work = claim_work_dir(out, s.resume, s.force)
@@ -229,7 +229,7 @@ def train_expert(
     return {"finished": True, **manifest}
 
 
-def check_shared_rows(s: ExpertTrainSettings) -> None:
+def check_shared_tensors(s: ExpertTrainSettings) -> None:
     """Refuse shared-tensor settings (rows, attention) that cannot work, before any data is read."""
     check_mode(s.shared_rows)
     if (s.row_ratio != OWNER_ROW_RATIO and s.shared_rows != "owner") or not s.row_ratio > 0:
