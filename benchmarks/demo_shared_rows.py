@@ -18,13 +18,14 @@ import flexmoe.demo as demo
 import flexmoe.evaluate.baselines as B
 
 
-def _dense_with(dense, domain_only: bool, lr: float | None):
-    """``dense_expert`` on the domain alone (as before the eleventh session) and/or at ``lr``."""
+def _domain_only(dense):
+    """``dense_expert`` on the domain alone (as before the eleventh session)."""
+    return lambda *a, public=None, **k: dense(*a, public=None, **k)
 
-    def run(*a, public=None, **k):
-        return dense(*a, public=None if domain_only else public, **({**k, "lr": lr} if lr else k))
 
-    return run
+def _recipe_at(recipe, lr: float):
+    """``dense_recipe`` at another learning rate (recorded as such beside the dense experts)."""
+    return lambda *a, **k: replace(recipe(*a, **k), lr=lr)
 
 
 def main() -> None:
@@ -37,14 +38,17 @@ def main() -> None:
     ap.add_argument("--expert-steps", type=int, help="the owners' and dense experts' steps (the preset's)")
     ap.add_argument("--owner-steps", type=int, help="the owners' steps only (default: --expert-steps)")
     ap.add_argument("--dense-domain-only", action="store_true", help="dense experts without the public mix")
-    ap.add_argument("--dense-lr", type=float, help="the dense experts' learning rate (default 1e-3)")
+    ap.add_argument("--dense-lr", type=float, help="the dense experts' learning rate (default: the owners')")
     args = ap.parse_args()
     demo.PRIVACY_PRESETS = {}  # read by run_demo at call time
     t = time.time()
     given = {"shared_rows": args.shared_rows, "shared_attention": args.attention}
     given |= {"public_mix": args.public_mix} if args.public_mix else {}
     given |= {"expert_steps": args.expert_steps} if args.expert_steps else {}
-    B.dense_expert = _dense_with(B.dense_expert, args.dense_domain_only, args.dense_lr)
+    if args.dense_domain_only:
+        B.dense_expert = _domain_only(B.dense_expert)
+    if args.dense_lr:
+        demo.dense_recipe = _recipe_at(demo.dense_recipe, args.dense_lr)
     if args.owner_steps:  # the owners' experts only: the dense experts keep the preset's steps
         owner, n = demo.train_owner, args.owner_steps
         demo.train_owner = lambda w, d, a, dom, p, *r: owner(w, d, a, dom, replace(p, expert_steps=n), *r)

@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers import Olmo2Config, Olmo2ForCausalLM
 
+from flexmoe.errors import FlexmoeError
 from flexmoe.evaluate import baselines as B
 from flexmoe.evaluate.metrics import (
     HFLM,
@@ -296,7 +297,35 @@ def test_demo_end_to_end_at_reduced_size(tmp_path):
         owner = Trust.from_paths([tmp_path / "owners" / d / "keys" / "owner.pub"])
         for pkg in (tmp_path / "owners" / d).glob("expert*"):
             assert verify_dir(pkg, PACKAGE_KIND, owner)
+    # The dense baselines record their recipe: the owners' steps, stream and learning rate.
+    from flexmoe.demo import DENSE_RECIPE, demo_preset, dense_recipe
+    from flexmoe.expert.train import EXPERT_PRESETS
+
+    kept = json.loads((tmp_path / "models" / "dense_code" / DENSE_RECIPE).read_text())
+    p = demo_preset("test", {})
+    assert kept["lr"] == EXPERT_PRESETS[p.expert].lr == dense_recipe(p).lr
+    assert kept["steps"] == p.expert_steps and kept["public_mix"] == p.public_mix
     # Running again skips every finished step (resumable) and gives the same report.
     again = run_demo(tmp_path, "test", quiet=True)
     assert "anchor" not in again["seconds"] and "dp expert legal eps8" not in again["seconds"]
     assert again["models"]["flexolmo"]["perplexity"] == rep["models"]["flexolmo"]["perplexity"]
+
+
+def test_resumed_demo_refuses_dense_baselines_of_another_recipe(tmp_path):
+    """A dense expert kept from an earlier run must have been trained on this run's recipe, or BTM,
+    soup and BTX would silently compare on other data or another learning rate."""
+    from dataclasses import replace
+
+    from flexmoe.demo import DENSE_RECIPE, Steps, _recipe_record, demo_preset, dense_experts, dense_recipe
+    from flexmoe.fileio import write_json
+
+    p = demo_preset("tiny", {})
+    out = tmp_path / "models" / "dense_code"
+    out.mkdir(parents=True)
+    with pytest.raises(FlexmoeError, match="records no recipe") as e:
+        dense_experts(tmp_path / "models", None, None, tmp_path / "data", p, Steps(True), True)
+    assert "delete" in str(e.value) and "model_soup" in str(e.value)
+    write_json(out / DENSE_RECIPE, _recipe_record(replace(dense_recipe(p), lr=1e-3)))
+    with pytest.raises(FlexmoeError, match=r"lr 0.001 \(this run: 0.002\)"):
+        dense_experts(tmp_path / "models", None, None, tmp_path / "data", p, Steps(True), True)
+    assert sorted(x.name for x in out.iterdir()) == [DENSE_RECIPE]  # nothing touched

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import shutil
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -364,30 +364,58 @@ def router_variants(
         )
 
 
-def dense_experts(models: Path, base, tok, data: Path, p: DemoPreset, steps: Steps, quiet: bool) -> dict:
-    """The anchor fully fine-tuned per owner on the owner's stream (its domain and the public mix, for
-    as many steps as the owners' experts), so BTM and FlexOlmo compare on the same data."""
+DENSE_RECIPE = "baseline.json"  # beside a dense expert's weights: how it was trained
+
+
+def dense_recipe(p: DemoPreset, quiet: bool = True) -> B.BaselineTraining:
+    """How the dense experts train: the owners' stream (their domain and the public mix), steps, batch,
+    length and learning rate, so that BTM, soup and BTX compare with FlexOlmo on the same recipe."""
     ep = EXPERT_PRESETS[p.expert]
-    dense = {}
+    return B.BaselineTraining(
+        steps=p.expert_steps,
+        batch_size=ep.batch_size,
+        seq_len=ep.seq_len,
+        lr=ep.lr,
+        public_mix=p.public_mix,
+        quiet=quiet,
+    )
+
+
+def _recipe_record(t: B.BaselineTraining) -> dict:
+    return {k: v for k, v in asdict(t).items() if k != "quiet"}
+
+
+def dense_experts(models: Path, base, tok, data: Path, p: DemoPreset, steps: Steps, quiet: bool) -> dict:
+    """The anchor fully fine-tuned per owner on the owner's recipe (``dense_recipe``); a resumed demo
+    keeps the dense experts it trained with the same recipe and refuses others."""
+    recipe, dense = dense_recipe(p, quiet), {}
     for d in OWNERS:
         out = models / f"dense_{d}"
-        if not out.exists():
+        if out.exists():
+            _check_kept_dense(out, recipe)
+        else:
             m, _ = steps.run(
-                f"dense {d}",
-                B.dense_expert,
-                base,
-                tok,
-                data / d,
-                public=data / "public",  # the owners' stream: their domain and the public mix
-                public_mix=p.public_mix,
-                steps=p.expert_steps,
-                batch_size=ep.batch_size,
-                seq_len=ep.seq_len,
-                quiet=quiet,
+                f"dense {d}", B.dense_expert, base, tok, data / d, recipe, public=data / "public"
             )
-            save_pretrained_atomic(m, tok, out)
+            save_pretrained_atomic(m, tok, out, files={DENSE_RECIPE: _recipe_record(recipe)})
         dense[d] = load_anchor(out).to(device()).eval()
     return dense
+
+
+def _check_kept_dense(out: Path, recipe: B.BaselineTraining) -> None:
+    want = _recipe_record(recipe)
+    kept = read_json(out / DENSE_RECIPE) if (out / DENSE_RECIPE).exists() else None
+    if kept == want:
+        return
+    if kept is None:
+        problem = "records no recipe (an older flexmoe trained it)"
+    else:
+        diff = [k for k in want if kept.get(k) != want[k]]
+        problem = "was trained with " + ", ".join(f"{k} {kept.get(k)} (this run: {want[k]})" for k in diff)
+    raise FlexmoeError(
+        f"the dense baseline {out} {problem}; BTM, soup and BTX would compare on another recipe.",
+        f"use a fresh --workdir, or delete {out} and {out.parent / 'model_soup'} to retrain them.",
+    )
 
 
 def build_baselines(models: Path, anchor: Path, data: Path, p: DemoPreset, steps: Steps, quiet: bool) -> dict:
@@ -430,6 +458,7 @@ def build_baselines(models: Path, anchor: Path, data: Path, p: DemoPreset, steps
             steps=moe_steps,
             batch_size=ep.batch_size,
             seq_len=ep.seq_len,
+            lr=ep.lr,  # the owners' recipe, as for the dense experts
             quiet=quiet,
         )[0],
         tok,

@@ -253,11 +253,14 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
-def save_pretrained_atomic(model, tokenizer, out: Path) -> None:
-    """An HF model directory (safetensors weights + tokenizer) at ``out``, replacing it atomically."""
+def save_pretrained_atomic(model, tokenizer, out: Path, files: dict[str, Any] | None = None) -> None:
+    """An HF model directory (safetensors weights + tokenizer, and ``files``: name -> JSON object) at
+    ``out``, replacing it atomically."""
     with atomic_dir(out, force=True) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
+        for name, obj in (files or {}).items():
+            write_json(tmp / name, obj)
 
 
 def write_json(path: Path, obj: Any) -> None:
