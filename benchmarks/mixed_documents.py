@@ -1,0 +1,174 @@
+"""Documents that cross owners: how each way of combining the owners scores text whose domain changes
+in the middle (a licence header and then code, worked maths and then legal prose).
+
+The demo's tasks are one domain each, the case where BTM's and sequence routing's one choice per text
+is ideal. Here every block is the first half of one domain's held-out stream followed by the first
+half of another's (ordered pairs of public and the owners), and the second half (after the switch) is
+scored separately: a method that commits to the first domain pays there. The reference is the dense
+model of the second half's owner given the same block.
+
+    PYTHONPATH=src python benchmarks/mixed_documents.py WORKDIR [--split valid|test] [--blocks N] \
+        [--decay D[:C] ...] [--out results.json]
+
+WORKDIR is a finished ``flexmoe demo`` run (its data, anchor, dense experts and composed model).
+``--decay`` adds sequence-routing variants whose evidence forgets older positions (likelihood
+evidence; optionally with another confidence C, in nats), and BTM with the same forgetting; choose
+among them on ``--split valid``, report ``test``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from flexmoe.data import pack, tokenize
+from flexmoe.evaluate import baselines as B
+from flexmoe.evaluate.metrics import HFLM
+from flexmoe.evaluate.run import load_lm, seq_len_of
+from flexmoe.moe import routing as moe_routing
+from flexmoe.runtime import from_pretrained
+from flexmoe.sequence_routing import SequenceRouting
+from flexmoe.signing import Trust
+
+DOMAINS = ("public", "code", "math", "legal")
+
+
+def _docs(data: Path, domain: str, split: str) -> list[str]:
+    with open(data / domain / f"{split}.jsonl") as f:
+        return [json.loads(line)["text"] for line in f if line.strip()]
+
+
+def mixed_blocks(data: Path, tok, seq_len: int, split: str, n: int) -> dict[tuple[str, str], torch.Tensor]:
+    """``[n, seq_len]`` blocks per ordered pair (a, b): a's held-out stream, then b's, half each."""
+    half = seq_len // 2
+    chunks = {d: pack(tokenize(_docs(data, d, split), tok), half) for d in DOMAINS}
+    out = {}
+    for a, b in itertools.permutations(DOMAINS, 2):
+        k = min(n, len(chunks[a]), len(chunks[b]))
+        out[(a, b)] = torch.cat([chunks[a][:k], chunks[b][:k]], dim=1)
+    return out
+
+
+class DecayedBTM(B.BTMLM):
+    """BTM whose weights forget older tokens by ``decay`` per position, as sequence routing's evidence
+    does with a decay (the same rule, so that the comparison stays like for like)."""
+
+    def __init__(self, lms, decay: float, **kw):
+        super().__init__(lms, **kw)
+        self.decay = decay
+
+    @torch.no_grad()
+    def _weights(self, tok_lp, mask, prefix_len):
+        if prefix_len is not None or self.decay >= 1.0:
+            return super()._weights(tok_lp, mask, prefix_len)
+        nll, valid = -tok_lp * mask[:, 1:], mask[:, 1:].float()
+        num, den = torch.zeros_like(nll[..., 0]), torch.zeros_like(valid[..., 0])
+        means = []
+        for t in range(nll.shape[-1]):  # the decayed mean NLL of the tokens before prediction t
+            means.append(torch.where(den > 0, num / den.clamp_min(1e-9), torch.zeros_like(num)))
+            num, den = self.decay * num + nll[..., t], self.decay * den + valid[..., t]
+        w = torch.softmax(-torch.stack(means, -1) / self.tau, dim=0)
+        if self.top < len(self.lms):
+            kth = w.topk(self.top, dim=0).values[-1:]
+            w = torch.where(w >= kth, w, torch.zeros_like(w))
+            w = w / w.sum(0, keepdim=True)
+        return w
+
+
+def composed(model: Path, trust: Trust, sequence: SequenceRouting | None) -> HFLM:
+    c = from_pretrained(model, trust=trust, sequence_routing=sequence or False)
+    return HFLM(c.model, c.tokenizer, scope=lambda: moe_routing(c.routing()))
+
+
+def score(lm, blocks: torch.Tensor, batch: int = 16) -> torch.Tensor:
+    """Per-block NLL sums of the first and the second half: ``[n, 2]``."""
+    half = blocks.shape[1] // 2
+    out = []
+    for s in range(0, len(blocks), batch):
+        b = blocks[s : s + batch]
+        nll = -lm.token_logprobs(b, torch.ones_like(b)).double()  # [n, T-1]: predicts tokens 1..T-1
+        out.append(torch.stack([nll[:, : half - 1].sum(1), nll[:, half - 1 :].sum(1)], 1))
+    return torch.cat(out)
+
+
+def ppl_ci(nll: torch.Tensor, tokens: int, seed: int = 0) -> dict:
+    """Perplexity of a half over blocks, with a 95% bootstrap interval over blocks."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(len(nll), (1000, len(nll)), generator=g)
+    lo, hi = torch.quantile(nll[idx].mean(1) / tokens, torch.tensor([0.025, 0.975], dtype=torch.float64))
+    return {"ppl": math.exp(float(nll.mean()) / tokens), "ci95": [math.exp(lo), math.exp(hi)]}
+
+
+def variants(w: Path, anchor, dense: dict, trust: Trust, decays: list[str]) -> dict:
+    """The models to compare, each built when its turn comes."""
+    lms = {
+        "public": lambda: anchor,
+        "btm": lambda: B.BTMLM([anchor, *dense.values()]),
+        "flexolmo (rows)": lambda: composed(w / "models" / "flexolmo", trust, None),
+        "flexolmo_sequence": lambda: composed(w / "models" / "flexolmo", trust, SequenceRouting()),
+    }
+    for entry in decays:  # DECAY or DECAY:CONFIDENCE
+        dk, conf = (float(x) for x in (entry.split(":") + ["0.5"])[:2])
+        lms[f"btm decay {dk}"] = lambda dk=dk: DecayedBTM([anchor, *dense.values()], dk)
+        lms[f"flexolmo_sequence decay {dk} conf {conf}"] = lambda dk=dk, conf=conf: composed(
+            w / "models" / "flexolmo", trust, SequenceRouting(decay=dk, confidence=conf)
+        )
+    return lms
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("workdir", type=Path)
+    ap.add_argument("--split", default="test", choices=("valid", "test"))
+    ap.add_argument("--blocks", type=int, default=24, help="blocks per ordered pair of domains")
+    ap.add_argument("--decay", nargs="*", default=[], help="extra DECAY[:CONFIDENCE] variants to compare")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    w = args.workdir
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    trust = Trust.from_paths([w / "keys" / "maintainer.pub"])
+    anchor = load_lm(w / "anchor", device=dev)
+    dense = {d: load_lm(w / "models" / f"dense_{d}", device=dev) for d in DOMAINS[1:]}
+    seq_len = seq_len_of(w / "anchor")
+    blocks = mixed_blocks(w / "data", anchor.tokenizer, seq_len, args.split, args.blocks)
+    half = seq_len // 2
+    sizes = {f"{a}>{b}": len(x) for (a, b), x in blocks.items()}
+    res: dict = {"split": args.split, "seq_len": seq_len, "blocks": sizes}
+    t0 = time.time()
+    for name, make in variants(w, anchor, dense, trust, args.decay).items():
+        lm, per = make(), {}
+        for (a, b), x in blocks.items():
+            s = score(lm, x)
+            per[f"{a}>{b}"] = {"first": ppl_ci(s[:, 0], half - 1), "second": ppl_ci(s[:, 1], half)}
+        res[name] = per
+        print(f"{name:40s} {time.time() - t0:6.0f}s", flush=True)
+    ref = {}  # the dense model of the second half's owner, given the same block
+    for (a, b), x in blocks.items():
+        if b != "public":
+            ref[f"{a}>{b}"] = {"second": ppl_ci(score(dense[b], x)[:, 1], half)}
+    res["dense of the second half's owner"] = ref
+    _print(res)
+    if args.out:
+        args.out.write_text(json.dumps(res, indent=1))
+
+
+def _print(res: dict) -> None:
+    pairs = list(res["blocks"])
+    models = [k for k in res if isinstance(res[k], dict) and k != "blocks"]
+    print("second half perplexity (after the switch), per ordered pair:")
+    print(f"{'model':40s} " + " ".join(f"{p:>13s}" for p in pairs) + "  geo-mean owner>owner")
+    for m in models:
+        row = [res[m].get(p, {}).get("second", {}).get("ppl") for p in pairs]
+        oo = [v for p, v in zip(pairs, row, strict=True) if v and "public" not in p]
+        gm = math.exp(sum(map(math.log, oo)) / len(oo)) if oo else float("nan")
+        print(f"{m:40s} " + " ".join(f"{v:13.1f}" if v else " " * 13 for v in row) + f"  {gm:10.1f}")
+
+
+if __name__ == "__main__":
+    main()
