@@ -8,12 +8,13 @@ scored separately: a method that commits to the first domain pays there. The ref
 model of the second half's owner given the same block.
 
     PYTHONPATH=src python benchmarks/mixed_documents.py WORKDIR [--split valid|test] [--blocks N] \
-        [--decay D[:C] ...] [--out results.json]
+        [--decay D[:C] ...] [--switch S ...] [--out results.json]
 
 WORKDIR is a finished ``flexmoe demo`` run (its data, anchor, dense experts and composed model).
 ``--decay`` adds sequence-routing variants whose evidence forgets older positions (likelihood
 evidence; optionally with another confidence C, in nats), and BTM with the same forgetting; choose
-among them on ``--split valid``, report ``test``.
+among them on ``--split valid``, report ``test``. ``--switch`` adds sequence routing that follows a
+change of domain once the recent positions' owner leads by S nats (``SequenceRouting.switch``).
 """
 
 from __future__ import annotations
@@ -105,7 +106,7 @@ def ppl_ci(nll: torch.Tensor, tokens: int, seed: int = 0) -> dict:
     return {"ppl": math.exp(float(nll.mean()) / tokens), "ci95": [math.exp(lo), math.exp(hi)]}
 
 
-def variants(w: Path, anchor, dense: dict, trust: Trust, decays: list[str]) -> dict:
+def variants(w: Path, anchor, dense: dict, trust: Trust, decays: list[str], switches: list[float]) -> dict:
     """The models to compare, each built when its turn comes."""
     lms = {
         "public": lambda: anchor,
@@ -119,6 +120,10 @@ def variants(w: Path, anchor, dense: dict, trust: Trust, decays: list[str]) -> d
         lms[f"flexolmo_sequence decay {dk} conf {conf}"] = lambda dk=dk, conf=conf: composed(
             w / "models" / "flexolmo", trust, SequenceRouting(decay=dk, confidence=conf)
         )
+    for sw in switches:
+        lms[f"flexolmo_sequence switch {sw}"] = lambda sw=sw: composed(
+            w / "models" / "flexolmo", trust, SequenceRouting(switch=sw)
+        )
     return lms
 
 
@@ -128,6 +133,7 @@ def main() -> None:
     ap.add_argument("--split", default="test", choices=("valid", "test"))
     ap.add_argument("--blocks", type=int, default=24, help="blocks per ordered pair of domains")
     ap.add_argument("--decay", nargs="*", default=[], help="extra DECAY[:CONFIDENCE] variants to compare")
+    ap.add_argument("--switch", type=float, nargs="*", default=[], help="sequence-routing switch margins")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     w = args.workdir
@@ -141,7 +147,7 @@ def main() -> None:
     sizes = {f"{a}>{b}": len(x) for (a, b), x in blocks.items()}
     res: dict = {"split": args.split, "seq_len": seq_len, "blocks": sizes}
     t0 = time.time()
-    for name, make in variants(w, anchor, dense, trust, args.decay).items():
+    for name, make in variants(w, anchor, dense, trust, args.decay, args.switch).items():
         lm, per = make(), {}
         for (a, b), x in blocks.items():
             s = score(lm, x)

@@ -6,7 +6,8 @@
         --grid 2:1.0 8:1.0 8:0.95 --json seq_valid.json
 
 ``--workdir`` is a finished ``flexmoe demo`` directory (data/, anchor/, models/flexolmo, owners/*/expert).
-A grid entry is ``CONFIDENCE:DECAY``. The valid split is presented to the evaluation as each domain's
+A grid entry is ``CONFIDENCE:DECAY[:EVIDENCE[:SWITCH]]`` (evidence rows by default; SWITCH: follow a
+change of domain, ``SequenceRouting.switch``). The valid split is presented to the evaluation as each domain's
 test split through a temporary directory of links, so the same function measures both.
 """
 
@@ -37,11 +38,20 @@ def split_view(data: Path, split: str, tmp: Path, owners=OWNERS) -> Path:
     return tmp
 
 
+def grid_entry(g: str) -> tuple[str, SequenceRouting]:
+    """``CONFIDENCE:DECAY[:EVIDENCE[:SWITCH]]`` (evidence default rows; switch default off)."""
+    parts = g.split(":")
+    c, dc = parts[:2]
+    ev, sw = (parts[2] if len(parts) > 2 else "rows"), (parts[3] if len(parts) > 3 else "")
+    seq = SequenceRouting(confidence=float(c), decay=float(dc), evidence=ev, switch=float(sw) if sw else None)
+    return f"sequence {ev} conf={c} decay={dc}" + (f" switch={sw}" if sw else ""), seq
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", type=Path, required=True)
     ap.add_argument("--split", default="valid", choices=("valid", "test"))
-    ap.add_argument("--grid", nargs="*", default=["0:1.0"], help="CONFIDENCE:DECAY entries")
+    ap.add_argument("--grid", nargs="*", default=["0:1.0"], help="CONFIDENCE:DECAY[:EVIDENCE[:SWITCH]]")
     ap.add_argument("--max-blocks", type=int, default=64)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--json", type=Path)
@@ -52,13 +62,7 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         data = split_view(w / "data", args.split, Path(tmp))
-        runs = [("rows", False)] + [
-            (
-                f"sequence {ev} conf={c} decay={dc}",
-                SequenceRouting(confidence=float(c), decay=float(dc), evidence=ev),
-            )
-            for c, dc, ev in ((*g.split(":")[:2], (g.split(":") + ["rows"])[2]) for g in args.grid)
-        ]
+        runs = [("rows", False)] + [grid_entry(g) for g in args.grid]
         for name, seq in runs:
             t = time.perf_counter()
             setup = CompositionSetup(

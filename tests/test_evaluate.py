@@ -269,6 +269,10 @@ def test_demo_end_to_end_at_reduced_size(tmp_path):
         assert set(m["perplexity"]) == {"public", "code", "math", "legal"}
         assert all(math.isfinite(v) for v in m["perplexity"].values()) and "average" in m
     assert rep["preset"] == "test" and rep["domains"] == ["public", "code", "math", "legal"]
+    env = rep["environment"]  # what the numbers depend on besides the code
+    assert env["torch"] == torch.__version__ and env["router_init"] in {"embed", "hidden"}
+    assert env["transformers"] and env["python"].count(".") == 2
+    assert f"router_init {env['router_init']}" in (tmp_path / "report.md").read_text()
     assert set(rep["seconds"]) >= {"corpora", "anchor", "compose"} and r["findings"]
     priv = rep["privacy"]  # DP experts for one owner, their utility, and the audit of each model
     assert (

@@ -46,6 +46,23 @@ def test_decay_forgets_old_evidence():
     assert choose(m, confidence=2)[0, :, 2].tolist() == [F, F, F, F]  # without decay a stays chosen
 
 
+def test_switch_follows_a_change_of_domain_that_the_prefix_hides():
+    """Six positions of a's text, then b's: the whole prefix keeps a (its lead is spent only slowly);
+    with ``switch`` the recent positions' clear owner takes over, and a short blip does not."""
+    m = _margins([[3, -3]] * 6 + [[-3, 3]] * 6)
+    sr = SequenceRouting(confidence=0.5)
+    sr.margins = lambda *a, **k: m  # the evidence as given, no model
+    prefix = sr.mask(None, torch.zeros(1, 12, dtype=torch.long))[0]
+    assert prefix[6:10, 1].all() and not prefix[6:10, 2].any()  # a, b's text notwithstanding
+    sr.switch, sr.switch_decay = 4.0, 0.5
+    follow = sr.mask(None, torch.zeros(1, 12, dtype=torch.long))[0]
+    assert follow[:6].tolist() == [[T, T, F]] * 6  # a's text: a
+    assert follow[8:].tolist() == [[T, F, T]] * 4  # two positions into b's text: b
+    blip = _margins([[3, -3]] * 6 + [[-1, 1]] + [[3, -3]] * 3)  # one token that looks like b's
+    sr.margins = lambda *a, **k: blip
+    assert sr.mask(None, torch.zeros(1, 10, dtype=torch.long))[0, :, 2].sum() == 0
+
+
 def test_causal_later_tokens_never_change_an_earlier_choice():
     g = torch.Generator().manual_seed(0)
     m = torch.randn(2, 12, 4, generator=g)

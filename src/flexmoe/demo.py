@@ -7,10 +7,13 @@ interrupted demo continues where it stopped.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import platform
 import shutil
 import time
 from dataclasses import asdict, dataclass, replace
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
@@ -159,10 +162,42 @@ def run_demo(
     if privacy is not None:
         report["privacy"] = privacy_report(report, workdir, anchor, privacy, p, steps, keys)
     report["preset"] = preset
+    report["environment"] = environment(p)
     report["seconds"] = steps.seconds
 
     write_report(report, workdir)
     return report
+
+
+def environment(p: DemoPreset) -> dict:
+    """What the numbers depend on besides the code: libraries, the router init actually used (``embed``
+    falls back to ``hidden`` without the embedder's packages), the machine. CPU results differ across
+    processors and library versions; this says which ones a report came from."""
+
+    def installed(name: str) -> str | None:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+
+    libs = ("transformers", "tokenizers", "sentence-transformers")
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        **{name: installed(name) for name in libs},
+        "router_init": p.router_init,
+        "device": device(),
+        "machine": platform.machine(),
+        "processor": _cpu_name(),
+    }
+
+
+def _cpu_name() -> str | None:
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:  # Linux; elsewhere what platform says
+        for line in f:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or None
 
 
 def demo_preset(preset: str, overrides: dict | None = None) -> DemoPreset:

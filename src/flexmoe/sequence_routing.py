@@ -85,6 +85,11 @@ class SequenceRouting:
     confidence: float | None = None  # None: the evidence's default (``CONFIDENCE``)
     decay: float | None = None  # None: the evidence's default (``DECAY``)
     prompt_confidence: float = 0.0
+    #: follow a change of domain: where the owner leading the recent positions (evidence decayed by
+    #: ``switch_decay``) leads public and every other owner there by more than ``switch``, route to it
+    #: whatever the whole prefix says (None: off, the prefix's choice everywhere)
+    switch: float | None = None
+    switch_decay: float = 0.9
     #: positions given to one owner compute with that owner's own shared tensors (post-trained
     #: owners' embeddings and LM head, ``flexmoe.owner_tensors``) instead of their merge
     owner_tensors: bool = True
@@ -233,7 +238,10 @@ class SequenceRouting:
         """``[B, S, E]`` bool: the routable experts at every position (``allowed``: ``[E]`` or ``[B, E]``,
         the experts the caller permits, e.g. after ``include``/``exclude``)."""
         m = self.margins(model, input_ids, attention_mask, allowed)
-        return choose(m, attention_mask, allowed, self.confidence, self.decay)
+        d = decide(m, attention_mask, allowed, self.confidence, self.decay)
+        if self.switch is not None:
+            d = d.overridden_by(decide(m, attention_mask, allowed, self.switch, self.switch_decay))
+        return d.mask()
 
     def prompt_choice(self, model, input_ids, attention_mask=None, allowed=None) -> torch.Tensor:
         """``[B, E]`` the routable experts a generation keeps for each prompt: the choice at its end
@@ -317,6 +325,58 @@ def evidence(margins: torch.Tensor, attention_mask: torch.Tensor | None = None, 
     return out
 
 
+@dataclass
+class Decision:
+    """Per position ``[B, S]``: whether one owner is chosen (``decided``, the owner ``which``, 1-based),
+    or public only; ``ok`` ``[B, S, E]`` the experts the caller allows."""
+
+    ok: torch.Tensor
+    decided: torch.Tensor
+    public_only: torch.Tensor
+    which: torch.Tensor
+
+    def overridden_by(self, other: Decision) -> Decision:
+        """``other``'s owner wherever ``other`` decided, this decision elsewhere."""
+        return Decision(
+            self.ok,
+            self.decided | other.decided,
+            self.public_only & ~other.decided,
+            torch.where(other.decided, other.which, self.which),
+        )
+
+    def mask(self) -> torch.Tensor:
+        """``[B, S, E]`` bool: public and the owner where decided, public only, or every allowed expert."""
+        out = self.ok.clone()
+        owner_cols = torch.zeros_like(out)
+        owner_cols.scatter_(-1, self.which[..., None], True)
+        settled = (self.decided | self.public_only)[..., None]
+        out[..., 1:] &= ~settled | owner_cols[..., 1:] & self.decided[..., None]
+        return out
+
+
+def decide(
+    margins: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    allowed: torch.Tensor | None = None,
+    confidence: float = 0.0,
+    decay: float = 1.0,
+) -> Decision:
+    """With ``e`` the evidence (``evidence``) and ``b`` the allowed owner with the most: decided for
+    ``b`` when ``e_b`` beats both public (0) and the runner-up by more than ``confidence``; public only
+    when every owner's evidence is below ``-confidence``; otherwise not decided."""
+    B, S, E = margins.shape
+    ok = torch.ones(B, E, dtype=torch.bool, device=margins.device) if allowed is None else allowed.bool()
+    ok = (ok.expand(B, E) if ok.dim() == 1 else ok)[:, None, :].expand(B, S, E)
+    if E == 1:
+        none = torch.zeros(B, S, dtype=torch.bool, device=margins.device)
+        return Decision(ok, none, none, torch.zeros(B, S, dtype=torch.long, device=margins.device))
+    e = evidence(margins, attention_mask, decay)[..., 1:].masked_fill(~ok[..., 1:], float("-inf"))
+    top = e.topk(min(2, E - 1), dim=-1)
+    best, which = top.values[..., 0], top.indices[..., 0]
+    runner = top.values[..., 1].clamp_min(0.0) if E > 2 else torch.zeros_like(best)
+    return Decision(ok, best - runner > confidence, best < -confidence, which + 1)
+
+
 def choose(
     margins: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
@@ -324,28 +384,10 @@ def choose(
     confidence: float = 0.0,
     decay: float = 1.0,
 ) -> torch.Tensor:
-    """The routable experts ``[B, S, E]`` from per-position margins over public ``[B, S, E]``.
-
-    With ``e`` the evidence (``evidence``) and ``b`` the allowed owner with the most: when ``e_b`` beats
-    both public (0) and the runner-up by more than ``confidence``, public and ``b`` only; when every
-    owner's evidence is below ``-confidence``, public only; otherwise (not yet decided) every allowed
-    expert, the rows choosing per token."""
-    B, S, E = margins.shape
-    ok = torch.ones(B, E, dtype=torch.bool, device=margins.device) if allowed is None else allowed.bool()
-    ok = (ok.expand(B, E) if ok.dim() == 1 else ok)[:, None, :].expand(B, S, E)
-    if E == 1:
-        return ok.clone()
-    e = evidence(margins, attention_mask, decay)[..., 1:].masked_fill(~ok[..., 1:], float("-inf"))
-    top = e.topk(min(2, E - 1), dim=-1)
-    best, which = top.values[..., 0], top.indices[..., 0]
-    runner = top.values[..., 1].clamp_min(0.0) if E > 2 else torch.zeros_like(best)
-    decided = best - runner > confidence
-    public_only = best < -confidence
-    out = ok.clone()
-    owner_cols = torch.zeros_like(out)
-    owner_cols.scatter_(-1, (which + 1)[..., None], True)
-    out[..., 1:] &= ~(decided | public_only)[..., None] | owner_cols[..., 1:] & decided[..., None]
-    return out
+    """The routable experts ``[B, S, E]`` from per-position margins over public ``[B, S, E]``: public and
+    the decided owner, public only, or (not yet decided) every allowed expert, the rows choosing per
+    token (``decide``)."""
+    return decide(margins, attention_mask, allowed, confidence, decay).mask()
 
 
 def _cache_length(cache) -> int:

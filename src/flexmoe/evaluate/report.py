@@ -254,6 +254,9 @@ def markdown(report: dict) -> str:
     if report.get("seconds"):
         lines += ["## Time per step (seconds)", "", "| step | seconds |", "|---|---|"]
         lines += [f"| {k} | {v:.0f} |" for k, v in report["seconds"].items()] + [""]
+    if report.get("environment"):  # CPU numbers move with the processor and the libraries
+        env = ", ".join(f"{k} {v}" for k, v in report["environment"].items())
+        lines += ["## Environment", "", env, ""]
     return "\n".join(lines)
 
 
