@@ -74,12 +74,7 @@ class DecayedBTM(B.BTMLM):
         for t in range(nll.shape[-1]):  # the decayed mean NLL of the tokens before prediction t
             means.append(torch.where(den > 0, num / den.clamp_min(1e-9), torch.zeros_like(num)))
             num, den = self.decay * num + nll[..., t], self.decay * den + valid[..., t]
-        w = torch.softmax(-torch.stack(means, -1) / self.tau, dim=0)
-        if self.top < len(self.lms):
-            kth = w.topk(self.top, dim=0).values[-1:]
-            w = torch.where(w >= kth, w, torch.zeros_like(w))
-            w = w / w.sum(0, keepdim=True)
-        return w
+        return self.top_weights(torch.stack(means, -1))
 
 
 def composed(model: Path, trust: Trust, sequence: SequenceRouting | None) -> HFLM:

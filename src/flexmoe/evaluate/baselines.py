@@ -156,7 +156,11 @@ class BTMLM:
         else:  # weights from the tokens seen before each prediction (uniform at the first one)
             cum = (nll * valid).cumsum(-1) / valid.cumsum(-1).clamp_min(1)
             mean = torch.cat([torch.zeros_like(cum[..., :1]), cum[..., :-1]], dim=-1)
-        w = torch.softmax(-mean / self.tau, dim=0)
+        return self.top_weights(mean)
+
+    def top_weights(self, mean_nll: torch.Tensor) -> torch.Tensor:
+        """softmax(-mean NLL / tau) over the models (dim 0), renormalised over the ``top`` largest."""
+        w = torch.softmax(-mean_nll / self.tau, dim=0)
         if self.top < len(self.lms):
             kth = w.topk(self.top, dim=0).values[-1:]
             w = torch.where(w >= kth, w, torch.zeros_like(w))
