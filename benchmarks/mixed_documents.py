@@ -28,27 +28,20 @@ from pathlib import Path
 
 import torch
 
-from flexmoe.data import pack, tokenize
+from flexmoe.data import pack, read_documents, tokenize
 from flexmoe.evaluate import baselines as B
-from flexmoe.evaluate.metrics import HFLM
+from flexmoe.evaluate.metrics import HFLM, bootstrap_ppl
 from flexmoe.evaluate.run import load_lm, seq_len_of
-from flexmoe.moe import routing as moe_routing
-from flexmoe.runtime import from_pretrained
-from flexmoe.sequence_routing import SequenceRouting
+from flexmoe.sequence_routing import SequenceRouting, evidence
 from flexmoe.signing import Trust
 
 DOMAINS = ("public", "code", "math", "legal")
 
 
-def _docs(data: Path, domain: str, split: str) -> list[str]:
-    with open(data / domain / f"{split}.jsonl") as f:
-        return [json.loads(line)["text"] for line in f if line.strip()]
-
-
 def mixed_blocks(data: Path, tok, seq_len: int, split: str, n: int) -> dict[tuple[str, str], torch.Tensor]:
     """``[n, seq_len]`` blocks per ordered pair (a, b): a's held-out stream, then b's, half each."""
     half = seq_len // 2
-    chunks = {d: pack(tokenize(_docs(data, d, split), tok), half) for d in DOMAINS}
+    chunks = {d: pack(tokenize(read_documents([data / d / f"{split}.jsonl"]), tok), half) for d in DOMAINS}
     out = {}
     for a, b in itertools.permutations(DOMAINS, 2):
         k = min(n, len(chunks[a]), len(chunks[b]))
@@ -68,18 +61,18 @@ class DecayedBTM(B.BTMLM):
     def _weights(self, tok_lp, mask, prefix_len):
         if prefix_len is not None or self.decay >= 1.0:
             return super()._weights(tok_lp, mask, prefix_len)
-        nll, valid = -tok_lp * mask[:, 1:], mask[:, 1:].float()
-        num, den = torch.zeros_like(nll[..., 0]), torch.zeros_like(valid[..., 0])
-        means = []
-        for t in range(nll.shape[-1]):  # the decayed mean NLL of the tokens before prediction t
-            means.append(torch.where(den > 0, num / den.clamp_min(1e-9), torch.zeros_like(num)))
-            num, den = self.decay * num + nll[..., t], self.decay * den + valid[..., t]
-        return self.top_weights(torch.stack(means, -1))
+        # the decayed mean NLL of the tokens before each prediction: sequence routing's decayed sum
+        # (``evidence``, [B, T, models]) of the NLLs over that of the token counts, shifted by one
+        valid = mask[:, 1:]
+        num = evidence(-tok_lp.permute(1, 2, 0), valid, self.decay)
+        den = evidence(torch.ones_like(num[..., :1]), valid, self.decay)
+        mean = torch.where(den > 0, num / den.clamp_min(1e-9), torch.zeros_like(num))
+        mean = torch.cat([torch.zeros_like(mean[:, :1]), mean[:, :-1]], dim=1)
+        return self.top_weights(mean.permute(2, 0, 1).to(tok_lp.dtype))
 
 
 def composed(model: Path, trust: Trust, sequence: SequenceRouting | None) -> HFLM:
-    c = from_pretrained(model, trust=trust, sequence_routing=sequence or False)
-    return HFLM(c.model, c.tokenizer, scope=lambda: moe_routing(c.routing()))
+    return load_lm(model, trust=trust, sequence_routing=sequence or False)
 
 
 def score(lm, blocks: torch.Tensor, batch: int = 16) -> torch.Tensor:
@@ -93,12 +86,11 @@ def score(lm, blocks: torch.Tensor, batch: int = 16) -> torch.Tensor:
     return torch.cat(out)
 
 
-def ppl_ci(nll: torch.Tensor, tokens: int, seed: int = 0) -> dict:
-    """Perplexity of a half over blocks, with a 95% bootstrap interval over blocks."""
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(len(nll), (1000, len(nll)), generator=g)
-    lo, hi = torch.quantile(nll[idx].mean(1) / tokens, torch.tensor([0.025, 0.975], dtype=torch.float64))
-    return {"ppl": math.exp(float(nll.mean()) / tokens), "ci95": [math.exp(lo), math.exp(hi)]}
+def ppl_ci(nll: torch.Tensor, tokens: int) -> dict:
+    """Perplexity of a half over blocks (``nll``: per-block sums), with the 95% bootstrap interval over
+    blocks that test-split perplexities use (``metrics.bootstrap_ppl``)."""
+    ci = bootstrap_ppl(nll, torch.full_like(nll, tokens))
+    return {"ppl": math.exp(float(nll.mean()) / tokens), "ci95": ci}
 
 
 def variants(w: Path, anchor, dense: dict, trust: Trust, decays: list[str], switches: list[float]) -> dict:

@@ -17,6 +17,7 @@ from flexmoe.evaluate.tasks import load_tasks
 from flexmoe.fileio import read_json
 from flexmoe.moe import routing as moe_routing
 from flexmoe.runtime import from_pretrained
+from flexmoe.sequence_routing import SequenceRouting
 from flexmoe.signing import Trust
 from flexmoe.tokenizer import load_tokenizer
 
@@ -129,9 +130,10 @@ def load_lm(
     device: str | None = None,
     *,
     trust: Trust | None = None,
-    sequence_routing: bool = False,
+    sequence_routing: bool | SequenceRouting = False,
 ):
-    """An ``HFLM`` for a flexmoe composed model (with expert choice, optionally sequence-routed) or any
+    """An ``HFLM`` for a flexmoe composed model (with expert choice, optionally sequence-routed: True for
+    the defaults, or a ``SequenceRouting`` with its own settings) or any
     HF causal LM directory. A composed model's signature is verified under ``trust`` (as
     ``runtime.from_pretrained``)."""
     model = Path(model)
