@@ -490,11 +490,8 @@ def build_baselines(models: Path, anchor: Path, data: Path, p: DemoPreset, steps
             [data / d for d in ("public", *OWNERS)],
             experts=4,
             top_k=2,
-            steps=moe_steps,
-            batch_size=ep.batch_size,
-            seq_len=ep.seq_len,
-            lr=ep.lr,  # the owners' recipe, as for the dense experts
-            quiet=quiet,
+            settings=dense_recipe(p, quiet),  # the owners' recipe, as for the dense experts
+            steps=moe_steps,  # at the owners' training FLOPs
         )[0],
         tok,
     )
