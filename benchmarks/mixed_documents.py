@@ -13,8 +13,10 @@ model of the second half's owner given the same block.
 WORKDIR is a finished ``flexmoe demo`` run (its data, anchor, dense experts and composed model).
 ``--decay`` adds sequence-routing variants whose evidence forgets older positions (likelihood
 evidence; optionally with another confidence C, in nats), and BTM with the same forgetting; choose
-among them on ``--split valid``, report ``test``. ``--switch`` adds sequence routing that follows a
-change of domain once the recent positions' owner leads by S nats (``SequenceRouting.switch``).
+among them on ``--split valid``, report ``test`` (no switch: forgetting is the other way to follow a
+change). ``flexolmo_sequence`` is the runtime's default, which follows a change of domain once the
+recent positions' owner leads by 1 nat (``SequenceRouting.switch``); ``--switch`` adds other margins
+(``inf``: off, the default before the thirteenth session).
 """
 
 from __future__ import annotations
@@ -105,7 +107,7 @@ def variants(w: Path, anchor, dense: dict, trust: Trust, decays: list[str], swit
         dk, conf = (float(x) for x in (entry.split(":") + ["0.5"])[:2])
         lms[f"btm decay {dk}"] = lambda dk=dk: DecayedBTM([anchor, *dense.values()], dk)
         lms[f"flexolmo_sequence decay {dk} conf {conf}"] = lambda dk=dk, conf=conf: composed(
-            w / "models" / "flexolmo", trust, SequenceRouting(decay=dk, confidence=conf)
+            w / "models" / "flexolmo", trust, SequenceRouting(decay=dk, confidence=conf, switch=math.inf)
         )
     for sw in switches:
         lms[f"flexolmo_sequence switch {sw}"] = lambda sw=sw: composed(

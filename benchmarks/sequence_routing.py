@@ -7,7 +7,7 @@
 
 ``--workdir`` is a finished ``flexmoe demo`` directory (data/, anchor/, models/flexolmo, owners/*/expert).
 A grid entry is ``CONFIDENCE:DECAY[:EVIDENCE[:SWITCH]]`` (evidence rows by default; SWITCH: follow a
-change of domain, ``SequenceRouting.switch``). The valid split is presented to the evaluation as each domain's
+change of domain, ``SequenceRouting.switch``; empty: the evidence's default; ``inf``: off). The valid split is presented to the evaluation as each domain's
 test split through a temporary directory of links, so the same function measures both.
 """
 
@@ -39,7 +39,7 @@ def split_view(data: Path, split: str, tmp: Path, owners=OWNERS) -> Path:
 
 
 def grid_entry(g: str) -> tuple[str, SequenceRouting]:
-    """``CONFIDENCE:DECAY[:EVIDENCE[:SWITCH]]`` (evidence default rows; switch default off)."""
+    """``CONFIDENCE:DECAY[:EVIDENCE[:SWITCH]]`` (evidence default rows; switch default the evidence's)."""
     parts = g.split(":")
     c, dc = parts[:2]
     ev, sw = (parts[2] if len(parts) > 2 else "rows"), (parts[3] if len(parts) > 3 else "")

@@ -2,6 +2,8 @@
 padding does not count, and the three outcomes (one owner, public only, undecided) follow the
 confidence margin; the allowed experts always hold."""
 
+import math
+
 import torch
 
 from flexmoe.sequence_routing import SequenceRouting, choose, evidence
@@ -50,7 +52,7 @@ def test_switch_follows_a_change_of_domain_that_the_prefix_hides():
     """Six positions of a's text, then b's: the whole prefix keeps a (its lead is spent only slowly);
     with ``switch`` the recent positions' clear owner takes over, and a short blip does not."""
     m = _margins([[3, -3]] * 6 + [[-3, 3]] * 6)
-    sr = SequenceRouting(confidence=0.5)
+    sr = SequenceRouting(confidence=0.5, switch=math.inf)  # off
     sr.margins = lambda *a, **k: m  # the evidence as given, no model
     prefix = sr.mask(None, torch.zeros(1, 12, dtype=torch.long))[0]
     assert prefix[6:10, 1].all() and not prefix[6:10, 2].any()  # a, b's text notwithstanding
@@ -61,6 +63,22 @@ def test_switch_follows_a_change_of_domain_that_the_prefix_hides():
     blip = _margins([[3, -3]] * 6 + [[-1, 1]] + [[3, -3]] * 3)  # one token that looks like b's
     sr.margins = lambda *a, **k: blip
     assert sr.mask(None, torch.zeros(1, 10, dtype=torch.long))[0, :, 2].sum() == 0
+
+
+def test_a_prompt_that_changes_owner_is_generated_by_where_it_ends():
+    """The switch applies to a generation's one choice too, on the scoring evidence only (its margin
+    is in that evidence's units)."""
+    m = _margins([[3, -3]] * 6 + [[-3, 3]] * 4)  # whole prompt: a leads (18 - 12); its end: b
+
+    class Fixed(SequenceRouting):
+        def margins(self, model, input_ids, attention_mask, allowed=None, evidence=None):
+            return m
+
+    ids = torch.ones(1, 10, dtype=torch.long)
+    assert Fixed().prompt_choice(None, ids).tolist() == [[T, F, T]]  # the default switch: b
+    assert Fixed(switch=math.inf).prompt_choice(None, ids).tolist() == [[T, T, F]]  # off: the prefix's a
+    other = Fixed(prompt_evidence="rows")  # read by other evidence: not switched
+    assert other.prompt_choice(None, ids).tolist() == [[T, T, F]]
 
 
 def test_causal_later_tokens_never_change_an_earlier_choice():
@@ -131,3 +149,4 @@ def test_unknown_evidence_is_refused_with_the_choices():
     with pytest.raises(FlexmoeError, match="likelihood, rows"):
         SequenceRouting(evidence="vibes")
     assert SequenceRouting().confidence == 0.5 and SequenceRouting(evidence="rows").decay == 0.98
+    assert SequenceRouting().switch == 1.0 and SequenceRouting(evidence="rows").switch == math.inf

@@ -24,6 +24,12 @@ How (flexmoe's runtime only; the stock ``flex_olmo`` export routes by the rows):
    ``confidence``, only public and that owner are routable (the rows as trained weigh the two, as in
    the owner's own 2-expert model); when every owner is more than ``confidence`` behind public, public
    only; otherwise (not decided yet) every expert, the rows choosing per token.
+4. Text changes owner (a licence header, then code): the whole prefix's evidence keeps the first owner
+   long after the change. So where the owner leading the recent positions (evidence decayed by
+   ``switch_decay``) leads public and every other owner there by more than ``switch``, it is routed
+   instead. Forgetting everywhere (``decay``) follows a change too, but sends public text that looks
+   like an owner's for a few tokens to that owner; the switch needs a clear recent lead, which public
+   text rarely gives.
 
 Generation (a model call that starts a cache, as ``generate`` makes): the whole prompt is given, so
 the prompt and every generated token are routed by one choice made at the prompt's end from
@@ -41,14 +47,15 @@ opt-out stays exact (the remaining owners' decisions are recomputed from what re
 on top of the MoE pass: likelihood, ``E`` more passes (the anchor and one per allowed owner, each the
 anchor plus one FFN); rows, one (the anchor pass).
 
-The defaults (likelihood: confidence 0.5 nats, no decay; rows: confidence 8, decay 0.98) were chosen on the
-validation splits of the tiny and the `small` demo federation; BENCHMARKS.md ("Sequence routing",
-"Likelihood evidence") holds the tables.
+The defaults (likelihood: confidence 0.5 nats, no decay, switch 1 nat; rows: confidence 8, decay 0.98, no
+switch) were chosen on the validation splits of the tiny and the `small` demo federation; BENCHMARKS.md
+("Sequence routing", "Likelihood evidence", "Documents that cross owners") holds the tables.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -64,6 +71,10 @@ NAME = "sequence"
 #: the defaults per kind of evidence (confidence: router-margin units for the rows, nats for likelihood)
 CONFIDENCE = {"likelihood": 0.5, "rows": 8.0}
 DECAY = {"likelihood": 1.0, "rows": 0.98}
+#: the switch margin per kind of evidence (``SequenceRouting.switch``; inf: off). Likelihood: 1 nat, chosen on
+#: the valid splits of both demo presets (every single-domain number unchanged; text that changes owner
+#: half-way, after the change: tiny 243 -> 189, `small` 109 -> 18 perplexity). Rows: not measured, off.
+SWITCH = {"likelihood": 1.0, "rows": math.inf}
 #: a chat prompt's choice reads the rows: a post-trained owner's model finds *every* chat prompt likelier
 #: than the anchor does (it learned the chat format more), so there the likelihood names the most
 #: chat-trained owner, not the prompt's domain (tiny post-training demo, valid prompts: math's owner
@@ -87,7 +98,8 @@ class SequenceRouting:
     prompt_confidence: float = 0.0
     #: follow a change of domain: where the owner leading the recent positions (evidence decayed by
     #: ``switch_decay``) leads public and every other owner there by more than ``switch``, route to it
-    #: whatever the whole prefix says (None: off, the prefix's choice everywhere)
+    #: whatever the whole prefix says (None: the evidence's default, ``SWITCH``; ``math.inf``: off, the
+    #: prefix's choice everywhere)
     switch: float | None = None
     switch_decay: float = 0.9
     #: positions given to one owner compute with that owner's own shared tensors (post-trained
@@ -135,6 +147,8 @@ class SequenceRouting:
             self.confidence = CONFIDENCE[self.evidence]
         if self.decay is None:
             self.decay = DECAY[self.evidence]
+        if self.switch is None:
+            self.switch = SWITCH[self.evidence]
 
     @torch.no_grad()
     def margins(self, model, input_ids, attention_mask, allowed=None, evidence=None) -> torch.Tensor:
@@ -238,10 +252,14 @@ class SequenceRouting:
         """``[B, S, E]`` bool: the routable experts at every position (``allowed``: ``[E]`` or ``[B, E]``,
         the experts the caller permits, e.g. after ``include``/``exclude``)."""
         m = self.margins(model, input_ids, attention_mask, allowed)
-        d = decide(m, attention_mask, allowed, self.confidence, self.decay)
-        if self.switch is not None:
-            d = d.overridden_by(decide(m, attention_mask, allowed, self.switch, self.switch_decay))
-        return d.mask()
+        return self._decide(m, attention_mask, allowed, self.confidence, self.decay).mask()
+
+    def _decide(self, margins, attention_mask, allowed, confidence, decay, switch: bool = True) -> Decision:
+        """``decide``, overridden where the recent positions switch owner (``switch`` and not off)."""
+        d = decide(margins, attention_mask, allowed, confidence, decay)
+        if not switch or math.isinf(self.switch):
+            return d
+        return d.overridden_by(decide(margins, attention_mask, allowed, self.switch, self.switch_decay))
 
     def prompt_choice(self, model, input_ids, attention_mask=None, allowed=None) -> torch.Tensor:
         """``[B, E]`` the routable experts a generation keeps for each prompt: the choice at its end
@@ -251,7 +269,10 @@ class SequenceRouting:
             return self.nearest_centroid(model, input_ids, attention_mask, allowed)
         m = self.margins(model, input_ids, attention_mask, allowed, kind)
         decay = self.decay if kind == self.evidence else DECAY[kind]
-        chosen = choose(m, attention_mask, allowed, self.prompt_confidence, decay)[:, -1]
+        # A prompt that changes domain goes where it ends, as in scoring; the switch margin is in the
+        # scoring evidence's units, so a prompt read by other evidence is not switched.
+        d = self._decide(m, attention_mask, allowed, self.prompt_confidence, decay, kind == self.evidence)
+        chosen = d.mask()[:, -1]
         if kind != "rows" or self.prompt_scale is None:
             return chosen
         return self._standout_owner(chosen, m, attention_mask, allowed, decay)
