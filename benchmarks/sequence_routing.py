@@ -7,8 +7,9 @@
 
 ``--workdir`` is a finished ``flexmoe demo`` directory (data/, anchor/, models/flexolmo, owners/*/expert).
 A grid entry is ``CONFIDENCE:DECAY[:EVIDENCE[:SWITCH]]`` (evidence rows by default; SWITCH: follow a
-change of domain, ``SequenceRouting.switch``; empty: the evidence's default; ``inf``: off). The valid split is presented to the evaluation as each domain's
-test split through a temporary directory of links, so the same function measures both.
+change of domain, ``SequenceRouting.switch``; empty: the evidence's default; ``inf``: off). The valid
+split is presented to the evaluation as each domain's test split through a temporary directory of
+links, so the same function measures both.
 """
 
 from __future__ import annotations
