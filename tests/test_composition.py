@@ -186,7 +186,13 @@ def test_measured_table_equals_the_separate_models(federation, demo_data, tmp_pa
 
 
 def _model(ppl: float, acc: float) -> dict:
-    task = {"value": acc, "n": 50, "ci95": [acc - 0.1, acc + 0.1]}
+    right = round(50 * acc)  # the first items right: the models below agree on the easy ones
+    task = {
+        "value": acc,
+        "n": 50,
+        "ci95": [acc - 0.1, acc + 0.1],
+        "correct": [1] * right + [0] * (50 - right),
+    }
     return {
         "perplexity": {"public": ppl, "code": ppl},
         "tasks": {"public_cloze": 100 * acc},
@@ -221,11 +227,19 @@ def test_report_carries_the_composition_block_and_headline(tmp_path):
     # one task at p=0.7, n=50: the average's interval is that task's binomial interval
     half = 1.96 * (0.7 * 0.3 / 50) ** 0.5
     assert h["flexolmo"]["average"]["ci95"] == pytest.approx([100 * (0.7 - half), 100 * (0.7 + half)])
+    # paired on the same items: flexolmo right on 35, btm on 30 of them: +10 points, d = 1 on 5 of 50
+    paired = h["flexolmo"]["versus"]["btm"]
+    d_half = 1.96 * ((5 * 0.9**2 + 45 * 0.1**2) / 49 / 50) ** 0.5
+    assert paired["difference"] == pytest.approx(10.0)
+    assert paired["ci95"] == pytest.approx([10 - 100 * d_half, 10 + 100 * d_half])
+    assert 100 * d_half < 100 * half  # narrower than the average's own interval
+    assert "correct" not in h["flexolmo"]["tasks"]["public_cloze"]  # per-item results stay in details
     md = (tmp_path / "report.md").read_text()
     assert "## Composition (routing: router)" in md and "## Headline comparison" in md
     code_row = next(line for line in md.splitlines() if line.startswith("| code |"))
     assert "0.75 MISS" in code_row and "0.88" in code_row  # retention 3/4 misses 0.90; oracle 3.5/4
     assert "| public change | 5.0% MISS |" in md
+    assert "| flexolmo | +20.0 [" in md and "FlexOlmo minus each model on the same items" in md
     assert (tmp_path / "report.png").stat().st_size > 10_000
 
 

@@ -77,6 +77,32 @@ def test_scores_are_sums_of_continuation_logprobs_and_norm_is_per_character(tok)
     assert s["acc"].n == 1
 
 
+def test_paired_difference_on_the_same_items():
+    from flexmoe.evaluate.metrics import Score
+    from flexmoe.evaluate.report import paired_difference
+
+    s = Score.of([True, False, True, True])
+    assert (s.value, s.n, s.correct) == (0.75, 4, [1, 0, 1, 1])
+    # a right on items 0-3, b on 0-1: differences 0, 0, 1, 1: mean 0.5, sample variance 1/3
+    a = {"t": {"acc_norm": Score.of([1, 1, 1, 1]).as_dict()}}
+    b = {"t": {"acc_norm": Score.of([1, 1, 0, 0]).as_dict()}}
+    half = 1.96 * (1 / 3 / 4) ** 0.5
+    r = paired_difference(a, b)
+    assert r["difference"] == pytest.approx(50) and r["ci95"] == pytest.approx(
+        [50 - 100 * half, 50 + 100 * half]
+    )
+    # the same model twice: no difference and no doubt, however wide its own interval
+    assert paired_difference(a, a)["ci95"] == [0.0, 0.0]
+    # two tasks (exact match pairs too) are averaged: variances 1/12 and (0.5 / 2) over 2 tasks
+    a2 = a | {"m": {"exact_match": Score.of([1, 0]).as_dict()}}
+    b2 = b | {"m": {"exact_match": Score.of([0, 0]).as_dict()}}
+    r2 = paired_difference(a2, b2)
+    assert r2["difference"] == pytest.approx(50) and r2["tasks"] == 2
+    assert r2["ci95"][1] - 50 == pytest.approx(100 * 1.96 * (1 / 12 + 1 / 4) ** 0.5 / 2)
+    # without per-item results (reports from before them) no paired interval is claimed
+    assert paired_difference({"t": {"acc_norm": {"value": 1.0, "n": 4, "ci95": [0, 1]}}}, b) is None
+
+
 def test_bootstrap_interval_over_documents():
     from flexmoe.evaluate.metrics import bootstrap_ppl
 

@@ -96,15 +96,23 @@ def wilson(k: float, n: int, z: float = 1.96) -> tuple[float, float]:
 
 @dataclass
 class Score:
-    """A task score with its item count and 95% interval."""
+    """A task score with its item count, 95% interval and, per item in the task's order, whether it was
+    right (so that two models can be compared on the same items: ``report.paired_difference``)."""
 
     value: float
     n: int
     low: float
     high: float
+    correct: list[int] | None = None
+
+    @classmethod
+    def of(cls, correct: Sequence[bool]) -> Score:
+        k, n = sum(map(bool, correct)), len(correct)
+        return cls(k / n if n else 0.0, n, *wilson(k, n), [int(bool(c)) for c in correct])
 
     def as_dict(self) -> dict:
-        return {"value": self.value, "n": self.n, "ci95": [self.low, self.high]}
+        out = {"value": self.value, "n": self.n, "ci95": [self.low, self.high]}
+        return out | ({"correct": self.correct} if self.correct is not None else {})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -229,11 +237,10 @@ def multiple_choice(lm, items: Sequence[dict], batch_size: int = 32) -> dict[str
         for r, (i, j, c, d) in enumerate(chunk):
             scores[i, j] = lp[r, len(c) - 1 : len(c) + len(d) - 1].sum()
     answers = torch.tensor([it["answer"] for it in items])
-    out = {}
-    for name, s in (("acc", scores), ("acc_norm", scores / nchars)):
-        k = int((s.argmax(1) == answers).sum())
-        out[name] = Score(k / len(items), len(items), *wilson(k, len(items)))
-    return out
+    return {
+        name: Score.of((s.argmax(1) == answers).tolist())
+        for name, s in (("acc", scores), ("acc_norm", scores / nchars))
+    }
 
 
 NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?")
@@ -285,5 +292,4 @@ def number_finished(text: str) -> bool:
 def exact_match(lm, items: Sequence[dict], max_new_tokens: int = 10) -> Score:
     """Share of items whose first generated number equals the answer exactly."""
     gens = greedy(lm, [it["prompt"] for it in items], max_new_tokens, done=number_finished)
-    k = sum(first_number(g) == it["answer"] for g, it in zip(gens, items, strict=True))
-    return Score(k / len(items), len(items), *wilson(k, len(items)))
+    return Score.of([first_number(g) == it["answer"] for g, it in zip(gens, items, strict=True)])

@@ -125,7 +125,7 @@ def task_average(details: dict) -> dict:
     binomial variance, combined as for a mean of independent tasks."""
     ps, var = [], 0.0
     for scores in details.values():
-        s = scores.get("acc_norm") or scores.get("exact_match")
+        s = _task_score(scores)
         p, n = s["value"], max(1, s["n"])
         ps.append(p)
         var += p * (1 - p) / n
@@ -134,6 +134,34 @@ def task_average(details: dict) -> dict:
     mean, half = sum(ps) / len(ps), 1.96 * var**0.5 / len(ps)
     ci = [100 * max(0.0, mean - half), 100 * min(1.0, mean + half)]
     return {"value": 100 * mean, "ci95": ci, "tasks": len(ps)}
+
+
+#: FlexOlmo's models in the headline, each compared item by item with every other headline model
+FLEXOLMO_MODELS = ("flexolmo", "flexolmo_sequence")
+
+
+def _task_score(scores: dict) -> dict:
+    return scores.get("acc_norm") or scores.get("exact_match")
+
+
+def paired_difference(tasks_a: dict, tasks_b: dict) -> dict | None:
+    """Model a's task average minus model b's (points), with a 95% interval from the per-item
+    differences on the same items: far narrower than the two averages' own intervals, because both
+    models find the same items easy or hard. None when a task lacks per-item results in either."""
+    means, var = [], 0.0
+    for t, scores in tasks_a.items():
+        a, b = _task_score(scores).get("correct"), _task_score(tasks_b.get(t, {})) or {}
+        b = b.get("correct")
+        if a is None or b is None or len(a) != len(b) or not a:
+            return None
+        d = [x - y for x, y in zip(a, b, strict=True)]
+        mean = sum(d) / len(d)
+        means.append(mean)
+        var += sum((x - mean) ** 2 for x in d) / max(1, len(d) - 1) / len(d)
+    if not means:
+        return None
+    diff, half = sum(means) / len(means), 1.96 * var**0.5 / len(means)
+    return {"difference": 100 * diff, "ci95": [100 * (diff - half), 100 * (diff + half)], "tasks": len(means)}
 
 
 def headline(models: dict, costs: dict) -> dict:
@@ -147,14 +175,41 @@ def headline(models: dict, costs: dict) -> dict:
         d = models[m]["details"]
         out[m] = {
             "average": task_average(d["tasks"]),
-            "tasks": {t: (s.get("acc_norm") or s.get("exact_match")) for t, s in d["tasks"].items()},
+            "tasks": {t: _score_only(_task_score(s)) for t, s in d["tasks"].items()},
             "perplexity": {
                 k: {"value": v["perplexity"], "ci95": v["ci95"], "documents": v.get("documents")}
                 for k, v in d["perplexity"].items()
             },
             "cost": costs.get(m),
         }
+    for m in FLEXOLMO_MODELS:
+        if m in out:
+            tasks = models[m]["details"]["tasks"]
+            out[m]["versus"] = {
+                b: paired_difference(tasks, models[b]["details"]["tasks"])
+                for b in out
+                if b not in FLEXOLMO_MODELS
+            }
     return out
+
+
+def _score_only(score: dict) -> dict:
+    """A task score without its per-item results (those stay in the model's details)."""
+    return {k: v for k, v in score.items() if k != "correct"}
+
+
+def paired_markdown(h: dict) -> list[str]:
+    """FlexOlmo minus every other headline model, paired on the same items."""
+    rows = [(m, h[m]["versus"]) for m in FLEXOLMO_MODELS if h.get(m, {}).get("versus")]
+    if not rows:
+        return []
+    others = list(rows[0][1])
+    lines = ["FlexOlmo minus each model on the same items (task average, points; paired 95% interval):", ""]
+    lines += ["| model | " + " | ".join(f"- {b}" for b in others) + " |", "|" + "---|" * (1 + len(others))]
+    for m, versus in rows:
+        cells = [_interval(v["difference"], v["ci95"], "+.1f") if v else "-" for v in versus.values()]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def _interval(value, ci, fmt: str, scale: float = 1.0) -> str:
@@ -198,7 +253,7 @@ def headline_markdown(h: dict) -> list[str]:
         "per token after the prompt's choice).",
         "",
     ]
-    return lines
+    return lines + paired_markdown(h)
 
 
 def _ordered(models: dict) -> list[str]:
