@@ -66,13 +66,16 @@ class DemoPreset:
     # the demo's domains are separable either way (held-out accuracy in the proxy manifests).
     proxy_features: str = "ngram"
     proxy_fraction: float = 0.05
+    #: items per evaluation task written with the corpora (``eval_items`` may score fewer): enough that
+    #: the paired FlexOlmo-minus-baseline interval can tell the small preset's models apart
+    task_items: int = 100
 
 
 DEMO_PRESETS = {
     # Sized for 15 minutes on 2 CPU cores, measured step by step in BENCHMARKS.md.
     "tiny": DemoPreset("tiny", "tiny", 2.0, 300, 120, 40, 32, 50),
     # The demo corpora are small (a few MB per domain): step counts keep epochs in single digits.
-    "small": DemoPreset("small", "small", 5.0, 200, 60, 40, 64, None),
+    "small": DemoPreset("small", "small", 5.0, 200, 60, 40, 64, None, task_items=400),
     # For tests: minutes become seconds; numbers mean nothing.
     "test": DemoPreset("tiny", "tiny", 0.3, 20, 6, 4, 4, 8, router_init="hidden", rt_steps=2),
 }
@@ -143,7 +146,7 @@ def run_demo(
     data, anchor = workdir / "data", workdir / "anchor"
     models = workdir / "models"
     if not data.exists():
-        steps.run("corpora", build_demo_corpora, data, size_mb=p.size_mb)
+        steps.run("corpora", build_demo_corpora, data, size_mb=p.size_mb, task_items=p.task_items)
 
     privacy = PRIVACY_PRESETS.get(preset)
     if privacy is not None:  # before any owner trains: the audit needs secrets in the training data

@@ -93,6 +93,7 @@ def build_demo_corpora(
     force: bool = False,
     seed: int = DEFAULT_SEED,
     federation: str = "demo",
+    task_items: int = 100,
 ) -> dict[str, dict[str, int]]:
     """Write one federation's domains under ``out`` (atomically) and return their statistics.
 
@@ -100,7 +101,7 @@ def build_demo_corpora(
     the federation's default when None; a domain's ``scale`` multiplies it); each domain stops at the
     first document that reaches it. A domain built from a shipped snapshot holds at most that
     snapshot. An existing ``out`` is refused unless ``force`` is set, and is replaced only once the
-    new corpora are complete.
+    new corpora are complete. ``task_items``: at most that many items per evaluation task.
     """
     if federation not in FEDERATIONS:
         raise FlexmoeError(f"Unknown federation {federation!r}.", f"use one of {', '.join(FEDERATIONS)}.")
@@ -116,7 +117,7 @@ def build_demo_corpora(
             budget = int(size_mb * domain.scale * 1_000_000)
             docs, sources[domain.name] = domain_documents(domain, _domain_seed(seed, fed, i), budget, dedup)
             stats[domain.name] = _write_domain(tmp / domain.name, domain.name, iter(docs))
-        tasks = build_tasks(tmp, domains={d.name: d.kind for d in fed.domains})
+        tasks = build_tasks(tmp, task_items, domains={d.name: d.kind for d in fed.domains})
         manifest = _manifest(fed, stats, sources, size_mb, seed)
         write_json(tmp / "manifest.json", {**manifest, "duplicates_dropped": dedup.dropped, "tasks": tasks})
     return stats
