@@ -361,6 +361,14 @@ def test_existing_output_is_refused_untouched_then_replaced_with_force(tmp_path:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corpora"]
 
 
+def test_task_items_caps_every_task(tmp_path: Path) -> None:
+    out = tmp_path / "c"
+    build_demo_corpora(out, size_mb=0.3, task_items=7)
+    counts = json.loads((out / "manifest.json").read_text())["tasks"]
+    assert counts and all(n <= 7 for n in counts.values()) and max(counts.values()) == 7
+    assert all(len((out / "tasks" / f"{t}.jsonl").read_text().splitlines()) == n for t, n in counts.items())
+
+
 @pytest.mark.parametrize("size", [0, -1.0, float("nan"), float("inf")])
 def test_bad_size_is_refused(tmp_path: Path, size: float) -> None:
     with pytest.raises(FlexmoeError):

@@ -91,9 +91,12 @@ def data_demo(
     federation: str = typer.Option(
         "demo", help="demo (public, code, math, legal) or measure (9 owners; for measurement only)."
     ),
+    task_items: int = typer.Option(100, min=1, help="Items per evaluation task, at most."),
 ) -> None:
     """Build an embedded federation (a broad public pool and owners), offline and deterministic."""
-    stats = build_demo_corpora(out, size_mb=size_mb, force=force, federation=federation)
+    stats = build_demo_corpora(
+        out, size_mb=size_mb, force=force, federation=federation, task_items=task_items
+    )
     for domain, s in stats.items():
         console.print(f"{domain:8s} " + "  ".join(f"{k} {v:,}" for k, v in s.items()))
     console.print(f"wrote {out}")
