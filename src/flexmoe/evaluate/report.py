@@ -146,7 +146,7 @@ def _task_score(scores: dict) -> dict:
 
 def paired_difference(tasks_a: dict, tasks_b: dict) -> dict | None:
     """Model a's task average minus model b's (points), with a 95% interval from the per-item
-    differences on the same items: far narrower than the two averages' own intervals, because both
+    differences on the same items: narrower than the two averages' intervals suggest, because both
     models find the same items easy or hard. None when a task lacks per-item results in either."""
     means, var = [], 0.0
     for t, scores in tasks_a.items():
