@@ -150,8 +150,8 @@ def paired_difference(tasks_a: dict, tasks_b: dict) -> dict | None:
     models find the same items easy or hard. None when a task lacks per-item results in either."""
     means, var = [], 0.0
     for t, scores in tasks_a.items():
-        a, b = _task_score(scores).get("correct"), _task_score(tasks_b.get(t, {})) or {}
-        b = b.get("correct")
+        other = _task_score(tasks_b.get(t, {})) or {}
+        a, b = _task_score(scores).get("correct"), other.get("correct")
         if a is None or b is None or len(a) != len(b) or not a:
             return None
         d = [x - y for x, y in zip(a, b, strict=True)]
