@@ -1,8 +1,9 @@
 """Shared rows on any federation directory (e.g. the 9-owner measurement federation of
 ``flexmoe data demo --federation measure``), with an anchor trained on its public pool: each owner's
 expert trained with ``--shared-rows MODE``, composed, and scored by the composition metrics (issue 13)
-with the rows and with sequence routing (likelihood evidence), packages given so that alone:d is what
-the owner trained and without:d the model re-merged without it.
+with sequence routing (likelihood evidence; ``--routings``: also without the switch rule) and with the
+rows, packages given so that alone:d is what the owner trained and without:d the model re-merged
+without it.
 
     PYTHONPATH=src python benchmarks/federation_shared_rows.py DATA WORK --shared-rows owner \\
         --expert-steps 120 --public-mix 0.6 --split test --json out.json
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import sys
 import tempfile
@@ -33,6 +35,7 @@ from flexmoe.evaluate.composition import CompositionSetup, evaluate_composition 
 from flexmoe.evaluate.report import composition_markdown  # noqa: E402
 from flexmoe.expert.train import ExpertSpec, train_expert  # noqa: E402
 from flexmoe.routing_stats import compute_for_package  # noqa: E402
+from flexmoe.sequence_routing import SequenceRouting  # noqa: E402
 from flexmoe.signing import ALLOW_UNSIGNED  # noqa: E402
 
 
@@ -77,6 +80,11 @@ def package(data: Path, work: Path, d: str, args) -> Path:
     return pkg
 
 
+#: the routings compared: sequence routing at its defaults (likelihood evidence, the switch rule), the
+#: same without the switch (the default before the thirteenth session), the rows as trained
+ROUTINGS = {"sequence": True, "sequence-no-switch": SequenceRouting(switch=math.inf), "rows": False}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("data", type=Path)
@@ -90,6 +98,9 @@ def main() -> None:
     ap.add_argument("--max-blocks", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path)
+    ap.add_argument(
+        "--routings", nargs="+", default=["sequence", "rows"], choices=ROUTINGS, help="what to score"
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     owners = owners_of(args.data)
@@ -100,7 +111,8 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         view = split_view(args.data, args.split, Path(tmp), owners)
-        for name, seq in (("sequence likelihood (default)", True), ("rows", False)):
+        for name in args.routings:
+            seq = ROUTINGS[name]
             t = time.perf_counter()
             setup = CompositionSetup(
                 model, view, owners, anchor=args.work / "anchor", packages=packages,
