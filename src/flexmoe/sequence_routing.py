@@ -35,12 +35,12 @@ Generation (a model call that starts a cache, as ``generate`` makes): the whole 
 the prompt and every generated token are routed by one choice made at the prompt's end from
 ``prompt_evidence`` (default: the likelihood for base models; for chat models the prompt centroids
 when every expert has one, ``flexmoe.prompt_centroids``, else the rows, see ``CHAT_PROMPT_EVIDENCE``)
-with ``prompt_confidence`` (default 0: public or the owner with the most evidence, whichever leads).
-"Not decided yet" would leave every generated token to the rows, which is what sequence routing is
-there to avoid, and a chat prompt is short: on the tiny post-training demo's math prompts the right
-owner leads by about 2 (rows), below ``confidence``, on every prompt. Calls without a cache (scoring,
-perplexity) stay causal, so no position is ever routed by a later token; decode steps reuse the prefill's
-choice and cost nothing extra.
+with ``prompt_confidence`` (default 0: public or the owner with the most evidence, whichever leads), and
+the switch (4.) when the prompt is read by the scoring evidence. "Not decided yet" would leave every
+generated token to the rows, which is what sequence routing is there to avoid, and a chat prompt is
+short: on the tiny post-training demo's math prompts the right owner leads by about 2 (rows), below
+``confidence``, on every prompt. Calls without a cache (scoring, perplexity) stay causal, so no position
+is ever routed by a later token; decode steps reuse the prefill's choice and cost nothing extra.
 
 Only the owners' own models are used: no statistics, no data. Removing an owner removes a candidate, so
 opt-out stays exact (the remaining owners' decisions are recomputed from what remains). Cost per call
