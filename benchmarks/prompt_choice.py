@@ -3,7 +3,8 @@ demo`` workdir: prompts are the first ``L`` tokens of each domain's documents of
 how often the choice names the prompt's own domain (public for public text) and the perplexity of the
 next ``--continuation`` tokens routed by that choice (what generation then computes), beside the choice
 by hand (public + the domain's owner; public alone for public text). Validates
-``SequenceRouting.prompt_evidence`` for base models (chat models: ``benchmarks/prompt_evidence.py``).
+``SequenceRouting.prompt_evidence`` for base models (chat models: ``benchmarks/prompt_evidence.py``), and
+the switch rule's effect on it (likelihood with and without ``SequenceRouting.switch``).
 
     PYTHONPATH=src python benchmarks/prompt_choice.py WORKDIR [--split valid] [--lengths 16 64] [--docs 64]
 """
@@ -63,10 +64,16 @@ def main() -> None:
             by_hand = torch.zeros(len(c.names), dtype=torch.bool)
             by_hand[[0] + ([c.names.index(d)] if d in c.names else [])] = True
             choices = {"by hand": by_hand.to(c.device).expand(len(texts), -1)}
-            for kind in ("likelihood", "rows"):
-                s.prompt_evidence = kind
+            default = s.switch
+            for kind, switch in (
+                ("likelihood", default),
+                ("likelihood, no switch", math.inf),
+                ("rows", default),
+            ):
+                s.prompt_evidence, s.switch = kind.split(",")[0], switch
                 with torch.no_grad():
                     choices[kind] = s.prompt_choice(decoder, prompts)
+            s.switch = default
             for kind, last in choices.items():
                 named = [_named(c.names, r) for r in last]
                 right = sum(x == d for x in named) / len(named)
