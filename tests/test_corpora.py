@@ -369,6 +369,13 @@ def test_task_items_caps_every_task(tmp_path: Path) -> None:
     assert all(len((out / "tasks" / f"{t}.jsonl").read_text().splitlines()) == n for t, n in counts.items())
 
 
+@pytest.mark.parametrize("items", [0, -5, 2.5])
+def test_bad_task_items_is_refused_before_anything_is_written(tmp_path: Path, items) -> None:
+    with pytest.raises(FlexmoeError, match="task_items"):
+        build_demo_corpora(tmp_path / "x", size_mb=0.05, task_items=items)
+    assert not (tmp_path / "x").exists()
+
+
 @pytest.mark.parametrize("size", [0, -1.0, float("nan"), float("inf")])
 def test_bad_size_is_refused(tmp_path: Path, size: float) -> None:
     with pytest.raises(FlexmoeError):

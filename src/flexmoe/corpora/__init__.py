@@ -109,6 +109,10 @@ def build_demo_corpora(
     size_mb = fed.size_mb if size_mb is None else size_mb
     if not (isinstance(size_mb, (int, float)) and isfinite(size_mb) and size_mb > 0):
         raise FlexmoeError(f"size_mb must be a positive number, got {size_mb!r}.", "pass e.g. size_mb=2.0.")
+    if not (isinstance(task_items, int) and task_items > 0):
+        raise FlexmoeError(
+            f"task_items must be a positive integer, got {task_items!r}.", "pass e.g. task_items=100."
+        )
     stats: dict[str, dict[str, int]] = {}
     sources: dict[str, dict[str, dict[str, int]]] = {}
     dedup = Deduper()
