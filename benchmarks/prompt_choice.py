@@ -65,14 +65,14 @@ def main() -> None:
             by_hand[[0] + ([c.names.index(d)] if d in c.names else [])] = True
             choices = {"by hand": by_hand.to(c.device).expand(len(texts), -1)}
             default = s.switch
-            for kind, switch in (
-                ("likelihood", default),
-                ("likelihood, no switch", math.inf),
-                ("rows", default),
+            for label, kind, switch in (
+                ("likelihood", "likelihood", default),
+                ("likelihood, no switch", "likelihood", math.inf),
+                ("rows", "rows", default),
             ):
-                s.prompt_evidence, s.switch = kind.split(",")[0], switch
+                s.prompt_evidence, s.switch = kind, switch
                 with torch.no_grad():
-                    choices[kind] = s.prompt_choice(decoder, prompts)
+                    choices[label] = s.prompt_choice(decoder, prompts)
             s.switch = default
             for kind, last in choices.items():
                 named = [_named(c.names, r) for r in last]
