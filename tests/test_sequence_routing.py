@@ -150,3 +150,6 @@ def test_unknown_evidence_is_refused_with_the_choices():
         SequenceRouting(evidence="vibes")
     assert SequenceRouting().confidence == 0.5 and SequenceRouting(evidence="rows").decay == 0.98
     assert SequenceRouting().switch == 1.0 and SequenceRouting(evidence="rows").switch == math.inf
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(FlexmoeError, match="switch margin"):
+            SequenceRouting(switch=bad)

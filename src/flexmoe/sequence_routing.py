@@ -149,6 +149,11 @@ class SequenceRouting:
             self.decay = DECAY[self.evidence]
         if self.switch is None:
             self.switch = SWITCH[self.evidence]
+        if not self.switch >= 0:  # NaN fails too
+            raise FlexmoeError(
+                f"The sequence-routing switch margin must be >= 0 nats, got {self.switch!r}.",
+                "use e.g. switch=1.0, or switch=math.inf to turn the switch off.",
+            )
 
     @torch.no_grad()
     def margins(self, model, input_ids, attention_mask, allowed=None, evidence=None) -> torch.Tensor:
