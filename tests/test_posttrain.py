@@ -818,7 +818,16 @@ def test_runtime_calibrates_the_prompt_choice_on_public_chat(post, tmp_path):
 
     compose(post["anchor"], [post["code"], post["math"]], tmp_path / "m", provenance=UNSIGNED_OK)
     convs = read_chat_file(post["chat"] / "public" / "train.jsonl")[:6]
-    c = from_pretrained(tmp_path / "m", trust=ALLOW_UNSIGNED, sequence_routing=True, device="cpu")
+    from flexmoe.sequence_routing import SequenceRouting
+
+    # these owners shipped prompt centroids, so a chat prompt is chosen by them: the rows' scale would
+    # be computed and never read, and the calibration says so instead
+    by_centroids = from_pretrained(tmp_path / "m", trust=ALLOW_UNSIGNED, sequence_routing=True, device="cpu")
+    with pytest.raises(FlexmoeError, match="by centroids"):
+        by_centroids.calibrate_prompts(convs)
+    assert by_centroids.sequence.prompt_scale is None
+    rows = SequenceRouting(prompt_evidence="rows")
+    c = from_pretrained(tmp_path / "m", trust=ALLOW_UNSIGNED, sequence_routing=rows, device="cpu")
     c.calibrate_prompts(convs)
     with torch.no_grad():
         m = torch.cat(
@@ -843,9 +852,24 @@ def test_runtime_calibrates_the_prompt_choice_on_public_chat(post, tmp_path):
     public = post["chat"] / "public" / "train.jsonl"
     argv = ["generate", str(tmp_path / "m"), "--prompt", "What is 2 + 3?", "--chat", "--allow-unsigned"]
     res = CliRunner().invoke(app, [*argv, "--sequence-routing", "--prompt-calibration", str(public)])
-    assert res.exit_code == 0, res.output
+    assert isinstance(res.exception, FlexmoeError) and "drop --prompt-calibration" in res.exception.fix
     res = CliRunner().invoke(app, [*argv, "--no-sequence-routing", "--prompt-calibration", str(public)])
     assert isinstance(res.exception, FlexmoeError) and "needs sequence routing" in str(res.exception)
+
+
+def test_server_leaves_a_centroid_model_uncalibrated(post, tmp_path, caplog):
+    """serve --prompt-calibration applies to every model it loads, swapped-in ones too: one whose
+    prompts the centroids choose is loaded uncalibrated with a warning instead of failing the load."""
+    from flexmoe.compose import UNSIGNED_OK, compose
+    from flexmoe.serve.app import Settings, load
+
+    compose(post["anchor"], [post["code"], post["math"]], tmp_path / "m", provenance=UNSIGNED_OK)
+    public = post["chat"] / "public" / "train.jsonl"
+    s = Settings(tmp_path / "m", allow_unsigned=True, sequence_routing=True, prompt_calibration=public)
+    with caplog.at_level("WARNING", logger="flexmoe.serve"):
+        c = load(s)
+    assert not c.prompt_chosen_by_rows and c.sequence.prompt_scale is None
+    assert "--prompt-calibration not applied" in caplog.text
 
 
 def test_nearest_centroid_by_hand():

@@ -69,9 +69,22 @@ class Composed:
                 "Prompt calibration is for chat models; this model has no chat template.",
                 "drop --prompt-calibration.",
             )
+        if not self.prompt_chosen_by_rows:  # the scale is read by the rows' prompt evidence alone
+            raise FlexmoeError(
+                "Prompt calibration scales the rows' prompt evidence; this model chooses a prompt's "
+                f"owner by {self.sequence.prompt_evidence}, which the calibration would not change.",
+                "drop --prompt-calibration.",
+            )
         kept = conversations[:CALIBRATION_PROMPTS]
         prompts = [prompt_ids(self.tokenizer, prompt_turns(c)) for c in kept]
         self.sequence.calibrate_prompts(self.model.get_decoder(), prompts)
+
+    @property
+    def prompt_chosen_by_rows(self) -> bool:
+        """Whether a generation's prompt is given its owner by the router rows (what
+        ``calibrate_prompts`` rescales); not when the owners shipped prompt centroids."""
+        s = self.sequence
+        return s is not None and (s.prompt_evidence or s.evidence) == "rows"
 
     @property
     def device(self) -> torch.device:

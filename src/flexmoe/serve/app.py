@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 import time
 import uuid
@@ -36,6 +37,8 @@ from flexmoe.serve.ledger import Ledger
 from flexmoe.serve.owners import Registry
 from flexmoe.serve.page import OWNER_PAGE, usage_svg
 from flexmoe.signing import ALLOW_UNSIGNED, Trust
+
+log = logging.getLogger("flexmoe.serve")
 
 
 class ApiError(Exception):
@@ -147,7 +150,10 @@ def load(settings: Settings, path: Path | None = None, trust: Trust | None = Non
         sequence_routing=settings.sequence_routing,
     )
     if settings.prompt_calibration is not None:  # every model served, swapped-in ones too
-        c.calibrate_prompts(read_chat_file(settings.prompt_calibration))
+        if c.prompt_chosen_by_rows:
+            c.calibrate_prompts(read_chat_file(settings.prompt_calibration))
+        else:  # e.g. every owner now ships a prompt centroid: the swap must not fail over it
+            log.warning("--prompt-calibration not applied to %s: the rows do not choose its prompts", path)
     return c
 
 
