@@ -15,12 +15,14 @@ from dataclasses import replace
 from pathlib import Path
 
 import flexmoe.demo as demo
-import flexmoe.evaluate.baselines as B
 
 
-def _domain_only(dense):
-    """``dense_expert`` on the domain alone (as before the eleventh session)."""
-    return lambda *a, public=None, **k: dense(*a, public=None, **k)
+def _domain_only(dense_experts):
+    """``dense_experts`` on the domain alone (as before the eleventh session): public mix 0 in the
+    recipe they train on and record; the owners and the other baselines keep the preset's mix."""
+    return lambda models, base, tok, data, p, *r: dense_experts(
+        models, base, tok, data, replace(p, public_mix=0.0), *r
+    )
 
 
 def _recipe_at(recipe, lr: float):
@@ -46,7 +48,7 @@ def main() -> None:
     given |= {"public_mix": args.public_mix} if args.public_mix else {}
     given |= {"expert_steps": args.expert_steps} if args.expert_steps else {}
     if args.dense_domain_only:
-        B.dense_expert = _domain_only(B.dense_expert)
+        demo.dense_experts = _domain_only(demo.dense_experts)
     if args.dense_lr:
         demo.dense_recipe = _recipe_at(demo.dense_recipe, args.dense_lr)
     if args.owner_steps:  # the owners' experts only: the dense experts keep the preset's steps
