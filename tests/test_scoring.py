@@ -103,6 +103,30 @@ def test_paired_difference_on_the_same_items():
     assert paired_difference({"t": {"acc_norm": {"value": 1.0, "n": 4, "ci95": [0, 1]}}}, b) is None
 
 
+def test_merging_verdict_reads_the_paired_interval():
+    from flexmoe.evaluate.metrics import Score
+    from flexmoe.evaluate.report import merging_verdict
+
+    def model(correct):
+        return {"details": {"tasks": {"t": {"acc_norm": Score.of(correct).as_dict()}}}}
+
+    flex = [1] * 40 + [0] * 10
+    models = {
+        "flexolmo": model(flex),
+        "model_soup": model([0] * 50),  # right nowhere: far behind
+        "btx": model(flex[:-1] + [1]),  # one item apart: inside the interval
+    }
+    line = merging_verdict(models, "flexolmo")
+    assert "model_soup +80.0 [" in line and "btx -2.0 [" in line
+    assert line.endswith("NOT met against btx.")
+    models["btx"] = model([0] * 25 + [1] * 25)
+    assert merging_verdict(models, "flexolmo").endswith("met.")
+    assert "NOT" not in merging_verdict(models, "flexolmo")
+    # reports without per-item results claim nothing
+    models["btm"] = {"details": {"tasks": {"t": {"acc_norm": {"value": 0.5, "n": 50, "ci95": [0, 1]}}}}}
+    assert merging_verdict(models, "flexolmo") is None
+
+
 def test_bootstrap_interval_over_documents():
     from flexmoe.evaluate.metrics import bootstrap_ppl
 

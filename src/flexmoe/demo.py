@@ -27,7 +27,13 @@ from flexmoe.errors import FlexmoeError
 from flexmoe.evaluate import baselines as B
 from flexmoe.evaluate.composition import CompositionSetup, evaluate_composition
 from flexmoe.evaluate.metrics import HFLM
-from flexmoe.evaluate.report import composition_table, headline, write_report
+from flexmoe.evaluate.report import (
+    FLEXOLMO_MODELS,
+    composition_table,
+    headline,
+    merging_verdict,
+    write_report,
+)
 from flexmoe.evaluate.run import EvalSettings, evaluate_lm, load_lm
 from flexmoe.evaluate.tasks import load_tasks
 from flexmoe.expert.package import MANIFEST, signed_package
@@ -661,6 +667,7 @@ def findings(r: dict) -> dict:
             f"Best merging baseline: {best} {merging[best]:.1f}; FlexOlmo margin {margin:+.1f}% "
             f"(paper: +10.1%). {'Met' if margin > 0 else 'NOT met'}."
         )
+    out += [v for m in FLEXOLMO_MODELS if m in r and (v := merging_verdict(r, m))]
     if "unrestricted_moe" in r:
         gap = flex["average"] - r["unrestricted_moe"]["average"]
         out.append(

@@ -164,6 +164,28 @@ def paired_difference(tasks_a: dict, tasks_b: dict) -> dict | None:
     return {"difference": 100 * diff, "ci95": [100 * (diff - half), 100 * (diff + half)], "tasks": len(means)}
 
 
+#: the merging baselines of issue 13's target: FlexOlmo above each by more than the interval
+MERGING_MODELS = ("model_soup", "btm", "btx")
+
+
+def merging_verdict(models: dict, model: str) -> str | None:
+    """``model`` minus every merging baseline on the same items, and whether it is above each by more
+    than the paired 95% interval (its lower end above 0). None without per-item results."""
+    tasks = models[model]["details"]["tasks"]
+    diffs = {
+        b: paired_difference(tasks, models[b]["details"]["tasks"]) for b in MERGING_MODELS if b in models
+    }
+    if not diffs or None in diffs.values():
+        return None
+    short = [b for b, v in diffs.items() if v["ci95"][0] <= 0]
+    cells = ", ".join(f"{b} {_interval(v['difference'], v['ci95'], '+.1f')}" for b, v in diffs.items())
+    verdict = "met" if not short else f"NOT met against {', '.join(short)}"
+    return (
+        f"{model} minus each merging baseline on the same items (points, paired 95% interval): {cells}. "
+        f"Above every one by more than the interval: {verdict}."
+    )
+
+
 def headline(models: dict, costs: dict) -> dict:
     """FlexOlmo against the public model and the baselines: task average and per-task accuracy with
     intervals (Wilson), per-domain perplexity with bootstrap intervals over documents, and inference
