@@ -29,6 +29,7 @@ from flexmoe.evaluate.composition import CompositionSetup, evaluate_composition
 from flexmoe.evaluate.metrics import HFLM
 from flexmoe.evaluate.report import (
     FLEXOLMO_MODELS,
+    MERGING_MODELS,
     composition_table,
     headline,
     merging_verdict,
@@ -659,7 +660,7 @@ def findings(r: dict) -> dict:
         f"({rel:+.1f}% ratio of averages); perplexity change per domain: "
         + ", ".join(f"{d} {v:+.1f}%" for d, v in deltas.items())
     )
-    merging = {m: r[m]["average"] for m in ("model_soup", "btm", "btx") if m in r}
+    merging = {m: r[m]["average"] for m in MERGING_MODELS if m in r}
     if merging:
         best = max(merging, key=merging.get)
         margin = 100 * (flex["average"] / max(merging[best], 1e-9) - 1)

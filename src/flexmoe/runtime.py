@@ -72,7 +72,7 @@ class Composed:
         if not self.prompt_chosen_by_rows:  # the scale is read by the rows' prompt evidence alone
             raise FlexmoeError(
                 "Prompt calibration scales the rows' prompt evidence; this model chooses a prompt's "
-                f"owner by {self.sequence.prompt_evidence}, which the calibration would not change.",
+                f"owner by {self.sequence.prompt_kind}, which the calibration would not change.",
                 "drop --prompt-calibration.",
             )
         kept = conversations[:CALIBRATION_PROMPTS]
@@ -83,8 +83,7 @@ class Composed:
     def prompt_chosen_by_rows(self) -> bool:
         """Whether a generation's prompt is given its owner by the router rows (what
         ``calibrate_prompts`` rescales); not when the owners shipped prompt centroids."""
-        s = self.sequence
-        return s is not None and (s.prompt_evidence or s.evidence) == "rows"
+        return self.sequence is not None and self.sequence.prompt_kind == "rows"
 
     @property
     def device(self) -> torch.device:

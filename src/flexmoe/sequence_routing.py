@@ -133,12 +133,14 @@ class SequenceRouting:
         """The routing name reports record: ``"sequence"``, or ``"sequence-rows"`` for the rows' evidence."""
         return NAME if self.evidence == "likelihood" else f"{NAME}-{self.evidence}"
 
+    @property
+    def prompt_kind(self) -> str:
+        """The evidence a generation's prompt is chosen by: ``prompt_evidence``, else ``evidence``."""
+        return self.prompt_evidence or self.evidence
+
     def __post_init__(self) -> None:
         prompt_kinds = (*CONFIDENCE, CENTROIDS)
-        for kind, kinds in (
-            (self.evidence, CONFIDENCE),
-            (self.prompt_evidence or self.evidence, prompt_kinds),
-        ):
+        for kind, kinds in ((self.evidence, CONFIDENCE), (self.prompt_kind, prompt_kinds)):
             if kind not in kinds:
                 raise FlexmoeError(
                     f"Unknown sequence-routing evidence {kind!r}.", f"use one of {', '.join(kinds)}."
@@ -269,7 +271,7 @@ class SequenceRouting:
     def prompt_choice(self, model, input_ids, attention_mask=None, allowed=None) -> torch.Tensor:
         """``[B, E]`` the routable experts a generation keeps for each prompt: the choice at its end
         from ``prompt_evidence`` with ``prompt_confidence``."""
-        kind = self.prompt_evidence or self.evidence
+        kind = self.prompt_kind
         if kind == CENTROIDS:
             return self.nearest_centroid(model, input_ids, attention_mask, allowed)
         m = self.margins(model, input_ids, attention_mask, allowed, kind)
