@@ -166,6 +166,23 @@ def test_greedy_stops_only_when_the_number_is_complete(tok):
     assert [first_number(g) for g in greedy(lm, ["Answer:", "a"], max_new_tokens=8)] == ["42", "42"]
 
 
+@pytest.mark.parametrize("moe", [False, True])
+def test_greedy_from_the_kv_cache_equals_recomputing_the_prefix(tok, moe):
+    """Prompts of different lengths (right-padded in one batch), a dense model and an MoE with top-2
+    of 3 experts: the cached decode generates exactly the recomputed decode's tokens, and only a model
+    declared cacheable takes that path."""
+    model = _tiny_model(seed=3)
+    if moe:
+        model = B._moe_from([model, _tiny_model(seed=4), _tiny_model(seed=5)], top_k=2).eval()
+    prompts = ["the cat sat", "a dog ran far away on the mat and", "zz", "Answer: the mat"]
+    recomputed = greedy(HFLM(model, tok), prompts, max_new_tokens=12)
+    cached = HFLM(model, tok, kv_cache=True)
+    assert cached.kv_cache
+    cached.next_logprobs = None  # the recomputing path would call it
+    assert greedy(cached, prompts, max_new_tokens=12) == recomputed
+    assert all(recomputed) and len(set(recomputed)) > 1  # text came out, and not the same for all
+
+
 def test_soup_of_identical_models_is_the_model():
     m = _tiny_model()
     s = B.soup([m, m, m])

@@ -172,6 +172,37 @@ def test_grouped_and_dense_paths_agree():
     torch.testing.assert_close(b(x), dense, atol=1e-6, rtol=1e-6)
 
 
+def test_sparse_training_path_equals_dense_in_value_and_gradient():
+    """The CPU's per-expert dispatch (unfused, top-k < E, training): same output and same gradients for
+    experts and router rows as running every expert densely, with one expert masked out and another
+    chosen by no token."""
+    x = torch.randn(3, 7, H)
+    mask = torch.tensor([True, True, False, True, True])
+    grads = {}
+    for path in ("_dense", "_sparse"):
+        b = _block(5, 2).train()
+        with torch.no_grad():  # expert 4 is chosen by no token
+            b.router[4].bias_raw.fill_(-1e4)
+        xi = x.clone().requires_grad_(True)
+        with routing(Routing(mask=mask)):
+            w = b.routing_weights(b.router_logits(xi, mask))
+            assert (w[..., 2] == 0).all() and (w[..., 4] == 0).all() and (w[..., 3] > 0).any()
+            y = getattr(b, path)(xi, w)
+            if path == "_sparse":
+                torch.testing.assert_close(b(xi), y)  # what forward chooses on the CPU in training
+        (y * torch.linspace(-1, 1, H)).sum().backward()
+        grads[path] = (y.detach(), xi.grad, [p.grad for p in b.parameters()])
+    (yd, xd, pd), (ys, xs, ps) = grads["_dense"], grads["_sparse"]
+    torch.testing.assert_close(ys, yd, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(xs, xd, atol=1e-6, rtol=1e-5)
+    assert len(pd) == len(ps)
+    for gd, gs in zip(pd, ps, strict=True):
+        if gd is None or not gd.any():  # unchosen experts: no gradient at all on the sparse path
+            assert gs is None or not gs.any()
+        else:
+            torch.testing.assert_close(gs, gd, atol=1e-6, rtol=1e-5)
+
+
 def test_fused_router_equals_the_rows():
     """Inference stacks the router rows into one matrix; logits (biases included) stay the same and
     the rows stay views of it (an in-place edit such as calibration reaches both)."""

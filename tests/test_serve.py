@@ -644,7 +644,7 @@ def test_owner_page_in_headless_chromium(server, keys):
 def test_cache_keyword_follows_the_installed_transformers():
     """transformers renamed ``past_key_values`` to ``cache``; a cache passed under the wrong name is
     swallowed by ``**kwargs`` and batches then decode without context (seen on a GPU box with 5.17)."""
-    from flexmoe.serve.engine import cache_argument
+    from flexmoe.anchor import cache_argument
 
     class Old:
         def forward(self, input_ids, past_key_values=None, **kwargs): ...

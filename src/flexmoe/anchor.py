@@ -12,6 +12,7 @@ import hashlib
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, replace
+from inspect import signature
 from pathlib import Path
 
 import torch
@@ -439,3 +440,9 @@ def publish_router_init_for(
     tok = load_tokenizer(anchor)
     docs = read_training_documents(public)
     return publish_router_init(anchor, model, tok, docs, embedder=embedder, seq_len=seq_len, n_docs=n_docs)
+
+
+def cache_argument(model) -> str:
+    """The forward's KV-cache keyword: ``cache`` since transformers 5.2x, ``past_key_values`` before.
+    A cache under a name the model does not take is swallowed by ``**kwargs`` and silently unused."""
+    return "cache" if "cache" in signature(model.forward).parameters else "past_key_values"

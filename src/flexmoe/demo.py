@@ -487,6 +487,7 @@ def build_baselines(models: Path, anchor: Path, data: Path, p: DemoPreset, steps
             quiet=quiet,
         )[0],
         tok,
+        kv_cache=True,
     )
     config = load_config(anchor)
     budget = len(OWNERS) * p.expert_steps * B.train_flops_per_token(config, "anchored", ep.seq_len)
@@ -504,6 +505,7 @@ def build_baselines(models: Path, anchor: Path, data: Path, p: DemoPreset, steps
             steps=moe_steps,  # at the owners' training FLOPs
         )[0],
         tok,
+        kv_cache=True,
     )
     return lms
 

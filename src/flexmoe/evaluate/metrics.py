@@ -12,11 +12,12 @@ from __future__ import annotations
 import contextlib
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 
+from flexmoe.anchor import cache_argument
 from flexmoe.data import pack, tokenize
 
 
@@ -31,7 +32,12 @@ class HFLM:
     """
 
     def __init__(
-        self, model, tokenizer, scope: Callable[[], contextlib.AbstractContextManager] | None = None
+        self,
+        model,
+        tokenizer,
+        scope: Callable[[], contextlib.AbstractContextManager] | None = None,
+        *,
+        kv_cache: bool = False,
     ):
         self.model, self.tokenizer = model.eval(), tokenizer
         self.scope = scope or contextlib.nullcontext
@@ -46,6 +52,10 @@ class HFLM:
         self._split = (
             head is not None and not head._forward_hooks and not getattr(cfg, "final_logit_softcapping", None)
         )
+        # ``kv_cache``: the caller knows that a position's output depends on nothing but the cache and
+        # its own token (not so for sequence routing, whose hooks read the whole prefix), so that
+        # greedy decoding may run one token per step instead of recomputing the prefix.
+        self.kv_cache = kv_cache and self._split
 
     @torch.no_grad()
     def _logits(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -81,6 +91,33 @@ class HFLM:
             return self._logprobs_at(ids, mask, torch.arange(len(ids)), last).cpu()
         logits = self._logits(ids, mask)
         return logits[torch.arange(len(ids)), last.to(logits.device)].float().log_softmax(-1).cpu()
+
+    @torch.no_grad()
+    def greedy_steps(self, seqs: Sequence[list[int]]) -> Iterator[list[int]]:
+        """Each row's greedy next token, step after step, from a KV cache (``kv_cache`` models only):
+        the same tokens as ``recomputed_steps`` up to float summation order, at one position per step.
+        Rows stay right-padded: each new token takes its row's own next position, the padding between
+        stays masked."""
+        ids, mask = (t.to(self.device) for t in _pad(seqs, self.tokenizer.pad_token_id))
+        pos = mask.sum(1, keepdim=True)  # the next token's position in each row
+        decoder, head = self.model.get_decoder(), self.model.get_output_embeddings()
+        with self.scope():
+            out = decoder(input_ids=ids, attention_mask=mask, use_cache=True)
+        h = out.last_hidden_state[torch.arange(len(seqs), device=self.device), pos[:, 0] - 1]
+        cache = cache_argument(decoder)
+        while True:
+            nxt = head(h).float().log_softmax(-1).argmax(-1, keepdim=True)
+            yield nxt[:, 0].tolist()
+            mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
+            with self.scope():
+                out = decoder(
+                    input_ids=nxt,
+                    attention_mask=mask,
+                    position_ids=pos,
+                    use_cache=True,
+                    **{cache: getattr(out, cache)},  # keyword and output field renamed alike
+                )
+            h, pos = out.last_hidden_state[:, -1], pos + 1
 
 
 def wilson(k: float, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -259,8 +296,9 @@ def greedy(
     batch_size: int = 32,
     done: Callable[[str], bool] | None = None,
 ) -> list[str]:
-    """Greedy continuations (full recompute per step: works for any ``lm``). A batch stops early once
-    ``done(text so far)`` holds for each of its rows; prompts are batched by length."""
+    """Greedy continuations: from a KV cache where ``lm`` allows it (``HFLM.greedy_steps``), else by
+    recomputing the prefix every step (any ``lm``). A batch stops early once ``done(text so far)``
+    holds for each of its rows; prompts are batched by length."""
     tok = lm.tokenizer
     encoded = [tok(p)["input_ids"] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
@@ -269,17 +307,26 @@ def greedy(
         idx = order[start : start + batch_size]
         seqs = [encoded[i] for i in idx]
         new = [[] for _ in seqs]
+        steps = lm.greedy_steps(seqs) if getattr(lm, "kv_cache", False) else recomputed_steps(lm, seqs)
         for _ in range(max_new_tokens):
-            cur = [s + n for s, n in zip(seqs, new, strict=True)]
-            ids, mask = _pad(cur, tok.pad_token_id)
-            nxt = lm.next_logprobs(ids, mask, torch.tensor([len(c) - 1 for c in cur])).argmax(-1)
-            for n, t in zip(new, nxt.tolist(), strict=True):
+            for n, t in zip(new, next(steps), strict=True):
                 n.append(t)
             if done and all(done(tok.decode(n, skip_special_tokens=True)) for n in new):
                 break
         for i, n in zip(idx, new, strict=True):
             outs[i] = tok.decode(n, skip_special_tokens=True)
     return outs
+
+
+def recomputed_steps(lm, seqs: Sequence[list[int]]) -> Iterator[list[int]]:
+    """Each row's greedy next token, step after step, each from the whole prefix again."""
+    cur = [list(s) for s in seqs]
+    while True:
+        ids, mask = _pad(cur, lm.tokenizer.pad_token_id)
+        nxt = lm.next_logprobs(ids, mask, torch.tensor([len(c) - 1 for c in cur])).argmax(-1).tolist()
+        yield nxt
+        for c, t in zip(cur, nxt, strict=True):
+            c.append(t)
 
 
 def number_finished(text: str) -> bool:

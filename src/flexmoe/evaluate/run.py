@@ -148,13 +148,16 @@ def load_lm(
             trust=trust,
             sequence_routing=sequence_routing,
         )
-        return HFLM(c.model, c.tokenizer, scope=lambda: moe_routing(c.routing()))
+        # Sequence routing and owner tensors choose from the whole prefix: greedy recomputes it.
+        plain = c.sequence is None and c.owner_tensors is None
+        return HFLM(c.model, c.tokenizer, scope=lambda: moe_routing(c.routing()), kv_cache=plain)
     if include or exclude or sequence_routing:
         raise FlexmoeError(
             f"{model} is not a flexmoe model; --include/--exclude/--sequence-routing need one.",
             "drop those options.",
         )
-    return HFLM(AutoModelForCausalLM.from_pretrained(str(model)).to(device), load_tokenizer(model))
+    lm = AutoModelForCausalLM.from_pretrained(str(model)).to(device)
+    return HFLM(lm, load_tokenizer(model), kv_cache=True)
 
 
 def seq_len_of(model: Path, default: int = 256) -> int:

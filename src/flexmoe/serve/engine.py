@@ -8,7 +8,6 @@ share every forward. Routing weights are recorded per row for attribution.
 
 from __future__ import annotations
 
-import inspect
 import queue
 import threading
 from collections.abc import Callable
@@ -17,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
+from flexmoe.anchor import cache_argument
 from flexmoe.moe import Routing, routing
 from flexmoe.runtime import Composed
 
@@ -260,12 +260,6 @@ def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None)
         p[cut] = 0
         probs = torch.zeros_like(probs).scatter(-1, idx, p)
     return int(torch.multinomial(probs, 1, generator=generator))
-
-
-def cache_argument(model) -> str:
-    """The forward's KV-cache keyword: ``cache`` since transformers 5.2x, ``past_key_values`` before.
-    A cache under a name the model does not take is swallowed by ``**kwargs`` and silently unused."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def merge(cache, attn, c_new, a_new):
