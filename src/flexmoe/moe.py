@@ -144,8 +144,8 @@ class FlexMoEBlock(nn.Module):
     the routing weights. On an accelerator the forward never synchronises with the host: masked experts
     get zero weight instead of being skipped, and top-k < E dispatches through one grouped matmul
     (``fuse_experts_``, inference) or, for blocks that were not fused, runs every expert densely. On the
-    CPU, where a sync is free and FLOPs are not, an unfused block (training) runs each expert on its own
-    tokens only.
+    CPU, where a sync is free and FLOPs are not, an unfused block (training; upcycled models kept in
+    memory) runs each expert on its own tokens only.
     """
 
     def __init__(
@@ -228,7 +228,7 @@ class FlexMoEBlock(nn.Module):
     def _sparse(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Each expert on the tokens that chose it (trainable, unlike the fused views). It asks the host
         which tokens those are, a sync that costs nothing on the CPU, where the FLOPs of top-k < E run
-        densely would: the demo's unrestricted MoE (top-2 of 4) trains in 0.76x the time
+        densely would: the demo's unrestricted MoE (top-2 of 4) trains in 0.71x the time
         (``benchmarks/moe_dispatch.py``)."""
         flat_x, flat_w = x.reshape(-1, x.shape[-1]), weights.reshape(-1, self.num_experts)
         out = torch.zeros_like(flat_x)

@@ -148,9 +148,10 @@ def load_lm(
             trust=trust,
             sequence_routing=sequence_routing,
         )
-        # Sequence routing and owner tensors choose from the whole prefix: greedy recomputes it.
-        plain = c.sequence is None and c.owner_tensors is None
-        return HFLM(c.model, c.tokenizer, scope=lambda: moe_routing(c.routing()), kv_cache=plain)
+        # Sequence routing (and the owner tensors that only it loads) chooses from the whole prefix:
+        # greedy recomputes it.
+        scope = lambda: moe_routing(c.routing())  # noqa: E731
+        return HFLM(c.model, c.tokenizer, scope=scope, kv_cache=c.sequence is None)
     if include or exclude or sequence_routing:
         raise FlexmoeError(
             f"{model} is not a flexmoe model; --include/--exclude/--sequence-routing need one.",
