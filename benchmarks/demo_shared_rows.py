@@ -17,11 +17,11 @@ from pathlib import Path
 import flexmoe.demo as demo
 
 
-def _domain_only(dense_experts):
-    """``dense_experts`` on the domain alone (as before the eleventh session): public mix 0 in the
+def _domain_only(dense_jobs):
+    """``dense_jobs`` on the domain alone (as before the eleventh session): public mix 0 in the
     recipe they train on and record; the owners and the other baselines keep the preset's mix."""
-    return lambda models, base, tok, data, p, *r: dense_experts(
-        models, base, tok, data, replace(p, public_mix=0.0), *r
+    return lambda models, anchor, data, p, quiet: dense_jobs(
+        models, anchor, data, replace(p, public_mix=0.0), quiet
     )
 
 
@@ -48,12 +48,12 @@ def main() -> None:
     given |= {"public_mix": args.public_mix} if args.public_mix else {}
     given |= {"expert_steps": args.expert_steps} if args.expert_steps else {}
     if args.dense_domain_only:
-        demo.dense_experts = _domain_only(demo.dense_experts)
+        demo.dense_jobs = _domain_only(demo.dense_jobs)
     if args.dense_lr:
         demo.dense_recipe = _recipe_at(demo.dense_recipe, args.dense_lr)
     if args.owner_steps:  # the owners' experts only: the dense experts keep the preset's steps
-        owner, n = demo.train_owner, args.owner_steps
-        demo.train_owner = lambda w, d, a, dom, p, *r: owner(w, d, a, dom, replace(p, expert_steps=n), *r)
+        owner, n = demo.owner_job, args.owner_steps
+        demo.owner_job = lambda w, d, a, dom, p, q: owner(w, d, a, dom, replace(p, expert_steps=n), q)
     r = demo.run_demo(args.workdir, args.preset, quiet=True, overrides=given)
     print("seconds", round(time.time() - t), json.dumps(r["seconds"]))
     for k in ("composition", "composition_sequence"):

@@ -291,6 +291,12 @@ def test_demo_end_to_end_at_reduced_size(tmp_path):
     assert env["transformers"] and env["python"].count(".") == 2
     assert f"router_init {env['router_init']}" in (tmp_path / "report.md").read_text()
     assert set(rep["seconds"]) >= {"corpora", "anchor", "compose"} and r["findings"]
+    # On a CPU with two or more cores the independent trainings and evaluations ran side by side, so
+    # every model they score was loaded from disk (the upcycled baselines included).
+    from flexmoe.jobs import default_workers
+
+    assert env["workers"] == default_workers("cpu") and 0 < rep["wall_seconds"]
+    assert all((tmp_path / "models" / m / "upcycled.json").is_file() for m in ("btx", "unrestricted_moe"))
     priv = rep["privacy"]  # DP experts for one owner, their utility, and the audit of each model
     assert (
         priv["canaries_planted"]
@@ -319,10 +325,10 @@ def test_demo_end_to_end_at_reduced_size(tmp_path):
         for pkg in (tmp_path / "owners" / d).glob("expert*"):
             assert verify_dir(pkg, PACKAGE_KIND, owner)
     # The dense baselines record their recipe: the owners' steps, stream and learning rate.
-    from flexmoe.demo import DENSE_RECIPE, demo_preset, dense_recipe
+    from flexmoe.demo import BASELINE_RECIPE, demo_preset, dense_recipe
     from flexmoe.expert.train import EXPERT_PRESETS
 
-    kept = json.loads((tmp_path / "models" / "dense_code" / DENSE_RECIPE).read_text())
+    kept = json.loads((tmp_path / "models" / "dense_code" / BASELINE_RECIPE).read_text())
     p = demo_preset("test", {})
     assert kept["lr"] == EXPERT_PRESETS[p.expert].lr == dense_recipe(p).lr
     assert kept["steps"] == p.expert_steps and kept["public_mix"] == p.public_mix
@@ -337,16 +343,16 @@ def test_resumed_demo_refuses_dense_baselines_of_another_recipe(tmp_path):
     soup and BTX would silently compare on other data or another learning rate."""
     from dataclasses import replace
 
-    from flexmoe.demo import DENSE_RECIPE, Steps, _recipe_record, demo_preset, dense_experts, dense_recipe
+    from flexmoe.demo import BASELINE_RECIPE, _recipe_record, demo_preset, dense_jobs, dense_recipe
     from flexmoe.fileio import write_json
 
     p = demo_preset("tiny", {})
     out = tmp_path / "models" / "dense_code"
     out.mkdir(parents=True)
     with pytest.raises(FlexmoeError, match="records no recipe") as e:
-        dense_experts(tmp_path / "models", None, None, tmp_path / "data", p, Steps(True), True)
+        dense_jobs(tmp_path / "models", tmp_path / "anchor", tmp_path / "data", p, True)
     assert "delete" in str(e.value) and "model_soup" in str(e.value)
-    write_json(out / DENSE_RECIPE, _recipe_record(replace(dense_recipe(p), lr=1e-3)))
+    write_json(out / BASELINE_RECIPE, _recipe_record(replace(dense_recipe(p), lr=1e-3)))
     with pytest.raises(FlexmoeError, match=r"lr 0.001 \(this run: 0.002\)"):
-        dense_experts(tmp_path / "models", None, None, tmp_path / "data", p, Steps(True), True)
-    assert sorted(x.name for x in out.iterdir()) == [DENSE_RECIPE]  # nothing touched
+        dense_jobs(tmp_path / "models", tmp_path / "anchor", tmp_path / "data", p, True)
+    assert sorted(x.name for x in out.iterdir()) == [BASELINE_RECIPE]  # nothing touched

@@ -20,6 +20,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "flexmoe.fileio",
             "flexmoe.tokenizer",
             "flexmoe.parallel",
+            "flexmoe.jobs",
             "flexmoe.training",
             "flexmoe.checkpoint",
             "flexmoe.formats",

@@ -874,6 +874,11 @@ def demo_cmd(
         None, help="The owners' --shared-rows (none, owner or all; default none)."
     ),
     shared_attention: bool = typer.Option(False, help="The owners train --shared-attention too."),
+    workers: int = typer.Option(
+        None,
+        min=1,
+        help="Models trained and scored side by side (default: 2 on a CPU with 2+ cores, 1 on a GPU).",
+    ),
 ) -> None:
     """The whole federation end to end, offline, with baselines, opt-out and a report."""
     if post_train:
@@ -881,7 +886,7 @@ def demo_cmd(
         _print_json(r["post_training"])
         console.print(f"wrote {workdir}/report.json (post_training)")
         return
-    given = {"shared_rows": shared_rows, "shared_attention": shared_attention or None}
+    given = {"shared_rows": shared_rows, "shared_attention": shared_attention or None, "workers": workers}
     report = run_demo(workdir, preset, overrides={k: v for k, v in given.items() if v is not None} or None)
     console.print(markdown(report))
     console.print(f"wrote {workdir}/report.json, report.md, report.png")

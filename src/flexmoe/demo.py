@@ -13,6 +13,7 @@ import platform
 import shutil
 import time
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -20,13 +21,18 @@ import torch
 from rich.console import Console
 
 from flexmoe.anchor import default_embedder, load_anchor, load_config, pretrain
-from flexmoe.audit.demo import PRIVACY_PRESETS, PrivacyRun, plant_demo_canaries, privacy_section
+from flexmoe.audit.demo import (
+    PRIVACY_PRESETS,
+    PrivacyRun,
+    dp_expert_jobs,
+    plant_demo_canaries,
+    privacy_section,
+)
 from flexmoe.compose import ComposeSettings, Provenance, compose, load_meta, remove
 from flexmoe.corpora import build_demo_corpora
 from flexmoe.errors import FlexmoeError
 from flexmoe.evaluate import baselines as B
 from flexmoe.evaluate.composition import CompositionSetup, evaluate_composition
-from flexmoe.evaluate.metrics import HFLM
 from flexmoe.evaluate.report import (
     FLEXOLMO_MODELS,
     MERGING_MODELS,
@@ -41,6 +47,7 @@ from flexmoe.expert.package import MANIFEST, signed_package
 from flexmoe.expert.shared import check_mode
 from flexmoe.expert.train import EXPERT_PRESETS, PUBLIC_MIX, ExpertSpec, train_expert
 from flexmoe.fileio import read_json, save_pretrained_atomic
+from flexmoe.jobs import Job, JobPool, default_workers, job_pool, usable_cpus
 from flexmoe.router.calibrate import calibrator
 from flexmoe.router.proxy import ProxySettings, select_proxy
 from flexmoe.router.train import train_router
@@ -73,6 +80,9 @@ class DemoPreset:
     # the demo's domains are separable either way (held-out accuracy in the proxy manifests).
     proxy_features: str = "ngram"
     proxy_fraction: float = 0.05
+    #: processes that train and score independent models side by side (None: two on a CPU with two
+    #: or more cores, one on a GPU; ``flexmoe.jobs``)
+    workers: int | None = None
     #: items per evaluation task written with the corpora (``eval_items`` may score fewer): enough that
     #: the paired FlexOlmo-minus-baseline interval can tell the small preset's models apart
     task_items: int = 100
@@ -127,19 +137,29 @@ def _pub(path: Path) -> Path:
 
 
 class Steps:
-    """Times named steps and prints what is happening."""
+    """Times named steps and prints what is happening; ``run_all`` runs independent jobs on ``pool``."""
 
-    def __init__(self, quiet: bool):
+    def __init__(self, quiet: bool, pool: JobPool | None = None):
         self.quiet = quiet
+        self.pool = pool or JobPool(1)
         self.seconds: dict[str, float] = {}
         self.console = Console(stderr=True, highlight=False, quiet=quiet)
 
     def run(self, name: str, fn, *args, **kwargs):
-        self.console.print(f"[bold cyan]== {name}[/]")
-        t = time.perf_counter()
-        out = fn(*args, **kwargs)
-        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t
-        return out
+        return self.run_all([Job(name, fn, args, kwargs)])[0]
+
+    def run_all(self, jobs: list[Job]) -> list:
+        """The jobs' results in order; with two or more workers they run side by side."""
+        side = self.pool.workers > 1 and len(jobs) > 1
+        return self.pool.run(jobs, lambda job: self._started(job, side), lambda *a: self._done(*a, side))
+
+    def _started(self, job: Job, side: bool) -> None:
+        self.console.print(f"[bold cyan]== {job.name}[/]" + (" (side by side)" if side else ""))
+
+    def _done(self, job: Job, out, seconds: float, side: bool) -> None:
+        self.seconds[job.name] = self.seconds.get(job.name, 0.0) + seconds
+        if side:
+            self.console.print(f"   {job.name}: done in {seconds:.0f} s")
 
 
 def run_demo(
@@ -149,37 +169,51 @@ def run_demo(
     p = demo_preset(preset, overrides)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    steps = Steps(quiet)
-    data, anchor = workdir / "data", workdir / "anchor"
-    models = workdir / "models"
-    if not data.exists():
-        steps.run("corpora", build_demo_corpora, data, size_mb=p.size_mb, task_items=p.task_items)
-
-    privacy = PRIVACY_PRESETS.get(preset)
-    if privacy is not None:  # before any owner trains: the audit needs secrets in the training data
-        plant_demo_canaries(workdir, data, privacy)
-    train_anchor(data, anchor, p, steps, quiet)
-    keys = DemoKeys(workdir)
-    packages = [train_owner(workdir, data, anchor, d, p, steps, quiet) for d in OWNERS]
-    proxies = [select_owner_proxy(workdir, d, p, steps, quiet) for d in OWNERS]
-    # Each owner signs what it sends, once its proxy record is in the manifest.
-    packages = [signed_package(pkg, keys.owner(d)) for pkg, d in zip(packages, OWNERS, strict=True)]
-    compose_and_opt_out(models, anchor, packages, steps, keys)
-    router_variants(models, anchor, data, packages, proxies, p, steps, keys)
-    lms = build_baselines(models, anchor, data, p, steps, quiet)
-    report = evaluate_all(models, lms, data, anchor, p, steps, keys.model_trust())
-    report.update(composition_section(report, models, anchor, data, packages, p, steps, keys.model_trust()))
-    if privacy is not None:
-        report["privacy"] = privacy_report(report, workdir, anchor, privacy, p, steps, keys)
+    start = time.perf_counter()
+    with job_pool(p.workers or default_workers(device())) as pool:
+        steps = Steps(quiet, pool)
+        report = _federation(workdir, preset, p, steps)
     report["preset"] = preset
-    report["environment"] = environment(p)
+    report["environment"] = environment(p, pool.workers)
     report["seconds"] = steps.seconds
-
+    report["wall_seconds"] = time.perf_counter() - start
     write_report(report, workdir)
     return report
 
 
-def environment(p: DemoPreset) -> dict:
+def _federation(workdir: Path, preset: str, p: DemoPreset, steps: Steps) -> dict:
+    """Every step of the demo, each skipped when its output exists; returns the report."""
+    data, anchor, models = workdir / "data", workdir / "anchor", workdir / "models"
+    if not data.exists():
+        steps.run("corpora", build_demo_corpora, data, size_mb=p.size_mb, task_items=p.task_items)
+    privacy = PRIVACY_PRESETS.get(preset)
+    if privacy is not None:  # before any owner trains: the audit needs secrets in the training data
+        plant_demo_canaries(workdir, data, privacy)
+    train_anchor(data, anchor, p, steps, steps.quiet)
+    keys = DemoKeys(workdir)
+    dp = privacy_run(workdir, anchor, privacy, p, steps, keys) if privacy is not None else None
+    # Everything that needs only the anchor, side by side on a CPU; the longest first.
+    steps.run_all(
+        [j for j in [unrestricted_job(models, anchor, data, p, steps.quiet)] if j]
+        + [j for d in OWNERS if (j := owner_job(workdir, data, anchor, d, p, steps.quiet))]
+        + dense_jobs(models, anchor, data, p, steps.quiet)
+        + (dp_expert_jobs(dp) if dp is not None else [])
+    )
+    packages = [workdir / "owners" / d / "expert" for d in OWNERS]
+    proxies = [select_owner_proxy(workdir, d, p, steps, steps.quiet) for d in OWNERS]
+    # Each owner signs what it sends, once its proxy record is in the manifest.
+    packages = [signed_package(pkg, keys.owner(d)) for pkg, d in zip(packages, OWNERS, strict=True)]
+    compose_and_opt_out(models, anchor, packages, steps, keys)
+    router_variants(models, anchor, data, packages, proxies, p, steps, keys)
+    build_baselines(models, anchor, data, p, steps)
+    report = evaluate_all(models, data, anchor, p, steps, keys.model_trust())
+    report.update(composition_section(report, models, anchor, data, packages, p, steps, keys.model_trust()))
+    if dp is not None:
+        report["privacy"] = privacy_report(dp, report, steps)
+    return report
+
+
+def environment(p: DemoPreset, workers: int = 1) -> dict:
     """What the numbers depend on besides the code: libraries, the router init actually used (``embed``
     falls back to ``hidden`` without the embedder's packages), the machine. CPU results differ across
     processors and library versions; this says which ones a report came from."""
@@ -199,6 +233,9 @@ def environment(p: DemoPreset) -> dict:
         "device": device(),
         "machine": platform.machine(),
         "processor": _cpu_name(),
+        "cpus": usable_cpus(),
+        # jobs side by side, each on cpus // workers threads (float sums differ in the last bits)
+        "workers": workers,
     }
 
 
@@ -237,11 +274,11 @@ def train_anchor(data: Path, anchor: Path, p: DemoPreset, steps: Steps, quiet: b
         )
 
 
-def privacy_report(
-    report: dict, workdir: Path, anchor: Path, privacy, p: DemoPreset, steps: Steps, keys: DemoKeys
-) -> dict:
-    """The privacy section (``flexmoe.audit.demo``) with the demo's settings and keys."""
-    run = PrivacyRun(
+def privacy_run(
+    workdir: Path, anchor: Path, privacy, p: DemoPreset, steps: Steps, keys: DemoKeys
+) -> PrivacyRun:
+    """The privacy section's settings (``flexmoe.audit.demo``) with the demo's settings and keys."""
+    return PrivacyRun(
         workdir,
         workdir / "data",
         anchor,
@@ -257,40 +294,39 @@ def privacy_report(
         provenance=keys.provenance(),
         trust=keys.model_trust(),
     )
+
+
+def privacy_report(run: PrivacyRun, report: dict, steps: Steps) -> dict:
     out = privacy_section(run, report)
     out["seconds"] = sum(v for k, v in steps.seconds.items() if k.startswith(("dp expert", "privacy:")))
     return out
 
 
-def train_owner(
-    workdir: Path, data: Path, anchor: Path, domain: str, p: DemoPreset, steps: Steps, quiet: bool
-):
-    """One data owner: its own directory holding only its own train/valid data, and its expert."""
+def owner_job(workdir: Path, data: Path, anchor: Path, domain: str, p: DemoPreset, quiet: bool) -> Job | None:
+    """One data owner: its own directory holding only its own train/valid data, and the job that trains
+    its expert there (None: trained already)."""
     home = workdir / "owners" / domain
     package = home / "expert"
     if package.exists():
         _check_kept_shared(package, p)
-    else:
-        (home / "data").mkdir(parents=True, exist_ok=True)
-        for split in ("train", "valid"):  # the test split stays with the evaluator
-            shutil.copy2(data / domain / f"{split}.jsonl", home / "data" / f"{split}.jsonl")
-        # Public data is public: every owner has its own copy (no other owner's data is there).
-        (home / "public").mkdir(exist_ok=True)
-        shutil.copy2(data / "public" / "train.jsonl", home / "public" / "train.jsonl")
-        spec = ExpertSpec(
-            name=domain,
-            description=f"demo {domain} data",
-            contact=f"{domain}-owner@example.org",
-            router_init=p.router_init,
-        )
-        steps.run(
-            f"expert {domain}",
-            train_expert,
-            anchor,
-            [home / "data"],
-            domain,
-            package,
-            p.expert,
+        return None
+    (home / "data").mkdir(parents=True, exist_ok=True)
+    for split in ("train", "valid"):  # the test split stays with the evaluator
+        shutil.copy2(data / domain / f"{split}.jsonl", home / "data" / f"{split}.jsonl")
+    # Public data is public: every owner has its own copy (no other owner's data is there).
+    (home / "public").mkdir(exist_ok=True)
+    shutil.copy2(data / "public" / "train.jsonl", home / "public" / "train.jsonl")
+    spec = ExpertSpec(
+        name=domain,
+        description=f"demo {domain} data",
+        contact=f"{domain}-owner@example.org",
+        router_init=p.router_init,
+    )
+    return Job(
+        f"expert {domain}",
+        train_expert,
+        (anchor, [home / "data"], domain, package, p.expert),
+        dict(
             spec=spec,
             steps=p.expert_steps,
             quiet=quiet,
@@ -298,8 +334,16 @@ def train_owner(
             public_mix=p.public_mix,
             shared_rows=p.shared_rows,
             shared_attention=p.shared_attention,
-        )
-    return package
+        ),
+    )
+
+
+def train_owner(
+    workdir: Path, data: Path, anchor: Path, domain: str, p: DemoPreset, steps: Steps, quiet: bool
+):
+    """``owner_job`` run now; returns the owner's package (trained, or kept from an earlier run)."""
+    steps.run_all([j for j in [owner_job(workdir, data, anchor, domain, p, quiet)] if j])
+    return workdir / "owners" / domain / "expert"
 
 
 def _check_kept_shared(package: Path, p: DemoPreset) -> None:
@@ -409,7 +453,7 @@ def router_variants(
         )
 
 
-DENSE_RECIPE = "baseline.json"  # beside a dense expert's weights: how it was trained
+BASELINE_RECIPE = "baseline.json"  # beside a trained baseline's weights: how it was trained
 
 
 def dense_recipe(p: DemoPreset, quiet: bool = True) -> B.BaselineTraining:
@@ -430,26 +474,29 @@ def _recipe_record(t: B.BaselineTraining) -> dict:
     return {k: v for k, v in asdict(t).items() if k != "quiet"}
 
 
-def dense_experts(models: Path, base, tok, data: Path, p: DemoPreset, steps: Steps, quiet: bool) -> dict:
-    """The anchor fully fine-tuned per owner on the owner's recipe (``dense_recipe``); a resumed demo
-    keeps the dense experts it trained with the same recipe and refuses others."""
-    recipe, dense = dense_recipe(p, quiet), {}
+def train_dense(anchor: Path, data: Path, public: Path, recipe: B.BaselineTraining, out: Path) -> None:
+    """The anchor fully fine-tuned on one owner's data (``dense_recipe``), saved with its recipe."""
+    tok = load_tokenizer(anchor)
+    model, _ = B.dense_expert(load_anchor(anchor).to(device()), tok, data, recipe, public=public)
+    save_pretrained_atomic(model, tok, out, files={BASELINE_RECIPE: _recipe_record(recipe)})
+
+
+def dense_jobs(models: Path, anchor: Path, data: Path, p: DemoPreset, quiet: bool) -> list[Job]:
+    """A job per dense expert not trained yet; a resumed demo keeps those trained with the same recipe
+    and refuses others."""
+    recipe, jobs = dense_recipe(p, quiet), []
     for d in OWNERS:
         out = models / f"dense_{d}"
         if out.exists():
-            _check_kept_dense(out, recipe)
+            _check_kept(out, recipe)
         else:
-            m, _ = steps.run(
-                f"dense {d}", B.dense_expert, base, tok, data / d, recipe, public=data / "public"
-            )
-            save_pretrained_atomic(m, tok, out, files={DENSE_RECIPE: _recipe_record(recipe)})
-        dense[d] = load_anchor(out).to(device()).eval()
-    return dense
+            jobs.append(Job(f"dense {d}", train_dense, (anchor, data / d, data / "public", recipe, out)))
+    return jobs
 
 
-def _check_kept_dense(out: Path, recipe: B.BaselineTraining) -> None:
+def _check_kept(out: Path, recipe: B.BaselineTraining) -> None:
     want = _recipe_record(recipe)
-    kept = read_json(out / DENSE_RECIPE) if (out / DENSE_RECIPE).exists() else None
+    kept = read_json(out / BASELINE_RECIPE) if (out / BASELINE_RECIPE).exists() else None
     if kept == want:
         return
     if kept is None:
@@ -458,104 +505,102 @@ def _check_kept_dense(out: Path, recipe: B.BaselineTraining) -> None:
         diff = [k for k in want if kept.get(k) != want[k]]
         problem = "was trained with " + ", ".join(f"{k} {kept.get(k)} (this run: {want[k]})" for k in diff)
     raise FlexmoeError(
-        f"the dense baseline {out} {problem}; BTM, soup and BTX would compare on another recipe.",
+        f"the baseline {out} {problem}; the baselines would compare on another recipe.",
         f"use a fresh --workdir, or delete {out} and {out.parent / 'model_soup'} to retrain them.",
     )
 
 
-def build_baselines(models: Path, anchor: Path, data: Path, p: DemoPreset, steps: Steps, quiet: bool) -> dict:
-    """Dense experts, soup, BTM, BTX and the unrestricted MoE; returns in-memory LMs to evaluate."""
-    ep = EXPERT_PRESETS[p.expert]
+def train_unrestricted(anchor: Path, data: list[Path], recipe: B.BaselineTraining, out: Path) -> None:
+    """The unrestricted MoE (4 experts, top-2) from the anchor on every domain pooled, saved."""
     tok = load_tokenizer(anchor)
-    base = load_anchor(anchor).to(device()).eval()
-    dense = dense_experts(models, base, tok, data, p, steps, quiet)
-    if not (models / "model_soup").exists():
-        soup = steps.run("model soup", B.soup, [base, *dense.values()])
-        save_pretrained_atomic(soup, tok, models / "model_soup")
-    lms = {"btm": B.BTMLM([HFLM(base, tok)] + [HFLM(m, tok) for m in dense.values()])}
-    lms["btx"] = HFLM(
-        steps.run(
-            "btx",
-            B.btx,
-            [base, *dense.values()],
-            tok,
-            data / "public",
-            top_k=2,
-            steps=p.btx_steps,
-            batch_size=ep.batch_size,
-            seq_len=ep.seq_len,
-            quiet=quiet,
-        )[0],
-        tok,
-        kv_cache=True,
+    model, _ = B.unrestricted_moe(
+        load_anchor(anchor).to(device()), tok, data, experts=4, top_k=2, settings=recipe
     )
-    config = load_config(anchor)
+    B.save_upcycled(model, tok, out, files={BASELINE_RECIPE: _recipe_record(recipe)})
+
+
+def unrestricted_job(models: Path, anchor: Path, data: Path, p: DemoPreset, quiet: bool) -> Job | None:
+    """The owners' recipe (``dense_recipe``) at the owners' total training FLOPs."""
+    ep, config, out = EXPERT_PRESETS[p.expert], load_config(anchor), models / "unrestricted_moe"
     budget = len(OWNERS) * p.expert_steps * B.train_flops_per_token(config, "anchored", ep.seq_len)
     moe_steps = max(1, round(budget / B.train_flops_per_token(config, "moe", ep.seq_len, 4, 2)))
-    lms["unrestricted_moe"] = HFLM(
-        steps.run(
-            "unrestricted moe",
-            B.unrestricted_moe,
-            base,
-            tok,
-            [data / d for d in ("public", *OWNERS)],
-            experts=4,
-            top_k=2,
-            settings=dense_recipe(p, quiet),  # the owners' recipe, as for the dense experts
-            steps=moe_steps,  # at the owners' training FLOPs
-        )[0],
-        tok,
-        kv_cache=True,
+    recipe = replace(dense_recipe(p, quiet), steps=moe_steps)
+    if out.exists():
+        _check_kept(out, recipe)
+        return None
+    pooled = [data / d for d in ("public", *OWNERS)]
+    return Job("unrestricted moe", train_unrestricted, (anchor, pooled, recipe, out))
+
+
+def train_btx(anchor: Path, dense: list[Path], public: Path, recipe: B.BaselineTraining, out: Path) -> None:
+    """BTX: the anchor and the dense experts upcycled (top-2), the router trained on public data, saved."""
+    members = [load_anchor(m).to(device()).eval() for m in (anchor, *dense)]
+    tok = load_tokenizer(anchor)
+    model, _ = B.btx(members, tok, public, top_k=2, settings=recipe)
+    B.save_upcycled(model, tok, out, files={BASELINE_RECIPE: _recipe_record(recipe)})
+
+
+def build_baselines(models: Path, anchor: Path, data: Path, p: DemoPreset, steps: Steps) -> None:
+    """Soup and BTX from the dense experts (trained side by side with the owners' experts)."""
+    dense = [models / f"dense_{d}" for d in OWNERS]
+    if not (models / "model_soup").exists():
+        members = [load_anchor(m).to(device()).eval() for m in (anchor, *dense)]
+        soup = steps.run("model soup", B.soup, members)
+        save_pretrained_atomic(soup, load_tokenizer(anchor), models / "model_soup")
+    ep = EXPERT_PRESETS[p.expert]
+    recipe = B.BaselineTraining(
+        steps=p.btx_steps, batch_size=ep.batch_size, seq_len=ep.seq_len, quiet=steps.quiet
     )
-    return lms
+    if (models / "btx").exists():
+        _check_kept(models / "btx", recipe)
+    else:
+        steps.run("btx", train_btx, anchor, dense, data / "public", recipe, models / "btx")
 
 
-def evaluate_all(
-    models: Path, lms: dict, data: Path, anchor: Path, p: DemoPreset, steps: Steps, trust: Trust
-) -> dict:
-    """Every model scored alike; the composed ones load as a model user would (signed by the
-    maintainer, ``trust``)."""
-    seq_len = EXPERT_PRESETS[p.expert].seq_len
-    dev = device()  # in-memory baselines are already there; saved models load onto it too
-    todo = {"public": lambda: load_lm(anchor, device=dev)}
-    todo.update({f"dense_{d}": (lambda d=d: load_lm(models / f"dense_{d}", device=dev)) for d in OWNERS})
-    todo["model_soup"] = lambda: load_lm(models / "model_soup", device=dev)
-    todo.update({k: (lambda v=v: v) for k, v in lms.items()})
-    todo["flexolmo"] = lambda: load_lm(models / "flexolmo", device=dev, trust=trust)
+def load_btm(anchor: Path, dense: list[Path], device: str) -> B.BTMLM:
+    """BTM over the anchor and the dense experts (``functools.partial`` of this loads it in a worker)."""
+    return B.BTMLM([load_lm(m, device=device) for m in (anchor, *dense)])
+
+
+def _evaluate(load, data: Path, settings: EvalSettings) -> dict:
+    return evaluate_lm(load(), data, settings)
+
+
+# Scored first, so that the two workers finish together: they take 4-8 times longer than the rest.
+SLOW_EVALS = ("flexolmo_sequence", "btm")
+
+
+def evaluate_all(models: Path, data: Path, anchor: Path, p: DemoPreset, steps: Steps, trust: Trust) -> dict:
+    """Every model scored alike, each loaded from disk (the composed ones as a model user would: signed
+    by the maintainer, ``trust``), side by side on a CPU."""
+    dev, dense = device(), [models / f"dense_{d}" for d in OWNERS]
+    todo = {"public": partial(load_lm, anchor, device=dev)}
+    todo.update({f"dense_{d}": partial(load_lm, models / f"dense_{d}", device=dev) for d in OWNERS})
+    todo["model_soup"] = partial(load_lm, models / "model_soup", device=dev)
+    todo["btm"] = partial(load_btm, anchor, dense, dev)
+    todo.update({m: partial(load_lm, models / m, device=dev) for m in ("btx", "unrestricted_moe")})
+    composed = partial(load_lm, device=dev, trust=trust)
+    todo["flexolmo"] = partial(composed, models / "flexolmo")
     # The same model routed per position by the text so far (flexmoe's runtime: one more forward pass).
-    todo["flexolmo_sequence"] = lambda: load_lm(
-        models / "flexolmo", device=dev, trust=trust, sequence_routing=True
-    )
+    todo["flexolmo_sequence"] = partial(composed, models / "flexolmo", sequence_routing=True)
     # The same model with the owners' learned negative biases, which the HF flex_olmo format cannot
     # hold: flexmoe's runtime applies them (flexmoe_bias.safetensors). Measures what dropping them costs.
-    todo["flexolmo_bias"] = lambda: load_lm(models / "flexolmo", use_bias=True, device=dev, trust=trust)
+    todo["flexolmo_bias"] = partial(composed, models / "flexolmo", use_bias=True)
     todo.update(
-        {
-            f"flexolmo_without_{d}": (
-                lambda d=d: load_lm(models / f"flexolmo_without_{d}", device=dev, trust=trust)
-            )
-            for d in OWNERS
-        }
+        {f"flexolmo_without_{d}": partial(composed, models / f"flexolmo_without_{d}") for d in OWNERS}
     )
-    todo.update(
-        {
-            m: (lambda m=m: load_lm(models / m, device=dev, trust=trust))
-            for m in ROUTER_ROWS
-            if (models / m).exists()
-        }
+    todo.update({m: partial(composed, models / m) for m in ROUTER_ROWS if (models / m).exists()})
+    settings = EvalSettings(
+        seq_len=EXPERT_PRESETS[p.expert].seq_len,
+        max_blocks=p.eval_blocks,
+        max_items=p.eval_items,
+        domains=("public", *OWNERS),
     )
-    results = {}
-    for name, make in todo.items():
-        results[name] = steps.run(
-            f"eval {name}",
-            evaluate_lm,
-            make(),
-            data,
-            EvalSettings(
-                seq_len=seq_len, max_blocks=p.eval_blocks, max_items=p.eval_items, domains=("public", *OWNERS)
-            ),
-        )
-        steps.console.print(f"   {name}: average {results[name]['average']:.1f}")
+    order = sorted(todo, key=lambda name: name not in SLOW_EVALS)
+    scored = steps.run_all([Job(f"eval {name}", _evaluate, (todo[name], data, settings)) for name in order])
+    results = {name: dict(zip(order, scored, strict=True))[name] for name in todo}
+    for name, r in results.items():
+        steps.console.print(f"   {name}: average {r['average']:.1f}")
 
     items = {t: len(v[: p.eval_items] if p.eval_items else v) for t, v in load_tasks(data).items()}
     return {
@@ -591,11 +636,17 @@ def composition_section(
         device=device(),
         trust=trust,
     )
-    r = steps.run("composition", evaluate_composition, setup)
-    steps.console.print(composition_table(r["composition"]))
-    seq = steps.run(
-        "composition (sequence routing)", evaluate_composition, replace(setup, sequence_routing=True)
+    seq, r = steps.run_all(
+        [
+            Job(
+                "composition (sequence routing)",
+                evaluate_composition,
+                (replace(setup, sequence_routing=True),),
+            ),
+            Job("composition", evaluate_composition, (setup,)),
+        ]
     )
+    steps.console.print(composition_table(r["composition"]))
     steps.console.print(composition_table(seq["composition"]))
     return {
         "composition": r["composition"],

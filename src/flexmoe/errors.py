@@ -14,3 +14,6 @@ class FlexmoeError(Exception):
         self.problem = problem
         self.fix = fix
         super().__init__(f"{problem} Fix: {fix}" if fix else problem)
+
+    def __reduce__(self):  # crosses process boundaries whole (jobs run in worker processes)
+        return (type(self), (self.problem, self.fix))

@@ -118,6 +118,20 @@ class Trust:
                 keys[key_id(k)] = k
         return cls(allow_unsigned=allow_unsigned, keys=keys)
 
+    def __reduce__(self):
+        # Key objects do not pickle; their raw bytes do (a Trust travels to worker processes).
+        raw = None if self.keys is None else {k: _raw(v) for k, v in self.keys.items()}
+        return (_trust_from_raw, (self.allow_unsigned, raw))
+
+
+def _raw(key: Ed25519PublicKey) -> bytes:
+    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def _trust_from_raw(allow_unsigned: bool, raw: dict[str, bytes] | None) -> Trust:
+    keys = None if raw is None else {k: Ed25519PublicKey.from_public_bytes(v) for k, v in raw.items()}
+    return Trust(allow_unsigned=allow_unsigned, keys=keys)
+
 
 # Accept unsigned input on purpose (the CLI's --allow-unsigned): a signature that is there must still
 # hold. For tests, and for a model this process is building itself.

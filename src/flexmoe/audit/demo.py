@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 from flexmoe.audit.canaries import PREFIX, load_canaries, make_canaries, plant_jsonl, save_canaries
@@ -29,6 +30,7 @@ from flexmoe.expert.package import signed_package
 from flexmoe.expert.privacy import DPSettings
 from flexmoe.expert.train import EXPERT_PRESETS, ExpertSpec, train_expert
 from flexmoe.fileio import read_json
+from flexmoe.jobs import Job
 from flexmoe.signing import Trust
 from flexmoe.tokenizer import load_tokenizer
 
@@ -133,39 +135,43 @@ def privacy_section(run: PrivacyRun, report: dict) -> dict:
     }
 
 
-def _train_dp_experts(run: PrivacyRun) -> dict[str, Path]:
-    """One DP expert per epsilon for the owner, against the federation's public row."""
+def dp_packages(run: PrivacyRun) -> dict[str, Path]:
+    """Where the owner's DP experts live, by epsilon (``eps1``, ``eps8``)."""
+    home = run.workdir / "owners" / run.pp.owner
+    return {f"eps{eps:g}": home / f"expert_dp_eps{eps:g}" for eps in run.pp.epsilons}
+
+
+def dp_expert_jobs(run: PrivacyRun) -> list[Job]:
+    """A job per DP expert not trained yet: one per epsilon, against the federation's public row."""
     pp = run.pp
     owner, home = pp.owner, run.workdir / "owners" / pp.owner
-    dp_pkgs = {}
-    for eps in pp.epsilons:
-        key = f"eps{eps:g}"
-        dp_pkgs[key] = home / f"expert_dp_{key}"
-        if not dp_pkgs[key].exists():
-            run.steps.run(
+    spec = ExpertSpec(
+        name=owner,
+        description=f"demo {owner} data, DP",
+        router_init="random",
+        public_row=run.router_init if run.router_init != "random" else None,
+    )
+    jobs = []
+    for eps, (key, out) in zip(pp.epsilons, dp_packages(run).items(), strict=True):
+        if out.exists():
+            continue
+        kwargs = dict(spec=spec, steps=pp.dp_steps, batch_size=pp.dp_batch_size, lr=pp.dp_lr)
+        kwargs |= dict(public=[home / "public"], public_mix=run.public_mix, quiet=run.quiet)
+        jobs.append(
+            Job(
                 f"dp expert {owner} {key}",
                 train_expert,
-                run.anchor,
-                [home / "data"],
-                owner,
-                dp_pkgs[key],
-                run.expert_preset,
-                spec=ExpertSpec(
-                    name=owner,
-                    description=f"demo {owner} data, DP",
-                    router_init="random",
-                    public_row=run.router_init if run.router_init != "random" else None,
-                ),
-                steps=pp.dp_steps,
-                batch_size=pp.dp_batch_size,
-                lr=pp.dp_lr,
-                public=[home / "public"],
-                public_mix=run.public_mix,
-                dp=DPSettings(epsilon=eps),
-                quiet=run.quiet,
+                (run.anchor, [home / "data"], owner, out, run.expert_preset),
+                dict(kwargs, dp=DPSettings(epsilon=eps)),
             )
-        signed_package(dp_pkgs[key], run.owner_key)  # the owner signs what it sends
-    return dp_pkgs
+        )
+    return jobs
+
+
+def _train_dp_experts(run: PrivacyRun) -> dict[str, Path]:
+    """The DP experts (trained here unless they exist), each signed by the owner."""
+    run.steps.run_all(dp_expert_jobs(run))
+    return {key: signed_package(pkg, run.owner_key) for key, pkg in dp_packages(run).items()}
 
 
 def _dp_models_and_utility(run: PrivacyRun, report: dict, dp_pkgs: dict) -> tuple[dict, dict]:
@@ -204,6 +210,10 @@ def _dp_models_and_utility(run: PrivacyRun, report: dict, dp_pkgs: dict) -> tupl
     return audited, utility
 
 
+def _audit(load, **kwargs) -> dict:
+    return audit_lm(load(), **kwargs)
+
+
 def _audit_models(run: PrivacyRun, audited: dict) -> tuple[dict, int]:
     """Canary exposure, membership and extraction of every model; returns them and the member count."""
     pp, data = run.pp, run.data
@@ -219,21 +229,21 @@ def _audit_models(run: PrivacyRun, audited: dict) -> tuple[dict, int]:
     sizes = AuditSizes(
         candidates=pp.candidates, membership_blocks=pp.membership_blocks, extraction=pp.extraction
     )
-    audits = {}
-    for name, path in audited.items():
-        if not path.exists():
-            continue
-        audits[name] = run.steps.run(
-            f"privacy: audit {name}",
-            audit_lm,
-            load_lm(path, trust=run.trust),
-            canaries=canaries,
-            length=length,
-            members=members,
-            non_members=non_members,
-            extraction_docs=[d for d in trained_on if not d.startswith(PREFIX)],
-            sizes=sizes,
-        )
+    kwargs = dict(
+        canaries=canaries,
+        length=length,
+        members=members,
+        non_members=non_members,
+        extraction_docs=[d for d in trained_on if not d.startswith(PREFIX)],
+        sizes=sizes,
+    )
+    names = [name for name, path in audited.items() if path.exists()]
+    jobs = [
+        Job(f"privacy: audit {name}", _audit, (partial(load_lm, audited[name], trust=run.trust),), kwargs)
+        for name in names
+    ]
+    audits = dict(zip(names, run.steps.run_all(jobs), strict=True))
+    for name in names:
         row = summary_row(audits[name])
-        run.steps.console.print("   " + "  ".join(f"{k} {v:.3g}" for k, v in row.items()))
+        run.steps.console.print(f"   {name}: " + "  ".join(f"{k} {v:.3g}" for k, v in row.items()))
     return audits, len(members)

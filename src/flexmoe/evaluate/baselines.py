@@ -19,9 +19,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_model, save_model
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from flexmoe.data import blocks_for, load_splits
+from flexmoe.errors import FlexmoeError
 from flexmoe.expert.train import mixed_public_blocks
+from flexmoe.fileio import atomic_dir, read_json, write_json
 from flexmoe.moe import FlexMoEBlock, RouterRow, balance_loss, decoder_layers, router_z_loss
 from flexmoe.training import LMStep, PackedBlocks, RunOptions, Stage, TrainConfig, lm_loss, train
 
@@ -264,3 +269,38 @@ def unrestricted_moe(
     )
     result = train(model, _cfg(t, 1e-3), stage, RunOptions(quiet=t.quiet))
     return model.eval(), result
+
+
+# An upcycled MoE (``btx``, ``unrestricted_moe``) on disk: its weights, the dense config it was built
+# from (under another name: the directory is not a dense HF model and must not load as one) and this.
+UPCYCLED = "upcycled.json"
+_UPCYCLED_WEIGHTS = "upcycled.safetensors"
+_DENSE_CONFIG = "dense_config.json"
+
+
+def save_upcycled(model, tokenizer, out: Path, files: dict | None = None) -> None:
+    """Write an upcycled MoE to ``out`` atomically (``files``: name -> JSON object written beside it)."""
+    layer = decoder_layers(model)[0].mlp
+    with atomic_dir(out, force=True) as tmp:
+        save_model(model, str(tmp / _UPCYCLED_WEIGHTS))  # tied embeddings are stored once
+        (tmp / _DENSE_CONFIG).write_text(model.config.to_json_string())
+        tokenizer.save_pretrained(str(tmp))
+        write_json(tmp / UPCYCLED, {"experts": len(layer.experts), "top_k": layer.top_k})
+        for name, obj in (files or {}).items():
+            write_json(tmp / name, obj)
+
+
+def load_upcycled(path: Path, device: str = "cpu"):
+    """The MoE ``save_upcycled`` wrote, in eval mode on ``device``."""
+    path = Path(path)
+    meta = read_json(path / UPCYCLED)
+    config = AutoConfig.from_pretrained(str(path / _DENSE_CONFIG))
+    model = _moe_from([AutoModelForCausalLM.from_config(config)] * meta["experts"], meta["top_k"])
+    try:
+        load_model(model, str(path / _UPCYCLED_WEIGHTS))
+    except (OSError, RuntimeError, SafetensorError) as e:  # missing, corrupt, mismatched tensors
+        raise FlexmoeError(
+            f"{path} does not hold the upcycled MoE its {UPCYCLED} describes ({str(e)[:200]}).",
+            "rebuild it (delete the directory and rerun the demo, which retrains it).",
+        ) from e
+    return model.to(device).eval()

@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM
 from flexmoe.compose import FLEXMOE_JSON
 from flexmoe.data import SUFFIXES, read_documents
 from flexmoe.errors import FlexmoeError
+from flexmoe.evaluate.baselines import UPCYCLED, load_upcycled
 from flexmoe.evaluate.metrics import HFLM, exact_match, multiple_choice, perplexity
 from flexmoe.evaluate.tasks import load_tasks
 from flexmoe.fileio import read_json
@@ -157,6 +158,8 @@ def load_lm(
             f"{model} is not a flexmoe model; --include/--exclude/--sequence-routing need one.",
             "drop those options.",
         )
+    if (model / UPCYCLED).is_file():  # the demo's BTX or unrestricted MoE
+        return HFLM(load_upcycled(model, device), load_tokenizer(model), kv_cache=True)
     lm = AutoModelForCausalLM.from_pretrained(str(model)).to(device)
     return HFLM(lm, load_tokenizer(model), kv_cache=True)
 
