@@ -206,8 +206,7 @@ def _federation(workdir: Path, preset: str, p: DemoPreset, steps: Steps) -> dict
     compose_and_opt_out(models, anchor, packages, steps, keys)
     router_variants(models, anchor, data, packages, proxies, p, steps, keys)
     build_baselines(models, anchor, data, p, steps)
-    report = evaluate_all(models, data, anchor, p, steps, keys.model_trust())
-    report.update(composition_section(report, models, anchor, data, packages, p, steps, keys.model_trust()))
+    report = evaluate_all(models, data, anchor, packages, p, steps, keys.model_trust())
     if dp is not None:
         report["privacy"] = privacy_report(dp, report, steps)
     return report
@@ -566,13 +565,9 @@ def _evaluate(load, data: Path, settings: EvalSettings) -> dict:
     return evaluate_lm(load(), data, settings)
 
 
-# Scored first, so that the two workers finish together: they take 4-8 times longer than the rest.
-SLOW_EVALS = ("flexolmo_sequence", "btm")
-
-
-def evaluate_all(models: Path, data: Path, anchor: Path, p: DemoPreset, steps: Steps, trust: Trust) -> dict:
-    """Every model scored alike, each loaded from disk (the composed ones as a model user would: signed
-    by the maintainer, ``trust``), side by side on a CPU."""
+def model_loaders(models: Path, anchor: Path, trust: Trust) -> dict:
+    """How each evaluated model loads from disk (the composed ones as a model user would: signed by the
+    maintainer, ``trust``), as ``functools.partial`` objects that a worker process can call."""
     dev, dense = device(), [models / f"dense_{d}" for d in OWNERS]
     todo = {"public": partial(load_lm, anchor, device=dev)}
     todo.update({f"dense_{d}": partial(load_lm, models / f"dense_{d}", device=dev) for d in OWNERS})
@@ -590,41 +585,14 @@ def evaluate_all(models: Path, data: Path, anchor: Path, p: DemoPreset, steps: S
         {f"flexolmo_without_{d}": partial(composed, models / f"flexolmo_without_{d}") for d in OWNERS}
     )
     todo.update({m: partial(composed, models / m) for m in ROUTER_ROWS if (models / m).exists()})
-    settings = EvalSettings(
-        seq_len=EXPERT_PRESETS[p.expert].seq_len,
-        max_blocks=p.eval_blocks,
-        max_items=p.eval_items,
-        domains=("public", *OWNERS),
-    )
-    order = sorted(todo, key=lambda name: name not in SLOW_EVALS)
-    scored = steps.run_all([Job(f"eval {name}", _evaluate, (todo[name], data, settings)) for name in order])
-    results = {name: dict(zip(order, scored, strict=True))[name] for name in todo}
-    for name, r in results.items():
-        steps.console.print(f"   {name}: average {r['average']:.1f}")
-
-    items = {t: len(v[: p.eval_items] if p.eval_items else v) for t, v in load_tasks(data).items()}
-    return {
-        "domains": ["public", *OWNERS],
-        "models": results,
-        "items": items,
-        **findings(results),
-        "router": router_findings(results),
-    }
+    return todo
 
 
-def composition_section(
-    report: dict,
-    models: Path,
-    anchor: Path,
-    data: Path,
-    packages: list[Path],
-    p: DemoPreset,
-    steps: Steps,
-    trust: Trust,
-) -> dict:
-    """Issue 13's composition block for the composed model, measured by the one function that
-    ``flexmoe eval --composition`` uses and printed as a table; and the headline comparison of the
-    evaluated ``report`` with intervals and inference cost."""
+def composition_jobs(
+    models: Path, anchor: Path, data: Path, packages: list[Path], p: DemoPreset, trust: Trust
+):
+    """Issue 13's composition blocks of the composed model (its own router, and sequence routing),
+    measured by the one function that ``flexmoe eval --composition`` uses."""
     setup = CompositionSetup(
         models / "flexolmo",
         data,
@@ -636,24 +604,53 @@ def composition_section(
         device=device(),
         trust=trust,
     )
-    seq, r = steps.run_all(
-        [
-            Job(
-                "composition (sequence routing)",
-                evaluate_composition,
-                (replace(setup, sequence_routing=True),),
-            ),
-            Job("composition", evaluate_composition, (setup,)),
-        ]
+    sequence = replace(setup, sequence_routing=True)
+    return [
+        Job("composition", evaluate_composition, (setup,)),
+        Job("composition (sequence routing)", evaluate_composition, (sequence,)),
+    ]
+
+
+# Started first, so that two workers finish together: each takes 2-8 times as long as the rest.
+SLOW_JOBS = ("eval flexolmo_sequence", "composition (sequence routing)", "eval btm", "composition")
+
+
+def evaluate_all(
+    models: Path, data: Path, anchor: Path, packages: list[Path], p: DemoPreset, steps: Steps, trust: Trust
+) -> dict:
+    """Every model scored alike, and the composition blocks: one batch of jobs, side by side on a CPU;
+    returns the report's scores, findings, composition blocks and headline."""
+    loaders = model_loaders(models, anchor, trust)
+    settings = EvalSettings(
+        seq_len=EXPERT_PRESETS[p.expert].seq_len,
+        max_blocks=p.eval_blocks,
+        max_items=p.eval_items,
+        domains=("public", *OWNERS),
     )
-    steps.console.print(composition_table(r["composition"]))
-    steps.console.print(composition_table(seq["composition"]))
-    return {
-        "composition": r["composition"],
-        "composition_detail": {"perplexity": r["perplexity"], "how": r["how"]},
+    jobs = [Job(f"eval {name}", _evaluate, (load, data, settings)) for name, load in loaders.items()]
+    jobs += composition_jobs(models, anchor, data, packages, p, trust)
+    jobs.sort(key=lambda job: SLOW_JOBS.index(job.name) if job.name in SLOW_JOBS else len(SLOW_JOBS))
+    done = {job.name: out for job, out in zip(jobs, steps.run_all(jobs), strict=True)}
+    results = {name: done[f"eval {name}"] for name in loaders}
+    for name, r in results.items():
+        steps.console.print(f"   {name}: average {r['average']:.1f}")
+    items = {t: len(v[: p.eval_items] if p.eval_items else v) for t, v in load_tasks(data).items()}
+    report = {
+        "domains": ["public", *OWNERS],
+        "models": results,
+        "items": items,
+        **findings(results),
+        "router": router_findings(results),
+    }
+    plain, seq = done["composition"], done["composition (sequence routing)"]
+    for block in (plain, seq):
+        steps.console.print(composition_table(block["composition"]))
+    return report | {
+        "composition": plain["composition"],
+        "composition_detail": {"perplexity": plain["perplexity"], "how": plain["how"]},
         "composition_sequence": seq["composition"],
         "composition_sequence_detail": {"perplexity": seq["perplexity"], "how": seq["how"]},
-        "headline": headline(report["models"], inference_costs(anchor, models, p, trust)),
+        "headline": headline(results, inference_costs(anchor, models, p, trust)),
     }
 
 
