@@ -47,7 +47,7 @@ from flexmoe.expert.package import MANIFEST, signed_package
 from flexmoe.expert.shared import check_mode
 from flexmoe.expert.train import EXPERT_PRESETS, PUBLIC_MIX, ExpertSpec, train_expert
 from flexmoe.fileio import read_json, save_pretrained_atomic
-from flexmoe.jobs import Job, JobPool, default_workers, job_pool, usable_cpus
+from flexmoe.jobs import Job, JobPool, default_workers, job_pool, on_loaded, usable_cpus
 from flexmoe.router.calibrate import calibrator
 from flexmoe.router.proxy import ProxySettings, select_proxy
 from flexmoe.router.train import train_router
@@ -193,12 +193,10 @@ def _federation(workdir: Path, preset: str, p: DemoPreset, steps: Steps) -> dict
     keys = DemoKeys(workdir)
     dp = privacy_run(workdir, anchor, privacy, p, steps, keys) if privacy is not None else None
     # Everything that needs only the anchor, side by side on a CPU; the longest first.
-    steps.run_all(
-        [j for j in [unrestricted_job(models, anchor, data, p, steps.quiet)] if j]
-        + [j for d in OWNERS if (j := owner_job(workdir, data, anchor, d, p, steps.quiet))]
-        + dense_jobs(models, anchor, data, p, steps.quiet)
-        + (dp_expert_jobs(dp) if dp is not None else [])
-    )
+    jobs = [unrestricted_job(models, anchor, data, p, steps.quiet)]
+    jobs += [owner_job(workdir, data, anchor, d, p, steps.quiet) for d in OWNERS]
+    jobs += dense_jobs(models, anchor, data, p, steps.quiet) + (dp_expert_jobs(dp) if dp is not None else [])
+    steps.run_all([j for j in jobs if j is not None])  # None: trained by an earlier run
     packages = [workdir / "owners" / d / "expert" for d in OWNERS]
     proxies = [select_owner_proxy(workdir, d, p, steps, steps.quiet) for d in OWNERS]
     # Each owner signs what it sends, once its proxy record is in the manifest.
@@ -208,7 +206,7 @@ def _federation(workdir: Path, preset: str, p: DemoPreset, steps: Steps) -> dict
     build_baselines(models, anchor, data, p, steps)
     report = evaluate_all(models, data, anchor, packages, p, steps, keys.model_trust())
     if dp is not None:
-        report["privacy"] = privacy_report(dp, report, steps)
+        report["privacy"] = privacy_report(dp, report)
     return report
 
 
@@ -295,9 +293,9 @@ def privacy_run(
     )
 
 
-def privacy_report(run: PrivacyRun, report: dict, steps: Steps) -> dict:
+def privacy_report(run: PrivacyRun, report: dict) -> dict:
     out = privacy_section(run, report)
-    out["seconds"] = sum(v for k, v in steps.seconds.items() if k.startswith(("dp expert", "privacy:")))
+    out["seconds"] = sum(v for k, v in run.steps.seconds.items() if k.startswith(("dp expert", "privacy:")))
     return out
 
 
@@ -341,7 +339,8 @@ def train_owner(
     workdir: Path, data: Path, anchor: Path, domain: str, p: DemoPreset, steps: Steps, quiet: bool
 ):
     """``owner_job`` run now; returns the owner's package (trained, or kept from an earlier run)."""
-    steps.run_all([j for j in [owner_job(workdir, data, anchor, domain, p, quiet)] if j])
+    if (job := owner_job(workdir, data, anchor, domain, p, quiet)) is not None:
+        steps.run(job.name, job.fn, *job.args, **job.kwargs)
     return workdir / "owners" / domain / "expert"
 
 
@@ -561,10 +560,6 @@ def load_btm(anchor: Path, dense: list[Path], device: str) -> B.BTMLM:
     return B.BTMLM([load_lm(m, device=device) for m in (anchor, *dense)])
 
 
-def _evaluate(load, data: Path, settings: EvalSettings) -> dict:
-    return evaluate_lm(load(), data, settings)
-
-
 def model_loaders(models: Path, anchor: Path, trust: Trust) -> dict:
     """How each evaluated model loads from disk (the composed ones as a model user would: signed by the
     maintainer, ``trust``), as ``functools.partial`` objects that a worker process can call."""
@@ -627,7 +622,9 @@ def evaluate_all(
         max_items=p.eval_items,
         domains=("public", *OWNERS),
     )
-    jobs = [Job(f"eval {name}", _evaluate, (load, data, settings)) for name, load in loaders.items()]
+    jobs = [
+        Job(f"eval {name}", on_loaded, (evaluate_lm, load, data, settings)) for name, load in loaders.items()
+    ]
     jobs += composition_jobs(models, anchor, data, packages, p, trust)
     jobs.sort(key=lambda job: SLOW_JOBS.index(job.name) if job.name in SLOW_JOBS else len(SLOW_JOBS))
     done = {job.name: out for job, out in zip(jobs, steps.run_all(jobs), strict=True)}

@@ -49,6 +49,12 @@ def default_workers(device: str) -> int:
     return 2 if device == "cpu" and usable_cpus() >= 2 else 1
 
 
+def on_loaded(fn: Callable[..., Any], load: Callable[[], Any], *args, **kwargs) -> Any:
+    """``fn(load(), *args, **kwargs)``: a job that loads its model in the worker that runs it (``load``
+    a ``functools.partial`` of a loader: paths cross the process boundary, models do not)."""
+    return fn(load(), *args, **kwargs)
+
+
 def _init_worker(threads: int) -> None:
     torch.set_num_threads(threads)
 

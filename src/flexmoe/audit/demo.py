@@ -30,7 +30,7 @@ from flexmoe.expert.package import signed_package
 from flexmoe.expert.privacy import DPSettings
 from flexmoe.expert.train import EXPERT_PRESETS, ExpertSpec, train_expert
 from flexmoe.fileio import read_json
-from flexmoe.jobs import Job
+from flexmoe.jobs import Job, on_loaded
 from flexmoe.signing import Trust
 from flexmoe.tokenizer import load_tokenizer
 
@@ -151,12 +151,12 @@ def dp_expert_jobs(run: PrivacyRun) -> list[Job]:
         router_init="random",
         public_row=run.router_init if run.router_init != "random" else None,
     )
+    kwargs = dict(spec=spec, steps=pp.dp_steps, batch_size=pp.dp_batch_size, lr=pp.dp_lr)
+    kwargs |= dict(public=[home / "public"], public_mix=run.public_mix, quiet=run.quiet)
     jobs = []
     for eps, (key, out) in zip(pp.epsilons, dp_packages(run).items(), strict=True):
         if out.exists():
             continue
-        kwargs = dict(spec=spec, steps=pp.dp_steps, batch_size=pp.dp_batch_size, lr=pp.dp_lr)
-        kwargs |= dict(public=[home / "public"], public_mix=run.public_mix, quiet=run.quiet)
         jobs.append(
             Job(
                 f"dp expert {owner} {key}",
@@ -210,10 +210,6 @@ def _dp_models_and_utility(run: PrivacyRun, report: dict, dp_pkgs: dict) -> tupl
     return audited, utility
 
 
-def _audit(load, **kwargs) -> dict:
-    return audit_lm(load(), **kwargs)
-
-
 def _audit_models(run: PrivacyRun, audited: dict) -> tuple[dict, int]:
     """Canary exposure, membership and extraction of every model; returns them and the member count."""
     pp, data = run.pp, run.data
@@ -239,7 +235,12 @@ def _audit_models(run: PrivacyRun, audited: dict) -> tuple[dict, int]:
     )
     names = [name for name, path in audited.items() if path.exists()]
     jobs = [
-        Job(f"privacy: audit {name}", _audit, (partial(load_lm, audited[name], trust=run.trust),), kwargs)
+        Job(
+            f"privacy: audit {name}",
+            on_loaded,
+            (audit_lm, partial(load_lm, audited[name], trust=run.trust)),
+            kwargs,
+        )
         for name in names
     ]
     audits = dict(zip(names, run.steps.run_all(jobs), strict=True))
